@@ -1,0 +1,107 @@
+"""The kernel AST: plain dataclasses, produced by `nn2c.parse`, consumed by `nn2c.check`.
+
+No lark object crosses this boundary. Every node carries a `Pos` so that any later
+pass can point at the source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+# The functions the language knows, by canonical name. Aliases (`σ`, `where σ_g = σ`)
+# are resolved by the parser/checker to one of these.
+FUNCTIONS = ("sigmoid", "tanh", "relu", "softmax", "exp", "log")
+BUILTIN_ALIASES = {"σ": "sigmoid", "sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu",
+                   "softmax": "softmax", "exp": "exp", "log": "log", "ln": "log"}
+
+
+@dataclass(frozen=True)
+class Pos:
+    line: int       # 1-based
+    column: int     # 1-based, in characters
+    end_column: int | None = None   # exclusive; None = one character
+
+    def __str__(self) -> str:
+        return f"{self.line}:{self.column}"
+
+
+@dataclass(frozen=True)
+class Num:
+    value: float
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Var:
+    """A name with an optional time index: time 0 is `xₜ`, -1 is `hₜ₋₁`, None is no subscript."""
+    name: str
+    time: int | None
+    pos: Pos = field(compare=False)
+
+    def __str__(self) -> str:
+        return self.name + {None: "", 0: "ₜ", -1: "ₜ₋₁"}[self.time]
+
+
+@dataclass(frozen=True)
+class Call:
+    func: str       # canonical name from FUNCTIONS (after alias resolution)
+    arg: "Expr"
+    pos: Pos = field(compare=False)
+    spelled: str = field(default="", compare=False)   # as written, for messages
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str         # "add" | "sub" | "mul" (element-wise) | "matmul"
+    left: "Expr"
+    right: "Expr"
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Neg:
+    operand: "Expr"
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Concat:
+    parts: tuple["Expr", ...]
+    pos: Pos = field(compare=False)
+
+
+Expr = Union[Num, Var, Call, BinOp, Neg, Concat]
+
+
+@dataclass(frozen=True)
+class Equation:
+    target: Var
+    expr: Expr
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A parsed kernel file, before any checking."""
+    equations: tuple[Equation, ...]
+    source: str
+    filename: str
+    aliases: dict = field(default_factory=dict)        # spelled name -> canonical function
+    declared_input: Var | None = None                   # from `input xₜ`
+    declared_output: Var | None = None                  # from `output hₜ`
+
+
+def walk(expr: Expr):
+    """Yield every node of an expression, parents before children."""
+    yield expr
+    if isinstance(expr, BinOp):
+        yield from walk(expr.left)
+        yield from walk(expr.right)
+    elif isinstance(expr, (Call,)):
+        yield from walk(expr.arg)
+    elif isinstance(expr, Neg):
+        yield from walk(expr.operand)
+    elif isinstance(expr, Concat):
+        for p in expr.parts:
+            yield from walk(p)
