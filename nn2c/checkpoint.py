@@ -1,0 +1,125 @@
+"""Training checkpoints: a runnable .nnb that also carries everything needed to resume.
+
+Besides the model's own tensors a checkpoint holds, as more tensors of the same file,
+Adam's moments (`adam.m/NAME`, `adam.v/NAME`), the best weights so far (`best/NAME`),
+the recurrent state carried into the next step (`carried/LAYER/I`) and torch's RNG
+state (`rng/torch`); its header has a `checkpoint` object with the step, the config and
+the loss history. It is written atomically like any .nnb, so a crash at any moment
+leaves the previous checkpoint whole. No pickle is involved anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+import nn2run.format as fmt
+
+from .compiler import write_model
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be resumed from."""
+
+
+@dataclass
+class TrainState:
+    step: int
+    tensors: dict                     # name -> np.ndarray, current weights
+    config: dict
+    corpus_sha256: str
+    adam_m: dict = field(default_factory=dict)
+    adam_v: dict = field(default_factory=dict)
+    adam_step: int = 0
+    carried: list = field(default_factory=list)   # per layer, list of (B, n) arrays
+    best_tensors: dict | None = None
+    best_val: float | None = None
+    best_step: int = 0
+    last_train: float | None = None
+    last_val: float | None = None
+    torch_rng: np.ndarray | None = None
+    saved_step: int = 0
+
+    @classmethod
+    def fresh(cls, tensors: dict, cfg, sha: str) -> "TrainState":
+        return cls(0, tensors, asdict(cfg), sha)
+
+    def capture(self, net, opt, state) -> None:
+        """Copy the live training state into this object (before saving)."""
+        self.tensors = net.numpy_tensors()
+        params = dict(zip(net.names, net.parameters()))
+        self.adam_m, self.adam_v = {}, {}
+        for name, p in params.items():
+            st = opt.state.get(p)
+            if st:
+                self.adam_m[name] = st["exp_avg"].detach().cpu().numpy()
+                self.adam_v[name] = st["exp_avg_sq"].detach().cpu().numpy()
+                self.adam_step = int(st["step"])
+        self.carried = [[s.detach().cpu().numpy() for s in layer] for layer in state]
+        self.torch_rng = torch.get_rng_state().numpy()
+
+    def restore(self, net, opt, device) -> None:
+        """Put Adam's moments and the RNG back (weights were loaded with the network)."""
+        for name, p in zip(net.names, net.parameters()):
+            if name in self.adam_m:
+                opt.state[p] = {"step": torch.tensor(float(self.adam_step)),
+                                "exp_avg": torch.from_numpy(np.array(self.adam_m[name])).to(device),
+                                "exp_avg_sq": torch.from_numpy(np.array(self.adam_v[name])).to(device)}
+        if self.torch_rng is not None:
+            torch.set_rng_state(torch.from_numpy(np.array(self.torch_rng, dtype=np.uint8)))
+
+    def carried_state(self, device):
+        """The recurrent state to continue from (None at the start of training)."""
+        if not self.carried:
+            return None
+        return [[torch.from_numpy(np.array(s)).to(device) for s in layer] for layer in self.carried]
+
+
+def save_checkpoint(path, compiled, codec, provenance: dict, ts: TrainState) -> None:
+    extra = {}
+    for name in ts.tensors:
+        if name in ts.adam_m:
+            extra[f"adam.m/{name}"] = ts.adam_m[name]
+            extra[f"adam.v/{name}"] = ts.adam_v[name]
+        if ts.best_tensors is not None:
+            extra[f"best/{name}"] = ts.best_tensors[name]
+    for layer, arrays in enumerate(ts.carried):
+        for i, a in enumerate(arrays):
+            extra[f"carried/{layer}/{i}"] = a
+    if ts.torch_rng is not None:
+        extra["rng/torch"] = ts.torch_rng.astype(np.uint8)
+    meta = {"step": ts.step, "config": ts.config, "corpus_sha256": ts.corpus_sha256,
+            "adam_step": ts.adam_step, "best_val": ts.best_val, "best_step": ts.best_step,
+            "last_train": ts.last_train, "last_val": ts.last_val,
+            "carried_layers": [len(a) for a in ts.carried]}
+    write_model(path, compiled, ts.tensors, codec, provenance,
+                extra_tensors=extra, extra_header={"checkpoint": meta})
+
+
+def load_checkpoint(path) -> tuple[dict, TrainState]:
+    """Read a checkpoint; returns (its header, the state to resume from)."""
+    try:
+        nnb = fmt.read(path, verify_data=True)
+    except fmt.NNBFormatError as e:
+        raise CheckpointError(f"cannot resume from {path}: {e}") from None
+    meta = nnb.header.get("checkpoint")
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path} is a model, not a training checkpoint")
+    t = {k: np.array(v) for k, v in nnb.tensors.items()}
+    names = sorted({p["tensor"] for p in nnb.header["params"].values()})
+    ts = TrainState(meta["step"], {n: t[n] for n in names}, meta["config"], meta["corpus_sha256"])
+    ts.adam_m = {n: t[f"adam.m/{n}"] for n in names if f"adam.m/{n}" in t}
+    ts.adam_v = {n: t[f"adam.v/{n}"] for n in names if f"adam.v/{n}" in t}
+    ts.adam_step = meta["adam_step"]
+    if all(f"best/{n}" in t for n in names):
+        ts.best_tensors = {n: t[f"best/{n}"] for n in names}
+    ts.carried = [[t[f"carried/{layer}/{i}"] for i in range(count)]
+                  for layer, count in enumerate(meta["carried_layers"])]
+    ts.best_val, ts.best_step = meta["best_val"], meta["best_step"]
+    ts.last_train, ts.last_val = meta["last_train"], meta["last_val"]
+    ts.torch_rng = t.get("rng/torch")
+    ts.saved_step = ts.step
+    nnb.close()
+    return nnb.header, ts

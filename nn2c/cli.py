@@ -1,0 +1,126 @@
+"""`nn2c`: the command line of the compiler. Argument handling only; the work is in
+`nn2c.compiler`, `nn2c.train` and `nn2c.report`.
+
+Exit status: 0 success, 1 an error the user can fix (kernel, corpus, options, disk),
+2 usage error, 130 interrupted (a checkpoint and the best model so far are kept).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+
+class Failure(click.ClickException):
+    """One line on stderr (`nn2c: ...`, or a kernel error with its caret), then exit."""
+
+    def __init__(self, message: str, code: int = 1, raw: bool = False):
+        super().__init__(message)
+        self.exit_code, self.raw = code, raw
+
+    def show(self, file=None) -> None:
+        click.echo(self.format_message() if self.raw else f"nn2c: {self.format_message()}", err=True)
+
+
+def _writable(path: str) -> None:
+    """Refuse an output path we could not write, before any work is done."""
+    parent = Path(path).resolve().parent
+    if Path(path).is_dir():
+        raise Failure(f"cannot write {path}: it is a directory")
+    if not parent.is_dir():
+        raise Failure(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise Failure(f"cannot write {path}: directory {parent} is not writable")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nn2c")
+def main():
+    """nn2c — compile recurrent cells written as equations, train them, write .nnb files."""
+
+
+@main.command()
+@click.argument("kernel")
+@click.option("--hidden", type=int, default=None, help="Hidden size for concrete shapes.")
+@click.option("--vocab", type=int, default=None, help="Vocabulary size for concrete shapes.")
+@click.option("--layers", type=int, default=1, show_default=True)
+@click.option("--no-opt", is_flag=True, help="Show the program before optimization.")
+def check(kernel, hidden, vocab, layers, no_opt):
+    """Parse and check KERNEL (a sample name or a .eq file); show what it compiles to.
+
+    Example: nn2c check samples/kernels/lstm.eq --hidden 128 --vocab 65
+    """
+    from .errors import KernelError
+    from .report import describe_kernel
+    for name, v in (("--hidden", hidden), ("--vocab", vocab), ("--layers", layers)):
+        if v is not None and v <= 0:
+            raise Failure(f"{name} must be > 0")
+    try:
+        click.echo(describe_kernel(kernel, hidden, vocab, layers, optimized=not no_opt))
+    except KernelError as e:
+        raise Failure(str(e), raw=True) from None
+
+
+def _default_corpus() -> str:
+    from .kernels import samples_dir
+    return str(samples_dir().parent / "corpus" / "rhymes.txt")
+
+
+@main.command()
+@click.argument("corpus", required=False)
+@click.option("-o", "--output", default="model.nnb", show_default=True, help="The .nnb file to write.")
+@click.option("--kernel", "-k", default="lstm", show_default=True, help="Sample name (lstm, gru, rnn, …) or a .eq file.")
+@click.option("--hidden", type=int, default=128, show_default=True)
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option("--seq-len", type=int, default=64, show_default=True, help="Truncated-BPTT window.")
+@click.option("--batch", type=int, default=32, show_default=True)
+@click.option("--steps", type=int, default=None, help="Optimizer steps [default: 2000, or --epochs].")
+@click.option("--epochs", type=float, default=None, help="Passes over the training split (instead of --steps).")
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--clip", type=float, default=5.0, show_default=True, help="Gradient-norm clipping.")
+@click.option("--eval-every", type=int, default=200, show_default=True, help="Validate every N steps.")
+@click.option("--val-frac", type=float, default=0.05, show_default=True, help="Tail of the corpus held out.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--codec", default="char", show_default=True, type=click.Choice(["char", "byte"]))
+@click.option("--checkpoint", "ckpt", default=None, help="Checkpoint file [default: OUTPUT.ckpt].")
+@click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps [default: --eval-every].")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint (same corpus).")
+@click.option("--sample", "sample_len", type=int, default=0, help="Print N generated characters when done.")
+def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs, lr, clip, eval_every,
+          val_frac, seed, device, codec, ckpt, checkpoint_every, resume, sample_len):
+    """Train a character model on CORPUS (default: a small bundled corpus) and write a .nnb.
+
+    Example: nn2c train corpus.txt -o model.nnb --kernel gru --hidden 256 --steps 5000
+    """
+    from .session import TrainRequest, run_training
+    if steps is not None and epochs is not None:
+        raise Failure("give --steps or --epochs, not both")
+    corpus = corpus or _default_corpus()
+    ckpt = ckpt or output + ".ckpt"
+    _writable(output)
+    _writable(ckpt)
+    request = TrainRequest(corpus, output, ckpt, resume, dict(
+        kernel=kernel, hidden=hidden, layers=layers, seq_len=seq_len, batch=batch,
+        steps=steps if steps is not None or epochs is not None else 2000, epochs=epochs, lr=lr, clip=clip,
+        eval_every=eval_every, val_frac=val_frac, seed=seed, device=device, codec=codec,
+        checkpoint_every=checkpoint_every))
+    run_training(request, Failure, sample_len)
+
+
+@main.command()
+def samples():
+    """List the sample kernels shipped with nn2c."""
+    from .kernels import sample_names, samples_dir
+    for name in sample_names():
+        first = (samples_dir() / f"{name}.eq").read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
+        click.echo(f"{name:<10} {first}")
+
+
+if __name__ == "__main__":      # pragma: no cover
+    sys.exit(main())

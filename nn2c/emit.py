@@ -1,0 +1,114 @@
+"""Emit: the optimized IR -> a VM program (`nn2run.isa`), the parameter map and the
+stored tensors; and the inverse bookkeeping between kernel parameters and tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .ir import Network, Node, TensorSpec
+
+
+class _Emitter:
+    def __init__(self):
+        self.widths: list[int] = []
+        self.code: list[list] = []
+        self.reg: dict[int, int] = {}
+
+    def new(self, width: int) -> int:
+        self.widths.append(width)
+        return len(self.widths) - 1
+
+    def operand(self, node: Node) -> list:
+        if node.op == "param":
+            return ["t", node.attrs["tensor"]]
+        if node.op == "const":
+            return ["k", node.attrs["value"]]
+        return ["r", self.reg[id(node)]]
+
+    def owned(self, node: Node, taken: set) -> int:
+        """A register holding `node` that no other state uses as its next value: copy if needed."""
+        r = self.reg.get(id(node))
+        if r is None or node.op in ("slice", "state", "input") or r in taken:
+            src = self.operand(node)
+            r = self.new(node.width)
+            self.code.append(["copy", r, src])
+        taken.add(r)
+        return r
+
+    def node(self, node: Node) -> None:
+        if id(node) in self.reg or node.op in ("param", "const", "state", "input"):
+            return
+        r = self.new(node.width)
+        self.reg[id(node)] = r
+        if node.op == "onehot":
+            self.code.append(["onehot", r])
+        elif node.op == "gather":
+            self.code.append(["gather", r, self.operand(node.args[0])])
+        elif node.op == "slice":
+            self.code.append(["slice", r, self.operand(node.args[0]), node.attrs["start"]])
+        else:
+            self.code.append([node.op, r] + [self.operand(a) for a in node.args])
+
+
+def emit(network: Network) -> tuple[dict, dict]:
+    """Returns (program, parameter map) for the whole step of `network`."""
+    e = _Emitter()
+    states, taken, below = [], set(), None
+    for cell in network.all_cells:
+        for _, prev, _ in cell.states:
+            e.reg[id(prev)] = e.new(prev.width)
+        if cell.input.op == "input":
+            e.reg[id(cell.input)] = below
+        for node in cell.nodes():
+            e.node(node)
+        for name, prev, nxt in cell.states:
+            states.append({"name": name, "layer": cell.layer, "prev": e.reg[id(prev)],
+                           "next": e.owned(nxt, taken)})
+        if cell.output.op in ("param", "const"):
+            e.reg[id(cell.output)] = e.owned(cell.output, set())
+        below = e.reg[id(cell.output)]
+    program = {"registers": e.widths, "states": states, "logits": below, "code": e.code}
+    return program, param_map(network.tensors())
+
+
+def param_map(specs: dict[str, TensorSpec]) -> dict:
+    out = {}
+    for spec in specs.values():
+        for p in spec.parts:
+            out[p.key] = {"tensor": spec.name, "kind": p.kind, "start": p.start, "stop": p.stop}
+    return out
+
+
+def logical_shapes(specs: dict[str, TensorSpec]) -> dict[str, tuple]:
+    """Each kernel parameter's shape as the equations use it."""
+    out = {}
+    for spec in specs.values():
+        for p in spec.parts:
+            out[p.key] = (p.stop - p.start, spec.shape[0]) if p.kind == "matrix" else (p.stop - p.start,)
+    return out
+
+
+def pack(specs: dict[str, TensorSpec], logical: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Kernel parameters (by key, shaped as the equations use them) -> stored tensors."""
+    out = {}
+    for spec in specs.values():
+        arr = np.zeros(spec.shape, dtype=np.float32)
+        for p in spec.parts:
+            value = np.asarray(logical[p.key], dtype=np.float32)
+            if p.kind == "matrix":
+                arr[:, p.start:p.stop] = value.T
+            else:
+                arr[p.start:p.stop] = value
+        out[spec.name] = arr
+    return out
+
+
+def unpack(specs: dict[str, TensorSpec], tensors: dict) -> dict[str, np.ndarray]:
+    """Stored tensors -> kernel parameters by key (the inverse of `pack`)."""
+    out = {}
+    for spec in specs.values():
+        t = np.asarray(tensors[spec.name])
+        for p in spec.parts:
+            out[p.key] = t[:, p.start:p.stop].T.copy() if p.kind == "matrix" else t[p.start:p.stop].copy()
+    return out

@@ -1,0 +1,60 @@
+"""Training progress on stderr: a rich progress bar on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def _fmt(v, spec=".4f"):
+    return "—" if v is None else format(v, spec)
+
+
+class Progress:
+    """Shows step, train loss, val loss, chars/s and ETA. Use as a context manager."""
+
+    def __init__(self, total: int, start: int = 0, stream=None, every: int = 50):
+        self.total, self.start, self.every = total, start, every
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.t0 = time.monotonic()
+        self.step, self.train, self.val, self.rate = start, None, None, 0.0
+        self._bar = None
+
+    def __enter__(self):
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+            self._bar = Bar(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                            console=Console(file=self.stream), transient=False)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("train", total=self.total, completed=self.start, info="")
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def info(self) -> str:
+        return (f"loss {_fmt(self.train)}  val {_fmt(self.val)}  {self.rate:,.0f} chars/s")
+
+    def update(self, step: int, train: float | None = None, val: float | None = None,
+               chars: int = 0, force: bool = False) -> None:
+        self.step = step
+        self.train = train if train is not None else self.train
+        self.val = val if val is not None else self.val
+        elapsed = time.monotonic() - self.t0
+        done = step - self.start
+        self.rate = chars * done / elapsed if elapsed > 0 else 0.0
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=self.info())
+        elif force or step % self.every == 0 or step == self.total:
+            eta = (self.total - step) * elapsed / done if done else 0.0
+            print(f"step {step}/{self.total}  {self.info()}  eta {eta:,.0f}s", file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)

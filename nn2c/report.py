@@ -1,0 +1,45 @@
+"""`nn2c check`: what a kernel means, in the terms of its own equations, and what it compiles to."""
+
+from __future__ import annotations
+
+from nn2run.dis import disassemble
+
+from .check import show
+from .compiler import compile_kernel
+from .kernels import load_kernel
+from .optimize import PASSES
+
+DEFAULT_HIDDEN, DEFAULT_VOCAB = 128, 65
+
+
+def _shape(param, sizes) -> str:
+    symbolic = "×".join(str(d) for d in param.shape)
+    concrete = "×".join(str(d.value(**sizes)) for d in param.shape)
+    return f"{symbolic:<8} {concrete}"
+
+
+def describe_kernel(spec: str, hidden: int | None, vocab: int | None, layers: int = 1,
+                    optimized: bool = True) -> str:
+    hidden, vocab = hidden or DEFAULT_HIDDEN, vocab or DEFAULT_VOCAB
+    kernel = load_kernel(spec)
+    full = compile_kernel(kernel, hidden, layers, vocab)
+    c = full.checked
+    sizes = {"H": hidden, "X": vocab, "V": vocab}
+    out = [f"kernel {kernel.filename}: {len(c.order)} equations, OK",
+           f"  shapes for --hidden {hidden} --vocab {vocab} (layer 0: X = V; layers above: X = H)", "",
+           f"input    {c.input}ₜ   X",
+           f"output   {c.output}ₜ   H",
+           "states   " + ", ".join(f"{s}ₜ₋₁ ({c.sizes[s]})" for s in c.states), "",
+           "parameters (each layer):"]
+    out += [f"  {p.name:<8} {_shape(p, sizes)}" for p in c.params.values()]
+    out += ["readout:", f"  yₜ = {show(c.readout.expr)}"]
+    out += [f"  {p.name:<8} {_shape(p, sizes)}" for p in c.readout_params.values()]
+    out += ["", "equations in evaluation order:"]
+    out += [f"  {i + 1:2d}. {eq.target} = {show(eq.expr)}" for i, eq in enumerate(c.order)]
+    plain = compile_kernel(kernel, hidden, layers, vocab, passes=())
+    shown = full if optimized else plain
+    label = "optimized" if optimized else "unoptimized"
+    out += ["", f"program ({label}, {layers} layer(s)): {len(shown.program['code'])} instructions; "
+                f"{len(plain.program['code'])} before the passes ({', '.join(PASSES)})"]
+    out.append(disassemble(shown.program))
+    return "\n".join(out)

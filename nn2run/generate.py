@@ -1,0 +1,47 @@
+"""Text generation: primes in, sampled token ids out, many streams at once."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .model import Model
+from .sample import Sampler
+
+
+def start_token(model: Model) -> int:
+    """The token fed when the prime is empty: a newline if the vocabulary has one."""
+    return model.vocab.index("\n") if "\n" in model.vocab else 0
+
+
+def generate(model: Model, primes: list[list[int]], n: int, sampler: Sampler) -> Iterator[tuple[int, np.ndarray]]:
+    """Feed each stream its prime, then sample `n` tokens per stream.
+
+    Yields (step, ids) after each VM step. Stream i is generating (its ids[i] is new
+    text) at steps len(primes[i]) - 1 ... len(primes[i]) + n - 2; before that it is
+    still reading its prime. Streams run in lock step on one VM, so shorter primes
+    start generating earlier. Each prime must hold at least one token.
+    """
+    lens = np.array([len(p) for p in primes])
+    if lens.min() < 1:
+        raise ValueError("every prime needs at least one token")
+    vm = model.vm(len(primes))
+    vm.reset()
+    total = int(lens.max()) - 1 + n
+    padded = np.zeros((len(primes), int(lens.max())), dtype=np.intp)
+    for i, p in enumerate(primes):
+        padded[i, :len(p)] = p
+    ids = padded[:, 0].copy()
+    first_sample = int(lens.min()) - 1
+    with np.errstate(all="ignore"):
+        for t in range(total):
+            logits = vm.advance(ids)
+            if t + 1 < padded.shape[1]:
+                reading = t + 1 < lens
+                nxt = sampler(logits) if t >= first_sample else padded[:, t + 1].copy()
+                nxt[reading] = padded[reading, t + 1]
+            else:
+                nxt = sampler(logits)
+            yield t, nxt
+            ids = nxt

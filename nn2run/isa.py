@@ -1,0 +1,171 @@
+"""The instruction set of the nn2 VM and the validator of programs read from a file.
+
+A program is a register machine over float32 arrays of shape (batch, width). It is
+stored in the .nnb header as JSON:
+
+    "program": {
+      "registers": [w0, w1, ...],              # width of each register
+      "states": [{"name": "h", "layer": 0, "prev": r, "next": r, "width": w}, ...],
+      "logits": r,                            # register holding the logits after a step
+      "code": [[opcode, dst, operand, ...], ...]
+    }
+
+Operands are tagged: ["r", i] a register, ["t", name] a tensor of the file, ["k", x] a
+float constant. Instructions (dst is always a register index):
+
+    onehot  dst               dst = one-hot(ids)              width(dst) is the vocabulary size
+    gather  dst  table        dst = table[ids]               table (V, width(dst)); ids is the step's input
+    matmul  dst  src  weight  dst = src @ weight             src a register, weight (width(src), width(dst))
+    add|sub|mul  dst  a  b    element-wise; a, b registers of width(dst), vectors (width(dst),) or constants
+    neg|sigmoid|tanh|relu|exp|log|softmax|copy  dst  a
+    slice   dst  src  start   dst = src[:, start:start+width(dst)] — a view, costs nothing at run time
+    concat  dst  a  b ...     dst = [a; b; ...] along the feature axis
+
+Every register is written exactly once per step (state `prev` registers are written by
+the VM between steps, never by code), and read only after it is written. The VM owns
+these definitions; the compiler targets them.
+"""
+
+from __future__ import annotations
+
+import math
+
+UNARY = ("neg", "sigmoid", "tanh", "relu", "exp", "log", "softmax", "copy")
+BINARY = ("add", "sub", "mul")
+OPCODES = ("onehot", "gather", "matmul", "slice", "concat") + BINARY + UNARY
+
+MAX_REGISTERS = 4096
+MAX_CODE = 65536
+MAX_WIDTH = 1 << 20
+MAX_STATES = 1024
+MAX_TOTAL_WIDTH = 1 << 24      # bounds the VM's allocation: 64 MiB of registers per stream
+
+
+class ProgramError(ValueError):
+    """A program that does not satisfy the rules above."""
+
+
+def _int(value, what: str, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise ProgramError(f"{what} must be an integer in [{lo}, {hi}], got {value!r:.40}")
+    return value
+
+
+def _operand(op, nregs: int, written: set, tensors: dict, what: str):
+    """Check one tagged operand; return ("r", idx) / ("t", shape) / ("k", value)."""
+    if not (isinstance(op, list) and len(op) == 2 and op[0] in ("r", "t", "k")):
+        raise ProgramError(f"{what}: malformed operand {op!r:.60}")
+    tag, val = op
+    if tag == "r":
+        _int(val, what + " register", 0, nregs - 1)
+        if val not in written:
+            raise ProgramError(f"{what}: reads register {val} before it is written")
+        return tag, val
+    if tag == "t":
+        if not isinstance(val, str) or val not in tensors:
+            raise ProgramError(f"{what}: unknown tensor {val!r:.60}")
+        return tag, tuple(tensors[val])
+    if type(val) not in (int, float) or not math.isfinite(val):
+        raise ProgramError(f"{what}: constant must be a finite number")
+    return tag, float(val)
+
+
+def _check_elementwise(kind, operand, width: int, regs: list, what: str) -> None:
+    tag, val = kind, operand
+    if tag == "r" and regs[val] != width:
+        raise ProgramError(f"{what}: register {val} has width {regs[val]}, expected {width}")
+    if tag == "t" and val != (width,):
+        raise ProgramError(f"{what}: tensor of shape {list(val)} is not a vector of {width}")
+
+
+def validate(program, tensors: dict, vocab_size: int) -> None:
+    """Check a program read from a file. `tensors` maps tensor name -> shape tuple.
+
+    Raises ProgramError naming the first problem. Nothing is allocated here.
+    """
+    if not isinstance(program, dict):
+        raise ProgramError("program must be an object")
+    regs = program.get("registers")
+    if not isinstance(regs, list) or not 1 <= len(regs) <= MAX_REGISTERS:
+        raise ProgramError(f"registers must be a list of 1..{MAX_REGISTERS} widths")
+    for i, w in enumerate(regs):
+        _int(w, f"width of register {i}", 1, MAX_WIDTH)
+    if sum(regs) > MAX_TOTAL_WIDTH:
+        raise ProgramError(f"registers total {sum(regs)} floats per stream, more than {MAX_TOTAL_WIDTH}")
+    states = program.get("states")
+    if not isinstance(states, list) or len(states) > MAX_STATES:
+        raise ProgramError("states must be a list")
+    written = set()
+    targets = set()
+    for s in states:
+        if not isinstance(s, dict) or not isinstance(s.get("name"), str):
+            raise ProgramError("each state needs a name")
+        prev = _int(s.get("prev"), "state prev", 0, len(regs) - 1)
+        nxt = _int(s.get("next"), "state next", 0, len(regs) - 1)
+        _int(s.get("layer"), "state layer", 0, MAX_STATES)
+        if prev in written or prev in targets or nxt in targets or nxt in written or prev == nxt or regs[prev] != regs[nxt]:
+            raise ProgramError(f"state {s['name']!r}: bad prev/next registers")
+        written.add(prev)
+        targets.add(nxt)
+    code = program.get("code")
+    if not isinstance(code, list) or not 1 <= len(code) <= MAX_CODE:
+        raise ProgramError(f"code must be a list of 1..{MAX_CODE} instructions")
+    for pc, ins in enumerate(code):
+        _validate_instruction(pc, ins, regs, written, tensors, vocab_size)
+        if ins[0] == "slice" and ins[1] in targets:
+            raise ProgramError(f"instruction {pc}: a state's next register cannot be a slice")
+    missing = targets - written
+    if missing:
+        raise ProgramError(f"state registers {sorted(missing)} are never written")
+    logits = _int(program.get("logits"), "logits register", 0, len(regs) - 1)
+    if logits not in written or regs[logits] != vocab_size:
+        raise ProgramError(f"logits register must be written and have width {vocab_size}")
+
+
+def _validate_instruction(pc, ins, regs, written, tensors, vocab_size) -> None:
+    what = f"instruction {pc}"
+    if not isinstance(ins, list) or len(ins) < 2 or ins[0] not in OPCODES:
+        raise ProgramError(f"{what}: unknown opcode or malformed instruction {ins!r:.60}")
+    op, dst = ins[0], _int(ins[1], what + " destination", 0, len(regs) - 1)
+    if dst in written:
+        raise ProgramError(f"{what}: register {dst} is written twice")
+    width = regs[dst]
+    args = ins[2:]
+    arity = {"onehot": 0, "gather": 1, "matmul": 2, "slice": 2}.get(op, 2 if op in BINARY else 1)
+    if op == "concat":
+        arity = len(args)
+        if arity < 1:
+            raise ProgramError(f"{what}: concat needs operands")
+    if len(args) != arity:
+        raise ProgramError(f"{what}: {op} takes {arity} operands, got {len(args)}")
+    if op == "onehot":
+        if width != vocab_size:
+            raise ProgramError(f"{what}: onehot needs width {vocab_size}")
+    elif op == "gather":
+        tag, shape = _operand(args[0], len(regs), written, tensors, what)
+        if tag != "t" or shape != (vocab_size, width):
+            raise ProgramError(f"{what}: gather needs a ({vocab_size}, {width}) tensor")
+    elif op == "matmul":
+        tag, src = _operand(args[0], len(regs), written, tensors, what)
+        wtag, shape = _operand(args[1], len(regs), written, tensors, what)
+        if tag != "r" or wtag != "t" or shape != (regs[src], width):
+            raise ProgramError(f"{what}: matmul needs a register and a ({'?' if tag != 'r' else regs[src]}, {width}) tensor")
+    elif op == "slice":
+        tag, src = _operand(args[0], len(regs), written, tensors, what)
+        start = _int(args[1], what + " start", 0, MAX_WIDTH)
+        if tag != "r" or start + width > regs[src]:
+            raise ProgramError(f"{what}: slice [{start}, {start + width}) is outside its source")
+    elif op == "concat":
+        total = 0
+        for a in args:
+            tag, src = _operand(a, len(regs), written, tensors, what)
+            if tag != "r":
+                raise ProgramError(f"{what}: concat takes registers")
+            total += regs[src]
+        if total != width:
+            raise ProgramError(f"{what}: concat of width {total} into a register of width {width}")
+    else:
+        for a in args:
+            tag, val = _operand(a, len(regs), written, tensors, what)
+            _check_elementwise(tag, val, width, regs, what)
+    written.add(dst)

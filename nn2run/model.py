@@ -1,0 +1,157 @@
+"""A loaded model: the public Python API of the runtime.
+
+    m = nn2run.load("model.nnb")
+    m.vocab, m.layers, m.hidden
+    m.param("W_f", layer=0)      # a parameter by its kernel name, shaped as the equations use it
+    state = m.initial_state(batch=4)
+    logits, state = m.step(ids, state)
+
+The model header (the JSON the container carries) holds, besides the tensor table:
+`model` (layers, hidden, kernel name), `program` (see `nn2run.isa`), `params` (where
+each kernel parameter lives: a column range of a stored tensor, see `param`), `codec`,
+`sampling` defaults, `source` (the kernel text) and `provenance`. All of it is validated
+here before anything runs; every failure is an `NNBFormatError`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import codec as codecs
+from . import format as fmt
+from .format import NNBFormatError
+from .isa import ProgramError, validate
+from .vm import VM
+
+MAX_LAYERS = 1024
+
+
+class State:
+    """The recurrent state of a batch of streams: one (batch, width) array per state variable."""
+
+    def __init__(self, names: list[tuple[str, int]], arrays: list[np.ndarray]):
+        self.names = list(names)
+        self.arrays = list(arrays)
+
+    @property
+    def batch(self) -> int:
+        return self.arrays[0].shape[0] if self.arrays else 0
+
+    def __getitem__(self, key: tuple[str, int]) -> np.ndarray:
+        """state["h", 0]: the value of state h of layer 0."""
+        return self.arrays[self.names.index(tuple(key))]
+
+    def __repr__(self) -> str:
+        return f"State(batch={self.batch}, {', '.join(f'{n}@{l}' for n, l in self.names)})"
+
+
+class Model:
+    """A validated .nnb file, ready to run."""
+
+    def __init__(self, nnb: "fmt.NNBFile"):
+        self._file = nnb
+        self.header = nnb.header
+        self.tensors = nnb.tensors
+        try:
+            self._check()
+        except (ProgramError, codecs.CodecError) as e:
+            raise NNBFormatError(str(e)) from None
+        self._vms: dict[int, VM] = {}
+
+    def _check(self) -> None:
+        h = self.header
+        meta = h.get("model")
+        if not isinstance(meta, dict):
+            raise NNBFormatError("missing model description")
+        for key, cap in (("layers", MAX_LAYERS), ("hidden", 1 << 20)):
+            if type(meta.get(key)) is not int or not 1 <= meta[key] <= cap:
+                raise NNBFormatError(f"model {key} must be a positive integer")
+        self.layers, self.hidden = meta["layers"], meta["hidden"]
+        self.codec = codecs.from_header(h.get("codec"))
+        self.vocab = self.codec.vocab
+        shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
+        validate(h.get("program"), shapes, len(self.vocab))
+        self.program = h["program"]
+        self._check_params(h.get("params"), shapes)
+
+    def _check_params(self, params, shapes) -> None:
+        if not isinstance(params, dict):
+            raise NNBFormatError("missing parameter map")
+        for key, p in params.items():
+            if not isinstance(p, dict) or p.get("tensor") not in shapes or p.get("kind") not in ("matrix", "vector"):
+                raise NNBFormatError(f"parameter {key!r}: bad entry")
+            shape = shapes[p["tensor"]]
+            rank = 2 if p["kind"] == "matrix" else 1
+            start, stop = p.get("start"), p.get("stop")
+            if len(shape) != rank or type(start) is not int or type(stop) is not int \
+                    or not 0 <= start < stop <= shape[-1]:
+                raise NNBFormatError(f"parameter {key!r}: range outside tensor {p['tensor']!r}")
+        self._params = params
+
+    # --- parameters -------------------------------------------------------------
+    def param_names(self) -> list[str]:
+        """Parameter keys: `name@layer` for cell parameters, `name` for the readout's."""
+        return list(self._params)
+
+    def param(self, name: str, layer: int = 0) -> np.ndarray:
+        """A parameter as the equations use it: (rows, cols) for a matrix, (n,) for a vector.
+
+        Matrices are stored transposed and possibly stacked with others (the file's
+        layout is the optimizer's choice); this returns a read-only view either way.
+        """
+        p = self._params.get(f"{name}@{layer}") or self._params.get(name)
+        if p is None:
+            raise KeyError(f"no parameter {name!r} (layer {layer}); have {', '.join(self._params)}")
+        t = self.tensors[p["tensor"]]
+        if p["kind"] == "matrix":
+            return t[:, p["start"]:p["stop"]].T
+        return t[p["start"]:p["stop"]]
+
+    # --- running ------------------------------------------------------------------
+    def vm(self, batch: int) -> VM:
+        """The VM bound for `batch` streams (built once per batch size)."""
+        if batch not in self._vms:
+            self._vms[batch] = VM(self.program, self.tensors, batch)
+        return self._vms[batch]
+
+    @property
+    def state_names(self) -> list[tuple[str, int]]:
+        return [(s["name"], s["layer"]) for s in self.program["states"]]
+
+    def initial_state(self, batch: int = 1) -> State:
+        widths = self.program["registers"]
+        return State(self.state_names,
+                     [np.zeros((batch, widths[s["prev"]]), np.float32) for s in self.program["states"]])
+
+    def step(self, ids, state: State):
+        """Advance every stream one token: ids (batch,) ints -> (logits (batch, vocab), new state)."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.shape[0] != state.batch or ids.dtype.kind not in "iu":
+            raise ValueError(f"ids must be an int array of shape ({state.batch},)")
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.vocab)):
+            raise ValueError(f"token ids must be in [0, {len(self.vocab)})")
+        vm = self.vm(state.batch)
+        for buf, a in zip(vm.state_arrays(), state.arrays):
+            np.copyto(buf, a)
+        logits = vm.advance(ids)
+        return logits.copy(), State(self.state_names, [a.copy() for a in vm.state_arrays()])
+
+    def close(self) -> None:
+        self._vms.clear()
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load(path, verify: bool = False) -> Model:
+    """Open and validate a .nnb file (memory-mapped). Raises NNBFormatError if it is not valid."""
+    return Model(fmt.read(path, verify_data=verify))
+
+
+def loads_model(data: bytes) -> Model:
+    """Validate a model from bytes (used by the fuzzer)."""
+    return Model(fmt.loads(data))

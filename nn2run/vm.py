@@ -1,0 +1,129 @@
+"""The VM: runs a validated program (see `nn2run.isa`) over preallocated NumPy arrays.
+
+All work that does not depend on the data is done once, when a VM is built for a batch
+size: registers are allocated, slices become views, every instruction is bound to its
+ufunc and arrays. A step is then a flat loop of ufunc calls writing in place (`out=`),
+with no allocation. State is double-buffered: the program is bound twice, with the
+`prev` and `next` buffers of each state swapped, and steps alternate between the two
+bindings, so carrying state from one step to the next copies nothing.
+
+Imports NumPy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .isa import BINARY
+
+
+def _sigmoid(a, out):
+    # σ(x) = ½·tanh(½x) + ½ : no overflow warnings, four in-place ufunc calls
+    np.multiply(a, 0.5, out)
+    np.tanh(out, out)
+    np.multiply(out, 0.5, out)
+    np.add(out, 0.5, out)
+
+
+def _relu(a, out):
+    np.maximum(a, 0.0, out)
+
+
+def _softmax(a, out, tmp):
+    np.max(a, axis=1, keepdims=True, out=tmp)
+    np.subtract(a, tmp, out)
+    np.exp(out, out)
+    np.sum(out, axis=1, keepdims=True, out=tmp)
+    np.divide(out, tmp, out)
+
+
+_UNARY = {"neg": np.negative, "tanh": np.tanh, "exp": np.exp, "log": np.log,
+          "sigmoid": _sigmoid, "relu": _relu}
+_BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply}
+
+
+class VM:
+    """A program bound to arrays for one batch size."""
+
+    def __init__(self, program: dict, tensors: dict, batch: int):
+        self.batch = batch
+        self.ids = np.zeros(batch, dtype=np.intp)
+        widths = program["registers"]
+        self._states = program["states"]
+        written_by_code = {ins[1] for ins in program["code"] if ins[0] != "slice"}
+        base = {}
+        for r in written_by_code:
+            base[r] = np.zeros((batch, widths[r]), dtype=np.float32)
+        self._buffers = []      # per state: (buffer A, buffer B)
+        for s in self._states:
+            base[s["prev"]] = np.zeros((batch, widths[s["prev"]]), dtype=np.float32)
+            self._buffers.append((base[s["prev"]], base[s["next"]]))
+        self._bindings = [self._bind(program, tensors, base, swap) for swap in (False, True)]
+        self.parity = 0
+
+    def _bind(self, program, tensors, base, swap: bool):
+        regs = dict(base)
+        if swap:
+            for s in self._states:
+                regs[s["prev"]], regs[s["next"]] = base[s["next"]], base[s["prev"]]
+        code = []
+        for ins in program["code"]:
+            op, dst, args = ins[0], ins[1], ins[2:]
+            if op == "slice":
+                src, start = regs[args[0][1]], args[1]
+                regs[dst] = src[:, start:start + program["registers"][dst]]
+                continue
+            code.extend(self._compile(op, regs[dst], [self._value(a, regs, tensors) for a in args]))
+        return code, regs[program["logits"]]
+
+    @staticmethod
+    def _value(operand, regs, tensors):
+        tag, val = operand
+        if tag == "r":
+            return regs[val]
+        if tag == "t":
+            return tensors[val]
+        return np.float32(val)
+
+    def _compile(self, op, out, args):
+        if op == "onehot":
+            return [(out.fill, (0.0,)), (np.put_along_axis, (out, self.ids[:, None], 1.0, 1))]
+        if op == "gather":
+            return [(np.take, (args[0], self.ids, 0, out, "clip"))]
+        if op == "matmul":
+            return [(np.matmul, (args[0], args[1], out))]
+        if op in BINARY:
+            return [(_BINARY[op], (args[0], args[1], out))]
+        if op == "copy":
+            return [(np.copyto, (out, args[0]))]
+        if op == "softmax":
+            return [(_softmax, (args[0], out, np.zeros((self.batch, 1), np.float32)))]
+        if op == "concat":
+            code, at = [], 0
+            for a in args:
+                code.append((np.copyto, (out[:, at:at + a.shape[1]], a)))
+                at += a.shape[1]
+            return code
+        return [(_UNARY[op], (args[0], out))]
+
+    def advance(self, ids) -> np.ndarray:
+        """One step for every stream: ids (batch,) -> logits (batch, vocab).
+
+        The logits array is owned by the VM and overwritten by the next step.
+        """
+        self.ids[:] = ids
+        code, logits = self._bindings[self.parity]
+        for fn, args in code:
+            fn(*args)
+        self.parity ^= 1
+        return logits
+
+    def state_arrays(self) -> list:
+        """The current state buffers (the `prev` of the next step), not copies."""
+        return [pair[self.parity] for pair in self._buffers]
+
+    def reset(self) -> None:
+        for a, b in self._buffers:
+            a.fill(0.0)
+            b.fill(0.0)
+        self.parity = 0
