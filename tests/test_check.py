@@ -1,0 +1,227 @@
+"""nn2c.check: names, order, output, readout and shapes of kernels; every error's position."""
+
+import pytest
+
+from nn2c.check import Dim, H, V, X, check
+from nn2c.errors import KernelError, display_width
+from nn2c.kernels import load_kernel, sample_names
+from nn2c.parse import parse
+
+HX = H + X
+
+
+def checked(source: str):
+    return check(parse(source, "k.eq"))
+
+
+def check_error(source: str) -> str:
+    with pytest.raises(KernelError) as info:
+        checked(source)
+    return str(info.value)
+
+
+def assert_points_at(rendered: str, line: int, col: int, under: str, width: int | None = None,
+                     skip: int = 0):
+    """The header says LINE:COL and the caret sits `skip` characters into `under`'s spot."""
+    head, quoted, carets = rendered.split("\n")[:3]
+    assert head.startswith(f"k.eq:{line}:{col}: "), head
+    source_line = quoted[4:]
+    assert carets[4:].index("^") == display_width(source_line[:source_line.rindex(under) + skip]), \
+        rendered
+    if width is not None:
+        assert carets.count("^") == width, rendered
+
+
+def shapes(params) -> dict[str, str]:
+    return {name: "×".join(map(str, p.shape)) for name, p in params.items()}
+
+
+EXPECTED_PARAMS = {
+    "lstm": {f"{m}_{g}": s for g in "fioc" for m, s in (("W", "H×X"), ("U", "H×H"), ("b", "H"))},
+    "gru": {f"{m}_{g}": s for g in "zrh" for m, s in (("W", "H×X"), ("U", "H×H"), ("b", "H"))},
+    "rnn": {"W_h": "H×X", "U_h": "H×H", "b_h": "H"},
+    "torchgru": {f"{m}_{s}{g}": shape for g in "rzn"
+                 for m, s, shape in (("W", "i", "H×X"), ("b", "i", "H"), ("W", "h", "H×H"),
+                                     ("b", "h", "H"))},
+    "mgu": {"W_f": "H×H+X", "b_f": "H", "W_h": "H×H+X", "b_h": "H"},
+}
+EXPECTED_STATES = {"lstm": ("c", "h"), "gru": ("h",), "rnn": ("h",), "torchgru": ("h",),
+                   "mgu": ("h",)}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+def test_sample_kernel_checks_with_the_expected_parameters(name):
+    kernel = check(load_kernel(name))
+    assert shapes(kernel.params) == EXPECTED_PARAMS[name]
+    assert (kernel.input, kernel.output, kernel.states) == ("x", "h", EXPECTED_STATES[name])
+
+
+@pytest.mark.parametrize("name", sample_names())
+def test_every_sample_gets_the_default_readout(name):
+    kernel = check(load_kernel(name))
+    assert shapes(kernel.readout_params) == {"W_y": "V×H", "b_y": "V"}
+    assert str(kernel.readout.target) == "yₜ" and kernel.sizes["y"] == V
+
+
+def test_lstm_sizes_and_order():
+    kernel = check(load_kernel("lstm"))
+    assert [eq.target.name for eq in kernel.order] == ["f", "i", "o", "c̃", "c", "h"]
+    assert {n: str(d) for n, d in kernel.sizes.items()} == {
+        "x": "X", "f": "H", "i": "H", "o": "H", "c̃": "H", "c": "H", "h": "H", "y": "V"}
+
+
+def test_equations_are_sorted_by_dependency_whatever_their_order():
+    lines = load_kernel("lstm").source.splitlines()
+    shuffled = "\n".join(reversed([ln for ln in lines if "=" in ln and "where" not in ln]))
+    kernel = checked(shuffled + "\nwhere σ_g = σ, σ_c = tanh, σ_h = tanh\n")
+    order = [eq.target.name for eq in kernel.order]
+    assert order.index("h") > order.index("c") > max(order.index(g) for g in ("f", "i", "c̃"))
+    assert shapes(kernel.params) == EXPECTED_PARAMS["lstm"]
+
+
+def test_ties_keep_source_order():
+    kernel = checked("bₜ = tanh(W xₜ)\naₜ = tanh(U xₜ)\n"
+                     "hₜ = aₜ ⊙ bₜ + V hₜ₋₁\n")
+    assert [eq.target.name for eq in kernel.order] == ["b", "a", "h"]
+
+
+def test_a_kernel_may_write_its_own_readout():
+    kernel = checked("hₜ = tanh(W xₜ + U hₜ₋₁)\nyₜ = W_o hₜ + b_o\n")
+    assert shapes(kernel.readout_params) == {"W_o": "V×H", "b_o": "V"}
+    assert "W_o" not in kernel.params and [e.target.name for e in kernel.order] == ["h"]
+
+
+def test_concatenation_sizes_add_up():
+    kernel = checked("hₜ = tanh(W·[hₜ₋₁; xₜ] + b)\n")
+    assert shapes(kernel.params) == {"W": "H×H+X", "b": "H"}
+
+
+def test_numbers_broadcast_as_scalars():
+    kernel = checked("hₜ = 0.5 ⊙ (1 − tanh(W xₜ)) + hₜ₋₁\n")
+    assert shapes(kernel.params) == {"W": "H×X"}
+
+
+def test_declarations_pick_input_and_output():
+    kernel = checked("input uₜ\noutput sₜ\n"
+                     "sₜ = tanh(W uₜ + U sₜ₋₁)\nmₜ = sₜ ⊙ mₜ₋₁\n")
+    assert (kernel.input, kernel.output, kernel.states) == ("u", "s", ("s", "m"))
+
+
+def test_the_only_state_is_the_output_when_there_is_no_h():
+    assert checked("sₜ = tanh(W xₜ + U sₜ₋₁)\n").output == "s"
+
+
+def test_a_step_value_without_time_index_is_allowed():
+    kernel = checked("a = W xₜ\nhₜ = tanh(a + U hₜ₋₁)\n")
+    assert kernel.sizes["a"] == H
+
+
+@pytest.mark.parametrize("dim, text, value", [
+    (H, "H", 32), (X, "X", 8), (V, "V", 100), (H + X, "H+X", 40), (H + H, "2H", 64)])
+def test_dim_prints_and_evaluates(dim, text, value):
+    assert str(dim) == text and dim.value(H=32, X=8, V=100) == value
+
+
+def test_dim_terms_are_sorted():
+    assert (X + H).terms == (("H", 1), ("X", 1)) and X + H == HX and Dim(()).terms == ()
+
+
+# --- errors, each with its position --------------------------------------------------------
+
+def test_undefined_state_is_reported_at_its_use():
+    text = check_error("hₜ = tanh(W xₜ + U cₜ₋₁)\n")
+    assert "undefined name: cₜ₋₁ is state, but no equation defines cₜ" in text
+    assert_points_at(text, 1, 20, "cₜ₋₁", width=4)
+
+
+def test_undefined_name_next_to_a_declared_input():
+    text = check_error("input xₜ\nhₜ = tanh(W xₜ + U zₜ)\n")
+    assert "undefined name: zₜ (the input is xₜ)" in text
+    assert_points_at(text, 2, 20, "zₜ", width=2)
+
+
+def test_two_undefined_names_without_a_declaration():
+    text = check_error("hₜ = tanh(W xₜ + U uₜ + V hₜ₋₁)\n")
+    assert "xₜ, uₜ are all undefined" in text and "`input xₜ`" in text
+    assert_points_at(text, 1, 20, "uₜ")
+
+
+def test_a_name_defined_twice_is_reported_at_the_second():
+    text = check_error("hₜ = tanh(W xₜ)\nc̃ₜ = xₜ\nc̃ₜ = hₜ\n")
+    assert "c̃ₜ is defined twice (first at 2:1)" in text
+    assert_points_at(text, 3, 1, "c̃ₜ", width=2)
+
+
+def test_a_cycle_within_one_step_names_its_members():
+    text = check_error("hₜ = tanh(W xₜ + U hₜ₋₁)\naₜ = W_a bₜ\nbₜ = W_b aₜ\n")
+    assert "cycle: aₜ → bₜ → aₜ" in text
+    assert_points_at(text, 2, 1, "aₜ", width=2)
+
+
+def test_shapes_that_cannot_agree_show_both_sides():
+    text = check_error("hₜ = tanh(U hₜ₋₁ + b) + xₜ\n")
+    assert "shapes do not agree: tanh(U·hₜ₋₁ + b) has H but xₜ has X" in text
+    assert_points_at(text, 1, 23, "+ xₜ", width=1)
+
+
+def test_a_product_whose_rows_follow_the_target_disagrees_with_the_input():
+    text = check_error("hₜ = σ(W_f·hₜ₋₁ + xₜ)\n")
+    assert "shapes do not agree: W_f·hₜ₋₁ has H but xₜ has X" in text
+
+
+def test_matrix_columns_must_match_the_vector():
+    text = check_error("hₜ = tanh(W xₜ + U hₜ₋₁)\naₜ = W hₜ\n")
+    assert "shapes do not agree: W has X columns but hₜ has H" in text
+    assert_points_at(text, 2, 8, "hₜ")
+
+
+def test_a_shape_that_cannot_be_inferred_is_reported_at_first_use():
+    text = check_error("aₜ = W xₜ\nhₜ = tanh(U hₜ₋₁)\n")
+    assert "cannot infer the shape of W: it is ?×X" in text
+    assert_points_at(text, 1, 6, "W", width=1)
+
+
+def test_matmul_needs_a_parameter_on_the_left():
+    text = check_error("rₜ = σ(W xₜ)\nhₜ = tanh(rₜ·hₜ₋₁)\n")
+    assert "left operand of a matrix product must be a parameter" in text and "not rₜ" in text
+    assert_points_at(text, 2, 11, "rₜ", width=2)
+
+
+def test_a_matrix_cannot_be_assigned_by_an_equation():
+    text = check_error("W = tanh(xₜ)\nhₜ = W·hₜ₋₁\n")
+    assert "must be a parameter (a weight matrix), not W (W is defined at 1:1)" in text
+    assert_points_at(text, 2, 6, "W", width=1)
+
+
+def test_a_parameter_cannot_be_both_matrix_and_vector():
+    text = check_error("hₜ = tanh(W xₜ + W)\n")
+    assert "W is used as a matrix at 1:11 and as a vector here" in text
+    assert_points_at(text, 1, 18, "W)")
+
+
+def test_assigning_to_a_previous_value_is_an_error():
+    text = check_error("hₜ₋₁ = W xₜ\n")
+    assert "cannot assign to hₜ₋₁" in text
+    assert_points_at(text, 1, 1, "hₜ₋₁", width=4)
+
+
+def test_declared_input_cannot_be_defined():
+    text = check_error("input hₜ\nhₜ = W xₜ\n")
+    assert "hₜ is declared as the input but defined at 2:1" in text
+
+
+def test_readout_may_only_use_the_output():
+    text = check_error("hₜ = tanh(W xₜ + U hₜ₋₁)\nyₜ = W_y xₜ\n")
+    assert "the readout may use only hₜ" in text
+    assert_points_at(text, 2, 10, "xₜ")
+
+
+def test_output_must_be_inferable():
+    text = check_error("aₜ = tanh(W xₜ + U aₜ₋₁)\nbₜ = tanh(V bₜ₋₁ + aₜ)\n")
+    assert "cannot infer the output; add `output hₜ`" in text
+
+
+def test_a_state_name_without_time_index_is_an_error():
+    text = check_error("hₜ = tanh(W xₜ + U hₜ₋₁ + x)\n")
+    assert "x is used without a time index; write xₜ or xₜ₋₁" in text
+    assert_points_at(text, 1, 27, "x)", width=1)

@@ -1,0 +1,227 @@
+"""nn2c.parse (and nn2c.errors, nn2c.kernels): notations, precedence, aliases, errors."""
+
+import pytest
+
+from nn2c.ast import BinOp, Call, Concat, Neg, Num, Var
+from nn2c.errors import KernelError, display_width
+from nn2c.kernels import load_kernel, sample_names
+from nn2c.parse import parse
+
+
+def rhs(text: str):
+    """The expression of a one-equation kernel `zₜ = text`."""
+    return parse(f"zₜ = {text}\n").equations[0].expr
+
+
+def v(name, time=None):
+    return Var(name, time, None)
+
+
+def op(kind, left, right):
+    return BinOp(kind, left, right, None)
+
+
+def syntax_error(source: str) -> str:
+    with pytest.raises(KernelError) as info:
+        parse(source, "k.eq")
+    return str(info.value)
+
+
+def assert_points_at(rendered: str, line: int, col: int, under: str, width: int | None = None):
+    """The header says LINE:COL and the carets sit under `under` in the quoted line."""
+    head, quoted, carets = rendered.split("\n")[:3]
+    assert head.startswith(f"k.eq:{line}:{col}: "), head
+    source_line = quoted[4:] + "\n"
+    start = source_line.index(under) if under else len(source_line) - 1
+    assert carets[4:].index("^") == display_width(source_line[:start]), rendered
+    if width is not None:
+        assert carets.count("^") == width, rendered
+
+
+@pytest.mark.parametrize("ascii_form, unicode_form", [
+    ("x_t", "xₜ"),
+    ("x_{t}", "xₜ"),
+    ("h_{t-1}", "hₜ₋₁"),
+    ("h_{t−1}", "hₜ₋₁"),
+    ("h_{t - 1}", "hₜ₋₁"),
+    ("W x", "W·x"),
+    ("W@x", "W·x"),
+    ("W⋅x", "W·x"),
+    ("W_f xₜ", "W_f·xₜ"),
+    ("a ∘ b", "a ⊙ b"),
+    ("a * b", "a ⊙ b"),
+    ("a - b", "a − b"),
+    ("-a", "−a"),
+    ("h'", "h′"),
+    ("h\u0302", "ĥ"),
+    ("W_{hf} x", "W_hf x"),
+    ("sigmoid(x)", "σ(x)"),
+    ("[a, b]", "[a; b]"),
+    ("((a))", "a"),
+    ("σ(a +\n      b)", "σ(a + b)"),
+    ("1e-3 ⊙ a", "0.001 ⊙ a"),
+])
+def test_ascii_notation_parses_like_its_unicode_twin(ascii_form, unicode_form):
+    assert rhs(ascii_form) == rhs(unicode_form)
+
+
+@pytest.mark.parametrize("written, name, time", [
+    ("xₜ", "x", 0), ("hₜ₋₁", "h", -1), ("x_t", "x", 0), ("x_{t-1}", "x", -1),
+    ("W_f", "W_f", None), ("W_{hf}", "W_hf", None), ("σ_g", "σ_g", None),
+    ("c̃ₜ", "c̃", 0), ("b_t", "b", 0), ("Wx", "Wx", None), ("h′ₜ", "h′", 0),
+    ("tanh", "tanh", None), ("W₁", "W₁", None),
+])
+def test_a_trailing_time_index_is_split_off_the_name(written, name, time):
+    assert rhs(written) == Var(name, time, None)
+
+
+@pytest.mark.parametrize("text, tree", [
+    ("a + b ⊙ c", op("add", v("a"), op("mul", v("b"), v("c")))),
+    ("a ⊙ W x", op("mul", v("a"), op("matmul", v("W"), v("x")))),
+    ("a − b − c", op("sub", op("sub", v("a"), v("b")), v("c"))),
+    ("a ⊙ b ⊙ c", op("mul", op("mul", v("a"), v("b")), v("c"))),
+    ("W x + b", op("add", op("matmul", v("W"), v("x")), v("b"))),
+    ("−W x", Neg(op("matmul", v("W"), v("x")), None)),
+    ("a ⊙ −b", op("mul", v("a"), Neg(v("b"), None))),
+    ("U (r ⊙ h)", op("matmul", v("U"), op("mul", v("r"), v("h")))),
+    ("1 − z", op("sub", Num(1.0, None), v("z"))),
+    ("2 x", op("mul", Num(2.0, None), v("x"))),
+    ("W·[h; x]", op("matmul", v("W"), Concat((v("h"), v("x")), None))),
+])
+def test_precedence_and_associativity(text, tree):
+    assert rhs(text) == tree
+
+
+@pytest.mark.parametrize("text, value", [("1", 1.0), ("0.5", 0.5), ("1e-3", 0.001), (".5", 0.5)])
+def test_numbers_are_scalar_constants(text, value):
+    assert rhs(text) == Num(value, None)
+
+
+def test_a_name_directly_before_a_parenthesis_is_a_call_and_with_a_space_a_product():
+    assert rhs("tanh(x)") == Call("tanh", v("x"), None)
+    assert rhs("W (x)") == op("matmul", v("W"), v("x"))
+
+
+@pytest.mark.parametrize("where_first", [True, False])
+def test_where_aliases_resolve_wherever_the_clause_is(where_first):
+    eq, where = "hₜ = σ_h(cₜ)", "where σ_h = tanh, σ_g = σ"
+    kernel = parse(f"{where}\n{eq}\n" if where_first else f"{eq}\n{where}\n")
+    call = kernel.equations[0].expr
+    assert (call.func, call.spelled) == ("tanh", "σ_h")
+    assert kernel.aliases == {"σ_h": "tanh", "σ_g": "sigmoid"}
+
+
+def test_a_where_clause_may_end_an_equation_line():
+    assert parse("hₜ = φ(xₜ) where φ = tanh\n").equations[0].expr.func == "tanh"
+
+
+def test_an_alias_may_name_another_alias():
+    assert parse("hₜ = g(xₜ)\nwhere g = f, f = relu\n").aliases == {"g": "relu", "f": "relu"}
+
+
+def test_comments_and_blank_lines_are_ignored():
+    plain = parse("aₜ = xₜ\nhₜ = aₜ\n")
+    noisy = parse("# a kernel\n\naₜ = xₜ   # first\n\n  # between\nhₜ = aₜ\n# end")
+    assert noisy.equations == plain.equations
+
+
+def test_input_and_output_declarations_are_recorded():
+    kernel = parse("input uₜ\noutput sₜ\nsₜ = uₜ\n")
+    assert (kernel.declared_input, kernel.declared_output) == (v("u", 0), v("s", 0))
+
+
+def test_positions_are_line_and_character_column():
+    target = parse("\n  c̃ₜ = xₜ\n").equations[0].target
+    assert (target.pos.line, target.pos.column, target.pos.end_column) == (2, 3, 6)
+
+
+def test_syntax_error_names_what_was_expected_with_a_caret():
+    text = syntax_error("aₜ = xₜ\nhₜ = W +\n")
+    assert "unexpected end of line; expected one of: a name, a number" in text
+    assert_points_at(text, 2, 9, "")
+
+
+def test_unexpected_token_is_shown_in_quotes():
+    text = syntax_error("hₜ = xₜ = yₜ\n")
+    assert "unexpected '='" in text
+    assert_points_at(text, 1, 9, "= yₜ", width=1)
+
+
+def test_unexpected_character_after_a_combining_mark_lines_up():
+    text = syntax_error("c̃ₜ = $x\n")
+    assert "unexpected character '$'" in text
+    assert_points_at(text, 1, 7, "$")
+
+
+def test_unclosed_bracket_names_where_it_was_opened():
+    text = syntax_error("aₜ = xₜ\nhₜ = σ(W xₜ\ncₜ = hₜ\n")
+    assert "unclosed '(' opened at 2:7" in text
+    assert_points_at(text, 2, 12, "")
+
+
+def test_unmatched_closing_bracket_is_reported_at_it():
+    text = syntax_error("hₜ = σ(xₜ))\n")
+    assert "unmatched ')'" in text
+    assert_points_at(text, 1, 11, ")\n", width=1)
+
+
+def test_mismatched_brackets_name_both():
+    text = syntax_error("hₜ = [aₜ; xₜ)\n")
+    assert "')' does not match '[' opened at 1:6" in text
+
+
+def test_unknown_function_suggests_a_product():
+    text = syntax_error("hₜ = tanh(W(xₜ))\n")
+    assert "unknown function 'W'" in text and "W·(…)" in text
+    assert_points_at(text, 1, 11, "W(", width=1)
+
+
+def test_unknown_alias_target_is_reported_at_it():
+    text = syntax_error("hₜ = g(xₜ)\nwhere g = blah\n")
+    assert "unknown function 'blah'" in text
+    assert_points_at(text, 2, 11, "blah", width=4)
+
+
+def test_unsupported_time_index_is_reported():
+    assert "only ₜ and ₜ₋₁" in syntax_error("hₜ = h_{t-2}\n")
+
+
+def test_the_grammar_is_loaded_once():
+    from nn2c import parse as module
+    parse("hₜ = xₜ\n")
+    first = module._parser()
+    parse("hₜ = xₜ\n")
+    assert module._parser() is first and module.grammar_path().name == "kernel.lark"
+
+
+def test_error_without_position_is_one_line():
+    assert str(KernelError("no such file", "k.eq")) == "k.eq: no such file"
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn", "torchgru", "mgu"])
+def test_samples_are_bundled_and_load_by_name(name):
+    assert name in sample_names()
+    assert load_kernel(name).equations
+
+
+def test_load_kernel_reads_a_path(tmp_path):
+    path = tmp_path / "cell.eq"
+    path.write_text("hₜ = tanh(W xₜ + U hₜ₋₁)\n", encoding="utf-8")
+    assert load_kernel(str(path)).filename == str(path)
+
+
+def test_load_kernel_reports_a_missing_file():
+    with pytest.raises(KernelError, match="no such kernel file"):
+        load_kernel("/nonexistent/cell.eq")
+
+
+def test_load_kernel_reports_non_utf8(tmp_path):
+    path = tmp_path / "bad.eq"
+    path.write_bytes(b"h = \xff\n")
+    with pytest.raises(KernelError, match="not UTF-8"):
+        load_kernel(str(path))
+
+
+def test_unknown_sample_lists_the_samples():
+    with pytest.raises(KernelError, match="samples: .*lstm"):
+        load_kernel("nosuchcell")
