@@ -16,7 +16,11 @@ TORCH_INDEX ?=
 BIN         := $(VENV)/bin
 FUZZ_INPUTS ?= 100000
 
-.PHONY: install test test-slow bench demo fuzz lint clean
+.PHONY: install test test-slow bench demo fuzz lint clean build-dir
+
+demo fuzz: | build-dir
+build-dir:
+	@mkdir -p build
 
 install: $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
@@ -37,11 +41,14 @@ bench:
 	$(BIN)/python bench/run.py
 
 demo:
-	$(BIN)/nn2c train --steps 300 -o demo.nnb
-	$(BIN)/nn2run demo.nnb --prime "The " -n 300 --seed 1
+	$(BIN)/nn2c train --steps 300 --hidden 128 -o build/demo.nnb
+	$(BIN)/nn2run build/demo.nnb --prime "The " -n 300 --seed 1
 
 fuzz:
-	$(BIN)/python tests/fuzz_loader.py --inputs $(FUZZ_INPUTS)
+	$(BIN)/nn2c train --kernel lstm --hidden 8 --layers 2 --seq-len 8 --batch 4 --steps 2 \
+	    --eval-every 1 -o build/fuzz-seed.nnb 2>/dev/null
+	$(BIN)/python tests/fuzz_loader.py --inputs $(FUZZ_INPUTS) --model build/fuzz-seed.nnb --loader model
+	$(BIN)/python tests/fuzz_loader.py --inputs $(FUZZ_INPUTS) --loader format
 
 lint:
 	$(BIN)/python -m compileall -q nn2c nn2run tests bench

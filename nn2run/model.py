@@ -78,7 +78,8 @@ class Model:
         if not isinstance(params, dict):
             raise NNBFormatError("missing parameter map")
         for key, p in params.items():
-            if not isinstance(p, dict) or p.get("tensor") not in shapes or p.get("kind") not in ("matrix", "vector"):
+            if not isinstance(p, dict) or not isinstance(p.get("tensor"), str) or p["tensor"] not in shapes \
+                    or p.get("kind") not in ("matrix", "vector"):
                 raise NNBFormatError(f"parameter {key!r}: bad entry")
             shape = shapes[p["tensor"]]
             rank = 2 if p["kind"] == "matrix" else 1

@@ -1,0 +1,109 @@
+"""The runtime's public Python API: load, parameters by name, step, batching, sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nn2run
+from conftest import build_model
+from nn2run.generate import generate
+from nn2run.sample import Sampler, SamplerConfig
+
+
+@pytest.fixture
+def lstm(tmp_path):
+    return build_model(tmp_path / "m.nnb", "lstm", 12, 2, 7, seed=1)
+
+
+def test_load_exposes_vocab_layers_hidden(lstm):
+    path, _, _ = lstm
+    m = nn2run.load(path)
+    assert (m.layers, m.hidden, len(m.vocab)) == (2, 12, 7)
+    assert m.vocab[0] == "a"
+
+
+def test_param_returns_each_kernel_parameter_as_the_equations_shape_it(lstm):
+    """The optimizer stacks W_f, W_i, W_o, W_c into one tensor; param() still finds each."""
+    path, _, logical = lstm
+    m = nn2run.load(path)
+    assert m.param("W_f", layer=0).shape == (12, 7)
+    assert m.param("U_o", layer=1).shape == (12, 12)
+    for key, value in logical.items():
+        name, _, layer = key.partition("@")
+        np.testing.assert_array_equal(m.param(name, int(layer or 0)), value)
+    assert set(m.param_names()) == set(logical)
+    assert len(m.tensors) < len(logical)          # really stacked
+
+
+def test_param_unknown_name_raises_key_error(lstm):
+    m = nn2run.load(lstm[0])
+    with pytest.raises(KeyError, match="W_zz"):
+        m.param("W_zz")
+
+
+def test_step_is_functional_and_state_is_not_aliased(lstm):
+    m = nn2run.load(lstm[0])
+    s0 = m.initial_state(batch=4)
+    ids = np.array([0, 1, 2, 3])
+    a, s1 = m.step(ids, s0)
+    b, s2 = m.step(ids, s0)           # stepping the same state twice gives the same result
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (4, 7) and a.dtype == np.float32
+    assert np.all(s0.arrays[0] == 0)
+    c, _ = m.step(ids, s1)
+    assert not np.allclose(a, c)
+    assert s1["h", 1].shape == (4, 12)
+
+
+def test_batch_rows_are_independent(lstm):
+    m = nn2run.load(lstm[0])
+    seq = [3, 1, 4, 1, 5]
+    single, s = None, m.initial_state(1)
+    for t in seq:
+        single, s = m.step(np.array([t]), s)
+    many, s = None, m.initial_state(3)
+    for t in seq:
+        many, s = m.step(np.array([0, t, 6]), s)
+    np.testing.assert_allclose(many[1], single[0], atol=1e-6)
+
+
+def test_step_rejects_out_of_range_ids(lstm):
+    m = nn2run.load(lstm[0])
+    with pytest.raises(ValueError, match="token ids"):
+        m.step(np.array([7]), m.initial_state(1))
+
+
+def test_generate_same_seed_same_text_and_streams_continue_their_own_prime(lstm):
+    m = nn2run.load(lstm[0])
+    run = lambda seed: [ids.copy() for _, ids in generate(m, [[1, 2], [3]], 30, Sampler(SamplerConfig(), seed))]  # noqa
+    assert np.array_equal(np.stack(run(5)), np.stack(run(5)))
+    assert not np.array_equal(np.stack(run(5)), np.stack(run(6)))
+
+
+def test_greedy_and_top_k_1_pick_the_argmax():
+    logits = np.array([[0.1, 3.0, -1.0], [5.0, 0.0, 4.9]], np.float32)
+    assert list(Sampler(SamplerConfig(greedy=True))(logits)) == [1, 0]
+    assert list(Sampler(SamplerConfig(top_k=1), seed=0)(logits)) == [1, 0]
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = np.log(np.array([[0.6, 0.3, 0.1]], np.float64))
+    s = Sampler(SamplerConfig(top_p=0.5), seed=0)
+    assert {int(s(logits)[0]) for _ in range(200)} == {0}
+    s = Sampler(SamplerConfig(top_p=0.85), seed=0)
+    assert {int(s(logits)[0]) for _ in range(400)} == {0, 1}
+
+
+def test_temperature_sampling_matches_the_softmax_distribution():
+    p = np.array([0.5, 0.3, 0.2])
+    s = Sampler(SamplerConfig(temperature=1.0), seed=0)
+    draws = np.array([int(s(np.log(p)[None])[0]) for _ in range(20000)])
+    np.testing.assert_allclose(np.bincount(draws, minlength=3) / len(draws), p, atol=0.015)
+
+
+def test_tensors_are_memory_mapped_read_only_views(lstm):
+    m = nn2run.load(lstm[0])
+    t = next(iter(m.tensors.values()))
+    assert not t.flags.writeable
+    assert not t.flags.owndata
