@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .emit import pack
-from .ir import Cell, Network, depends_on_state
+from .fused import FusedLoop, supported as fused_supported
+from .ir import Cell, Network, consumers, depends_on_state
 
 _UNARY = {"sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "torch.relu({})",
           "exp": "torch.exp({})", "log": "torch.log({})", "neg": "(-{})",
@@ -22,57 +23,131 @@ _UNARY = {"sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "tor
 _BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})"}
 
 
-def cell_source(cell: Cell, hoist: bool = True) -> str:
-    """Python source of `run(xs, states, P) -> (outputs over time, final states)`."""
-    nodes = cell.nodes()
-    stateful = depends_on_state(cell)
-    in_loop = {id(n) for n in nodes if id(n) in stateful or not hoist}
-    names: dict[int, str] = {id(prev): f"s{i}" for i, (_, prev, _) in enumerate(cell.states)}
-    params: dict[str, str] = {}
-    for node in nodes:
-        if node.op == "param":
-            names[id(node)] = params.setdefault(node.attrs["tensor"], f"p{len(params)}")
-        elif node.op == "const":
-            names[id(node)] = repr(float(node.attrs["value"]))
-    pre, loop, unbound = [], [], {}
+def _split_plans(nodes) -> dict[int, list[tuple[int, int]]]:
+    """Bases whose slices do not overlap: cut each into pieces once with torch.split (one
+    autograd node whose backward is one cat) instead of one indexing op per slice."""
+    slices: dict[int, set] = {}
+    width = {}
+    for n in nodes:
+        if n.op == "slice":
+            base = n.args[0]
+            slices.setdefault(id(base), set()).add((n.attrs["start"], n.attrs["start"] + n.width))
+            width[id(base)] = base.width
+    plans = {}
+    for base, spans in slices.items():
+        cuts = sorted({0, width[base]} | {a for a, _ in spans} | {b for _, b in spans})
+        pieces = list(zip(cuts, cuts[1:]))
+        if len(spans) > 1 and all(span in pieces for span in spans):
+            plans[base] = pieces
+    return plans
 
-    def ref(a, looped: bool) -> str:
-        if not looped or id(a) in in_loop or a.op in ("param", "const", "state"):
-            return names[id(a)]
-        unbound[id(a)] = names[id(a)]
-        return names[id(a)] + "_u[t]"
 
-    for n, node in enumerate(nodes):
-        if id(node) in names:
-            continue
-        looped = id(node) in in_loop
-        names[id(node)] = f"v{n}"
-        expr = _expr(node, [ref(a, looped) for a in node.args], "xs[t]" if looped else "xs")
-        (loop if looped else pre).append(f"v{n} = {expr}")
-    recurrent = [(i, nxt) for i, (_, _, nxt) in enumerate(cell.states) if id(nxt) in in_loop]
-    out_looped = id(cell.output) in in_loop
-    if cell.output.op in ("param", "const") or any(n.op in ("param", "const") for _, _, n in cell.states):
-        raise ValueError("every output of a cell must depend on its input or state")
-    body = ["def run(xs, states, P):"]
-    body += [f"    {v} = P[{t!r}]" for t, v in params.items()]
-    if cell.states:
-        body.append("    " + "".join(f"s{i}, " for i in range(len(cell.states))) + "= states")
-    body += [f"    {line}" for line in pre]
-    body += [f"    {v}_u = {v}.unbind(0)" for v in unbound.values()]
-    if loop:
-        body.append("    outs = []")
-        body.append("    for t in range(xs.shape[0]):")
-        body += [f"        {line}" for line in loop]
-        if recurrent:
-            body.append("        " + "".join(f"s{i}, " for i, _ in recurrent) + "= "
-                        + "".join(f"{names[id(nxt)]}, " for _, nxt in recurrent))
-        if out_looped:
-            body.append(f"        outs.append({names[id(cell.output)]})")
-    body += [f"    s{i} = {names[id(nxt)]}[-1]" for i, (_, _, nxt) in enumerate(cell.states)
-             if id(nxt) not in in_loop]
-    result = "torch.stack(outs)" if out_looped else names[id(cell.output)]
-    body.append(f"    return {result}, [{', '.join(f's{i}' for i in range(len(cell.states)))}]")
-    return "\n".join(body) + "\n"
+class _Codegen:
+    """Straight-line torch source for one cell: hoisted part, then the time loop."""
+
+    def __init__(self, cell: Cell, hoist: bool, loop=None):
+        self.cell = cell
+        self.fused = loop          # a FusedLoop replacing the time loop, or None
+        self.nodes = cell.nodes()
+        stateful = depends_on_state(cell)
+        self.in_loop = {id(n) for n in self.nodes if id(n) in stateful or not hoist}
+        self.names = {id(prev): f"s{i}" for i, (_, prev, _) in enumerate(cell.states)}
+        self.params: dict[str, str] = {}
+        for node in self.nodes:
+            if node.op == "param":
+                self.names[id(node)] = self.params.setdefault(node.attrs["tensor"], f"p{len(self.params)}")
+            elif node.op == "const":
+                self.names[id(node)] = repr(float(node.attrs["value"]))
+        self.plans = _split_plans(self.nodes)
+        self.fused_mm = self._addmm_candidates()
+        self.pre, self.loop, self.unbound = [], [], {}
+
+    def _addmm_candidates(self) -> set[int]:
+        """In-loop matmuls used once, by an add: emitted as one torch.addmm with that add."""
+        uses = consumers(self.cell)
+        out = set()
+        for n in self.nodes:
+            if n.op != "add" or id(n) not in self.in_loop or any(a.op == "const" for a in n.args):
+                continue
+            for a in n.args:
+                if a.op == "matmul" and id(a) in self.in_loop and len(uses.get(id(a), [])) == 1:
+                    out.add(id(a))
+                    break
+        return out
+
+    def ref(self, a, looped: bool) -> str:
+        if not looped or id(a) in self.in_loop or a.op in ("param", "const", "state"):
+            return self.names[id(a)]
+        self.unbound[id(a)] = self.names[id(a)]
+        return self.names[id(a)] + "_u[t]"
+
+    def statement(self, n: int, node) -> None:
+        looped = id(node) in self.in_loop
+        out = self.loop if looped else self.pre
+        self.names[id(node)] = f"v{n}"
+        if id(node) in self.fused_mm:
+            return                                  # emitted inside its add
+        if node.op == "slice" and id(node.args[0]) in self.plans:
+            self._split(node, out, looped)
+            return
+        if node.op == "add" and any(id(a) in self.fused_mm for a in node.args):
+            mm, other = node.args if id(node.args[0]) in self.fused_mm else node.args[::-1]
+            args = [self.ref(x, looped) for x in (other, *mm.args)]
+            out.append(f"v{n} = torch.addmm({args[0]}, {args[1]}, {args[2]})")
+            return
+        expr = _expr(node, [self.ref(a, looped) for a in node.args], "xs[t]" if looped else "xs")
+        out.append(f"v{n} = {expr}")
+
+    def _split(self, node, out, looped) -> None:
+        base = node.args[0]
+        pieces = self.plans[id(base)]
+        key = self.names[id(base)]
+        targets = "".join(f"{key}_{i}, " for i in range(len(pieces)))
+        if not any(line.startswith(targets) for line in out):
+            sizes = [b - a for a, b in pieces]
+            out.append(f"{targets}= torch.split({self.ref(base, looped)}, {sizes}, -1)")
+        span = (node.attrs["start"], node.attrs["start"] + node.width)
+        self.names[id(node)] = f"{key}_{pieces.index(span)}"
+
+    def source(self) -> str:
+        for n, node in enumerate(self.nodes):
+            if id(node) not in self.names:
+                self.statement(n, node)
+        cell, names = self.cell, self.names
+        if cell.output.op in ("param", "const") or any(x.op in ("param", "const") for _, _, x in cell.states):
+            raise ValueError("every output of a cell must depend on its input or state")
+        k = len(cell.states)
+        recurrent = [(i, nxt) for i, (_, _, nxt) in enumerate(cell.states) if id(nxt) in self.in_loop]
+        out_looped = id(cell.output) in self.in_loop
+        body = ["def run(xs, states, P):"]
+        body += [f"    {v} = P[{t!r}]" for t, v in self.params.items()]
+        body += [f"    {line}" for line in self.pre]
+        if self.fused is not None:
+            ext = ", ".join(names[id(e)] for e in self.fused.ext)
+            params = ", ".join(names[id(p)] for p in self.fused.params)
+            body.append(f"    return LOOP(xs.shape[0], [{ext}], list(states), [{params}])")
+            return "\n".join(body) + "\n"
+        body += ["    " + "".join(f"s{i}, " for i in range(k)) + "= states"] if k else []
+        body += [f"    {v}_u = {v}.unbind(0)" for v in self.unbound.values()]
+        if self.loop:
+            body += ["    outs = []", "    for t in range(xs.shape[0]):"]
+            body += [f"        {line}" for line in self.loop]
+            if recurrent:
+                body.append("        " + "".join(f"s{i}, " for i, _ in recurrent) + "= "
+                            + "".join(f"{names[id(x)]}, " for _, x in recurrent))
+            if out_looped:
+                body.append(f"        outs.append({names[id(cell.output)]})")
+        body += [f"    s{i} = {names[id(x)]}[-1]" for i, (_, _, x) in enumerate(cell.states)
+                 if id(x) not in self.in_loop]
+        result = "torch.stack(outs)" if out_looped else names[id(cell.output)]
+        body.append(f"    return {result}, [{', '.join(f's{i}' for i in range(k))}]")
+        return "\n".join(body) + "\n"
+
+
+def cell_source(cell: Cell, hoist: bool = True, loop=None) -> str:
+    """Python source of `run(xs, states, P) -> (outputs over time, final states)`; with
+    `loop` (a FusedLoop) the time loop is that compiled forward/backward pair."""
+    return _Codegen(cell, hoist, loop).source()
 
 
 def _expr(node, args: list[str], xs: str) -> str:
@@ -95,9 +170,10 @@ def _expr(node, args: list[str], xs: str) -> str:
     return _BINARY[op].format(*args)
 
 
-def compile_cell(cell: Cell, hoist: bool = True):
-    source = cell_source(cell, hoist)
-    namespace = {"torch": torch, "F": F}
+def compile_cell(cell: Cell, hoist: bool = True, fused: bool = False):
+    loop = FusedLoop(cell) if fused and hoist and fused_supported(cell) else None
+    source = cell_source(cell, hoist, loop)
+    namespace = {"torch": torch, "F": F, "LOOP": loop}
     exec(compile(source, f"<nn2 cell {cell.layer}>", "exec"), namespace)
     return namespace["run"]
 
@@ -105,13 +181,14 @@ def compile_cell(cell: Cell, hoist: bool = True):
 class TorchNetwork(torch.nn.Module):
     """A Network's parameters as torch Parameters (one per stored tensor) and its forward pass."""
 
-    def __init__(self, network: Network, tensors: dict[str, np.ndarray], hoist: bool = True):
+    def __init__(self, network: Network, tensors: dict[str, np.ndarray], hoist: bool = True,
+                 fused: bool = True):
         super().__init__()
         self.network = network
         self.names = list(network.tensors())
         for i, name in enumerate(self.names):
             self.register_parameter(f"t{i}", torch.nn.Parameter(torch.from_numpy(np.array(tensors[name]))))
-        self._cells = [compile_cell(c, hoist) for c in network.cells]
+        self._cells = [compile_cell(c, hoist, fused) for c in network.cells]
         self._readout = compile_cell(network.readout, hoist)
 
     def tensor_dict(self) -> dict[str, torch.Tensor]:

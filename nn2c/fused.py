@@ -1,0 +1,289 @@
+"""The fused recurrent loop: a forward and a backward derived by the compiler from the IR.
+
+Autograd through a Python time loop records every small op of every step and, on the way
+back, computes each weight gradient as T small products. Here the compiler writes both
+directions itself: the forward runs the loop without recording, keeping only the values
+the derivatives need; the backward walks the steps in reverse applying each node's
+derivative rule, and computes every weight gradient at the end as one large product
+over all steps (Aᵀ·G with T·B rows). Wrapped in one `torch.autograd.Function` per layer.
+
+Which nodes are in the loop, which are hoisted (externals, given as whole sequences),
+and the order of evaluation come from `nn2c.ir`; the derivative rules are below.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ir import Cell, consumers, depends_on_state
+
+_FWD = {"sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "torch.relu({})",
+        "exp": "torch.exp({})", "log": "torch.log({})", "neg": "(-{})", "softmax": "torch.softmax({}, -1)",
+        "add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "matmul": "({} @ {})"}
+# derivative of an activation given its upstream gradient g, its output y and its input x
+_DERIV = {"sigmoid": "_sigmoid_backward({g}, {y})", "tanh": "_tanh_backward({g}, {y})",
+          "relu": "_threshold_backward({g}, {y}, 0)", "exp": "({g} * {y})", "log": "({g} / {x})",
+          "neg": "(-{g})", "softmax": "({y} * ({g} - ({g} * {y}).sum(-1, keepdim=True)))"}
+
+
+class _LoopCode:
+    """Generates `forward(E, S, P, T)` and `backward(saved, gouts, gS, E, P)` for one cell."""
+
+    def __init__(self, cell: Cell):
+        self.cell = cell
+        nodes = cell.nodes()
+        stateful = depends_on_state(cell)
+        self.body = [n for n in nodes if id(n) in stateful and n.op != "state"]
+        in_body = {id(n) for n in self.body}
+        self.states = [prev for _, prev, _ in cell.states]
+        self.ext, self.params = [], []
+        for n in self.body:
+            for a in n.args:
+                if a.op == "param" and a not in self.params:
+                    self.params.append(a)
+                elif id(a) not in in_body and a.op not in ("param", "const", "state") and a not in self.ext:
+                    self.ext.append(a)
+        self.uses = consumers(cell)
+        self.name = {}
+        for i, s in enumerate(self.states):
+            self.name[id(s)] = f"s{i}"
+        for i, e in enumerate(self.ext):
+            self.name[id(e)] = f"E{i}[t]"
+        for i, p in enumerate(self.params):
+            self.name[id(p)] = f"P{i}"
+        for i, n in enumerate(self.body):
+            self.name[id(n)] = f"v{i}"
+        self.saved = self._needed()
+
+    def val(self, node) -> str:
+        if node.op == "const":
+            return repr(float(node.attrs["value"]))
+        return self.name[id(node)]
+
+    def _needed(self) -> list:
+        """Values the backward reads, saved per step by the forward."""
+        need = []
+        for n in self.body:
+            if n.op == "mul":
+                need += [a for a in n.args if a.op != "const"]
+            elif n.op in ("sigmoid", "tanh", "relu", "exp", "softmax"):
+                need.append(n)
+            elif n.op == "log":
+                need.append(n.args[0])
+            elif n.op == "matmul":
+                need.append(n.args[0])
+        out = []
+        for x in need:
+            if x.op != "param" and x not in out and x not in self.ext:
+                out.append(x)
+        return out
+
+    # --- forward -----------------------------------------------------------------------------
+    def _fused_mm(self) -> dict[int, object]:
+        """add(x, matmul(a, W)) with the product used once -> one torch.addmm (forward only)."""
+        body = {id(n) for n in self.body}
+        out = {}
+        for n in self.body:
+            if n.op == "add" and not any(a.op == "const" for a in n.args):
+                for a in n.args:
+                    if a.op == "matmul" and id(a) in body and len(self.uses.get(id(a), [])) == 1:
+                        out[id(n)] = a
+                        break
+        return out
+
+    def _expr(self, n) -> str:
+        args = [self.val(a) for a in n.args]
+        if n.op == "slice":
+            s = n.attrs["start"]
+            return f"{args[0]}[:, {s}:{s + n.width}]"
+        if n.op == "concat":
+            return f"torch.cat([{', '.join(args)}], -1)"
+        return _FWD[n.op].format(*args)
+
+    def forward_source(self) -> str:
+        k = len(self.states)
+        fused = self._fused_mm()
+        skip = {id(m) for m in fused.values()}
+        saved_names = {id(x): f"k{j}" for j, x in enumerate(self.saved)}
+        lines = ["def forward(E, S, P, T):", *self._unpack(), "    outs = []"]
+        lines += [f"    k{j} = []" for j in range(len(self.saved))]
+        lines.append("    for t in range(T):")
+        for n in self.body:
+            if id(n) in skip:
+                continue
+            if id(n) in fused:
+                mm = fused[id(n)]
+                other = next(a for a in n.args if a is not mm)
+                expr = f"torch.addmm({self.val(other)}, {self.val(mm.args[0])}, {self.val(mm.args[1])})"
+            else:
+                expr = self._expr(n)
+            lines.append(f"        {self.name[id(n)]} = {expr}")
+        lines += [f"        {saved_names[id(x)]}.append({self.val(x)})" for x in self.saved]
+        lines.append("        " + "".join(f"s{i}, " for i in range(k)) + "= "
+                     + "".join(f"{self.val(nxt)}, " for _, _, nxt in self.cell.states))
+        lines.append(f"        outs.append({self.val(self.cell.output)})")
+        lines.append(f"    return torch.stack(outs), [{', '.join(f's{i}' for i in range(k))}], "
+                     f"[{', '.join(f'k{j}' for j in range(len(self.saved)))}]")
+        return "\n".join(lines) + "\n"
+
+    def _unpack(self, states: bool = True) -> list[str]:
+        out = []
+        groups = (("E", self.ext), ("S", self.states if states else []), ("P", self.params))
+        for letter, items in groups:
+            if items:
+                names = "".join(f"{letter.lower() if letter == 'S' else letter}{i}, " for i in range(len(items)))
+                out.append(f"    {names}= {letter}")
+        return out
+
+    # --- backward ----------------------------------------------------------------------------
+    def bval(self, x) -> str:
+        """A forward value as the backward reads it at step t."""
+        if x.op == "const":
+            return repr(float(x.attrs["value"]))
+        if x.op == "param" or x in self.ext:
+            return self.name[id(x)]
+        return f"k{self.saved.index(x)}[t]"
+
+    def backward_source(self) -> str:
+        lines, loop = ["def backward(K, gouts, gS, E, P, T):", *self._unpack(states=False)], []
+        if self.saved:
+            lines.append("    " + "".join(f"k{j}, " for j in range(len(self.saved))) + "= K")
+        lines.append("    " + "".join(f"gs{i}, " for i in range(len(self.states))) + "= gS")
+        lines.append("    B = gouts.shape[1]")
+        lines += [f"    gE{i} = []" for i in range(len(self.ext))]
+        lines += [f"    gP{i} = None" for i in range(len(self.params))]
+        matmuls = [n for n in self.body if n.op == "matmul"]
+        lines += [f"    gM{j} = []" for j in range(len(matmuls))]
+        contrib: dict[int, list[str]] = {id(self.cell.output): ["gouts[t]"]}
+        for i, (_, _, nxt) in enumerate(self.cell.states):
+            contrib.setdefault(id(nxt), []).append(f"gs{i}")
+        slices: dict[int, list] = {}
+        for idx in range(len(self.body) - 1, -1, -1):
+            n = self.body[idx]
+            total = self._assemble(contrib.get(id(n), []), slices.get(id(n), []), n.width, idx, loop)
+            if total is None:
+                continue
+            loop.append(f"g{idx} = {total}")
+            self._rule(n, f"g{idx}", contrib, slices, loop, matmuls)
+        for i, e in enumerate(self.ext):
+            total = " + ".join(contrib.get(id(e), [])) or f"torch.zeros_like(E{i}[t])"
+            loop.append(f"gE{i}.append({total})")
+        new = [" + ".join(contrib.get(id(s), [])) or f"torch.zeros_like(gs{i})" for i, s in enumerate(self.states)]
+        loop.append("".join(f"gs{i}, " for i in range(len(new))) + "= " + "".join(f"{x}, " for x in new))
+        lines.append("    for t in range(T - 1, -1, -1):")
+        lines += [f"        {line}" for line in loop]
+        for j, m in enumerate(matmuls):       # every weight gradient: one product over all steps
+            p = self.name[id(m.args[1])]
+            a = self.saved.index(m.args[0])
+            lines.append(f"    g_{p} = torch.cat(k{a}).t() @ torch.cat(gM{j}[::-1])")
+            lines.append(f"    g{p} = g_{p} if g{p} is None else g{p} + g_{p}")
+        lines.append(f"    return [{', '.join(f'torch.stack(gE{i}[::-1])' for i in range(len(self.ext)))}], "
+                     f"[{', '.join(f'gs{i}' for i in range(len(self.states)))}], "
+                     f"[{', '.join(f'gP{i}' for i in range(len(self.params)))}]")
+        return "\n".join(lines) + "\n"
+
+    def _assemble(self, terms, pieces, width, idx, loop) -> str | None:
+        parts = list(terms)
+        if pieces:
+            pieces = sorted(pieces)
+            if all(a + w <= b for (a, w, _), (b, _, _) in zip(pieces, pieces[1:])):
+                cat, at = [], 0
+                for start, w, g in pieces:
+                    if start > at:
+                        cat.append(f"gouts.new_zeros(B, {start - at})")
+                    cat.append(g)
+                    at = start + w
+                if at < width:
+                    cat.append(f"gouts.new_zeros(B, {width - at})")
+                parts.append(cat[0] if len(cat) == 1 else f"torch.cat([{', '.join(cat)}], -1)")
+            else:
+                loop.append(f"b{idx} = gouts.new_zeros(B, {width})")
+                loop += [f"b{idx}[:, {s}:{s + w}] += {g}" for s, w, g in pieces]
+                parts.append(f"b{idx}")
+        return " + ".join(parts) if parts else None
+
+    def _give(self, a, expr, contrib, loop) -> None:
+        if a.op == "const":
+            return
+        if a.op == "param":
+            p = self.name[id(a)]
+            loop.append(f"g{p} = ({expr}).sum(0) if g{p} is None else g{p} + ({expr}).sum(0)")
+            return
+        contrib.setdefault(id(a), []).append(expr)
+
+    def _rule(self, n, g, contrib, slices, loop, matmuls) -> None:
+        a = n.args
+        if n.op == "add":
+            for x in a:
+                self._give(x, g, contrib, loop)
+        elif n.op == "sub":
+            self._give(a[0], g, contrib, loop)
+            self._give(a[1], f"(-{g})", contrib, loop)
+        elif n.op == "mul":
+            self._give(a[0], f"({g} * {self.bval(a[1])})", contrib, loop)
+            self._give(a[1], f"({g} * {self.bval(a[0])})", contrib, loop)
+        elif n.op == "matmul":
+            self._give(a[0], f"({g} @ {self.name[id(a[1])]}.t())", contrib, loop)
+            loop.append(f"gM{matmuls.index(n)}.append({g})")
+        elif n.op == "slice":
+            slices.setdefault(id(a[0]), []).append((n.attrs["start"], n.width, g))
+        elif n.op == "concat":
+            at = 0
+            for x in a:
+                self._give(x, f"{g}[:, {at}:{at + x.width}]", contrib, loop)
+                at += x.width
+        else:
+            y = self.bval(n) if n.op in ("sigmoid", "tanh", "relu", "exp", "softmax") else ""
+            x = self.bval(a[0]) if n.op == "log" else ""
+            self._give(a[0], _DERIV[n.op].format(g=g, y=y, x=x), contrib, loop)
+
+
+def supported(cell: Cell) -> bool:
+    """The fused loop needs every output of the cell computed inside the loop, and products
+    whose left operand is a vector (the IR guarantees a parameter on the right)."""
+    stateful = depends_on_state(cell)
+    roots = [cell.output] + [nxt for _, _, nxt in cell.states]
+    ok_ops = set(_FWD) | {"slice", "concat", "state"}
+    return bool(cell.states) and all(id(r) in stateful and r.op != "state" for r in roots) \
+        and all(n.op in ok_ops for n in cell.nodes() if id(n) in stateful)
+
+
+class FusedLoop:
+    """The compiled forward and backward of one cell's time loop."""
+
+    def __init__(self, cell: Cell):
+        code = _LoopCode(cell)
+        self.ext, self.params, self.n_states = code.ext, code.params, len(code.states)
+        ns = {"torch": torch, "_sigmoid_backward": torch.ops.aten.sigmoid_backward,
+              "_tanh_backward": torch.ops.aten.tanh_backward,
+              "_threshold_backward": torch.ops.aten.threshold_backward}
+        self.forward_src, self.backward_src = code.forward_source(), code.backward_source()
+        exec(compile(self.forward_src, f"<nn2 loop {cell.layer} forward>", "exec"), ns)
+        exec(compile(self.backward_src, f"<nn2 loop {cell.layer} backward>", "exec"), ns)
+        self.fwd, self.bwd = ns["forward"], ns["backward"]
+
+    def __call__(self, T: int, E: list, S: list, P: list):
+        outs, *finals = _Loop.apply(self, T, len(E), len(S), *E, *S, *P)
+        return outs, finals
+
+
+class _Loop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, loop: FusedLoop, T: int, n_e: int, n_s: int, *tensors):
+        E, S, P = tensors[:n_e], tensors[n_e:n_e + n_s], tensors[n_e + n_s:]
+        outs, finals, K = loop.fwd(E, S, P, T)
+        ctx.loop, ctx.T, ctx.K, ctx.n_e = loop, T, K, n_e
+        ctx.save_for_backward(*E, *P)
+        ctx.state_like = [torch.zeros_like(s) for s in S]
+        ctx.out_shape = outs.shape
+        return (outs, *finals)
+
+    @staticmethod
+    def backward(ctx, gouts, *gS):
+        saved = ctx.saved_tensors
+        E, P = saved[:ctx.n_e], saved[ctx.n_e:]
+        gS = [g if g is not None else z for g, z in zip(gS, ctx.state_like)]
+        if gouts is None:
+            gouts = ctx.state_like[0].new_zeros(ctx.out_shape)
+        gE, gSi, gP = ctx.loop.bwd(ctx.K, gouts, gS, E, P, ctx.T)
+        return (None, None, None, None, *gE, *gSi, *gP)
