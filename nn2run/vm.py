@@ -42,10 +42,43 @@ _UNARY = {"neg": np.negative, "tanh": np.tanh, "exp": np.exp, "log": np.log,
 _BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply}
 
 
+FOLD_LIMIT = 1 << 22      # bytes: bias-folded gather tables larger than this are not made
+
+
+def _fold_bias_into_gathers(program: dict, tensors: dict) -> tuple[list, dict]:
+    """Peephole, done once at load: `gather d T; add e d b` (d read once, b a vector) is
+    `gather e (T + b)` — a one-hot row plus a bias is a row of the table plus the bias."""
+    code = program["code"]
+    reads: dict[int, int] = {}
+    for ins in code:
+        for a in ins[2:]:
+            if isinstance(a, list) and a[0] == "r":
+                reads[a[1]] = reads.get(a[1], 0) + 1
+    for r in [s["next"] for s in program["states"]] + [program["logits"]]:
+        reads[r] = reads.get(r, 0) + 1
+    gathers = {ins[1]: ins[2][1] for ins in code if ins[0] == "gather"}
+    out, extra, dropped = [], dict(tensors), set()
+    for ins in code:
+        if ins[0] == "add":
+            pair = [a for a in ins[2:] if a[0] == "r" and a[1] in gathers and reads[a[1]] == 1]
+            bias = [a for a in ins[2:] if a[0] == "t"]
+            table = tensors[gathers[pair[0][1]]] if pair else None
+            if pair and bias and table.nbytes <= FOLD_LIMIT:
+                name = f"{gathers[pair[0][1]]}+{bias[0][1]}"
+                extra[name] = table + tensors[bias[0][1]]
+                out.append(["gather", ins[1], ["t", name]])
+                dropped.add(pair[0][1])
+                continue
+        out.append(ins)
+    return [ins for ins in out if not (ins[0] == "gather" and ins[1] in dropped)], extra
+
+
 class VM:
     """A program bound to arrays for one batch size."""
 
     def __init__(self, program: dict, tensors: dict, batch: int):
+        code, tensors = _fold_bias_into_gathers(program, tensors)
+        program = {**program, "code": code}
         self.batch = batch
         self.ids = np.zeros(batch, dtype=np.intp)
         widths = program["registers"]
