@@ -41,6 +41,7 @@ class TrainState:
     last_val: float | None = None
     torch_rng: np.ndarray | None = None
     saved_step: int = 0
+    kernel_source: str | None = None  # the equations the weights were trained for
 
     @classmethod
     def fresh(cls, tensors: dict, cfg, sha: str) -> "TrainState":
@@ -104,22 +105,38 @@ def load_checkpoint(path) -> tuple[dict, TrainState]:
         nnb = fmt.read(path, verify_data=True)
     except fmt.NNBFormatError as e:
         raise CheckpointError(f"cannot resume from {path}: {e}") from None
-    meta = nnb.header.get("checkpoint")
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{path} is a model, not a training checkpoint")
-    t = {k: np.array(v) for k, v in nnb.tensors.items()}
-    names = sorted({p["tensor"] for p in nnb.header["params"].values()})
-    ts = TrainState(meta["step"], {n: t[n] for n in names}, meta["config"], meta["corpus_sha256"])
+    try:
+        meta = nnb.header.get("checkpoint")
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise CheckpointError(f"{path} is a model, not a training checkpoint")
+        ts = _state(meta, nnb.header, {k: np.array(v) for k, v in nnb.tensors.items()})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"cannot resume from {path}: the checkpoint is incomplete or damaged "
+                              f"({type(e).__name__}: {e})") from None
+    finally:
+        nnb.close()
+    return nnb.header, ts
+
+
+def _state(meta: dict, header: dict, t: dict) -> TrainState:
+    names = sorted({p["tensor"] for p in header["params"].values()})
+    ts = TrainState(int(meta["step"]), {n: t[n] for n in names}, meta["config"], str(meta["corpus_sha256"]))
     ts.adam_m = {n: t[f"adam.m/{n}"] for n in names if f"adam.m/{n}" in t}
     ts.adam_v = {n: t[f"adam.v/{n}"] for n in names if f"adam.v/{n}" in t}
-    ts.adam_step = meta["adam_step"]
+    ts.adam_step = int(meta["adam_step"])
     if all(f"best/{n}" in t for n in names):
         ts.best_tensors = {n: t[f"best/{n}"] for n in names}
     ts.carried = [[t[f"carried/{layer}/{i}"] for i in range(count)]
                   for layer, count in enumerate(meta["carried_layers"])]
-    ts.best_val, ts.best_step = meta["best_val"], meta["best_step"]
+    ts.best_val, ts.best_step = meta["best_val"], int(meta["best_step"])
     ts.last_train, ts.last_val = meta["last_train"], meta["last_val"]
     ts.torch_rng = t.get("rng/torch")
     ts.saved_step = ts.step
-    nnb.close()
-    return nnb.header, ts
+    ts.kernel_source = header["source"]["text"]
+    for group in (ts.adam_m, ts.adam_v, ts.best_tensors or {}):
+        for n, a in group.items():
+            if a.shape != ts.tensors[n].shape:
+                raise ValueError(f"tensor {n!r} has shape {a.shape} here, {ts.tensors[n].shape} in the model")
+    if set(ts.adam_m) != set(ts.adam_v):
+        raise ValueError("Adam's moments are incomplete")
+    return ts

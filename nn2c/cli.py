@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 
@@ -36,6 +37,21 @@ def _writable(path: str) -> None:
         raise Failure(f"cannot write {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise Failure(f"cannot write {path}: directory {parent} is not writable")
+
+
+def _same_file(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve() or (
+        os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def _check_paths(corpus: str | None, output: str, ckpt: str) -> None:
+    _writable(output)
+    _writable(ckpt)
+    if _same_file(output, ckpt):
+        raise Failure(f"--checkpoint and --output are the same file ({output}); give two paths")
+    for path, flag in ((output, "--output"), (ckpt, "--checkpoint")):
+        if corpus is not None and _same_file(corpus, path):
+            raise Failure(f"{flag} {path} is the corpus; writing there would destroy it")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,11 +82,6 @@ def check(kernel, hidden, vocab, layers, no_opt):
         raise Failure(str(e), raw=True) from None
 
 
-def _default_corpus() -> str:
-    from .kernels import samples_dir
-    return str(samples_dir().parent / "corpus" / "rhymes.txt")
-
-
 @main.command()
 @click.argument("corpus", required=False)
 @click.option("-o", "--output", default="model.nnb", show_default=True, help="The .nnb file to write.")
@@ -94,23 +105,29 @@ def _default_corpus() -> str:
 @click.option("--sample", "sample_len", type=int, default=0, help="Print N generated characters when done.")
 def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs, lr, clip, eval_every,
           val_frac, seed, device, codec, ckpt, checkpoint_every, resume, sample_len):
-    """Train a character model on CORPUS (default: a small bundled corpus) and write a .nnb.
+    """Train a character model on CORPUS (default: a small bundled corpus, or the checkpoint's
+    corpus with --resume) and write a .nnb.
 
     Example: nn2c train corpus.txt -o model.nnb --kernel gru --hidden 256 --steps 5000
     """
-    from .session import TrainRequest, run_training
     if steps is not None and epochs is not None:
         raise Failure("give --steps or --epochs, not both")
-    corpus = corpus or _default_corpus()
+    if sample_len < 0:
+        raise Failure(f"--sample must be ≥ 0, got {sample_len}")
     ckpt = ckpt or output + ".ckpt"
-    _writable(output)
-    _writable(ckpt)
-    request = TrainRequest(corpus, output, ckpt, resume, dict(
+    _check_paths(corpus, output, ckpt)
+    ctx = click.get_current_context()
+    options = dict(
         kernel=kernel, hidden=hidden, layers=layers, seq_len=seq_len, batch=batch,
         steps=steps if steps is not None or epochs is not None else 2000, epochs=epochs, lr=lr, clip=clip,
         eval_every=eval_every, val_frac=val_frac, seed=seed, device=device, codec=codec,
-        checkpoint_every=checkpoint_every))
-    run_training(request, Failure, sample_len)
+        checkpoint_every=checkpoint_every)
+    given = frozenset(name for name in options if ctx.get_parameter_source(name) != ParameterSource.DEFAULT)
+    try:
+        from .session import TrainRequest, run_training
+    except KeyboardInterrupt:
+        raise Failure("interrupted before training started; nothing was written", code=130) from None
+    run_training(TrainRequest(corpus, output, ckpt, resume, options, given), Failure, sample_len)
 
 
 @main.command()

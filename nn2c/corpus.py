@@ -1,8 +1,9 @@
 """Corpora: a text file -> a codec and an array of token ids, without holding the text twice.
 
-The file is memory-mapped and decoded in chunks, twice (once to find the vocabulary, once
-to encode), so memory holds the mapped file and the id array (1 byte a token when the
-vocabulary fits), never a second copy of the text.
+The file is memory-mapped and decoded in 256 KiB chunks, twice: once to check it, count its
+tokens and find the vocabulary, once to encode into an id array allocated up front (1 byte
+a token when the vocabulary fits). Memory therefore holds the id array and one chunk's
+work, never a copy of the text: a 1 GB corpus needs about 1 GB plus a few MB.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 
 from nn2run.codec import ByteCodec, CharCodec
 
-CHUNK = 8 << 20
+CHUNK = 1 << 18
+UNICODE = 0x110000
 
 
 class CorpusError(Exception):
@@ -37,20 +39,21 @@ class Corpus:
 def _chunks(buf, label: str):
     """Decode `buf` as UTF-8 in chunks; yields code-point arrays (uint32)."""
     dec = _stdcodecs.getincrementaldecoder("utf-8")(errors="strict")
-    at, n = 0, len(buf)
-    while True:
+    n = len(buf)
+    for at in range(0, n, CHUNK):
         piece = buf[at:at + CHUNK]
-        at += CHUNK
+        nul = piece.find(b"\x00")
+        if nul >= 0:
+            raise CorpusError(f"{label} looks binary (a NUL byte at offset {at + nul}); "
+                              "train on raw bytes with --codec byte")
+        pending = len(dec.getstate()[0])
         try:
-            text = dec.decode(piece, final=at >= n)
+            text = dec.decode(piece, final=at + CHUNK >= n)
         except UnicodeDecodeError as e:
-            raise CorpusError(f"{label} is not UTF-8 text (byte {at - CHUNK + e.start}); "
+            raise CorpusError(f"{label} is not UTF-8 text (bad byte at offset {at - pending + e.start}); "
                               "train on raw bytes with --codec byte") from None
-        if "\x00" in text:
-            raise CorpusError(f"{label} looks binary (it contains NUL bytes); use --codec byte for binary data")
+        del piece
         yield np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        if at >= n:
-            break
 
 
 def _ids_dtype(vocab_size: int):
@@ -66,37 +69,57 @@ def _open_map(path: str):
     except FileNotFoundError:
         raise CorpusError(f"{path}: no such file") from None
     except OSError as e:
-        raise CorpusError(f"{path}: {e.strerror}") from None
+        raise CorpusError(f"cannot read {path}: {e.strerror}") from None
     with f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise CorpusError(f"{path} is empty")
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
+        try:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
+        except (OSError, ValueError) as e:
+            raise CorpusError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _survey(buf, label: str) -> tuple[np.ndarray, int]:
+    """First pass: which code points occur (a mask over Unicode), and how many tokens."""
+    seen = np.zeros(UNICODE, dtype=bool)
+    count = 0
+    for cps in _chunks(buf, label):
+        seen[cps] = True
+        count += len(cps)
+    return seen, count
+
+
+def _encode(buf, label: str, vocab: list[str], count: int) -> np.ndarray:
+    """Second pass: code points -> ids, written straight into one preallocated array."""
+    dtype = _ids_dtype(len(vocab))
+    lut = np.zeros(UNICODE, dtype=dtype)
+    lut[[ord(c) for c in vocab]] = np.arange(len(vocab), dtype=dtype)
+    ids = np.empty(count, dtype=dtype)
+    at = 0
+    for cps in _chunks(buf, label):
+        np.take(lut, cps, out=ids[at:at + len(cps)])
+        at += len(cps)
+    return ids
 
 
 def read_corpus(path: str, codec: str = "char", vocab: list[str] | None = None) -> Corpus:
     """Read and encode a corpus. `vocab` fixes the character set (when resuming)."""
+    if codec not in ("char", "byte"):
+        raise CorpusError(f"unknown codec {codec!r}: use char or byte")
     buf, size = _open_map(path)
     with buf:
         sha = hashlib.sha256(buf).hexdigest()
         if codec == "byte":
-            ids = np.frombuffer(buf, dtype=np.uint8).copy()
-            return Corpus(path, ByteCodec(), ids, sha, size)
-        if codec != "char":
-            raise CorpusError(f"unknown codec {codec!r}: use char or byte")
+            return Corpus(path, ByteCodec(), np.frombuffer(buf, dtype=np.uint8).copy(), sha, size)
+        seen, count = _survey(buf, path)
         if vocab is None:
-            seen = np.zeros(0, dtype=np.uint32)
-            for cps in _chunks(buf, path):
-                seen = np.union1d(seen, np.unique(cps))
-            vocab = [chr(c) for c in seen]
-        table = np.array([ord(c) for c in vocab], dtype=np.uint32)
-        parts = []
-        for cps in _chunks(buf, path):
-            pos = np.searchsorted(table, cps)
-            pos = np.minimum(pos, len(table) - 1)
-            if not np.array_equal(table[pos], cps):
-                bad = sorted({chr(c) for c in cps[table[pos] != cps]})[:5]
+            vocab = [chr(c) for c in np.flatnonzero(seen)]
+        else:
+            seen[[ord(c) for c in vocab]] = False
+            if seen.any():
+                bad = [chr(c) for c in np.flatnonzero(seen)[:5]]
                 raise CorpusError(f"{path} has characters the model does not know: {bad}")
-            parts.append(pos.astype(_ids_dtype(len(vocab))))
-        ids = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        del seen
+        ids = _encode(buf, path, vocab, count)
     return Corpus(path, CharCodec(list(vocab)), ids, sha, size)

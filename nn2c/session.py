@@ -12,16 +12,24 @@ from .corpus import CorpusError, read_corpus
 from .errors import KernelError
 from .train import Interrupted, TrainConfig, Trainer, TrainError
 
+# May change when resuming; every other option is the checkpoint's, and giving it a different
+# value is refused (silently ignoring it would train something the user did not ask for).
 RESUMABLE = ("steps", "epochs", "eval_every", "checkpoint_every", "device")
 
 
 @dataclass
 class TrainRequest:
-    corpus: str
+    corpus: str | None            # None: the checkpoint's corpus when resuming, else the bundled one
     output: str
     checkpoint: str
     resume: bool
     options: dict
+    given: frozenset | None = None   # options the user gave (None: all of them)
+
+
+def default_corpus() -> str:
+    from .kernels import samples_dir
+    return str(samples_dir().parent / "corpus" / "rhymes.txt")
 
 
 def _resume_state(req: TrainRequest, cfg: TrainConfig):
@@ -29,22 +37,38 @@ def _resume_state(req: TrainRequest, cfg: TrainConfig):
         raise TrainError(f"--resume: no checkpoint at {req.checkpoint}")
     header, ts = load_checkpoint(req.checkpoint)
     saved = TrainConfig.from_dict(ts.config)
-    for name in RESUMABLE:      # these may change between runs; the rest is the checkpoint's
-        setattr(saved, name, getattr(cfg, name))
-    return saved, ts
+    given = set(req.options if req.given is None else req.given)
+    if given & {"steps", "epochs"}:
+        given |= {"steps", "epochs"}          # the run's length is one choice, made by either
+    for name in sorted(given):
+        mine, theirs = getattr(cfg, name, None), getattr(saved, name, None)
+        if name in RESUMABLE:
+            setattr(saved, name, mine)
+        elif name in req.options and mine != theirs:
+            raise TrainError(f"--resume: --{name.replace('_', '-')} {mine} differs from the checkpoint's "
+                             f"{theirs}; leave it out, or train afresh without --resume")
+    corpus = req.corpus or (header.get("provenance") or {}).get("corpus")
+    return saved, ts, corpus
+
+
+def _prepare(req: TrainRequest):
+    """The config, the resume state (or None) and the corpus, all checked."""
+    cfg = TrainConfig(**req.options)
+    cfg.check()
+    ts, path = None, req.corpus
+    if req.resume:
+        cfg, ts, path = _resume_state(req, cfg)
+        cfg.check()
+    corpus = read_corpus(path or default_corpus(), cfg.codec, vocab=None)
+    if ts is not None and corpus.sha256 != ts.corpus_sha256:
+        raise TrainError(f"--resume: {corpus.path} is not the corpus this checkpoint was trained on")
+    return cfg, ts, corpus
 
 
 def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -> dict:
     """Train as asked; raise `failure(message, code)` for every expected error."""
-    cfg = TrainConfig(**req.options)
     try:
-        ts = None
-        if req.resume:
-            cfg, ts = _resume_state(req, cfg)
-        cfg.check()
-        corpus = read_corpus(req.corpus, cfg.codec, vocab=None)
-        if ts is not None and corpus.sha256 != ts.corpus_sha256:
-            raise TrainError(f"--resume: {req.corpus} is not the corpus this checkpoint was trained on")
+        cfg, ts, corpus = _prepare(req)
         summary = Trainer(cfg, corpus, req.output, req.checkpoint, ts, stream).run()
     except KernelError as e:
         raise failure(str(e), raw=True) from None
@@ -52,6 +76,10 @@ def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -
         raise failure(str(e)) from None
     except Interrupted as e:
         raise failure(str(e), code=130) from None
+    except KeyboardInterrupt:
+        kept = (f"the last checkpoint is {req.checkpoint}" if os.path.exists(req.checkpoint)
+                else "no checkpoint was written")
+        raise failure(f"interrupted; {kept}", code=130) from None
     except OSError as e:
         raise failure(f"cannot write {e.filename or req.output}: {e.strerror or e}") from None
     out = stream or sys.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import signal
+import threading
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -80,13 +81,15 @@ def pick_device(name: str) -> torch.device:
 
 
 class Batches:
-    """Windows of a token stream laid out as `rows` contiguous rows; batch k -> (x, y), (T, B)."""
+    """Windows of a token stream laid out as `rows` contiguous rows; batch k -> (x, y), (T, B).
+
+    The ids stay where the corpus put them (a view, 1 byte a token for most corpora); only
+    the window a step reads is widened to int64 and moved to the device."""
 
     def __init__(self, ids: np.ndarray, rows: int, seq_len: int, device):
         per_row = len(ids) // rows
-        data = torch.from_numpy(ids[:rows * per_row].astype(np.int64)).view(rows, per_row)
-        self.data = data.t().contiguous().to(device)       # (time, rows): a window is a slice
-        self.seq_len = seq_len
+        self.data = ids[:rows * per_row].reshape(rows, per_row)
+        self.rows, self.seq_len, self.device = rows, seq_len, device
         self.count = (per_row - 1) // seq_len
 
     def __len__(self) -> int:
@@ -94,7 +97,9 @@ class Batches:
 
     def __getitem__(self, k: int):
         a = k * self.seq_len
-        return self.data[a:a + self.seq_len], self.data[a + 1:a + self.seq_len + 1]
+        window = np.ascontiguousarray(self.data[:, a:a + self.seq_len + 1].T, dtype=np.int64)
+        w = torch.from_numpy(window).to(self.device)
+        return w[:-1], w[1:]
 
 
 def split(corpus: Corpus, cfg: TrainConfig, device):
@@ -119,7 +124,7 @@ def _detach(state):
 @torch.no_grad()
 def evaluate(net: TorchNetwork, batches: Batches, vocab: int) -> float:
     """Mean cross-entropy (nats/token) over a whole split, state carried across windows."""
-    state = net.initial_state(batches.data.shape[1])
+    state = net.initial_state(batches.rows)
     total, count = 0.0, 0
     for k in range(len(batches)):
         x, y = batches[k]
@@ -129,8 +134,26 @@ def evaluate(net: TorchNetwork, batches: Batches, vocab: int) -> float:
     return total / count
 
 
+def _check_fits(ts: TrainState, compiled, ckpt_path: str) -> None:
+    """A checkpoint resumes only the kernel it was trained with, at the same sizes."""
+    if ts.kernel_source is not None and ts.kernel_source != compiled.kernel.source:
+        raise TrainError(f"--resume: kernel {compiled.kernel_name} has changed since {ckpt_path} was written; "
+                         "train afresh without --resume")
+    want = {name: tuple(spec.shape) for name, spec in compiled.network.tensors().items()}
+    have = {name: tuple(a.shape) for name, a in ts.tensors.items()}
+    carried = [tuple(a.shape[1:]) for layer in ts.carried for a in layer]
+    widths = [(prev.width,) for cell in compiled.network.cells for _, prev, _ in cell.states]
+    if want != have or (carried and carried != widths):
+        raise TrainError(f"--resume: the weights in {ckpt_path} do not fit kernel {compiled.kernel_name} "
+                         "as compiled now; train afresh without --resume")
+
+
 class Interrupted(Exception):
     """Training stopped by Ctrl-C after saving; the message says where things are."""
+
+
+class Diverged(TrainError):
+    """The loss or the gradients stopped being finite; the weights were not updated."""
 
 
 class Trainer:
@@ -143,6 +166,8 @@ class Trainer:
         self.compiled = compile_kernel(cfg.kernel, cfg.hidden, cfg.layers, self.vocab)
         self.train, self.val = split(corpus, cfg, self.device)
         self.total = cfg.steps if cfg.steps else max(1, math.ceil((cfg.epochs or 1.0) * len(self.train)))
+        if resume is not None:
+            _check_fits(resume, self.compiled, ckpt_path)
         torch.manual_seed(cfg.seed)
         self.ts = resume or TrainState.fresh(init_tensors(self.compiled.network, cfg.seed), cfg, corpus.sha256)
         self.net = TorchNetwork(self.compiled.network, self.ts.tensors).to(self.device)
@@ -165,51 +190,70 @@ class Trainer:
                 "torch": torch.__version__, "hyperparameters": asdict(self.cfg)}
 
     def step(self, state):
+        """One optimizer step. Raises Diverged, leaving the weights as they were, when the loss
+        or the gradient norm is not finite, so a diverged step never reaches a checkpoint."""
         k = self.ts.step % len(self.train)
         if k == 0 or state is None:
             state = self.net.initial_state(self.cfg.batch)
         x, y = self.train[k]
         logits, state = self.net(x, state)
         loss = F.cross_entropy(logits.reshape(-1, self.vocab), y.reshape(-1))
+        value = loss.item()
+        if not math.isfinite(value):
+            raise self._diverged(f"the loss became {value}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip)
+        if not math.isfinite(norm.item()):
+            raise self._diverged(f"the gradients became {norm.item()}")
         self.opt.step()
-        return loss.item(), _detach(state)
+        return value, _detach(state)
+
+    def _diverged(self, what: str) -> Diverged:
+        ts = self.ts
+        kept = (f"the last good checkpoint is {self.ckpt_path} (step {ts.saved_step})" if ts.saved_step
+                else "no checkpoint was written yet")
+        return Diverged(f"{what} at step {ts.step + 1} (--lr {self.cfg.lr:g}); stopped: {kept}; "
+                        "try a lower --lr or --clip")
 
     def run(self) -> dict:
+        """Train to the last step (or until Ctrl-C), checkpointing; write the .nnb of the best weights."""
+        watch = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, self._on_sigint) if watch else None
+        try:
+            with Progress(self.total, self.ts.step, self.stream) as progress:
+                self._loop(progress)
+                rate = progress.rate
+            best = self.ts.best_tensors if self.ts.best_tensors is not None else self.net.numpy_tensors()
+            self._write(self.out_path, write_model, self.out_path, self.compiled, best, self.corpus.codec,
+                        self.provenance(rate))
+        finally:
+            if watch:
+                signal.signal(signal.SIGINT, old)
+        if self.ts.step < self.total:
+            raise Interrupted(f"interrupted at step {self.ts.step}: checkpoint {self.ckpt_path}, best weights so "
+                              f"far in {self.out_path}; continue with --resume")
+        return self.provenance(rate)
+
+    def _loop(self, progress: Progress) -> None:
         cfg, ts = self.cfg, self.ts
         every_ckpt = cfg.checkpoint_every or cfg.eval_every
         state = ts.carried_state(self.device)
         chars = cfg.batch * cfg.seq_len
-        old = signal.signal(signal.SIGINT, self._on_sigint)
-        try:
-            with Progress(self.total, ts.step, self.stream) as progress:
-                while ts.step < self.total and not self._stop:
-                    loss, state = self.step(state)
-                    if not math.isfinite(loss):
-                        raise TrainError(f"the loss became {loss} at step {ts.step + 1}; stopped. The last good "
-                                         f"checkpoint is {self.ckpt_path} (step {ts.saved_step}); "
-                                         "try a lower --lr or --clip")
-                    ts.step += 1
-                    ts.last_train = loss
-                    val = self._maybe_eval()
-                    progress.update(ts.step, loss, val, chars, force=val is not None)
-                    if ts.step % every_ckpt == 0 or ts.step == self.total or self._stop:
-                        self._save_checkpoint(state, progress.rate)
-                rate = progress.rate
-                best = ts.best_tensors if ts.best_tensors is not None else self.net.numpy_tensors()
-                write_model(self.out_path, self.compiled, best, self.corpus.codec, self.provenance(rate))
-        finally:
-            signal.signal(signal.SIGINT, old)
-        if self._stop:
-            raise Interrupted(f"interrupted at step {ts.step}: checkpoint {self.ckpt_path}, best weights so far "
-                              f"in {self.out_path}; continue with --resume")
-        return self.provenance(rate)
+        while ts.step < self.total and not self._stop:
+            loss, state = self.step(state)
+            ts.step += 1
+            ts.last_train = loss
+            val = self._maybe_eval()
+            progress.update(ts.step, loss, val, chars, force=val is not None)
+            if ts.step % every_ckpt == 0 or ts.step == self.total or self._stop:
+                self._save_checkpoint(state, progress.rate)
 
     def _maybe_eval(self) -> float | None:
+        """Validate on schedule only (not on Ctrl-C), so an interrupted and resumed run
+        picks the same best weights as an uninterrupted one."""
         ts = self.ts
-        if self.val is None or (ts.step % self.cfg.eval_every and ts.step != self.total and not self._stop):
+        if self.val is None or (ts.step % self.cfg.eval_every and ts.step != self.total):
             return None
         ts.last_val = evaluate(self.net, self.val, self.vocab)
         if ts.best_val is None or ts.last_val < ts.best_val:
@@ -219,5 +263,15 @@ class Trainer:
 
     def _save_checkpoint(self, state, rate: float) -> None:
         self.ts.capture(self.net, self.opt, state)
-        save_checkpoint(self.ckpt_path, self.compiled, self.corpus.codec, self.provenance(rate), self.ts)
+        self._write(self.ckpt_path, save_checkpoint, self.ckpt_path, self.compiled, self.corpus.codec,
+                    self.provenance(rate), self.ts)
         self.ts.saved_step = self.ts.step
+
+    def _write(self, path: str, writer, *args) -> None:
+        """Run an (atomic) writer; a failure is one line naming the file and what is kept."""
+        try:
+            writer(*args)
+        except OSError as e:
+            kept = (f"the last good checkpoint is {self.ckpt_path} (step {self.ts.saved_step})"
+                    if self.ts.saved_step else "nothing was written")
+            raise TrainError(f"cannot write {path}: {e.strerror or e}; {kept}") from None
