@@ -1,0 +1,119 @@
+"""Training speed: nn2's Trainer step against torch.nn.LSTM + Linear with the same recipe.
+
+Both sides see the same windows of the same corpus (nn2's own `Batches`), the same sizes
+(2×256, seq 100, batch 32), Adam (lr 2e-3), gradient clipping at 5, cross-entropy, the
+state carried (detached) from one window to the next, the same torch thread count.
+nn2 is timed through `Trainer.step` (TorchNetwork forward + loss + backward + clip + Adam,
+the loop `nn2c train` runs). The peer's layer-0 input is `F.one_hot(x, 65).float()` fed to
+nn.LSTM (nn2's optimizer turns its one-hot product into a row gather, `F.embedding`).
+chars/s = batch × seq × steps / time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .common import SHAKESPEARE, VOCAB, Table, best, fmt_list, interleaved, verdict
+
+
+def _corpus(tmp):
+    from nn2c.corpus import read_corpus
+    path = SHAKESPEARE
+    if not path.exists():
+        path = tmp / "random-corpus.txt"
+        rng = np.random.default_rng(0)
+        path.write_text("".join(np.array(list(VOCAB))[rng.integers(0, len(VOCAB), 400_000)]))
+    return read_corpus(str(path))
+
+
+class TorchPeer:
+    def __init__(self, vocab, hidden, layers, batches, batch, lr, clip, device):
+        import torch
+        import torch.nn.functional as F
+        self.torch, self.F = torch, F
+        torch.manual_seed(0)
+        self.lstm = torch.nn.LSTM(vocab, hidden, layers).to(device)
+        self.lin = torch.nn.Linear(hidden, vocab).to(device)
+        self.params = list(self.lstm.parameters()) + list(self.lin.parameters())
+        self.opt = torch.optim.Adam(self.params, lr=lr)
+        self.batches, self.vocab, self.clip, self.k = batches, vocab, clip, 0
+        z = lambda: torch.zeros(layers, batch, hidden, device=device)   # noqa: E731
+        self.state = (z(), z())
+
+    def step(self) -> float:
+        torch, F = self.torch, self.F
+        x, y = self.batches[self.k % len(self.batches)]
+        self.k += 1
+        out, state = self.lstm(F.one_hot(x, self.vocab).float(), self.state)
+        logits = self.lin(out)
+        loss = F.cross_entropy(logits.reshape(-1, self.vocab), y.reshape(-1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.state = tuple(s.detach() for s in state)
+        return loss.item()
+
+
+def _compare(tmp, device: str, steps: int, reps: int, hidden=256, layers=2, seq=100, batch=32):
+    from nn2c.train import Trainer, TrainConfig
+    corpus = _corpus(tmp)
+    cfg = TrainConfig(hidden=hidden, layers=layers, seq_len=seq, batch=batch, device=device,
+                      val_frac=0.01, eval_every=10 ** 9)
+    trainer = Trainer(cfg, corpus, str(tmp / "train-out.nnb"), str(tmp / "train-out.ckpt"))
+    peer = TorchPeer(trainer.vocab, hidden, layers, trainer.train, batch, cfg.lr, cfg.clip, trainer.device)
+    box = {"state": None}
+
+    def nn2_run():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss, box["state"] = trainer.step(box["state"])
+            trainer.ts.step += 1
+        return time.perf_counter() - t0
+
+    def peer_run():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            peer.step()
+        return time.perf_counter() - t0
+    for _ in range(2):                      # warm-up (allocator, autograd graph, cuDNN plans)
+        loss, box["state"] = trainer.step(box["state"])
+        peer.step()
+    times = interleaved({"nn2": nn2_run, "torch": peer_run}, reps)
+    chars = batch * seq * steps
+    return {k: chars / best(v) for k, v in times.items()}, times, trainer.vocab
+
+
+def bench_train(tmp, quick: bool):
+    import torch
+    steps, reps = (3, 2) if quick else (6, 3)
+    rate, times, vocab = _compare(tmp, "cpu", steps, reps)
+    t = Table("training 2×256, seq 100, batch 32, CPU: nn2c Trainer.step vs torch.nn.LSTM + Linear")
+    t.add("chars/s", f"{rate['nn2']:,.0f}", f"{rate['torch']:,.0f}",
+          verdict(rate["nn2"] / rate["torch"], at_least=1.0), "≥ 1.0×")
+    t.notes.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads; peer input is "
+                   f"F.one_hot(x, {vocab}).float() into nn.LSTM (no nn.Embedding); Adam lr 2e-3, clip 5")
+    for k, v in times.items():
+        t.raw.append(f"{k}: s per rep of {steps} steps {fmt_list(v)}; "
+                     f"{best(v) / steps * 1e3:.0f} ms/step at best")
+    return [t]
+
+
+def bench_train_gpu(tmp, quick: bool):
+    import torch
+    t = Table("training 2×256, seq 100, batch 32, GPU: nn2c Trainer.step (cuda) vs cuDNN nn.LSTM")
+    if not torch.cuda.is_available():
+        t.add("chars/s", "skipped", "skipped", "—", "(none set)")
+        t.notes.append("skipped: torch.cuda.is_available() is False on this machine")
+        return [t]
+    steps, reps = (5, 2) if quick else (20, 3)
+    rate, times, vocab = _compare(tmp, "cuda", steps, reps)
+    t.add("chars/s", f"{rate['nn2']:,.0f}", f"{rate['torch']:,.0f}",
+          f"{rate['nn2'] / rate['torch']:.2f}×", "(none set)")
+    t.notes.append(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                   f"cuDNN {torch.backends.cudnn.version()}; each step ends in loss.item() (a sync)")
+    for k, v in times.items():
+        t.raw.append(f"{k}: s per rep of {steps} steps {fmt_list(v)}")
+    return [t]
