@@ -100,11 +100,13 @@ def check(kernel, hidden, vocab, layers, no_opt):
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--codec", default="char", show_default=True, type=click.Choice(["char", "byte"]))
 @click.option("--checkpoint", "ckpt", default=None, help="Checkpoint file [default: OUTPUT.ckpt].")
+@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on each layer's output (training only).")
+@click.option("--max-minutes", type=float, default=None, help="Stop after this much training time (then validate and write).")
 @click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps [default: --eval-every].")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint (same corpus).")
 @click.option("--sample", "sample_len", type=int, default=0, help="Print N generated characters when done.")
 def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs, lr, clip, eval_every,
-          val_frac, seed, device, codec, ckpt, checkpoint_every, resume, sample_len):
+          val_frac, seed, device, codec, dropout, max_minutes, ckpt, checkpoint_every, resume, sample_len):
     """Train a character model on CORPUS (default: a small bundled corpus, or the checkpoint's
     corpus with --resume) and write a .nnb.
 
@@ -121,7 +123,7 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
         kernel=kernel, hidden=hidden, layers=layers, seq_len=seq_len, batch=batch,
         steps=steps if steps is not None or epochs is not None else 2000, epochs=epochs, lr=lr, clip=clip,
         eval_every=eval_every, val_frac=val_frac, seed=seed, device=device, codec=codec,
-        checkpoint_every=checkpoint_every)
+        checkpoint_every=checkpoint_every, dropout=dropout, max_minutes=max_minutes)
     given = frozenset(name for name in options if ctx.get_parameter_source(name) != ParameterSource.DEFAULT)
     try:
         from .session import TrainRequest, run_training

@@ -154,6 +154,8 @@ class _LoopCode:
         lines += [f"    gP{i} = None" for i in range(len(self.params))]
         matmuls = [n for n in self.body if n.op == "matmul"]
         lines += [f"    gM{j} = []" for j in range(len(matmuls))]
+        # g @ Wᵀ with a contiguous Wᵀ made once: a transposed operand is a slower product
+        lines += [f"    {p}T = {p}.t().contiguous()" for p in dict.fromkeys(self.name[id(m.args[1])] for m in matmuls)]
         contrib: dict[int, list[str]] = {id(self.cell.output): ["gouts[t]"]}
         for i, (_, _, nxt) in enumerate(self.cell.states):
             contrib.setdefault(id(nxt), []).append(f"gs{i}")
@@ -223,7 +225,7 @@ class _LoopCode:
             self._give(a[0], f"({g} * {self.bval(a[1])})", contrib, loop)
             self._give(a[1], f"({g} * {self.bval(a[0])})", contrib, loop)
         elif n.op == "matmul":
-            self._give(a[0], f"({g} @ {self.name[id(a[1])]}.t())", contrib, loop)
+            self._give(a[0], f"({g} @ {self.name[id(a[1])]}T)", contrib, loop)
             loop.append(f"gM{matmuls.index(n)}.append({g})")
         elif n.op == "slice":
             slices.setdefault(id(a[0]), []).append((n.attrs["start"], n.width, g))

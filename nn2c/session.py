@@ -14,7 +14,7 @@ from .train import Interrupted, TrainConfig, Trainer, TrainError
 
 # May change when resuming; every other option is the checkpoint's, and giving it a different
 # value is refused (silently ignoring it would train something the user did not ask for).
-RESUMABLE = ("steps", "epochs", "eval_every", "checkpoint_every", "device")
+RESUMABLE = ("steps", "epochs", "eval_every", "checkpoint_every", "device", "max_minutes")
 
 
 @dataclass

@@ -182,9 +182,10 @@ class TorchNetwork(torch.nn.Module):
     """A Network's parameters as torch Parameters (one per stored tensor) and its forward pass."""
 
     def __init__(self, network: Network, tensors: dict[str, np.ndarray], hoist: bool = True,
-                 fused: bool = True):
+                 fused: bool = True, dropout: float = 0.0):
         super().__init__()
         self.network = network
+        self.dropout = dropout      # training only, on each layer's output; the file has none
         self.names = list(network.tensors())
         for i, name in enumerate(self.names):
             self.register_parameter(f"t{i}", torch.nn.Parameter(torch.from_numpy(np.array(tensors[name]))))
@@ -206,6 +207,8 @@ class TorchNetwork(torch.nn.Module):
         for run, s in zip(self._cells, state):
             x, s = run(x, s, P)
             new_state.append(s)
+            if self.dropout and self.training:
+                x = F.dropout(x, self.dropout)
         logits, _ = self._readout(x, [], P)
         return logits, new_state
 

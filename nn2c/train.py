@@ -11,6 +11,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import math
+import time
 import signal
 import threading
 from dataclasses import asdict, dataclass, fields
@@ -47,9 +48,15 @@ class TrainConfig:
     device: str = "auto"
     codec: str = "char"
     checkpoint_every: int | None = None
+    dropout: float = 0.0
+    max_minutes: float | None = None
     max_eval_tokens: int = 1 << 17
 
     def check(self) -> None:
+        if not 0 <= self.dropout < 1:
+            raise TrainError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise TrainError(f"--max-minutes must be > 0, got {self.max_minutes}")
         for name in ("hidden", "layers", "seq_len", "batch", "eval_every"):
             if getattr(self, name) <= 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -126,11 +133,13 @@ def evaluate(net: TorchNetwork, batches: Batches, vocab: int) -> float:
     """Mean cross-entropy (nats/token) over a whole split, state carried across windows."""
     state = net.initial_state(batches.rows)
     total, count = 0.0, 0
+    net.eval()                      # no dropout
     for k in range(len(batches)):
         x, y = batches[k]
         logits, state = net(x, state)
         total += F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1), reduction="sum").item()
         count += y.numel()
+    net.train()
     return total / count
 
 
@@ -170,7 +179,7 @@ class Trainer:
             _check_fits(resume, self.compiled, ckpt_path)
         torch.manual_seed(cfg.seed)
         self.ts = resume or TrainState.fresh(init_tensors(self.compiled.network, cfg.seed), cfg, corpus.sha256)
-        self.net = TorchNetwork(self.compiled.network, self.ts.tensors).to(self.device)
+        self.net = TorchNetwork(self.compiled.network, self.ts.tensors, dropout=cfg.dropout).to(self.device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         if resume is not None:
             resume.restore(self.net, self.opt, self.device)
@@ -240,9 +249,12 @@ class Trainer:
         every_ckpt = cfg.checkpoint_every or cfg.eval_every
         state = ts.carried_state(self.device)
         chars = cfg.batch * cfg.seq_len
+        deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
         while ts.step < self.total and not self._stop:
             loss, state = self.step(state)
             ts.step += 1
+            if deadline is not None and time.monotonic() > deadline:
+                self.total = ts.step            # out of time: this step is the last one
             ts.last_train = loss
             val = self._maybe_eval()
             progress.update(ts.step, loss, val, chars, force=val is not None)
