@@ -23,7 +23,6 @@ build-dir:
 	@mkdir -p build
 
 install: $(BIN)/python
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e ".[dev]"
 	@$(BIN)/nn2c --version && $(BIN)/nn2run --version

@@ -13,6 +13,9 @@ and the order of evaluation come from `nn2c.ir`; the derivative rules are below.
 
 from __future__ import annotations
 
+import warnings
+from typing import List, Tuple
+
 import torch
 
 from .ir import Cell, consumers, depends_on_state
@@ -21,8 +24,8 @@ _FWD = {"sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "torch
         "exp": "torch.exp({})", "log": "torch.log({})", "neg": "(-{})", "softmax": "torch.softmax({}, -1)",
         "add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "matmul": "({} @ {})"}
 # derivative of an activation given its upstream gradient g, its output y and its input x
-_DERIV = {"sigmoid": "_sigmoid_backward({g}, {y})", "tanh": "_tanh_backward({g}, {y})",
-          "relu": "_threshold_backward({g}, {y}, 0)", "exp": "({g} * {y})", "log": "({g} / {x})",
+_DERIV = {"sigmoid": "torch.ops.aten.sigmoid_backward({g}, {y})", "tanh": "torch.ops.aten.tanh_backward({g}, {y})",
+          "relu": "torch.ops.aten.threshold_backward({g}, {y}, 0)", "exp": "({g} * {y})", "log": "({g} / {x})",
           "neg": "(-{g})", "softmax": "({y} * ({g} - ({g} * {y}).sum(-1, keepdim=True)))"}
 
 
@@ -105,8 +108,10 @@ class _LoopCode:
         fused = self._fused_mm()
         skip = {id(m) for m in fused.values()}
         saved_names = {id(x): f"k{j}" for j, x in enumerate(self.saved)}
-        lines = ["def forward(E, S, P, T):", *self._unpack(), "    outs = []"]
-        lines += [f"    k{j} = []" for j in range(len(self.saved))]
+        lines = ["def forward(E: List[Tensor], S: List[Tensor], P: List[Tensor], T: int)"
+                 " -> Tuple[Tensor, List[Tensor], List[List[Tensor]]]:",
+                 *self._unpack(), "    outs: List[Tensor] = []"]
+        lines += [f"    k{j}: List[Tensor] = []" for j in range(len(self.saved))]
         lines.append("    for t in range(T):")
         for n in self.body:
             if id(n) in skip:
@@ -119,21 +124,16 @@ class _LoopCode:
                 expr = self._expr(n)
             lines.append(f"        {self.name[id(n)]} = {expr}")
         lines += [f"        {saved_names[id(x)]}.append({self.val(x)})" for x in self.saved]
-        lines.append("        " + "".join(f"s{i}, " for i in range(k)) + "= "
-                     + "".join(f"{self.val(nxt)}, " for _, _, nxt in self.cell.states))
+        lines.append("        " + ", ".join(f"s{i}" for i in range(k)) + " = "
+                     + ", ".join(self.val(nxt) for _, _, nxt in self.cell.states))
         lines.append(f"        outs.append({self.val(self.cell.output)})")
         lines.append(f"    return torch.stack(outs), [{', '.join(f's{i}' for i in range(k))}], "
                      f"[{', '.join(f'k{j}' for j in range(len(self.saved)))}]")
         return "\n".join(lines) + "\n"
 
     def _unpack(self, states: bool = True) -> list[str]:
-        out = []
-        groups = (("E", self.ext), ("S", self.states if states else []), ("P", self.params))
-        for letter, items in groups:
-            if items:
-                names = "".join(f"{letter.lower() if letter == 'S' else letter}{i}, " for i in range(len(items)))
-                out.append(f"    {names}= {letter}")
-        return out
+        groups = (("E", "E", self.ext), ("s", "S", self.states if states else []), ("P", "P", self.params))
+        return [f"    {name}{i} = {group}[{i}]" for name, group, items in groups for i in range(len(items))]
 
     # --- backward ----------------------------------------------------------------------------
     def bval(self, x) -> str:
@@ -145,15 +145,17 @@ class _LoopCode:
         return f"k{self.saved.index(x)}[t]"
 
     def backward_source(self) -> str:
-        lines, loop = ["def backward(K, gouts, gS, E, P, T):", *self._unpack(states=False)], []
-        if self.saved:
-            lines.append("    " + "".join(f"k{j}, " for j in range(len(self.saved))) + "= K")
-        lines.append("    " + "".join(f"gs{i}, " for i in range(len(self.states))) + "= gS")
+        lines = ["def backward(K: List[List[Tensor]], gouts: Tensor, gS: List[Tensor], E: List[Tensor],"
+                 " P: List[Tensor], T: int) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:",
+                 *self._unpack(states=False)]
+        loop = []
+        lines += [f"    k{j} = K[{j}]" for j in range(len(self.saved))]
+        lines += [f"    gs{i} = gS[{i}]" for i in range(len(self.states))]
         lines.append("    B = gouts.shape[1]")
-        lines += [f"    gE{i} = []" for i in range(len(self.ext))]
-        lines += [f"    gP{i} = None" for i in range(len(self.params))]
+        lines += [f"    gE{i}: List[Tensor] = []" for i in range(len(self.ext))]
+        lines += [f"    gP{i} = torch.zeros_like(P{i})" for i in range(len(self.params))]
         matmuls = [n for n in self.body if n.op == "matmul"]
-        lines += [f"    gM{j} = []" for j in range(len(matmuls))]
+        lines += [f"    gM{j}: List[Tensor] = []" for j in range(len(matmuls))]
         # g @ Wᵀ with a contiguous Wᵀ made once: a transposed operand is a slower product
         lines += [f"    {p}T = {p}.t().contiguous()" for p in dict.fromkeys(self.name[id(m.args[1])] for m in matmuls)]
         contrib: dict[int, list[str]] = {id(self.cell.output): ["gouts[t]"]}
@@ -171,15 +173,15 @@ class _LoopCode:
             total = " + ".join(contrib.get(id(e), [])) or f"torch.zeros_like(E{i}[t])"
             loop.append(f"gE{i}.append({total})")
         new = [" + ".join(contrib.get(id(s), [])) or f"torch.zeros_like(gs{i})" for i, s in enumerate(self.states)]
-        loop.append("".join(f"gs{i}, " for i in range(len(new))) + "= " + "".join(f"{x}, " for x in new))
+        loop.append(", ".join(f"gs{i}" for i in range(len(new))) + " = " + ", ".join(new))
         lines.append("    for t in range(T - 1, -1, -1):")
         lines += [f"        {line}" for line in loop]
         for j, m in enumerate(matmuls):       # every weight gradient: one product over all steps
             p = self.name[id(m.args[1])]
             a = self.saved.index(m.args[0])
-            lines.append(f"    g_{p} = torch.cat(k{a}).t() @ torch.cat(gM{j}[::-1])")
-            lines.append(f"    g{p} = g_{p} if g{p} is None else g{p} + g_{p}")
-        lines.append(f"    return [{', '.join(f'torch.stack(gE{i}[::-1])' for i in range(len(self.ext)))}], "
+            # gM was filled from the last step back: flip it to line up with the forward's k
+            lines.append(f"    g{p} = g{p} + torch.cat(k{a}).t() @ torch.stack(gM{j}).flip(0).flatten(0, 1)")
+        lines.append(f"    return [{', '.join(f'torch.stack(gE{i}).flip(0)' for i in range(len(self.ext)))}], "
                      f"[{', '.join(f'gs{i}' for i in range(len(self.states)))}], "
                      f"[{', '.join(f'gP{i}' for i in range(len(self.params)))}]")
         return "\n".join(lines) + "\n"
@@ -192,15 +194,15 @@ class _LoopCode:
                 cat, at = [], 0
                 for start, w, g in pieces:
                     if start > at:
-                        cat.append(f"gouts.new_zeros(B, {start - at})")
+                        cat.append(f"gouts.new_zeros([B, {start - at}])")
                     cat.append(g)
                     at = start + w
                 if at < width:
-                    cat.append(f"gouts.new_zeros(B, {width - at})")
+                    cat.append(f"gouts.new_zeros([B, {width - at}])")
                 parts.append(cat[0] if len(cat) == 1 else f"torch.cat([{', '.join(cat)}], -1)")
             else:
-                loop.append(f"b{idx} = gouts.new_zeros(B, {width})")
-                loop += [f"b{idx}[:, {s}:{s + w}] += {g}" for s, w, g in pieces]
+                loop.append(f"b{idx} = gouts.new_zeros([B, {width}])")
+                loop += [f"b{idx}.narrow(1, {s}, {w}).add_({g})" for s, w, g in pieces]
                 parts.append(f"b{idx}")
         return " + ".join(parts) if parts else None
 
@@ -209,7 +211,7 @@ class _LoopCode:
             return
         if a.op == "param":
             p = self.name[id(a)]
-            loop.append(f"g{p} = ({expr}).sum(0) if g{p} is None else g{p} + ({expr}).sum(0)")
+            loop.append(f"g{p} = g{p} + ({expr}).sum(0)")
             return
         contrib.setdefault(id(a), []).append(expr)
 
@@ -253,16 +255,28 @@ def supported(cell: Cell) -> bool:
 class FusedLoop:
     """The compiled forward and backward of one cell's time loop."""
 
-    def __init__(self, cell: Cell):
+    def __init__(self, cell: Cell, script: bool = True):
         code = _LoopCode(cell)
         self.ext, self.params, self.n_states = code.ext, code.params, len(code.states)
-        ns = {"torch": torch, "_sigmoid_backward": torch.ops.aten.sigmoid_backward,
-              "_tanh_backward": torch.ops.aten.tanh_backward,
-              "_threshold_backward": torch.ops.aten.threshold_backward}
         self.forward_src, self.backward_src = code.forward_source(), code.backward_source()
+        ns = {"torch": torch, "List": List, "Tuple": Tuple, "Tensor": torch.Tensor}
         exec(compile(self.forward_src, f"<nn2 loop {cell.layer} forward>", "exec"), ns)
         exec(compile(self.backward_src, f"<nn2 loop {cell.layer} backward>", "exec"), ns)
         self.fwd, self.bwd = ns["forward"], ns["backward"]
+        self.scripted = False
+        if script:
+            self._script()
+
+    def _script(self) -> None:
+        """Run both loops in TorchScript's interpreter (less overhead per op than Python);
+        the Python functions stay if this torch cannot compile them."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                unit = torch.jit.CompilationUnit(self.forward_src + "\n" + self.backward_src)
+            self.fwd, self.bwd, self.scripted = unit.forward, unit.backward, True
+        except Exception:       # noqa: BLE001 — any failure means: use the Python version
+            self.scripted = False
 
     def __call__(self, T: int, E: list, S: list, P: list):
         outs, *finals = _Loop.apply(self, T, len(E), len(S), *E, *S, *P)

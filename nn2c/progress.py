@@ -13,13 +13,14 @@ def _fmt(v, spec=".4f"):
 class Progress:
     """Shows step, train loss, val loss, chars/s and ETA. Use as a context manager."""
 
-    def __init__(self, total: int, start: int = 0, stream=None, every: int = 50):
+    def __init__(self, total: int, start: int = 0, stream=None, every: int = 50, seconds: float | None = None):
         self.total, self.start, self.every = total, start, every
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.t0 = time.monotonic()
         self.step, self.train, self.val, self.rate = start, None, None, 0.0
         self._bar = None
+        self.deadline = self.t0 + seconds if seconds else None     # a time limit shortens the ETA
 
     def __enter__(self):
         if self.tty:
@@ -51,6 +52,8 @@ class Progress:
             self._bar.update(self._task, completed=step, info=self.info())
         elif force or step % self.every == 0 or step == self.total:
             eta = (self.total - step) * elapsed / done if done else 0.0
+            if self.deadline is not None:
+                eta = min(eta, max(0.0, self.deadline - time.monotonic()))
             print(f"step {step}/{self.total}  {self.info()}  eta {eta:,.0f}s", file=self.stream, flush=True)
 
     def message(self, text: str) -> None:

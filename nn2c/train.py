@@ -230,7 +230,8 @@ class Trainer:
         watch = threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGINT, self._on_sigint) if watch else None
         try:
-            with Progress(self.total, self.ts.step, self.stream) as progress:
+            limit = 60 * self.cfg.max_minutes if self.cfg.max_minutes else None
+            with Progress(self.total, self.ts.step, self.stream, seconds=limit) as progress:
                 self._loop(progress)
                 rate = progress.rate
             best = self.ts.best_tensors if self.ts.best_tensors is not None else self.net.numpy_tensors()

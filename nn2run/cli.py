@@ -51,6 +51,8 @@ def _sampler(model, temperature, top_k, top_p, greedy, seed):
 
 def _encode(model, text: str) -> list[int]:
     from .generate import start_token
+    if any("\udc80" <= ch <= "\udcff" for ch in text):      # undecodable bytes read from stdin
+        raise Failure("the prime is not UTF-8 text")
     try:
         return model.codec.encode(text) if text else [start_token(model)]
     except CodecError as e:

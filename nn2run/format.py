@@ -65,7 +65,6 @@ import mmap
 import os
 import stat
 import struct
-import tempfile
 from typing import NamedTuple
 
 import numpy as np
@@ -174,6 +173,7 @@ def write(path, header: dict, tensors: dict) -> None:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         mode = 0o644
+    import tempfile             # here, not at the top: loading a model should not pay for it
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path)[:64] + ".",
                                suffix=".tmp", dir=folder)
     try:

@@ -119,3 +119,11 @@ def test_nn2c_samples_lists_the_bundled_kernels(run_cli):
     r = run_cli("nn2c", "samples")
     names = {l.split()[0] for l in r.stdout.splitlines()}
     assert {"lstm", "gru", "rnn", "torchgru", "mgu"} <= names
+
+
+def test_nn2run_prime_from_stdin_that_is_not_utf8_is_one_line(run_cli, model):
+    import subprocess
+    from conftest import BIN
+    r = subprocess.run([str(BIN / "nn2run"), str(model), "--prime", "-", "-n", "3"], input=b"\xff\xfeab",
+                       capture_output=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.decode() == "nn2run: the prime is not UTF-8 text\n"

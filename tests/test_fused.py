@@ -64,5 +64,24 @@ def test_fused_lstm_weight_gradients_match_torch_nn_lstm():
 def test_fused_loop_source_computes_weight_gradients_once_after_the_loop():
     loop = FusedLoop(compile_kernel("lstm", 8, 1, 5).network.cells[0])
     body, after = loop.backward_src.split("for t in range(T - 1, -1, -1):")
-    assert "torch.cat(k" in after and ".t() @ torch.cat(gM" in after
+    assert "torch.cat(k" in after and ".t() @ torch.stack(gM" in after
     assert "addmm" in loop.forward_src
+
+
+def test_python_and_torchscript_loops_agree():
+    """The loop runs in TorchScript when this torch can compile it; both must be one function."""
+    cell = compile_kernel("gru", 8, 1, 5).network.cells[0]
+    py, ts = FusedLoop(cell, script=False), FusedLoop(cell, script=True)
+    if not ts.scripted:
+        pytest.skip("this torch cannot compile TorchScript; the Python loop is used")
+    gen = torch.Generator().manual_seed(0)
+    E = [torch.randn(6, 2, e.width, generator=gen) for e in py.ext]
+    P = [torch.randn(8, p.width, generator=gen) for p in py.params]
+    S = [torch.randn(2, 8, generator=gen)]
+    out_py, _, K_py = py.fwd(E, S, P, 6)
+    out_ts, _, K_ts = ts.fwd(E, S, P, 6)
+    torch.testing.assert_close(out_ts, out_py)
+    g = torch.randn(out_py.shape, generator=gen)
+    for a, b in zip(sum(py.bwd(K_py, g, [torch.zeros(2, 8)], E, P, 6), []),
+                    sum(ts.bwd(K_ts, g, [torch.zeros(2, 8)], E, P, 6), [])):
+        torch.testing.assert_close(a, b)
