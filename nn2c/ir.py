@@ -107,10 +107,12 @@ class Network:
         return out
 
 
-def rewrite(cell: Cell, fn) -> Cell:
+def rewrite(cell: Cell, fn, new: dict | None = None) -> Cell:
     """Rebuild `cell` bottom-up: `fn(node, new_args)` returns the replacement node (or None
-    to keep a copy of the node with the new arguments). Returns a new Cell."""
-    new = {}
+    to keep a copy of the node with the new arguments). Returns a new Cell. `new`, if given,
+    is filled as the walk goes (id of an old node -> its replacement), for passes that need
+    the replacement of nodes other than the arguments."""
+    new = {} if new is None else new
     for node in cell.nodes():
         args = tuple(new[id(a)] for a in node.args)
         out = fn(node, args)

@@ -47,6 +47,7 @@ def reassociate(cell: Cell) -> Cell:
     inner = {id(a) for n in cell.nodes() if n.op == "add" for a in n.args
              if a.op == "add" and len(uses.get(id(a), [])) == 1}
     stateful = depends_on_state(cell)
+    new: dict[int, Node] = {}
 
     def fn(node, args):
         if node.op != "add" or id(node) in inner:
@@ -55,20 +56,11 @@ def reassociate(cell: Cell) -> Cell:
         if len(terms) < 3:
             return None
         terms.sort(key=lambda t: id(t) in stateful)       # stable: keeps source order otherwise
-        mapped = [memo[id(t)] for t in terms]
-        acc = mapped[0]
-        for t in mapped[1:]:
-            acc = Node("add", (acc, t), max(acc.width, t.width))
+        acc = new[id(terms[0])]
+        for t in terms[1:]:
+            acc = Node("add", (acc, new[id(t)]), max(acc.width, t.width))
         return acc
-
-    memo = {}
-
-    def record(node, args):
-        out = fn(node, args)
-        out = out if out is not None else (node if args == node.args else Node(node.op, args, node.width, dict(node.attrs)))
-        memo[id(node)] = out
-        return out
-    return rewrite(cell, record)
+    return rewrite(cell, fn, new)
 
 
 def _gate_key(node: Node, uses, index) -> tuple:
@@ -120,27 +112,27 @@ def fuse_products(cell: Cell) -> Cell:
             groups.setdefault(("matmul", id(n.args[0])), []).append(n)
         elif n.op == "gather" and n.args[0].attrs["tensor"] in single:
             groups.setdefault(("gather",), []).append(n)
-    replace = {}
+    plan: dict[int, tuple] = {}         # member -> (group, stacked parameter, first column)
     cell = Cell(cell.layer, cell.input, cell.states, cell.output, dict(cell.tensors))
     for key, members in groups.items():
         if len(members) < 2 or len({m.args[-1].attrs["tensor"].split(".")[0] for m in members}) != 1:
             continue
         members.sort(key=lambda m: _gate_key(m, uses, index))
         stacked = _stack(cell, [m.args[-1] for m in members], "matrix")
-        whole = (Node("gather", (stacked,), stacked.width) if key[0] == "gather"
-                 else Node("matmul", (members[0].args[0], stacked), stacked.width))
         at = 0
         for m in members:
-            replace[id(m)] = (whole, at)
+            plan[id(m)] = (key, stacked, at)
             at += m.width
+    wholes: dict[tuple, Node] = {}
 
     def fn(node, args):
-        if id(node) in replace:
-            whole, start = replace[id(node)]
-            if whole.op == "matmul":
-                whole.args = (args[0], whole.args[1])
-            return Node("slice", (whole,), node.width, {"start": start})
-        return None
+        if id(node) not in plan:
+            return None
+        key, stacked, start = plan[id(node)]
+        if key not in wholes:          # the one product of the group (its operand already rewritten)
+            wholes[key] = (Node("gather", (stacked,), stacked.width) if key[0] == "gather"
+                           else Node("matmul", (args[0], stacked), stacked.width))
+        return Node("slice", (wholes[key],), node.width, {"start": start})
     return rewrite(cell, fn)
 
 
