@@ -20,13 +20,28 @@ import torch
 
 from .ir import Cell, consumers, depends_on_state
 
-_FWD = {"sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "torch.relu({})",
+# torch source for each element-wise IR op (also used by the per-step code in torch_backend)
+TORCH_OPS = {"sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "torch.relu({})",
         "exp": "torch.exp({})", "log": "torch.log({})", "neg": "(-{})", "softmax": "torch.softmax({}, -1)",
         "add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "matmul": "({} @ {})"}
 # derivative of an activation given its upstream gradient g, its output y and its input x
 _DERIV = {"sigmoid": "torch.ops.aten.sigmoid_backward({g}, {y})", "tanh": "torch.ops.aten.tanh_backward({g}, {y})",
           "relu": "torch.ops.aten.threshold_backward({g}, {y}, 0)", "exp": "({g} * {y})", "log": "({g} / {x})",
           "neg": "(-{g})", "softmax": "({y} * ({g} - ({g} * {y}).sum(-1, keepdim=True)))"}
+
+
+def addmm_pairs(nodes, inside: set[int], uses) -> dict[int, object]:
+    """add(x, matmul(a, W)) inside the loop, with the product used only there: emitted as one
+    torch.addmm. Returns id(add) -> the matmul it absorbs."""
+    out = {}
+    for n in nodes:
+        if n.op != "add" or id(n) not in inside or any(a.op == "const" for a in n.args):
+            continue
+        for a in n.args:
+            if a.op == "matmul" and id(a) in inside and len(uses.get(id(a), [])) == 1:
+                out[id(n)] = a
+                break
+    return out
 
 
 class _LoopCode:
@@ -82,18 +97,6 @@ class _LoopCode:
         return out
 
     # --- forward -----------------------------------------------------------------------------
-    def _fused_mm(self) -> dict[int, object]:
-        """add(x, matmul(a, W)) with the product used once -> one torch.addmm (forward only)."""
-        body = {id(n) for n in self.body}
-        out = {}
-        for n in self.body:
-            if n.op == "add" and not any(a.op == "const" for a in n.args):
-                for a in n.args:
-                    if a.op == "matmul" and id(a) in body and len(self.uses.get(id(a), [])) == 1:
-                        out[id(n)] = a
-                        break
-        return out
-
     def _expr(self, n) -> str:
         args = [self.val(a) for a in n.args]
         if n.op == "slice":
@@ -101,11 +104,11 @@ class _LoopCode:
             return f"{args[0]}[:, {s}:{s + n.width}]"
         if n.op == "concat":
             return f"torch.cat([{', '.join(args)}], -1)"
-        return _FWD[n.op].format(*args)
+        return TORCH_OPS[n.op].format(*args)
 
     def forward_source(self) -> str:
         k = len(self.states)
-        fused = self._fused_mm()
+        fused = addmm_pairs(self.body, {id(n) for n in self.body}, self.uses)
         skip = {id(m) for m in fused.values()}
         saved_names = {id(x): f"k{j}" for j, x in enumerate(self.saved)}
         lines = ["def forward(E: List[Tensor], S: List[Tensor], P: List[Tensor], T: int)"
@@ -247,7 +250,7 @@ def supported(cell: Cell) -> bool:
     whose left operand is a vector (the IR guarantees a parameter on the right)."""
     stateful = depends_on_state(cell)
     roots = [cell.output] + [nxt for _, _, nxt in cell.states]
-    ok_ops = set(_FWD) | {"slice", "concat", "state"}
+    ok_ops = set(TORCH_OPS) | {"slice", "concat", "state"}
     return bool(cell.states) and all(id(r) in stateful and r.op != "state" for r in roots) \
         and all(n.op in ok_ops for n in cell.nodes() if id(n) in stateful)
 

@@ -14,13 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .emit import pack
-from .fused import FusedLoop, supported as fused_supported
+from .fused import TORCH_OPS, FusedLoop, addmm_pairs, supported as fused_supported
 from .ir import Cell, Network, consumers, depends_on_state
-
-_UNARY = {"sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "torch.relu({})",
-          "exp": "torch.exp({})", "log": "torch.log({})", "neg": "(-{})",
-          "softmax": "torch.softmax({}, -1)"}
-_BINARY = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})"}
 
 
 def _split_plans(nodes) -> dict[int, list[tuple[int, int]]]:
@@ -59,21 +54,9 @@ class _Codegen:
             elif node.op == "const":
                 self.names[id(node)] = repr(float(node.attrs["value"]))
         self.plans = _split_plans(self.nodes)
-        self.fused_mm = self._addmm_candidates()
+        self.addmm = addmm_pairs(self.nodes, self.in_loop, consumers(cell))     # id(add) -> matmul
+        self.absorbed = {id(m) for m in self.addmm.values()}
         self.pre, self.loop, self.unbound = [], [], {}
-
-    def _addmm_candidates(self) -> set[int]:
-        """In-loop matmuls used once, by an add: emitted as one torch.addmm with that add."""
-        uses = consumers(self.cell)
-        out = set()
-        for n in self.nodes:
-            if n.op != "add" or id(n) not in self.in_loop or any(a.op == "const" for a in n.args):
-                continue
-            for a in n.args:
-                if a.op == "matmul" and id(a) in self.in_loop and len(uses.get(id(a), [])) == 1:
-                    out.add(id(a))
-                    break
-        return out
 
     def ref(self, a, looped: bool) -> str:
         if not looped or id(a) in self.in_loop or a.op in ("param", "const", "state"):
@@ -85,13 +68,14 @@ class _Codegen:
         looped = id(node) in self.in_loop
         out = self.loop if looped else self.pre
         self.names[id(node)] = f"v{n}"
-        if id(node) in self.fused_mm:
+        if id(node) in self.absorbed:
             return                                  # emitted inside its add
         if node.op == "slice" and id(node.args[0]) in self.plans:
             self._split(node, out, looped)
             return
-        if node.op == "add" and any(id(a) in self.fused_mm for a in node.args):
-            mm, other = node.args if id(node.args[0]) in self.fused_mm else node.args[::-1]
+        if id(node) in self.addmm:
+            mm = self.addmm[id(node)]
+            other = node.args[1] if node.args[0] is mm else node.args[0]
             args = [self.ref(x, looped) for x in (other, *mm.args)]
             out.append(f"v{n} = torch.addmm({args[0]}, {args[1]}, {args[2]})")
             return
@@ -158,16 +142,12 @@ def _expr(node, args: list[str], xs: str) -> str:
         return xs
     if op == "gather":
         return f"F.embedding({xs}, {args[0]})"
-    if op == "matmul":
-        return f"({args[0]} @ {args[1]})"
     if op == "slice":
         s = node.attrs["start"]
         return f"{args[0]}[..., {s}:{s + node.width}]"
     if op == "concat":
         return f"torch.cat([{', '.join(args)}], -1)"
-    if op in _UNARY:
-        return _UNARY[op].format(args[0])
-    return _BINARY[op].format(*args)
+    return TORCH_OPS[op].format(*args)
 
 
 def compile_cell(cell: Cell, hoist: bool = True, fused: bool = False):

@@ -70,8 +70,7 @@ def _operand(op, nregs: int, written: set, tensors: dict, what: str):
     return tag, float(val)
 
 
-def _check_elementwise(kind, operand, width: int, regs: list, what: str) -> None:
-    tag, val = kind, operand
+def _check_elementwise(tag, val, width: int, regs: list, what: str) -> None:
     if tag == "r" and regs[val] != width:
         raise ProgramError(f"{what}: register {val} has width {regs[val]}, expected {width}")
     if tag == "t" and val != (width,):
