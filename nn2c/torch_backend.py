@@ -107,12 +107,12 @@ class _Codegen:
         body += [f"    {v} = P[{t!r}]" for t, v in self.params.items()]
         body += [f"    {line}" for line in self.pre]
         if self.fused is not None:
-            ext = ", ".join(names[id(e)] for e in self.fused.ext)
+            ext = ", ".join(f"SEQ({names[id(e)]}, xs)" for e in self.fused.ext)
             params = ", ".join(names[id(p)] for p in self.fused.params)
             body.append(f"    return LOOP(xs.shape[0], [{ext}], list(states), [{params}])")
             return "\n".join(body) + "\n"
         body += ["    " + "".join(f"s{i}, " for i in range(k)) + "= states"] if k else []
-        body += [f"    {v}_u = {v}.unbind(0)" for v in self.unbound.values()]
+        body += [f"    {v}_u = SEQ({v}, xs).unbind(0)" for v in self.unbound.values()]
         if self.loop:
             body += ["    outs = []", "    for t in range(xs.shape[0]):"]
             body += [f"        {line}" for line in self.loop]
@@ -150,10 +150,18 @@ def _expr(node, args: list[str], xs: str) -> str:
     return TORCH_OPS[op].format(*args)
 
 
+def _seq(value: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """A hoisted value as a (T, B, width) sequence: one computed from parameters alone
+    (no input) is the same vector at every step and in every stream."""
+    if value.dim() == 3:
+        return value
+    return value.expand(xs.shape[0], xs.shape[1], value.shape[-1])
+
+
 def compile_cell(cell: Cell, hoist: bool = True, fused: bool = False):
     loop = FusedLoop(cell) if fused and hoist and fused_supported(cell) else None
     source = cell_source(cell, hoist, loop)
-    namespace = {"torch": torch, "F": F, "LOOP": loop}
+    namespace = {"torch": torch, "F": F, "LOOP": loop, "SEQ": _seq}
     exec(compile(source, f"<nn2 cell {cell.layer}>", "exec"), namespace)
     return namespace["run"]
 

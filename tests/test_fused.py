@@ -8,6 +8,7 @@ import torch
 
 from nn2c.compiler import compile_kernel
 from nn2c.fused import FusedLoop, supported
+from nn2c.parse import parse
 from nn2c.torch_backend import TorchNetwork, init_tensors
 
 
@@ -27,6 +28,20 @@ def test_fused_backward_matches_autograd_of_the_plain_program(kernel):
     ids = torch.randint(0, 7, (15, 3), generator=torch.Generator().manual_seed(0))
     ref = _grads(TorchNetwork(compiled.network, tensors, hoist=False, fused=False), ids, 3)
     got = _grads(TorchNetwork(compiled.network, tensors, hoist=True, fused=True), ids, 3)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-5)
+    for g, r in zip(got[1] + got[2], ref[1] + ref[2]):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("hoist, fused", [(True, False), (True, True)])
+def test_a_term_made_of_parameters_alone_is_the_same_at_every_step(hoist, fused):
+    """exp(a) depends on no input: hoisted, it is one vector, broadcast over steps and streams."""
+    kernel = parse("hₜ = tanh(W xₜ + U hₜ₋₁ + b) ⊙ exp(a)\n", "scaled.eq")
+    compiled = compile_kernel(kernel, 6, 2, 5)
+    tensors = init_tensors(compiled.network, 3)
+    ids = torch.randint(0, 5, (9, 4), generator=torch.Generator().manual_seed(0))
+    ref = _grads(TorchNetwork(compiled.network, tensors, hoist=False, fused=False), ids, 4)
+    got = _grads(TorchNetwork(compiled.network, tensors, hoist=hoist, fused=fused), ids, 4)
     torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-5)
     for g, r in zip(got[1] + got[2], ref[1] + ref[2]):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
