@@ -18,6 +18,7 @@ from typing import List, Tuple
 
 import torch
 
+from . import native
 from .ir import Cell, consumers, depends_on_state
 
 # torch source for each element-wise IR op (also used by the per-step code in torch_backend)
@@ -269,6 +270,31 @@ class FusedLoop:
         self.scripted = False
         if script:
             self._script()
+        self.cell = cell
+        self._native, self.native_error = None, None
+        if not native.enabled():
+            self.native_error = "turned off by NN2_NATIVE"
+        elif (why := native.supported(cell)) is not None:
+            self.native_error = why
+
+    @property
+    def kind(self) -> str:
+        """What runs the loop on the CPU: native (generated C), torchscript or python."""
+        if self.native_error is None:
+            return "native"
+        return "torchscript" if self.scripted else "python"
+
+    def implementation(self, tensors):
+        """The native loop for CPU float32 tensors (built on first use), else this loop."""
+        if self.native_error is None and native.NativeLoop.usable(tensors):
+            if self._native is None:
+                try:
+                    self._native = native.NativeLoop(self.cell, self.ext, self.params)
+                except native.NativeUnavailable as e:
+                    self.native_error = str(e)
+                    return self
+            return self._native
+        return self
 
     def _script(self) -> None:
         """Run both loops in TorchScript's interpreter (less overhead per op than Python);
@@ -290,8 +316,9 @@ class _Loop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loop: FusedLoop, T: int, n_e: int, n_s: int, *tensors):
         E, S, P = tensors[:n_e], tensors[n_e:n_e + n_s], tensors[n_e + n_s:]
-        outs, finals, K = loop.fwd(E, S, P, T)
-        ctx.loop, ctx.T, ctx.K, ctx.n_e = loop, T, K, n_e
+        impl = loop.implementation(tensors)
+        outs, finals, K = impl.fwd(list(E), list(S), list(P), T)
+        ctx.loop, ctx.T, ctx.K, ctx.n_e = impl, T, K, n_e
         ctx.save_for_backward(*E, *P)
         ctx.state_like = [torch.zeros_like(s) for s in S]
         ctx.out_shape = outs.shape

@@ -1,0 +1,148 @@
+"""The native loop (generated C for the element-wise part of each step): its forward and
+its backward against torch autograd through the plain per-step program, and against
+torch.nn.LSTM; the fallbacks when it cannot run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from nn2c import native
+from nn2c.compiler import compile_kernel
+from nn2c.fused import FusedLoop
+from nn2c.parse import parse
+from nn2c.torch_backend import TorchNetwork, init_tensors
+
+pytestmark = pytest.mark.skipif(not shutil.which("cc") or not native.enabled(),
+                                reason="no C compiler (the native loop falls back to TorchScript)")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("NN2_CACHE", str(tmp_path_factory.getbasetemp() / "nn2-cache"))
+
+
+def _native_loops(net):
+    loops = [run.__globals__["LOOP"] for run in net._cells]
+    return [loop for loop in loops if loop is not None]
+
+
+def _grads(net, ids, batch, scale=0.1):
+    state = [[(s + scale).requires_grad_(True) for s in layer] for layer in net.initial_state(batch)]
+    logits, final = net(ids, state)
+    loss = (logits ** 2).mean() + sum((s ** 3).sum() for layer in final for s in layer)
+    loss.backward()
+    return logits.detach(), [p.grad.clone() for p in net.parameters()], [s.grad for layer in state for s in layer]
+
+
+@pytest.mark.parametrize("kernel", ["lstm", "gru", "rnn", "torchgru", "mgu"])
+def test_native_loop_matches_autograd_of_the_plain_program(kernel):
+    compiled = compile_kernel(kernel, 12, 2, 7)
+    tensors = init_tensors(compiled.network, 1)
+    ids = torch.randint(0, 7, (15, 3), generator=torch.Generator().manual_seed(0))
+    ref = _grads(TorchNetwork(compiled.network, tensors, hoist=False, fused=False), ids, 3)
+    net = TorchNetwork(compiled.network, tensors)
+    got = _grads(net, ids, 3)
+    loops = _native_loops(net)
+    assert loops and all(loop.kind == "native" and loop._native is not None for loop in loops)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-5)
+    for g, r in zip(got[1] + got[2], ref[1] + ref[2]):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+
+
+def test_native_lstm_matches_torch_nn_lstm_at_training_sizes():
+    """Against an independent implementation, at the sizes the trainer runs (64 steps, batch 32)."""
+    H, V, T, B = 64, 11, 64, 32
+    compiled = compile_kernel("lstm", H, 1, V)
+    torch.manual_seed(0)
+    lstm, lin = torch.nn.LSTM(V, H), torch.nn.Linear(H, V)
+    w = {n: getattr(lstm, f"{n}_l0").detach() for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+    logical = {"W_y": lin.weight.detach().numpy(), "b_y": lin.bias.detach().numpy()}
+    for k, g in enumerate("ifco"):
+        rows = slice(k * H, (k + 1) * H)
+        logical.update({f"W_{g}@0": w["weight_ih"][rows].numpy(), f"U_{g}@0": w["weight_hh"][rows].numpy(),
+                        f"b_{g}@0": (w["bias_ih"] + w["bias_hh"])[rows].numpy()})
+    from nn2c.emit import pack, unpack
+    specs = compiled.network.tensors()
+    net = TorchNetwork(compiled.network, pack(specs, logical))
+    ids = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(2))
+    logits, _ = net(ids, net.initial_state(B))
+    assert _native_loops(net)[0]._native is not None
+    torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1)).backward()
+    out, _ = lstm(torch.nn.functional.one_hot(ids, V).float())
+    ref = lin(out)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-4)
+    torch.nn.functional.cross_entropy(ref.reshape(-1, V), y.reshape(-1)).backward()
+    grads = unpack(specs, {n: p.grad.numpy() for n, p in zip(net.names, net.parameters())})
+    for k, g in enumerate("ifco"):
+        rows = slice(k * H, (k + 1) * H)
+        torch.testing.assert_close(torch.from_numpy(grads[f"U_{g}@0"]), lstm.weight_hh_l0.grad[rows],
+                                   atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(grads[f"W_{g}@0"]), lstm.weight_ih_l0.grad[rows],
+                                   atol=1e-6, rtol=1e-4)
+
+
+def test_extreme_and_nan_pre_activations():
+    """Saturation at ±1e4 and ±inf as torch's sigmoid/tanh give it, and NaN stays NaN (the
+    trainer stops a run on a NaN loss)."""
+    cell = compile_kernel("rnn", 5, 1, 3).network.cells[0]
+    loop = FusedLoop(cell)
+    x = torch.tensor([[-1e4, -90.0, -20.0, -0.3, 0.0], [1e-6, 0.5, 20.0, 90.0, 1e4],
+                      [float("-inf"), float("inf"), float("nan"), 3.0, -3.0]])
+    E = [x[None].clone()]
+    P = [torch.zeros(5, 5)]
+    out, _, _ = loop.implementation(E + P).fwd(E, [torch.zeros(3, 5)], P, 1)
+    want = torch.tanh(x.double()).float()
+    assert torch.isnan(out[0, 2, 2]) and torch.isnan(want[2, 2])
+    torch.testing.assert_close(out[0], want, atol=2e-7, rtol=2e-6, equal_nan=True)
+
+
+def test_native_tanh_is_within_a_few_ulp_over_the_useful_range():
+    x = torch.linspace(-30, 30, 24000, dtype=torch.float64)
+    rnn = compile_kernel("rnn", 8, 1, 3).network.cells[0]
+    loop = FusedLoop(rnn)
+    E = [x.float().reshape(1, -1, 8).clone()]
+    P = [torch.zeros(8, 8)]
+    out, _, _ = loop.implementation(E + P).fwd(E, [torch.zeros(E[0].shape[1], 8)], P, 1)
+    err = (out.double().flatten() - torch.tanh(x)).abs()
+    assert err.max() < 3e-7
+
+
+def test_fallbacks_keep_the_torchscript_loop(monkeypatch):
+    cell = compile_kernel("lstm", 6, 1, 4).network.cells[0]
+    monkeypatch.setenv("NN2_NATIVE", "0")
+    assert FusedLoop(cell).kind in ("torchscript", "python")
+    monkeypatch.setenv("NN2_NATIVE", "1")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    loop = FusedLoop(cell)
+    P = [torch.zeros(6, 24)]
+    impl = loop.implementation([torch.zeros(2, 1, 24)] + P)
+    assert impl is loop and "no C compiler" in loop.native_error
+    assert loop.kind in ("torchscript", "python")
+
+
+def test_a_softmax_inside_the_loop_is_left_to_torchscript():
+    kernel = parse("aₜ = softmax(W·xₜ + U·hₜ₋₁ + b)\nhₜ = aₜ ⊙ hₜ₋₁\n", "attn.eq")
+    cell = compile_kernel(kernel, 6, 1, 4).network.cells[0]
+    assert native.supported(cell) == "softmax inside the loop"
+    assert FusedLoop(cell).kind in ("torchscript", "python")
+
+
+def test_a_built_loop_is_cached_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("NN2_CACHE", str(tmp_path / "cache"))
+    cell = compile_kernel("gru", 10, 1, 4).network.cells[0]
+    loop = FusedLoop(cell)
+    native.NativeLoop(cell, loop.ext, loop.params)
+    built = sorted((tmp_path / "cache").glob("loop-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(native.NativeUnavailable):
+        other = FusedLoop(compile_kernel("gru", 11, 1, 4).network.cells[0])
+        native.NativeLoop(other.cell, other.ext, other.params)
+    monkeypatch.setenv("CC", "cc")
+    native.NativeLoop(cell, loop.ext, loop.params)
+    assert built[0].stat().st_mtime_ns == stamp
