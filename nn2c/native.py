@@ -140,6 +140,7 @@ class NativeCode:
         self.param_ix = {id(p): i for i, p in enumerate(params)}
         self.state_ix = {id(s): i for i, s in enumerate(self.states)}
         self._fold_addmm()
+        self.reuse = self._reusable()
         self._schedule()
         self._place_values()
         self._place_grads()
@@ -166,6 +167,18 @@ class NativeCode:
                 self.mm[id(n)] = (n.args[0], n.args[1], None)
         self.body = [n for n in self.body if id(n) not in absorbed]
         self.mm_order = [n for n in self.body if id(n) in self.mm]
+
+    def _reusable(self) -> dict[int, int]:
+        """Folded products whose added input is a hoisted sequence used nowhere else: the
+        product accumulates into that sequence in place (no copy of it per step). Returns
+        id(product node) -> index of the input."""
+        out = {}
+        for n in self.body:
+            a, _, x = self.mm.get(id(n), (None, None, None))
+            if (x is not None and id(x) in self.ext_ix and x.op not in ("input", "onehot", "slice")
+                    and x.width == n.width and len(self.uses.get(id(x), [])) == 1):
+                out[id(n)] = self.ext_ix[id(x)]
+        return out
 
     def _schedule(self) -> None:
         """Groups in execution order: ("c", [nodes]) or ("mm", node). Element-wise nodes are
@@ -587,8 +600,10 @@ class NativeCode:
         for i, b in enumerate(st):
             f.append(f"    {b.name} = torch.empty(T + 1, B, {b.width})")
             f.append(f"    {b.name}[0] = S[{i}]")
+        reused = {self.vbuf[k].name: i for k, i in self.reuse.items()}
         for b in self.value_bufs:
-            f.append(f"    {b.name} = torch.empty(T, B, {b.width})")
+            f.append(f"    {b.name} = E[{reused[b.name]}]" if b.name in reused
+                     else f"    {b.name} = torch.empty(T, B, {b.width})")
         f.append(f"    SCRATCH = torch.empty({max(self.scratch_f, 1)})")
         f.append("    A = table([" + ", ".join(self._ordered(ft)) + "])")
         mm_lines = {}
@@ -597,7 +612,9 @@ class NativeCode:
                 a, w, x = self.mm[id(item)]
                 dst = self._py_value(item)
                 args = f"{self._py_value(a)}, P[{self.param_ix[id(w)]}]"
-                if x is None:
+                if id(item) in self.reuse:
+                    mm_lines[g] = f"{dst}.addmm_({args})"
+                elif x is None:
                     mm_lines[g] = f"torch.mm({args}, out={dst})"
                 else:
                     mm_lines[g] = f"torch.addmm({self._py_value(x)}, {args}, out={dst})"
@@ -655,7 +672,7 @@ class NativeCode:
         for n in self.mm_order:
             a, w, _ = self.mm[id(n)]
             i = self.param_ix[id(w)]
-            r.append(f"    GP{i} += {self._py_seq(a)}.flatten(0, 1).t() @ {self.gbuf[id(n)].name}.flatten(0, 1)")
+            r.append(f"    GP{i}.addmm_({self._py_seq(a)}.flatten(0, 1).t(), {self.gbuf[id(n)].name}.flatten(0, 1))")
         r += [f"    {line}" for line in self.deferred]
         ge = []
         for i, b in enumerate(self.ge_bufs):
@@ -760,7 +777,8 @@ def _table(tensors) -> ctypes.Array:
 
 
 class NativeLoop:
-    """fwd/bwd with the fused loop's signatures, running the generated C kernels."""
+    """fwd/bwd with the fused loop's signatures, running the generated C kernels. The
+    forward owns the sequences E it is given: a product may accumulate into one in place."""
 
     def __init__(self, cell: Cell, ext: list, params: list):
         code = NativeCode(cell, ext, params)

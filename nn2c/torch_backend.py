@@ -54,9 +54,26 @@ class _Codegen:
             elif node.op == "const":
                 self.names[id(node)] = repr(float(node.attrs["value"]))
         self.plans = _split_plans(self.nodes)
-        self.addmm = addmm_pairs(self.nodes, self.in_loop, consumers(cell))     # id(add) -> matmul
-        self.absorbed = {id(m) for m in self.addmm.values()}
+        uses = consumers(cell)
+        self.addmm = addmm_pairs(self.nodes, self.in_loop, uses)     # id(add) -> matmul
+        self.biased = self._biased(uses)                              # id(add) -> (product, bias)
+        self.absorbed = {id(m) for m in self.addmm.values()} | {id(m) for m, _ in self.biased.values()}
         self.pre, self.loop, self.unbound = [], [], {}
+
+    def _biased(self, uses) -> dict:
+        """Hoisted `gather(W) + b` and `x @ W + b` (b a vector, the product used once): the
+        bias goes into the gather table (V rows, not T·B) or into one addmm."""
+        out = {}
+        for n in self.nodes:
+            if n.op != "add" or id(n) in self.in_loop:
+                continue
+            for k, m in enumerate(n.args):
+                b = n.args[1 - k]
+                if (m.op in ("gather", "matmul") and id(m) not in self.in_loop and len(uses.get(id(m), [])) == 1
+                        and b.op == "param" and len(self.cell.tensors[b.attrs["tensor"]].shape) == 1):
+                    out[id(n)] = (m, b)
+                    break
+        return out
 
     def ref(self, a, looped: bool) -> str:
         if not looped or id(a) in self.in_loop or a.op in ("param", "const", "state"):
@@ -72,6 +89,15 @@ class _Codegen:
             return                                  # emitted inside its add
         if node.op == "slice" and id(node.args[0]) in self.plans:
             self._split(node, out, looped)
+            return
+        if id(node) in self.biased:
+            m, b = self.biased[id(node)]
+            w, bias = self.names[id(m.args[-1])], self.names[id(b)]
+            if m.op == "gather":
+                out.append(f"v{n} = F.embedding(xs, {w} + {bias})")
+            else:
+                x = self.ref(m.args[0], False)
+                out.append(f"v{n} = torch.addmm({bias}, {x}.flatten(0, -2), {w}).unflatten(0, {x}.shape[:-1])")
             return
         if id(node) in self.addmm:
             mm = self.addmm[id(node)]
