@@ -57,44 +57,75 @@ class TorchPeer:
         return loss.item()
 
 
-def _compare(tmp, device: str, steps: int, reps: int, hidden=256, layers=2, seq=100, batch=32):
-    from nn2c.train import Trainer, TrainConfig
+def _trainer(tmp, cfg, corpus, native: bool):
+    """A Trainer whose loops are native (when this machine can build them) or TorchScript."""
+    import os
+
+    from nn2c.train import Trainer
+    old = os.environ.get("NN2_NATIVE")
+    os.environ["NN2_NATIVE"] = "1" if native else "0"
+    try:
+        tag = "native" if native else "ts"
+        return Trainer(cfg, corpus, str(tmp / f"train-{tag}.nnb"), str(tmp / f"train-{tag}.ckpt"))
+    finally:
+        if old is None:
+            del os.environ["NN2_NATIVE"]
+        else:
+            os.environ["NN2_NATIVE"] = old
+
+
+def _steps(trainer, steps: int):
+    box = {"state": None}
+
+    def run():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _, box["state"] = trainer.step(box["state"])
+            trainer.ts.step += 1
+        return time.perf_counter() - t0
+    return run
+
+
+def _compare(tmp, device: str, steps: int, reps: int, hidden=256, layers=2, seq=100, batch=32,
+             torchscript: bool = False):
+    from nn2c.train import TrainConfig
     corpus = _corpus(tmp)
     cfg = TrainConfig(hidden=hidden, layers=layers, seq_len=seq, batch=batch, device=device,
                       val_frac=0.01, eval_every=10 ** 9)
-    trainer = Trainer(cfg, corpus, str(tmp / "train-out.nnb"), str(tmp / "train-out.ckpt"))
+    trainer = _trainer(tmp, cfg, corpus, native=True)
     peer = TorchPeer(trainer.vocab, hidden, layers, trainer.train, batch, cfg.lr, cfg.clip, trainer.device)
-    box = {"state": None}
-
-    def nn2_run():
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss, box["state"] = trainer.step(box["state"])
-            trainer.ts.step += 1
-        return time.perf_counter() - t0
+    sides = {"nn2": _steps(trainer, steps)}
+    if torchscript:
+        sides["nn2 torchscript loop"] = _steps(_trainer(tmp, cfg, corpus, native=False), steps)
 
     def peer_run():
         t0 = time.perf_counter()
         for _ in range(steps):
             peer.step()
         return time.perf_counter() - t0
-    for _ in range(2):                      # warm-up (allocator, autograd graph, cuDNN plans)
-        loss, box["state"] = trainer.step(box["state"])
-        peer.step()
-    times = interleaved({"nn2": nn2_run, "torch": peer_run}, reps)
+    sides["torch"] = peer_run
+    for run in sides.values():              # warm-up (allocator, native build, cuDNN plans)
+        run()
+    times = interleaved(sides, reps)
     chars = batch * seq * steps
-    return {k: chars / best(v) for k, v in times.items()}, times, trainer.vocab
+    rates = {k: chars / best(v) for k, v in times.items()}
+    rates["loop"] = trainer.net.loop_kind()
+    return rates, times, trainer.vocab
 
 
 def bench_train(tmp, quick: bool):
     import torch
     steps, reps = (3, 2) if quick else (6, 3)
-    rate, times, vocab = _compare(tmp, "cpu", steps, reps)
+    rate, times, vocab = _compare(tmp, "cpu", steps, reps, torchscript=True)
     t = Table("training 2×256, seq 100, batch 32, CPU: nn2c Trainer.step vs torch.nn.LSTM + Linear")
-    t.add("chars/s", f"{rate['nn2']:,.0f}", f"{rate['torch']:,.0f}",
+    t.add(f"chars/s ({rate['loop']} loop)", f"{rate['nn2']:,.0f}", f"{rate['torch']:,.0f}",
           verdict(rate["nn2"] / rate["torch"], at_least=1.0), "≥ 1.0×")
+    ts = rate["nn2 torchscript loop"]
+    t.add("chars/s (TorchScript loop, NN2_NATIVE=0)", f"{ts:,.0f}", f"{rate['torch']:,.0f}",
+          verdict(ts / rate["torch"], at_least=1.0), "—")
     t.notes.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads; peer input is "
-                   f"F.one_hot(x, {vocab}).float() into nn.LSTM (no nn.Embedding); Adam lr 2e-3, clip 5")
+                   f"F.one_hot(x, {vocab}).float() into nn.LSTM (no nn.Embedding); Adam lr 2e-3, clip 5; "
+                   f"the native loop over the TorchScript loop: {rate['nn2'] / ts:.2f}×")
     for k, v in times.items():
         t.raw.append(f"{k}: s per rep of {steps} steps {fmt_list(v)}; "
                      f"{best(v) / steps * 1e3:.0f} ms/step at best")

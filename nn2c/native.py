@@ -100,8 +100,10 @@ def supported(cell: Cell) -> str | None:
     for n in body:
         if n.op not in POINTWISE and n.op != "matmul":
             return f"{n.op} inside the loop"
-        if n.op == "matmul" and (id(n.args[0]) in mms or n.args[1].op != "param"):
+        if n.op == "matmul" and id(n.args[0]) in mms:
             return "a product whose operand is a product"
+        if n.op == "matmul" and n.args[1].op != "param":
+            return "a product whose matrix is not a parameter"
     roots = [nxt for _, _, nxt in cell.states]
     if len({id(r) for r in roots}) != len(roots):
         return "two states with one next value"
@@ -112,15 +114,15 @@ def supported(cell: Cell) -> str | None:
 
 
 class _Buf:
-    """A per-step array: `rows` steps of (B, width); step t of a value lives at row t + shift
-    (for gradient buffers with parity, at row (t + shift) & 1)."""
+    """An array of (B, width) blocks, one per step: `rows` is "T", "T1" (T + 1: a state, whose
+    value after step t is at t + 1, so `shift` is 1 for the node that computes it), "1" (one
+    block reused at every step) or "2" (two used alternately: a state's gradient, `parity`)."""
 
     def __init__(self, name: str, width: int, rows: str, shift: int = 0, parity: bool = False):
         self.name, self.width, self.rows, self.shift, self.parity = name, width, rows, shift, parity
 
     def row(self, t: str = "t") -> str:
-        step = f"(({t} + {self.shift}) & 1)" if self.parity else f"({t} + {self.shift})"
-        return f"{step}"
+        return f"(({t} + {self.shift}) & 1)" if self.parity else f"({t} + {self.shift})"
 
 
 class NativeCode:
@@ -271,10 +273,7 @@ class NativeCode:
             else:
                 self.vbuf[id(n)] = _Buf(f"V{k}", n.width, "T")
                 k += 1
-        if id(out_root) in next_of:
-            self.out_buf = self.vbuf[id(out_root)]
-        else:
-            self.out_buf = self.vbuf[id(out_root)]
+        self.out_buf = self.vbuf[id(out_root)]
         self.value_bufs = [b for b in dict.fromkeys(self.vbuf.values()) if b.name.startswith("V")]
 
     def _place_grads(self) -> None:
@@ -312,12 +311,8 @@ class NativeCode:
                 k += 1
         self.gs_bufs = [_Buf(f"GS{i}", s.width, "2", parity=True) for i, s in enumerate(self.states)]
         self.ge_bufs = [_Buf(f"GE{i}", e.width, "T") for i, e in enumerate(self.ext)]
-        self.mm_grad = {id(n): self.gbuf[id(n)] for n in self.mm_order}
 
     # --- C generation --------------------------------------------------------------------
-    def _table(self, bufs) -> dict[str, int]:
-        return {b.name: i for i, b in enumerate(bufs)}
-
     def _row_ptr(self, buf: _Buf, table, t="t") -> str:
         if buf.rows == "1":
             return f"(A[{table[buf.name]}] + b * {buf.width})"
@@ -399,14 +394,14 @@ class NativeCode:
                 col = 0
                 for a in n.args:
                     src = self._value(a, table, local)
-                    lines.append(f"        for (long j = 0; j < {a.width}; j++) {dst}[{col} + j] = {src}[j];")
+                    lines.append(f"        for (int64_t j = 0; j < {a.width}; j++) {dst}[{col} + j] = {src}[j];")
                     col += a.width
                 continue
             args = [self._elem(self._value(a, table, local)) for a in n.args]
             lines.append("        #pragma GCC ivdep")
-            lines.append(f"        for (long j = 0; j < {n.width}; j++) {dst}[j] = {_FWD[n.op].format(*args)};")
+            lines.append(f"        for (int64_t j = 0; j < {n.width}; j++) {dst}[j] = {_FWD[n.op].format(*args)};")
         body = "\n".join(lines)
-        return (f"void nn2_f{g}(long t, long B, float **A) {{\n    for (long b = 0; b < B; b++) {{\n"
+        return (f"void nn2_f{g}(int64_t t, int64_t B, float **A) {{\n    for (int64_t b = 0; b < B; b++) {{\n"
                 f"{body}\n    }}\n}}\n")
 
     # gradient slots: ("buf", _Buf) or ("local", name); contributions tracked for assign/add
@@ -444,7 +439,7 @@ class NativeCode:
             op = "+="
         cov[off:off + width] = True
         lines.append("        #pragma GCC ivdep")
-        lines.append(f"        for (long j = 0; j < {width}; j++) {ptr}[{off} + j] {op} {expr_at('j')};")
+        lines.append(f"        for (int64_t j = 0; j < {width}; j++) {ptr}[{off} + j] {op} {expr_at('j')};")
 
     def _c_backward(self, g: int, nodes, table) -> str:
         local, lines, at = {}, [], 0
@@ -482,7 +477,7 @@ class NativeCode:
                 self.must_zero.add(gk)
             self._rule(n, f"({gp} + {goff})", table, local, lines)
         body = "\n".join(lines)
-        return (f"void nn2_b{g}(long t, long B, float **A) {{\n    for (long b = 0; b < B; b++) {{\n"
+        return (f"void nn2_b{g}(int64_t t, int64_t B, float **A) {{\n    for (int64_t b = 0; b < B; b++) {{\n"
                 f"{body}\n    }}\n}}\n")
 
     def _rule(self, n, g: str, table, local, lines) -> None:
@@ -596,7 +591,8 @@ class NativeCode:
         st = self.st_bufs
         f = ["def forward(E, S, P, T):",
              "    B = S[0].shape[0]",
-             "    E = [e.contiguous() for e in E]"]
+             "    E = [e.contiguous() for e in E]",
+             "    P = [p.contiguous() for p in P]"]
         for i, b in enumerate(st):
             f.append(f"    {b.name} = torch.empty(T + 1, B, {b.width})")
             f.append(f"    {b.name}[0] = S[{i}]")
@@ -633,6 +629,7 @@ class NativeCode:
              "    B = gouts.shape[1]",
              f"    {', '.join(k_names)}{',' if len(k_names) == 1 else ''} = K",
              "    E = [e.contiguous() for e in E]",
+             "    P = [p.contiguous() for p in P]",
              "    GOUT = gouts.contiguous()"]
         r.append(f"    SCRATCH = torch.empty({max(self.scratch_b, 1)})")
         for b in dict.fromkeys(self.gbuf.values()):
@@ -789,7 +786,7 @@ class NativeLoop:
             if kind == "c":
                 for prefix in ("f", "b"):
                     fn = getattr(lib, f"nn2_{prefix}{g}")
-                    fn.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+                    fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
                     fn.restype = None
                     ns[f"{prefix}{g}"] = fn
         exec(compile(self.forward_src, f"<nn2 native loop {cell.layer} forward>", "exec"), ns)

@@ -85,7 +85,8 @@ def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -
     out = stream or sys.stderr
     print(f"wrote {req.output}: {cfg.layers}×{cfg.hidden} {cfg.kernel}, vocabulary {len(corpus.codec.vocab)}; "
           f"val loss {_fmt(summary['best_val_loss'])} (best, step {summary['best_step']}), "
-          f"train loss {_fmt(summary['train_loss'])}; {summary['chars_per_s']:,} chars/s on {summary['device']}",
+          f"train loss {_fmt(summary['train_loss'])}; {summary['chars_per_s']:,} chars/s on {summary['device']} "
+          f"({summary['loop']} loop)",
           file=out)
     if sample_len:
         _sample(req.output, sample_len)

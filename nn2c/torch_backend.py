@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .emit import pack
 from .fused import TORCH_OPS, FusedLoop, addmm_pairs, supported as fused_supported
 from .ir import Cell, Network, consumers, depends_on_state
@@ -189,7 +190,7 @@ def compile_cell(cell: Cell, hoist: bool = True, fused: bool = False):
     source = cell_source(cell, hoist, loop)
     namespace = {"torch": torch, "F": F, "LOOP": loop, "SEQ": _seq}
     exec(compile(source, f"<nn2 cell {cell.layer}>", "exec"), namespace)
-    return namespace["run"]
+    return namespace["run"], loop
 
 
 class TorchNetwork(torch.nn.Module):
@@ -203,8 +204,23 @@ class TorchNetwork(torch.nn.Module):
         self.names = list(network.tensors())
         for i, name in enumerate(self.names):
             self.register_parameter(f"t{i}", torch.nn.Parameter(torch.from_numpy(np.array(tensors[name]))))
-        self._cells = [compile_cell(c, hoist, fused) for c in network.cells]
-        self._readout = compile_cell(network.readout, hoist)
+        self._cells, self.loops = [], []
+        for cell in network.cells:
+            run, loop = compile_cell(cell, hoist, fused)
+            self._cells.append(run)
+            if loop is not None:
+                self.loops.append(loop)
+        self._readout, _ = compile_cell(network.readout, hoist)
+
+    def loop_kind(self) -> str:
+        """What runs the recurrent loops where the parameters are now: "native" (generated C,
+        CPU), "torchscript", "python" (the fused loop uncompiled) or "autograd" (per step)."""
+        if not self.loops or len(self.loops) < len(self._cells):
+            return "autograd"
+        params = list(self.parameters())
+        kinds = {loop.kind if loop.kind != "native" or native.NativeLoop.usable(params)
+                 else ("torchscript" if loop.scripted else "python") for loop in self.loops}
+        return "+".join(sorted(kinds))
 
     def tensor_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, f"t{i}") for i, name in enumerate(self.names)}

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import TrainState, load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, save_checkpoint
 from .compiler import compile_kernel, write_model
 from .corpus import Corpus
 from .progress import Progress
@@ -196,6 +196,7 @@ class Trainer:
                 "corpus_tokens": int(len(self.corpus.ids)), "steps": ts.step,
                 "train_loss": ts.last_train, "val_loss": ts.last_val, "best_val_loss": ts.best_val,
                 "best_step": ts.best_step, "chars_per_s": round(rate), "device": str(self.device),
+                "loop": self.net.loop_kind(),
                 "torch": torch.__version__, "hyperparameters": asdict(self.cfg)}
 
     def step(self, state):

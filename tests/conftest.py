@@ -33,6 +33,19 @@ def build_model(path, kernel: str, hidden: int, layers: int, vocab_size: int, lo
     return path, compiled, logical
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _native_cache(tmp_path_factory):
+    """Native loops built by the tests go to a temporary cache, not the user's ~/.cache/nn2
+    (subprocesses inherit it)."""
+    old = os.environ.get("NN2_CACHE")
+    os.environ["NN2_CACHE"] = str(tmp_path_factory.mktemp("nn2-cache"))
+    yield
+    if old is None:
+        del os.environ["NN2_CACHE"]
+    else:
+        os.environ["NN2_CACHE"] = old
+
+
 @pytest.fixture
 def run_cli():
     """Run a console script as a user would: returns CompletedProcess (text)."""

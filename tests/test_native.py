@@ -19,14 +19,9 @@ pytestmark = pytest.mark.skipif(not shutil.which("cc") or not native.enabled(),
                                 reason="no C compiler (the native loop falls back to TorchScript)")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("NN2_CACHE", str(tmp_path_factory.getbasetemp() / "nn2-cache"))
-
-
 def _native_loops(net):
-    loops = [run.__globals__["LOOP"] for run in net._cells]
-    return [loop for loop in loops if loop is not None]
+    assert net.loop_kind() == "native"
+    return net.loops
 
 
 def _grads(net, ids, batch, scale=0.1):
