@@ -738,35 +738,42 @@ def _cpu_key() -> str:
 
 
 def build(source: str) -> ctypes.CDLL:
-    """Compile `source` into a shared library (cached) and load it."""
+    """Compile `source` into a shared library (cached) and load it. The cache is
+    `cache_dir()`, or a folder in the system's temporary directory when that is not writable."""
     cc = os.environ.get("CC", "cc")
     key = hashlib.sha256("\0".join([source, cc, " ".join(CFLAGS), _cpu_key()]).encode()).hexdigest()[:24]
-    target = cache_dir() / f"loop-{key}.so"
-    if not target.exists():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            where = target.parent
-        except OSError:
-            where = Path(tempfile.gettempdir())
-            target = where / target.name
-        if not shutil.which(cc):
-            raise NativeUnavailable(f"no C compiler ({cc}) on PATH")
-        with tempfile.TemporaryDirectory(dir=where, prefix=".nn2-build-") as d:
-            src = Path(d) / "loop.c"
-            src.write_text(source)
-            out = Path(d) / "loop.so"
+    name = f"loop-{key}.so"
+    for where in (cache_dir(), Path(tempfile.gettempdir()) / "nn2-cache"):
+        target = where / name
+        if not target.exists():
             try:
-                proc = subprocess.run([cc, *CFLAGS, "-o", str(out), str(src), "-lm"],
-                                      capture_output=True, text=True, timeout=120)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise NativeUnavailable(f"{cc} failed: {e}") from None
-            if proc.returncode != 0:
-                raise NativeUnavailable(f"{cc} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
-            os.replace(out, target)
-    try:
-        return ctypes.CDLL(str(target))
-    except OSError as e:
-        raise NativeUnavailable(f"cannot load {target}: {e}") from None
+                where.mkdir(parents=True, exist_ok=True)
+                _compile(cc, source, target)
+            except OSError:
+                continue            # not writable: try the next place
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError as e:
+            raise NativeUnavailable(f"cannot load {target}: {e}") from None
+    raise NativeUnavailable(f"no writable folder for the native loop ({cache_dir()})")
+
+
+def _compile(cc: str, source: str, target: Path) -> None:
+    """cc the source into `target`, atomically (a temporary file in the same folder, renamed)."""
+    if not shutil.which(cc):
+        raise NativeUnavailable(f"no C compiler ({cc}) on PATH")
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".nn2-build-") as d:
+        src, out = Path(d) / "loop.c", Path(d) / "loop.so"
+        src.write_text(source)
+        try:
+            proc = subprocess.run([cc, *CFLAGS, "-o", str(out), str(src), "-lm"],
+                                  capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            raise NativeUnavailable(f"{cc} took over 120 s") from None
+        if proc.returncode != 0:
+            last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+            raise NativeUnavailable(f"{cc} failed: {last[0]}")
+        os.replace(out, target)
 
 
 def _table(tensors) -> ctypes.Array:

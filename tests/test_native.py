@@ -141,3 +141,27 @@ def test_a_built_loop_is_cached_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "cc")
     native.NativeLoop(cell, loop.ext, loop.params)
     assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("NN2_CACHE", str(blocked / "cache"))        # mkdir fails under a file
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    cell = compile_kernel("rnn", 9, 1, 4).network.cells[0]
+    loop = FusedLoop(cell)
+    native.NativeLoop(cell, loop.ext, loop.params)
+    assert len(list((tmp_path / "tmp" / "nn2-cache").glob("loop-*.so"))) == 1
+
+
+def test_a_compiler_error_is_one_reason_and_the_torchscript_loop_runs(tmp_path, monkeypatch):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'loop.c:1: error: something broke' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    cell = compile_kernel("lstm", 7, 1, 4).network.cells[0]
+    loop = FusedLoop(cell)
+    P = [torch.zeros(7, 28)]
+    assert loop.implementation([torch.zeros(2, 1, 28)] + P) is loop
+    assert loop.native_error == f"{fake} failed: loop.c:1: error: something broke"
+    assert loop.kind in ("torchscript", "python")
