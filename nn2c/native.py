@@ -88,6 +88,11 @@ _FWD = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "neg": "-{0}
         "exp": "nn2_exp({0})", "log": "logf({0})"}
 
 
+# derivative of a unary node given its upstream gradient g, its output y and its input x
+_BWD = {"neg": "-{g}", "sigmoid": "{g} * {y} * (1.0f - {y})", "tanh": "{g} * (1.0f - {y} * {y})",
+        "relu": "({y} > 0.0f ? {g} : 0.0f)", "exp": "{g} * {y}", "log": "{g} / {x}"}
+
+
 def enabled() -> bool:
     return os.environ.get("NN2_NATIVE", "1").strip().lower() not in ("0", "no", "off", "false")
 
@@ -499,23 +504,10 @@ class NativeCode:
         elif n.op == "mul":
             give(a[0], lambda j: f"{g}[{j}] * {e(val(a[1]), j)}")
             give(a[1], lambda j: f"{g}[{j}] * {e(val(a[0]), j)}")
-        elif n.op == "neg":
-            give(a[0], lambda j: f"-{g}[{j}]")
-        elif n.op == "sigmoid":
-            y = val(n)
-            give(a[0], lambda j: f"{g}[{j}] * {y}[{j}] * (1.0f - {y}[{j}])")
-        elif n.op == "tanh":
-            y = val(n)
-            give(a[0], lambda j: f"{g}[{j}] * (1.0f - {y}[{j}] * {y}[{j}])")
-        elif n.op == "relu":
-            y = val(n)
-            give(a[0], lambda j: f"({y}[{j}] > 0.0f ? {g}[{j}] : 0.0f)")
-        elif n.op == "exp":
-            y = val(n)
-            give(a[0], lambda j: f"{g}[{j}] * {y}[{j}]")
-        elif n.op == "log":
-            x = val(a[0])
-            give(a[0], lambda j: f"{g}[{j}] / {x}[{j}]")
+        elif n.op in _BWD:
+            y = val(n) if n.op in ("sigmoid", "tanh", "relu", "exp") else None
+            x = val(a[0]) if n.op == "log" else None
+            give(a[0], lambda j: _BWD[n.op].format(g=f"{g}[{j}]", y=f"{y}[{j}]", x=f"{x}[{j}]"))
         elif n.op == "concat":
             col = 0
             for x in a:

@@ -33,6 +33,70 @@ def build_model(path, kernel: str, hidden: int, layers: int, vocab_size: int, lo
     return path, compiled, logical
 
 
+def autograd_grads(net, ids, batch: int):
+    """Logits, parameter gradients and initial-state gradients of a loss that reaches every
+    output and final state of a TorchNetwork."""
+    state = [[(s + 0.1).requires_grad_(True) for s in layer] for layer in net.initial_state(batch)]
+    logits, final = net(ids, state)
+    loss = (logits ** 2).mean() + sum((s ** 3).sum() for layer in final for s in layer)
+    loss.backward()
+    return logits.detach(), [p.grad.clone() for p in net.parameters()], [s.grad for layer in state for s in layer]
+
+
+def assert_matches_plain_program(network, tensors, ids, batch: int, **options):
+    """A TorchNetwork built with `options` gives the logits and gradients of autograd through
+    the plain per-step program (no hoisting, no fused loop); returns that network."""
+    import torch
+
+    from nn2c.torch_backend import TorchNetwork
+    ref = autograd_grads(TorchNetwork(network, tensors, hoist=False, fused=False), ids, batch)
+    net = TorchNetwork(network, tensors, **options)
+    got = autograd_grads(net, ids, batch)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-5)
+    for g, r in zip(got[1] + got[2], ref[1] + ref[2]):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+    return net
+
+
+def assert_matches_nn_lstm(hidden: int, vocab: int, steps: int, batch: int):
+    """The `lstm` sample with torch.nn.LSTM's weights gives its logits and its weight
+    gradients (an independent implementation); returns the TorchNetwork."""
+    import torch
+    import torch.nn.functional as F
+
+    from nn2c.compiler import compile_kernel
+    from nn2c.emit import pack, unpack
+    from nn2c.torch_backend import TorchNetwork
+    H, V = hidden, vocab
+    compiled = compile_kernel("lstm", H, 1, V)
+    torch.manual_seed(0)
+    lstm, lin = torch.nn.LSTM(V, H), torch.nn.Linear(H, V)
+    w = {n: getattr(lstm, f"{n}_l0").detach() for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+    logical = {"W_y": lin.weight.detach().numpy(), "b_y": lin.bias.detach().numpy()}
+    for k, g in enumerate("ifco"):
+        rows = slice(k * H, (k + 1) * H)
+        logical.update({f"W_{g}@0": w["weight_ih"][rows].numpy(), f"U_{g}@0": w["weight_hh"][rows].numpy(),
+                        f"b_{g}@0": (w["bias_ih"] + w["bias_hh"])[rows].numpy()})
+    specs = compiled.network.tensors()
+    net = TorchNetwork(compiled.network, pack(specs, logical))
+    ids = torch.randint(0, V, (steps, batch), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, V, (steps, batch), generator=torch.Generator().manual_seed(2))
+    logits, _ = net(ids, net.initial_state(batch))
+    F.cross_entropy(logits.reshape(-1, V), y.reshape(-1)).backward()
+    out, _ = lstm(F.one_hot(ids, V).float())
+    ref = lin(out)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-4)
+    F.cross_entropy(ref.reshape(-1, V), y.reshape(-1)).backward()
+    grads = unpack(specs, {n: p.grad.numpy() for n, p in zip(net.names, net.parameters())})
+    for k, g in enumerate("ifco"):
+        rows = slice(k * H, (k + 1) * H)
+        torch.testing.assert_close(torch.from_numpy(grads[f"U_{g}@0"]), lstm.weight_hh_l0.grad[rows],
+                                   atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(grads[f"W_{g}@0"]), lstm.weight_ih_l0.grad[rows],
+                                   atol=1e-6, rtol=1e-4)
+    return net
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _native_cache(tmp_path_factory):
     """Native loops built by the tests go to a temporary cache, not the user's ~/.cache/nn2

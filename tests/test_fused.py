@@ -5,75 +5,45 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_matches_nn_lstm, assert_matches_plain_program
 
 from nn2c.compiler import compile_kernel
 from nn2c.fused import FusedLoop, supported
 from nn2c.parse import parse
-from nn2c.torch_backend import TorchNetwork, init_tensors
+from nn2c.torch_backend import init_tensors
 
 
-def _grads(net, ids, batch):
-    state = [[(s + 0.1).requires_grad_(True) for s in layer] for layer in net.initial_state(batch)]
-    logits, final = net(ids, state)
-    loss = (logits ** 2).mean() + sum((s ** 3).sum() for layer in final for s in layer)
-    loss.backward()
-    return logits.detach(), [p.grad.clone() for p in net.parameters()], [s.grad for layer in state for s in layer]
+@pytest.fixture
+def torchscript_loop(monkeypatch):
+    """These tests are about the TorchScript loop: keep the native one out of the way."""
+    monkeypatch.setenv("NN2_NATIVE", "0")
 
 
 @pytest.mark.parametrize("kernel", ["lstm", "gru", "rnn", "torchgru", "mgu"])
-def test_fused_backward_matches_autograd_of_the_plain_program(kernel):
+def test_fused_backward_matches_autograd_of_the_plain_program(kernel, torchscript_loop):
     compiled = compile_kernel(kernel, 12, 2, 7)
     assert all(supported(c) for c in compiled.network.cells)
     tensors = init_tensors(compiled.network, 1)
     ids = torch.randint(0, 7, (15, 3), generator=torch.Generator().manual_seed(0))
-    ref = _grads(TorchNetwork(compiled.network, tensors, hoist=False, fused=False), ids, 3)
-    got = _grads(TorchNetwork(compiled.network, tensors, hoist=True, fused=True), ids, 3)
-    torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-5)
-    for g, r in zip(got[1] + got[2], ref[1] + ref[2]):
-        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+    net = assert_matches_plain_program(compiled.network, tensors, ids, 3, hoist=True, fused=True)
+    assert net.loop_kind() in ("torchscript", "python")
 
 
-@pytest.mark.parametrize("hoist, fused", [(True, False), (True, True)])
-def test_a_term_made_of_parameters_alone_is_the_same_at_every_step(hoist, fused):
+@pytest.mark.parametrize("hoist, fused, native", [(True, False, "0"), (True, True, "0"), (True, True, "1")])
+def test_a_term_made_of_parameters_alone_is_the_same_at_every_step(hoist, fused, native, monkeypatch):
     """exp(a) depends on no input: hoisted, it is one vector, broadcast over steps and streams."""
+    monkeypatch.setenv("NN2_NATIVE", native)
     kernel = parse("hₜ = tanh(W xₜ + U hₜ₋₁ + b) ⊙ exp(a)\n", "scaled.eq")
     compiled = compile_kernel(kernel, 6, 2, 5)
     tensors = init_tensors(compiled.network, 3)
     ids = torch.randint(0, 5, (9, 4), generator=torch.Generator().manual_seed(0))
-    ref = _grads(TorchNetwork(compiled.network, tensors, hoist=False, fused=False), ids, 4)
-    got = _grads(TorchNetwork(compiled.network, tensors, hoist=hoist, fused=fused), ids, 4)
-    torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-5)
-    for g, r in zip(got[1] + got[2], ref[1] + ref[2]):
-        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+    assert_matches_plain_program(compiled.network, tensors, ids, 4, hoist=hoist, fused=fused)
 
 
-def test_fused_lstm_weight_gradients_match_torch_nn_lstm():
+def test_fused_lstm_weight_gradients_match_torch_nn_lstm(torchscript_loop):
     """Against an independent implementation: torch.nn.LSTM's own backward."""
-    H, V, T, B = 10, 6, 9, 2
-    compiled = compile_kernel("lstm", H, 1, V)
-    torch.manual_seed(0)
-    lstm, lin = torch.nn.LSTM(V, H), torch.nn.Linear(H, V)
-    w = {n: getattr(lstm, f"{n}_l0").detach() for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
-    gates = dict(zip("ifco", range(4)))
-    logical = {"W_y": lin.weight.detach().numpy(), "b_y": lin.bias.detach().numpy()}
-    for g, k in gates.items():
-        rows = slice(k * H, (k + 1) * H)
-        logical.update({f"W_{g}@0": w["weight_ih"][rows].numpy(), f"U_{g}@0": w["weight_hh"][rows].numpy(),
-                        f"b_{g}@0": (w["bias_ih"] + w["bias_hh"])[rows].numpy()})
-    from nn2c.emit import pack, unpack
-    specs = compiled.network.tensors()
-    net = TorchNetwork(compiled.network, pack(specs, logical))
-    ids = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(2))
-    logits, _ = net(ids, net.initial_state(B))
-    torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1)).backward()
-    out, _ = lstm(torch.nn.functional.one_hot(ids, V).float())
-    torch.nn.functional.cross_entropy(lin(out).reshape(-1, V), y.reshape(-1)).backward()
-    grads = unpack(specs, {n: p.grad.numpy() for n, p in zip(net.names, net.parameters())})
-    for g, k in gates.items():
-        rows = slice(k * H, (k + 1) * H)
-        torch.testing.assert_close(torch.from_numpy(grads[f"U_{g}@0"]), lstm.weight_hh_l0.grad[rows], atol=1e-6, rtol=1e-4)
-        torch.testing.assert_close(torch.from_numpy(grads[f"W_{g}@0"]), lstm.weight_ih_l0.grad[rows], atol=1e-6, rtol=1e-4)
+    net = assert_matches_nn_lstm(hidden=10, vocab=6, steps=9, batch=2)
+    assert net.loop_kind() in ("torchscript", "python")
 
 
 def test_fused_loop_source_computes_weight_gradients_once_after_the_loop():

@@ -8,28 +8,21 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_matches_nn_lstm, assert_matches_plain_program
 
 from nn2c import native
 from nn2c.compiler import compile_kernel
 from nn2c.fused import FusedLoop
 from nn2c.parse import parse
-from nn2c.torch_backend import TorchNetwork, init_tensors
+from nn2c.torch_backend import init_tensors
 
 pytestmark = pytest.mark.skipif(not shutil.which("cc") or not native.enabled(),
                                 reason="no C compiler (the native loop falls back to TorchScript)")
 
 
-def _native_loops(net):
+def _assert_native(net) -> None:
     assert net.loop_kind() == "native"
-    return net.loops
-
-
-def _grads(net, ids, batch, scale=0.1):
-    state = [[(s + scale).requires_grad_(True) for s in layer] for layer in net.initial_state(batch)]
-    logits, final = net(ids, state)
-    loss = (logits ** 2).mean() + sum((s ** 3).sum() for layer in final for s in layer)
-    loss.backward()
-    return logits.detach(), [p.grad.clone() for p in net.parameters()], [s.grad for layer in state for s in layer]
+    assert net.loops and all(loop._native is not None for loop in net.loops)     # built and ran
 
 
 @pytest.mark.parametrize("kernel", ["lstm", "gru", "rnn", "torchgru", "mgu"])
@@ -37,47 +30,12 @@ def test_native_loop_matches_autograd_of_the_plain_program(kernel):
     compiled = compile_kernel(kernel, 12, 2, 7)
     tensors = init_tensors(compiled.network, 1)
     ids = torch.randint(0, 7, (15, 3), generator=torch.Generator().manual_seed(0))
-    ref = _grads(TorchNetwork(compiled.network, tensors, hoist=False, fused=False), ids, 3)
-    net = TorchNetwork(compiled.network, tensors)
-    got = _grads(net, ids, 3)
-    loops = _native_loops(net)
-    assert loops and all(loop.kind == "native" and loop._native is not None for loop in loops)
-    torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-5)
-    for g, r in zip(got[1] + got[2], ref[1] + ref[2]):
-        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+    _assert_native(assert_matches_plain_program(compiled.network, tensors, ids, 3))
 
 
 def test_native_lstm_matches_torch_nn_lstm_at_training_sizes():
     """Against an independent implementation, at the sizes the trainer runs (64 steps, batch 32)."""
-    H, V, T, B = 64, 11, 64, 32
-    compiled = compile_kernel("lstm", H, 1, V)
-    torch.manual_seed(0)
-    lstm, lin = torch.nn.LSTM(V, H), torch.nn.Linear(H, V)
-    w = {n: getattr(lstm, f"{n}_l0").detach() for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
-    logical = {"W_y": lin.weight.detach().numpy(), "b_y": lin.bias.detach().numpy()}
-    for k, g in enumerate("ifco"):
-        rows = slice(k * H, (k + 1) * H)
-        logical.update({f"W_{g}@0": w["weight_ih"][rows].numpy(), f"U_{g}@0": w["weight_hh"][rows].numpy(),
-                        f"b_{g}@0": (w["bias_ih"] + w["bias_hh"])[rows].numpy()})
-    from nn2c.emit import pack, unpack
-    specs = compiled.network.tensors()
-    net = TorchNetwork(compiled.network, pack(specs, logical))
-    ids = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(2))
-    logits, _ = net(ids, net.initial_state(B))
-    assert _native_loops(net)[0]._native is not None
-    torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1)).backward()
-    out, _ = lstm(torch.nn.functional.one_hot(ids, V).float())
-    ref = lin(out)
-    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-4)
-    torch.nn.functional.cross_entropy(ref.reshape(-1, V), y.reshape(-1)).backward()
-    grads = unpack(specs, {n: p.grad.numpy() for n, p in zip(net.names, net.parameters())})
-    for k, g in enumerate("ifco"):
-        rows = slice(k * H, (k + 1) * H)
-        torch.testing.assert_close(torch.from_numpy(grads[f"U_{g}@0"]), lstm.weight_hh_l0.grad[rows],
-                                   atol=1e-6, rtol=1e-4)
-        torch.testing.assert_close(torch.from_numpy(grads[f"W_{g}@0"]), lstm.weight_ih_l0.grad[rows],
-                                   atol=1e-6, rtol=1e-4)
+    _assert_native(assert_matches_nn_lstm(hidden=64, vocab=11, steps=64, batch=32))
 
 
 def test_extreme_and_nan_pre_activations():
