@@ -33,6 +33,19 @@ def test_native_loop_matches_autograd_of_the_plain_program(kernel):
     _assert_native(assert_matches_plain_program(compiled.network, tensors, ids, 3))
 
 
+EVERY_OP = """aₜ = relu(W_a·xₜ + U_a·hₜ₋₁ + b_a)
+gₜ = exp(−(W_g·xₜ + U_g·hₜ₋₁))
+sₜ = log(1 + exp(W_s·xₜ + U_s·hₜ₋₁))
+hₜ = tanh(aₜ − gₜ ⊙ hₜ₋₁ + 0.5 ⊙ sₜ)
+"""
+
+
+def test_every_element_wise_op_and_constants_inside_the_loop():
+    compiled = compile_kernel(parse(EVERY_OP, "ops.eq"), 6, 2, 5)
+    ids = torch.randint(0, 5, (7, 3), generator=torch.Generator().manual_seed(0))
+    _assert_native(assert_matches_plain_program(compiled.network, init_tensors(compiled.network, 2), ids, 3))
+
+
 def test_native_lstm_matches_torch_nn_lstm_at_training_sizes():
     """Against an independent implementation, at the sizes the trainer runs (64 steps, batch 32)."""
     _assert_native(assert_matches_nn_lstm(hidden=64, vocab=11, steps=64, batch=32))
