@@ -40,6 +40,7 @@ import torch
 
 from .ir import Cell, consumers, depends_on_state
 
+IN_PLACE_OK = ("gather", "matmul", "add", "sub", "mul", "neg", "concat")
 POINTWISE = ("add", "sub", "mul", "neg", "sigmoid", "tanh", "relu", "exp", "log", "slice", "concat")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
 
@@ -180,9 +181,13 @@ class NativeCode:
         product accumulates into that sequence in place (no copy of it per step). Returns
         id(product node) -> index of the input."""
         out = {}
+        nexts = {id(nxt) for _, _, nxt in self.cell.states}
         for n in self.body:
             a, _, x = self.mm.get(id(n), (None, None, None))
-            if (x is not None and id(x) in self.ext_ix and x.op not in ("input", "onehot", "slice")
+            # only values computed outside the loop whose autograd node keeps no copy of its
+            # output (an exp, a sigmoid... would find it changed), and not a state's next value
+            # (that lives in the state's own buffer)
+            if (x is not None and id(x) in self.ext_ix and x.op in IN_PLACE_OK and id(n) not in nexts
                     and x.width == n.width and len(self.uses.get(id(x), [])) == 1):
                 out[id(n)] = self.ext_ix[id(x)]
         return out
@@ -517,21 +522,30 @@ class NativeCode:
             raise NativeUnavailable(f"no derivative for {n.op}")
 
     def _torch_backward(self, n) -> list[str]:
-        """Python lines for the backward of product node n at step t: its input's gradient
-        (g @ Wᵀ) into the input's slot; an absorbed add's other operand gets g itself."""
+        """Python lines for the backward of product node n at step t: the seeds when n is a
+        cell output (its gradient from the next layer or the next step), then its input's
+        gradient (g @ Wᵀ) into the input's slot; an absorbed add's other operand gets g itself."""
         a, w, x = self.mm[id(n)]
         gm = self.gbuf[id(n)]
+        g = f"{gm.name}u[t]"
+        lines = []
+        if n is self.cell.output:
+            lines.append(self._py_contribute(gm.name, n.width, 0, n.width, g, "GOUT[t]", None))
+        for i, (_, _, nxt) in enumerate(self.cell.states):
+            if nxt is n:
+                seed = f"{self.gs_bufs[i].name}[(t + 1) & 1]"
+                lines.append(self._py_contribute(gm.name, n.width, 0, n.width, g, seed, None))
         cov = self.cover.get(gm.name)
         if cov is None or not cov.all():
             self.must_zero.add(gm.name)
-        lines = []
         wt = f"WT{self.param_ix[id(w)]}"
-        lines += self._torch_give(a, f"{gm.name}u[t]", wt)
+        lines += self._torch_give(a, g, wt)
         if x is not None:
-            lines += self._torch_give(x, f"{gm.name}u[t]", None)
+            lines += self._torch_give(x, g, None)
         return lines
 
     def _torch_give(self, a, g: str, wt) -> list[str]:
+        """Lines adding g @ wt (or g itself when wt is None) to the gradient slot of a."""
         if a.op == "const":
             return []
         base, off = self._base(a)
@@ -548,21 +562,23 @@ class NativeCode:
             view = f"{buf.name}[t & 1]"
         else:
             buf = self.gbuf[id(base)]
-            view = f"{buf.name}[0]"
-        key = buf.name
-        cov = self.cover.setdefault(key, np.zeros(base.width, bool))
-        seen = cov[off:off + a.width]
-        if off or a.width != base.width:
-            view = f"{view}[:, {off}:{off + a.width}]"
-        if key in self.zero_slots or seen.all():
+            view = f"{buf.name}u[t]" if buf.rows == "T" else f"{buf.name}[0]"
+        return [self._py_contribute(buf.name, base.width, off, a.width, view, g, wt)]
+
+    def _py_contribute(self, key: str, full: int, off: int, width: int, view: str, g: str, wt) -> str:
+        """view[:, off:off+width] (+)= g @ wt (or g), assigning when the columns are unwritten."""
+        cov = self.cover.setdefault(key, np.zeros(full, bool))
+        seen = cov[off:off + width]
+        if off or width != full:
+            view = f"{view}[:, {off}:{off + width}]"
+        if key in self.zero_slots or seen.all() or seen.any():
+            if not seen.all() and key not in self.zero_slots:
+                self.must_zero.add(key)
             line = f"{view}.addmm_({g}, {wt})" if wt else f"{view}.add_({g})"
-        elif not seen.any():
-            line = f"torch.mm({g}, {wt}, out={view})" if wt else f"{view}.copy_({g})"
         else:
-            self.must_zero.add(key)
-            line = f"{view}.addmm_({g}, {wt})" if wt else f"{view}.add_({g})"
-        cov[off:off + a.width] = True
-        return [line]
+            line = f"torch.mm({g}, {wt}, out={view})" if wt else f"{view}.copy_({g})"
+        cov[off:off + width] = True
+        return line
 
     def _seal_step(self) -> None:
         """After a whole backward step: each state's gradient (for step t-1) must be complete."""
@@ -586,13 +602,13 @@ class NativeCode:
              "    E = [e.contiguous() for e in E]",
              "    P = [p.contiguous() for p in P]"]
         for i, b in enumerate(st):
-            f.append(f"    {b.name} = torch.empty(T + 1, B, {b.width})")
+            f.append(f"    {b.name} = torch.empty(T + 1, B, {b.width}, dtype=F32)")
             f.append(f"    {b.name}[0] = S[{i}]")
         reused = {self.vbuf[k].name: i for k, i in self.reuse.items()}
         for b in self.value_bufs:
             f.append(f"    {b.name} = E[{reused[b.name]}]" if b.name in reused
-                     else f"    {b.name} = torch.empty(T, B, {b.width})")
-        f.append(f"    SCRATCH = torch.empty({max(self.scratch_f, 1)})")
+                     else f"    {b.name} = torch.empty(T, B, {b.width}, dtype=F32)")
+        f.append(f"    SCRATCH = torch.empty({max(self.scratch_f, 1)}, dtype=F32)")
         f.append("    A = table([" + ", ".join(self._ordered(ft)) + "])")
         mm_lines = {}
         for g, (kind, item) in enumerate(self.plan):
@@ -623,14 +639,14 @@ class NativeCode:
              "    E = [e.contiguous() for e in E]",
              "    P = [p.contiguous() for p in P]",
              "    GOUT = gouts.contiguous()"]
-        r.append(f"    SCRATCH = torch.empty({max(self.scratch_b, 1)})")
+        r.append(f"    SCRATCH = torch.empty({max(self.scratch_b, 1)}, dtype=F32)")
         for b in dict.fromkeys(self.gbuf.values()):
             alloc = "zeros" if b.name in self.zero_slots and b.rows == "T" else "empty"
             shape = "T, B" if b.rows == "T" else "1, B"
-            r.append(f"    {b.name} = torch.{alloc}({shape}, {b.width})")
+            r.append(f"    {b.name} = torch.{alloc}({shape}, {b.width}, dtype=F32)")
             r.append(f"    {b.name}u = {b.name}.unbind(0)")
         for i, b in enumerate(self.gs_bufs):
-            r.append(f"    {b.name} = torch.empty(2, B, {b.width})")
+            r.append(f"    {b.name} = torch.empty(2, B, {b.width}, dtype=F32)")
             r.append(f"    {b.name}[T & 1] = gS[{i}]")
         for i, b in enumerate(self.ge_bufs):
             only = self.deferred_e.get(i, [])
@@ -638,7 +654,7 @@ class NativeCode:
                 r.append(f"    {b.name} = {only.pop()[2]}")     # the product's gradient is E's
                 continue
             alloc = "zeros" if (b.name in self.zero_slots or b.name not in self.cover) else "empty"
-            r.append(f"    {b.name} = torch.{alloc}(T, B, {b.width})")
+            r.append(f"    {b.name} = torch.{alloc}(T, B, {b.width}, dtype=F32)")
         for i, p in enumerate(self.params):
             r.append(f"    GP{i} = torch.zeros_like(P[{i}])")
         r += [f"    WT{i} = P[{i}].t().contiguous()" for i, p in enumerate(self.params)
@@ -780,7 +796,7 @@ class NativeLoop:
         code = NativeCode(cell, ext, params)
         self.c_src, self.forward_src, self.backward_src = code.python_source()
         lib = build(self.c_src)
-        ns = {"torch": torch, "table": _table}
+        ns = {"torch": torch, "table": _table, "F32": torch.float32}
         for g, (kind, _) in enumerate(code.plan):
             if kind == "c":
                 for prefix in ("f", "b"):

@@ -46,6 +46,20 @@ def test_every_element_wise_op_and_constants_inside_the_loop():
     _assert_native(assert_matches_plain_program(compiled.network, init_tensors(compiled.network, 2), ids, 3))
 
 
+@pytest.mark.parametrize("text", [
+    "hₜ = tanh(W xₜ + hₜ₋₁) + U hₜ₋₁\n",             # a state's next value is a product (+ x)
+    "hₜ = W xₜ + U hₜ₋₁\n",                           # … and the input could be its accumulator
+    "aₜ = W xₜ + U hₜ₋₁\nhₜ = tanh(R aₜ + aₜ)\n",     # a product of a product's result
+    "aₜ = U hₜ₋₁\nhₜ = tanh(W xₜ + R (aₜ + hₜ₋₁))\n",
+    "hₜ = tanh(exp(W xₜ) + U hₜ₋₁)\n",                # autograd keeps exp's output: no reuse
+    "cₜ = tanh(W xₜ) ⊙ cₜ₋₁ + U hₜ₋₁\nhₜ = tanh(cₜ)\n",
+])
+def test_products_at_the_edges_of_the_step(text):
+    compiled = compile_kernel(parse(text, "edge.eq"), 6, 2, 5)
+    ids = torch.randint(0, 5, (6, 3), generator=torch.Generator().manual_seed(0))
+    _assert_native(assert_matches_plain_program(compiled.network, init_tensors(compiled.network, 4), ids, 3))
+
+
 def test_native_lstm_matches_torch_nn_lstm_at_training_sizes():
     """Against an independent implementation, at the sizes the trainer runs (64 steps, batch 32)."""
     _assert_native(assert_matches_nn_lstm(hidden=64, vocab=11, steps=64, batch=32))
