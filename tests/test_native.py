@@ -4,6 +4,7 @@ torch.nn.LSTM; the fallbacks when it cannot run."""
 
 from __future__ import annotations
 
+import random
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from conftest import assert_matches_nn_lstm, assert_matches_plain_program
 from nn2c import native
 from nn2c.compiler import compile_kernel
 from nn2c.fused import FusedLoop
+from nn2c.ir import Cell, Node, TensorSpec, depends_on_state
 from nn2c.parse import parse
 from nn2c.torch_backend import init_tensors
 
@@ -150,3 +152,120 @@ def test_a_compiler_error_is_one_reason_and_the_torchscript_loop_runs(tmp_path, 
     assert loop.implementation([torch.zeros(2, 1, 28)] + P) is loop
     assert loop.native_error == f"{fake} failed: loop.c:1: error: something broke"
     assert loop.kind in ("torchscript", "python")
+
+
+# --- random cells: the native loop against per-step autograd over the IR itself ---------------
+def _random_cell(rng: random.Random) -> Cell:
+    tensors = {}
+
+    def param(*shape):
+        name = f"p{len(tensors)}"
+        tensors[name] = TensorSpec(name, shape, [])
+        return Node("param", (), shape[-1], {"tensor": name})
+
+    def node(op, *args, width=None, **attrs):
+        return Node(op, args, width or args[0].width, attrs)
+    x = Node("input", (), 4)
+    states = [Node("state", (), rng.choice([4, 8]), {"name": f"s{i}"}) for i in range(rng.randint(1, 3))]
+    pool = list(states) + [node("matmul", x, param(4, w), width=w) for w in rng.sample([4, 8], rng.randint(0, 2))]
+    for _ in range(rng.randint(3, 10)):
+        a = rng.choice(pool)
+        same = [v for v in pool if v.width == a.width and v is not a]
+        op = rng.choice(["add", "sub", "mul", "sigmoid", "tanh", "relu", "exp", "neg", "log", "matmul", "matmul",
+                         "slice", "concat"])
+        if op in ("add", "sub", "mul"):
+            b = rng.choice(same + [Node("const", (), 0, {"value": rng.choice([0.5, -2.0])}), param(a.width)])
+            new = node(op, *((a, b) if rng.random() < 0.5 else (b, a)), width=a.width)
+        elif op == "log":
+            new = node("log", node("sigmoid", a))
+        elif op == "matmul":
+            if a.op == "matmul":
+                continue
+            w = rng.choice([4, 8])
+            new = node("matmul", a, param(a.width, w), width=w)
+            if rng.random() < 0.5:                         # a sum the loop folds into addmm
+                new = node("add", rng.choice([v for v in pool if v.width == w] + [param(w)]), new, width=w)
+        elif op == "slice":
+            if a.width != 8:
+                continue
+            new = node("slice", a, width=4, start=rng.choice([0, 4]))
+        elif op == "concat":
+            fours = [v for v in pool if v.width == 4]
+            if len(fours) < 2:
+                continue
+            new = node("concat", *rng.sample(fours, 2), width=8)
+        else:
+            new = node(op, a)
+        pool.append(new)
+    stateful = {id(s) for s in states}
+    for n in pool:
+        if any(id(a) in stateful for a in n.args):
+            stateful.add(id(n))
+    live = [n for n in pool if id(n) in stateful and n.op != "state"]
+
+    def root(width):
+        fits = [n for n in live if n.width == width and n.op not in ("slice", "matmul")]
+        if fits:
+            return rng.choice(fits)
+        s = rng.choice(states)
+        return node("tanh", node("matmul", s, param(s.width, width), width=width))
+    nexts = []
+    for s in states:            # distinct next values (two states never share one)
+        r = root(s.width)
+        nexts.append(r if all(r is not m for m in nexts) else node("tanh", r))
+    cell_states = [(f"s{i}", s, n) for i, (s, n) in enumerate(zip(states, nexts))]
+    return Cell(0, x, cell_states, root(rng.choice([4, 8])), tensors)
+
+
+def _reference(cell, loop, E, S, P, T, gouts, gS):
+    from nn2c.fused import TORCH_OPS
+    E = [e.clone().requires_grad_() for e in E]
+    S0 = [s.clone().requires_grad_() for s in S]
+    P = [p.clone().requires_grad_() for p in P]
+    S, outs = list(S0), []
+    stateful = depends_on_state(cell)
+    for t in range(T):
+        vals = {id(p): P[i] for i, p in enumerate(loop.params)}
+        vals.update({id(e): E[i][t] for i, e in enumerate(loop.ext)})
+        vals.update({id(prev): S[i] for i, (_, prev, _) in enumerate(cell.states)})
+        for n in cell.nodes():
+            if id(n) in vals or id(n) not in stateful:
+                continue
+            a = [vals[id(v)] if v.op != "const" else v.attrs["value"] for v in n.args]
+            if n.op == "slice":
+                vals[id(n)] = a[0][:, n.attrs["start"]:n.attrs["start"] + n.width]
+            elif n.op == "concat":
+                vals[id(n)] = torch.cat(a, -1)
+            else:
+                vals[id(n)] = eval(TORCH_OPS[n.op].format(*[f"a[{k}]" for k in range(len(a))]))
+        outs.append(vals[id(cell.output)])
+        S = [vals[id(nxt)] for _, _, nxt in cell.states]
+    outs = torch.stack(outs)
+    ((outs * gouts).sum() + sum((s * g).sum() for s, g in zip(S, gS))).backward()
+    zero = [torch.zeros_like(v) if v.grad is None else v.grad for v in (*E, *S0, *P)]
+    return outs.detach(), zero[:len(E)], zero[len(E):len(E) + len(S0)], zero[len(E) + len(S0):]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_cells_match_per_step_autograd(seed):
+    """Cells the sample kernels never make: up to three states, slices, concatenations,
+    constants and parameter vectors inside the loop, products of loop values, folded sums."""
+    rng = random.Random(seed)
+    cell = _random_cell(rng)
+    if native.supported(cell) is not None:
+        pytest.skip(native.supported(cell))
+    loop = FusedLoop(cell, script=False)
+    T, B = rng.choice([1, 3, 4]), rng.choice([1, 3])
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen) * 0.5      # noqa: E731
+    E = [rnd(T, B, e.width) for e in loop.ext]
+    S = [rnd(B, prev.width) for _, prev, _ in cell.states]
+    P = [rnd(*cell.tensors[p.attrs["tensor"]].shape) for p in loop.params]
+    gouts, gS = rnd(T, B, cell.output.width), [rnd(B, prev.width) for _, prev, _ in cell.states]
+    ref_out, gE, gSr, gP = _reference(cell, loop, E, S, P, T, gouts, gS)
+    impl = native.NativeLoop(cell, loop.ext, loop.params)
+    out, finals, K = impl.fwd([e.clone() for e in E], list(S), list(P), T)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    got = impl.bwd(K, gouts, gS, E, P, T)
+    for a, b in zip([*got[0], *got[1], *got[2]], [*gE, *gSr, *gP]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
