@@ -242,12 +242,25 @@ def _check(kernel: Kernel) -> CheckedKernel:
     readout, readout_vars = _readout(kernel, defs, output, params)
     matrices = _matrices(cell + [readout], defs)
     order = _order(cell, defs)
+    _check_varying(order, input_name, output, states)
     shapes = _Shapes(matrices, input_name, states, output)
     values = {input_name: kernel.declared_input or undefined[input_name]}
     values.update({eq.target.name: eq.target for eq in cell + [readout]})
     sizes = shapes.solve(order, readout, values, kernel.equations + (readout,))
     return CheckedKernel(kernel, input_name, output, tuple(states), tuple(order), readout,
                          shapes.params(params), shapes.params(readout_vars), sizes)
+
+
+def _check_varying(order: list[Equation], input_name: str, output: str, states) -> None:
+    """The output and every state must depend on the input or on a previous state: a value
+    made of parameters alone would be the same at every step."""
+    varying: set[str] = set()
+    for eq in order:
+        if any(v.time == -1 or v.name == input_name or v.name in varying for v in _vars([eq])):
+            varying.add(eq.target.name)
+        elif eq.target.name == output or eq.target.name in states:
+            raise KernelError(f"{eq.target} depends on neither the input nor a previous state, so it "
+                              "would be the same at every step", pos=eq.target.pos)
 
 
 # --- order -------------------------------------------------------------------------------

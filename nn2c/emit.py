@@ -65,8 +65,6 @@ def emit(network: Network) -> tuple[dict, dict]:
         for name, prev, nxt in cell.states:
             states.append({"name": name, "layer": cell.layer, "prev": e.reg[id(prev)],
                            "next": e.owned(nxt, taken)})
-        if cell.output.op in ("param", "const"):
-            e.reg[id(cell.output)] = e.owned(cell.output, set())
         below = e.reg[id(cell.output)]
     program = {"registers": e.widths, "states": states, "logits": below, "code": e.code}
     return program, param_map(network.tensors())

@@ -19,7 +19,7 @@ from typing import List, Tuple
 import torch
 
 from . import native
-from .ir import Cell, consumers, depends_on_state
+from .ir import Cell, addmm_pairs, consumers, depends_on_state
 
 # torch source for each element-wise IR op (also used by the per-step code in torch_backend)
 TORCH_OPS = {"sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "torch.relu({})",
@@ -29,20 +29,6 @@ TORCH_OPS = {"sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "
 _DERIV = {"sigmoid": "torch.ops.aten.sigmoid_backward({g}, {y})", "tanh": "torch.ops.aten.tanh_backward({g}, {y})",
           "relu": "torch.ops.aten.threshold_backward({g}, {y}, 0)", "exp": "({g} * {y})", "log": "({g} / {x})",
           "neg": "(-{g})", "softmax": "({y} * ({g} - ({g} * {y}).sum(-1, keepdim=True)))"}
-
-
-def addmm_pairs(nodes, inside: set[int], uses) -> dict[int, object]:
-    """add(x, matmul(a, W)) inside the loop, with the product used only there: emitted as one
-    torch.addmm. Returns id(add) -> the matmul it absorbs."""
-    out = {}
-    for n in nodes:
-        if n.op != "add" or id(n) not in inside or any(a.op == "const" for a in n.args):
-            continue
-        for a in n.args:
-            if a.op == "matmul" and id(a) in inside and len(uses.get(id(a), [])) == 1:
-                out[id(n)] = a
-                break
-    return out
 
 
 class _LoopCode:

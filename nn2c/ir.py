@@ -140,3 +140,17 @@ def depends_on_state(cell: Cell) -> set[int]:
         if node.op == "state" or any(id(a) in out for a in node.args):
             out.add(id(node))
     return out
+
+
+def addmm_pairs(nodes, inside: set[int], uses) -> dict[int, object]:
+    """add(x, matmul(a, W)) inside the loop, with the product used only there: emitted as one
+    torch.addmm. Returns id(add) -> the matmul it absorbs."""
+    out = {}
+    for n in nodes:
+        if n.op != "add" or id(n) not in inside or any(a.op == "const" for a in n.args):
+            continue
+        for a in n.args:
+            if a.op == "matmul" and id(a) in inside and len(uses.get(id(a), [])) == 1:
+                out[id(n)] = a
+                break
+    return out

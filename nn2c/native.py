@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .ir import Cell, consumers, depends_on_state
+from .ir import Cell, addmm_pairs, consumers, depends_on_state
 
 IN_PLACE_OK = ("gather", "matmul", "add", "sub", "mul", "neg", "concat")
 POINTWISE = ("add", "sub", "mul", "neg", "sigmoid", "tanh", "relu", "exp", "log", "slice", "concat")
@@ -148,6 +148,7 @@ class NativeCode:
         self.param_ix = {id(p): i for i, p in enumerate(params)}
         self.state_ix = {id(s): i for i, s in enumerate(self.states)}
         self._fold_addmm()
+        self.body_ids = {id(n) for n in self.body}
         self.reuse = self._reusable()
         self._schedule()
         self._place_values()
@@ -155,21 +156,16 @@ class NativeCode:
 
     # --- structure ------------------------------------------------------------------------
     def _fold_addmm(self) -> None:
-        """add(x, a @ W) with the product used once: one torch.addmm. `self.mm` maps the id
-        of each product node (the add, when folded) to (a, W, x or None)."""
-        self.mm, absorbed = {}, set()
-        body_ids = {id(n) for n in self.body}
+        """add(x, a @ W) with the product used once: one torch.addmm (the fused loop's
+        matcher). `self.mm` maps the id of each product node (the add, when folded) to
+        (a, W, x or None)."""
+        pairs = addmm_pairs(self.body, {id(n) for n in self.body}, self.uses)     # id(add) -> matmul
+        self.mm = {}
         for n in self.body:
-            if n.op != "add" or any(a.op == "const" for a in n.args):
-                continue
-            for k, a in enumerate(n.args):
-                if a.op == "matmul" and id(a) in body_ids and len(self.uses.get(id(a), [])) == 1:
-                    other = n.args[1 - k]
-                    if other.op == "matmul" and id(other) in body_ids:
-                        continue
-                    self.mm[id(n)] = (a.args[0], a.args[1], other)
-                    absorbed.add(id(a))
-                    break
+            if id(n) in pairs:
+                m = pairs[id(n)]
+                self.mm[id(n)] = (m.args[0], m.args[1], n.args[1] if n.args[0] is m else n.args[0])
+        absorbed = {id(m) for m in pairs.values()}
         for n in self.body:
             if n.op == "matmul" and id(n) not in absorbed:
                 self.mm[id(n)] = (n.args[0], n.args[1], None)
@@ -206,7 +202,6 @@ class NativeCode:
             else:
                 args = n.args
             return all(id(a) in done or id(a) not in self.body_ids for a in args)
-        self.body_ids = {id(n) for n in self.body}
         while pending:
             group = []
             progress = True
@@ -302,11 +297,6 @@ class NativeCode:
                 elif id(c) not in self.body_ids or self.group_of[id(c)] != g or id(c) in self.mm:
                     return True
             return False
-        absorbed_uses = {}
-        for n in self.body:
-            if id(n) in self.mm:
-                a, _, x = self.mm[id(n)]
-                absorbed_uses[id(n)] = [a] + ([x] if x is not None else [])
         for n in self.body:
             if n.op == "slice":
                 continue
@@ -314,9 +304,7 @@ class NativeCode:
                 self.gbuf[id(n)] = _Buf(f"GM{k}", n.width, "T")
                 k += 1
                 continue
-            g = self.group_of[id(n)]
-            used_by_mm = any(self._base(a)[0] is n for args in absorbed_uses.values() for a in args)
-            if used_by_mm or outside(n, g):
+            if outside(n, self.group_of[id(n)]):     # a product's operand counts as outside
                 self.gbuf[id(n)] = _Buf(f"GV{k}", n.width, "1")
                 k += 1
         self.gs_bufs = [_Buf(f"GS{i}", s.width, "2", parity=True) for i, s in enumerate(self.states)]
@@ -592,8 +580,9 @@ class NativeCode:
                 self.must_zero.add(buf.name)
 
     # --- Python drivers --------------------------------------------------------------------
-    def python_source(self) -> str:
-        """`forward(E, S, P, T)` and `backward(K, gouts, gS, E, P, T)` over the C kernels."""
+    def python_source(self) -> tuple[str, str, str]:
+        """The C source, and the Python source of `forward(E, S, P, T)` and
+        `backward(K, gouts, gS, E, P, T)`, which call the C kernels and the products."""
         src = self.c_source()            # fills the backward plan (and the deferred sums)
         ft, bt = self.forward_tables(), self.backward_tables()
         st = self.st_bufs
@@ -610,32 +599,30 @@ class NativeCode:
                      else f"    {b.name} = torch.empty(T, B, {b.width}, dtype=F32)")
         f.append(f"    SCRATCH = torch.empty({max(self.scratch_f, 1)}, dtype=F32)")
         f.append("    A = table([" + ", ".join(self._ordered(ft)) + "])")
-        mm_lines = {}
-        for g, (kind, item) in enumerate(self.plan):
-            if kind == "mm":
-                a, w, x = self.mm[id(item)]
-                dst = self._py_value(item)
-                args = f"{self._py_value(a)}, P[{self.param_ix[id(w)]}]"
-                if id(item) in self.reuse:
-                    mm_lines[g] = f"{dst}.addmm_({args})"
-                elif x is None:
-                    mm_lines[g] = f"torch.mm({args}, out={dst})"
-                else:
-                    mm_lines[g] = f"torch.addmm({self._py_value(x)}, {args}, out={dst})"
-        f += [f"    {b.name}u = {b.name}.unbind(0)" for b in (*st, *self.value_bufs)]
+        saved = [b.name for b in (*st, *self.value_bufs)]
+        f += [f"    {name}u = {name}.unbind(0)" for name in saved]
         f += [f"    E{i}u = E[{i}].unbind(0)" for i in range(len(self.ext))]
         f.append("    for t in range(T):")
         for g, (kind, item) in enumerate(self.plan):
-            f.append(f"        f{g}(t, B, A)" if kind == "c" else f"        {mm_lines[g]}")
+            if kind == "c":
+                f.append(f"        f{g}(t, B, A)")
+                continue
+            a, w, x = self.mm[id(item)]
+            dst, args = self._py_ref(item), f"{self._py_ref(a)}, P[{self.param_ix[id(w)]}]"
+            if id(item) in self.reuse:
+                f.append(f"        {dst}.addmm_({args})")
+            elif x is None:
+                f.append(f"        torch.mm({args}, out={dst})")
+            else:
+                f.append(f"        torch.addmm({self._py_ref(x)}, {args}, out={dst})")
         outs = self.out_buf
         out_expr = f"{outs.name}[1:]" if outs.name.startswith("ST") else outs.name
-        f.append(f"    K = [{', '.join(b.name for b in (*st, *self.value_bufs))}]")
+        f.append(f"    K = [{', '.join(saved)}]")
         f.append(f"    return {out_expr}, [{', '.join(b.name + '[T]' for b in st)}], K")
 
-        k_names = [b.name for b in (*st, *self.value_bufs)]
         r = ["def backward(K, gouts, gS, E, P, T):",
              "    B = gouts.shape[1]",
-             f"    {', '.join(k_names)}{',' if len(k_names) == 1 else ''} = K",
+             f"    {', '.join(saved)}{',' if len(saved) == 1 else ''} = K",
              "    E = [e.contiguous() for e in E]",
              "    P = [p.contiguous() for p in P]",
              "    GOUT = gouts.contiguous()"]
@@ -644,7 +631,8 @@ class NativeCode:
             alloc = "zeros" if b.name in self.zero_slots and b.rows == "T" else "empty"
             shape = "T, B" if b.rows == "T" else "1, B"
             r.append(f"    {b.name} = torch.{alloc}({shape}, {b.width}, dtype=F32)")
-            r.append(f"    {b.name}u = {b.name}.unbind(0)")
+            if b.rows == "T":
+                r.append(f"    {b.name}u = {b.name}.unbind(0)")
         for i, b in enumerate(self.gs_bufs):
             r.append(f"    {b.name} = torch.empty(2, B, {b.width}, dtype=F32)")
             r.append(f"    {b.name}[T & 1] = gS[{i}]")
@@ -673,11 +661,10 @@ class NativeCode:
                 r.append(f"        b{g}(t, B, A)")
             else:
                 r += [f"        {line}" for line in self.torch_b[g]]
-        gp = []
         for n in self.mm_order:
             a, w, _ = self.mm[id(n)]
             i = self.param_ix[id(w)]
-            r.append(f"    GP{i}.addmm_({self._py_seq(a)}.flatten(0, 1).t(), {self.gbuf[id(n)].name}.flatten(0, 1))")
+            r.append(f"    GP{i}.addmm_({self._py_ref(a, whole=True)}.flatten(0, 1).t(), {self.gbuf[id(n)].name}.flatten(0, 1))")
         r += [f"    {line}" for line in self.deferred]
         ge = []
         for i, b in enumerate(self.ge_bufs):
@@ -699,32 +686,27 @@ class NativeCode:
                 out.append(name)
         return out
 
-    def _py_value(self, n) -> str:
-        """A node's value at step t as a torch view (for the product calls)."""
+    def _py_ref(self, n, whole: bool = False) -> str:
+        """A node's value as a torch view: at step t (for the product calls) or, with `whole`,
+        over all steps as (T, B, w) (for the weight gradients)."""
         base, off = self._base(n)
+        full = not off and n.width == base.width
         if base.op == "param":
             v = f"P[{self.param_ix[id(base)]}]"
-            return v if not off and n.width == base.width else f"{v}[{off}:{off + n.width}]"
+            return v if full else f"{v}[{off}:{off + n.width}]"
         if base.op == "state":
-            v = f"{self.st_bufs[self.state_ix[id(base)]].name}u[t]"
+            name = self.st_bufs[self.state_ix[id(base)]].name
+            step, seq = f"{name}u[t]", f"{name}[:T]"
         elif id(base) in self.ext_ix:
-            v = f"E{self.ext_ix[id(base)]}u[t]"
+            i = self.ext_ix[id(base)]
+            step, seq = f"E{i}u[t]", f"E[{i}]"
         else:
             buf = self.vbuf[id(base)]
-            v = f"{buf.name}u[t + {buf.shift}]" if buf.shift else f"{buf.name}u[t]"
-        return v if not off and n.width == base.width else f"{v}[:, {off}:{off + n.width}]"
-
-    def _py_seq(self, n) -> str:
-        """A node's values over all steps, (T, B, w), for the weight gradients."""
-        base, off = self._base(n)
-        if base.op == "state":
-            v = f"{self.st_bufs[self.state_ix[id(base)]].name}[:T]"
-        elif id(base) in self.ext_ix:
-            v = f"E[{self.ext_ix[id(base)]}]"
-        else:
-            buf = self.vbuf[id(base)]
-            v = f"{buf.name}[1:]" if buf.shift else buf.name
-        return v if not off and n.width == base.width else f"{v}[:, :, {off}:{off + n.width}]"
+            step = f"{buf.name}u[t + {buf.shift}]" if buf.shift else f"{buf.name}u[t]"
+            seq = f"{buf.name}[1:]" if buf.shift else buf.name
+        if full:
+            return seq if whole else step
+        return f"{seq}[:, :, {off}:{off + n.width}]" if whole else f"{step}[:, {off}:{off + n.width}]"
 
 
 # --- building --------------------------------------------------------------------------------

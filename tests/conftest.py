@@ -58,6 +58,21 @@ def assert_matches_plain_program(network, tensors, ids, batch: int, **options):
     return net
 
 
+def lstm_logical(lstm, linear) -> dict:
+    """The `lstm` sample's kernel parameters (W_f@0, U_f@0, b_f@0, …, W_y, b_y) holding the
+    weights of a torch.nn.LSTM (gate order i, f, g, o; the two biases summed) and a Linear."""
+    H = lstm.hidden_size
+    logical = {"W_y": linear.weight.detach().numpy(), "b_y": linear.bias.detach().numpy()}
+    for layer in range(lstm.num_layers):
+        w = {n: getattr(lstm, f"{n}_l{layer}").detach() for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        for k, gate in enumerate("ifco"):
+            rows = slice(k * H, (k + 1) * H)
+            logical.update({f"W_{gate}@{layer}": w["weight_ih"][rows].numpy(),
+                            f"U_{gate}@{layer}": w["weight_hh"][rows].numpy(),
+                            f"b_{gate}@{layer}": (w["bias_ih"] + w["bias_hh"])[rows].numpy()})
+    return logical
+
+
 def assert_matches_nn_lstm(hidden: int, vocab: int, steps: int, batch: int):
     """The `lstm` sample with torch.nn.LSTM's weights gives its logits and its weight
     gradients (an independent implementation); returns the TorchNetwork."""
@@ -71,14 +86,8 @@ def assert_matches_nn_lstm(hidden: int, vocab: int, steps: int, batch: int):
     compiled = compile_kernel("lstm", H, 1, V)
     torch.manual_seed(0)
     lstm, lin = torch.nn.LSTM(V, H), torch.nn.Linear(H, V)
-    w = {n: getattr(lstm, f"{n}_l0").detach() for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
-    logical = {"W_y": lin.weight.detach().numpy(), "b_y": lin.bias.detach().numpy()}
-    for k, g in enumerate("ifco"):
-        rows = slice(k * H, (k + 1) * H)
-        logical.update({f"W_{g}@0": w["weight_ih"][rows].numpy(), f"U_{g}@0": w["weight_hh"][rows].numpy(),
-                        f"b_{g}@0": (w["bias_ih"] + w["bias_hh"])[rows].numpy()})
     specs = compiled.network.tensors()
-    net = TorchNetwork(compiled.network, pack(specs, logical))
+    net = TorchNetwork(compiled.network, pack(specs, lstm_logical(lstm, lin)))
     ids = torch.randint(0, V, (steps, batch), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, V, (steps, batch), generator=torch.Generator().manual_seed(2))
     logits, _ = net(ids, net.initial_state(batch))

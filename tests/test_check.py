@@ -225,3 +225,10 @@ def test_a_state_name_without_time_index_is_an_error():
     text = check_error("hₜ = tanh(W xₜ + U hₜ₋₁ + x)\n")
     assert "x is used without a time index; write xₜ or xₜ₋₁" in text
     assert_points_at(text, 1, 27, "x)", width=1)
+
+
+@pytest.mark.parametrize("text, name", [("hₜ = tanh(W xₜ + U cₜ₋₁)\ncₜ = b\noutput hₜ\n", "cₜ"),
+                                        ("aₜ = tanh(W xₜ + U aₜ₋₁)\noₜ = b_o\noutput oₜ\n", "oₜ")])
+def test_an_output_or_state_made_of_parameters_alone_is_an_error(text, name):
+    text = check_error(text)
+    assert f"{name} depends on neither the input nor a previous state" in text

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nn2run
-from conftest import build_model
+from conftest import build_model, lstm_logical
 
 H, V, LAYERS, BATCH, STEPS = 16, 11, 2, 3, 60
 TOL = 1e-5
@@ -46,16 +46,7 @@ def _readout(linear):
 def test_lstm_kernel_matches_torch_lstm(tmp_path):
     torch.manual_seed(0)
     rnn, linear = torch.nn.LSTM(V, H, LAYERS), torch.nn.Linear(H, V)
-    logical = _readout(linear)
-    for l in range(LAYERS):
-        g = {n: getattr(rnn, f"{n}_l{l}").detach() for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
-        wi, wf, wg, wo = _split(g["weight_ih"], 4)     # torch's gate order: i, f, g, o
-        ui, uf, ug, uo = _split(g["weight_hh"], 4)
-        bi, bf, bg, bo = _split(g["bias_ih"] + g["bias_hh"], 4)
-        logical.update({f"W_i@{l}": wi, f"W_f@{l}": wf, f"W_c@{l}": wg, f"W_o@{l}": wo,
-                        f"U_i@{l}": ui, f"U_f@{l}": uf, f"U_c@{l}": ug, f"U_o@{l}": uo,
-                        f"b_i@{l}": bi, f"b_f@{l}": bf, f"b_c@{l}": bg, f"b_o@{l}": bo})
-    path, _, _ = build_model(tmp_path / "lstm.nnb", "lstm", H, LAYERS, V, logical)
+    path, _, _ = build_model(tmp_path / "lstm.nnb", "lstm", H, LAYERS, V, lstm_logical(rnn, linear))
     ids = _ids()
     np.testing.assert_allclose(_run_nn2(path, ids), _torch_logits(rnn, linear, ids), atol=TOL, rtol=0)
 
