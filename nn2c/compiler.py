@@ -47,7 +47,7 @@ def compile_kernel(spec: "str | Kernel", hidden: int, layers: int, vocab: int,
     return Compiled(kernel, checked, network, program, params, layers, hidden, vocab, str(name))
 
 
-def model_header(compiled: Compiled, codec, provenance: dict, sampling: dict | None = None) -> dict:
+def model_header(compiled: Compiled, codec, provenance: dict) -> dict:
     """The .nnb header for a compiled model (the container adds the tensor table)."""
     return {
         "nn2": {"kind": "model", "nn2c": __version__},
@@ -55,7 +55,7 @@ def model_header(compiled: Compiled, codec, provenance: dict, sampling: dict | N
         "program": compiled.program,
         "params": compiled.params,
         "codec": codec.to_header(),
-        "sampling": sampling or {"temperature": 1.0},
+        "sampling": {"temperature": 1.0},
         "source": {"name": compiled.kernel_name, "text": compiled.kernel.source},
         "provenance": {"nn2c": __version__,
                        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -64,8 +64,8 @@ def model_header(compiled: Compiled, codec, provenance: dict, sampling: dict | N
 
 
 def write_model(path, compiled: Compiled, tensors: dict[str, np.ndarray], codec,
-                provenance: dict, sampling: dict | None = None, extra_tensors=None, extra_header=None) -> None:
+                provenance: dict, extra_tensors=None, extra_header=None) -> None:
     """Write a runnable .nnb atomically. `extra_*` carry training state in checkpoints."""
-    header = model_header(compiled, codec, provenance, sampling)
+    header = model_header(compiled, codec, provenance)
     header.update(extra_header or {})
     fmt.write(path, header, {**tensors, **(extra_tensors or {})})

@@ -40,8 +40,7 @@ def _open(path: str, verify: bool):
 
 def _sampler(model, temperature, top_k, top_p, greedy, seed):
     from .sample import Sampler, SamplerConfig
-    defaults = model.header.get("sampling") if isinstance(model.header.get("sampling"), dict) else {}
-    t = temperature if temperature is not None else defaults.get("temperature", 1.0)
+    t = temperature if temperature is not None else model.sampling["temperature"]
     cfg = SamplerConfig(temperature=t, top_k=top_k, top_p=top_p, greedy=greedy)
     try:
         return Sampler(cfg, seed)
@@ -132,8 +131,9 @@ def main(model_path, prime, length, temperature, top_k, top_p, greedy, seed, lin
     try:
         if info or dis:
             from .dis import describe, disassemble
-            click.echo(describe(model) if info else disassemble(model.program, model.tensors))
-            if info and dis:
+            if info:
+                click.echo(describe(model))
+            if dis:
                 click.echo(disassemble(model.program, model.tensors))
             return
         sampler = _sampler(model, temperature, top_k, top_p, greedy, seed)

@@ -27,10 +27,6 @@ class CharCodec:
         self._index = {ch: i for i, ch in enumerate(self.vocab)}
 
     @classmethod
-    def fit(cls, text: str) -> "CharCodec":
-        return cls(sorted(set(text)))
-
-    @classmethod
     def from_header(cls, header: dict) -> "CharCodec":
         vocab = header.get("vocab")
         if not isinstance(vocab, list) or not 1 <= len(vocab) <= MAX_VOCAB:
@@ -68,21 +64,14 @@ class ByteCodec:
     vocab = [bytes([b]).decode("latin-1") for b in range(256)]
 
     @classmethod
-    def fit(cls, text) -> "ByteCodec":
-        return cls()
-
-    @classmethod
     def from_header(cls, header: dict) -> "ByteCodec":
         return cls()
 
     def to_header(self) -> dict:
         return {"name": self.name}
 
-    def unknown(self, text: str) -> list[str]:
-        return []
-
-    def encode(self, text) -> list[int]:
-        return list(text.encode("utf-8") if isinstance(text, str) else bytes(text))
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
 
     def decoder(self):
         """A function id -> text that buffers incomplete UTF-8 sequences."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 
-def _operand(op, widths) -> str:
+def _operand(op) -> str:
     tag, val = op
     if tag == "r":
         return f"r{val}"
@@ -27,9 +27,9 @@ def disassemble(program: dict, tensors: dict | None = None) -> str:
         if op == "slice":
             text = f"r{args[0][1]}[{args[1]}:{args[1] + widths[dst]}]"
         elif op == "gather":
-            text = f"{_operand(args[0], widths)}[ids]"
+            text = f"{_operand(args[0])}[ids]"
         else:
-            text = ", ".join(_operand(a, widths) for a in args)
+            text = ", ".join(_operand(a) for a in args)
         note = ""
         if tensors is not None:
             shapes = [f"{a[1]} {tuple(tensors[a[1]].shape)}" for a in args if isinstance(a, list) and a[0] == "t"]

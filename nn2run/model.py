@@ -21,7 +21,7 @@ from . import codec as codecs
 from . import format as fmt
 from .format import NNBFormatError
 from .isa import ProgramError, validate
-from .vm import VM
+from .vm import VM, fold_bias_into_gathers
 
 MAX_LAYERS = 1024
 
@@ -57,6 +57,7 @@ class Model:
         except (ProgramError, codecs.CodecError) as e:
             raise NNBFormatError(str(e)) from None
         self._vms: dict[int, VM] = {}
+        self._bound = None          # (program, tensors) as the VMs run them, made on first use
 
     def _check(self) -> None:
         h = self.header
@@ -72,7 +73,19 @@ class Model:
         shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
         validate(h.get("program"), shapes, len(self.vocab))
         self.program = h["program"]
+        self._state_names = tuple((st["name"], st["layer"]) for st in self.program["states"])
         self._check_params(h.get("params"), shapes)
+        self.sampling = self._check_sampling(h.get("sampling", {}))
+
+    @staticmethod
+    def _check_sampling(sampling) -> dict:
+        """Sampling defaults a file may carry: {"temperature": a positive number}."""
+        if not isinstance(sampling, dict) or set(sampling) - {"temperature"}:
+            raise NNBFormatError("sampling defaults: only {\"temperature\": number} is allowed")
+        t = sampling.get("temperature", 1.0)
+        if type(t) not in (int, float) or not 0 < t < float("inf"):
+            raise NNBFormatError("sampling defaults: temperature must be a positive number")
+        return {"temperature": float(t)}
 
     def _check_params(self, params, shapes) -> None:
         if not isinstance(params, dict):
@@ -112,12 +125,14 @@ class Model:
     def vm(self, batch: int) -> VM:
         """The VM bound for `batch` streams (built once per batch size)."""
         if batch not in self._vms:
-            self._vms[batch] = VM(self.program, self.tensors, batch)
+            if self._bound is None:
+                self._bound = fold_bias_into_gathers(self.program, self.tensors)
+            self._vms[batch] = VM(*self._bound, batch)
         return self._vms[batch]
 
     @property
     def state_names(self) -> list[tuple[str, int]]:
-        return [(s["name"], s["layer"]) for s in self.program["states"]]
+        return list(self._state_names)
 
     def initial_state(self, batch: int = 1) -> State:
         widths = self.program["registers"]
@@ -138,7 +153,9 @@ class Model:
         return logits.copy(), State(self.state_names, [a.copy() for a in vm.state_arrays()])
 
     def close(self) -> None:
+        """Release the file: the map closes unless the caller still holds arrays from it."""
         self._vms.clear()
+        self._bound, self.tensors = None, {}
         self._file.close()
 
     def __enter__(self):

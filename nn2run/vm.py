@@ -45,9 +45,10 @@ _BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply}
 FOLD_LIMIT = 1 << 22      # bytes: bias-folded gather tables larger than this are not made
 
 
-def _fold_bias_into_gathers(program: dict, tensors: dict) -> tuple[list, dict]:
-    """Peephole, done once at load: `gather d T; add e d b` (d read once, b a vector) is
-    `gather e (T + b)` — a one-hot row plus a bias is a row of the table plus the bias."""
+def fold_bias_into_gathers(program: dict, tensors: dict) -> tuple[dict, dict]:
+    """Peephole, done once per model (not per batch size): `gather d T; add e d b` (d read
+    once, b a vector) is `gather e (T + b)` — a one-hot row plus a bias is a row of the table
+    plus the bias. Returns the program and tensors to bind."""
     code = program["code"]
     reads: dict[int, int] = {}
     for ins in code:
@@ -70,15 +71,14 @@ def _fold_bias_into_gathers(program: dict, tensors: dict) -> tuple[list, dict]:
                 dropped.add(pair[0][1])
                 continue
         out.append(ins)
-    return [ins for ins in out if not (ins[0] == "gather" and ins[1] in dropped)], extra
+    code = [ins for ins in out if not (ins[0] == "gather" and ins[1] in dropped)]
+    return {**program, "code": code}, extra
 
 
 class VM:
     """A program bound to arrays for one batch size."""
 
     def __init__(self, program: dict, tensors: dict, batch: int):
-        code, tensors = _fold_bias_into_gathers(program, tensors)
-        program = {**program, "code": code}
         self.batch = batch
         self.ids = np.zeros(batch, dtype=np.intp)
         widths = program["registers"]
@@ -120,7 +120,7 @@ class VM:
 
     def _compile(self, op, out, args):
         if op == "onehot":
-            return [(out.fill, (0.0,)), (np.put_along_axis, (out, self.ids[:, None], 1.0, 1))]
+            return [(out.fill, (0.0,)), (out.__setitem__, ((np.arange(self.batch), self.ids), 1.0))]
         if op == "gather":
             return [(np.take, (args[0], self.ids, 0, out, "clip"))]
         if op == "matmul":

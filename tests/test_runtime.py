@@ -107,3 +107,23 @@ def test_tensors_are_memory_mapped_read_only_views(lstm):
     t = next(iter(m.tensors.values()))
     assert not t.flags.writeable
     assert not t.flags.owndata
+
+
+@pytest.mark.parametrize("sampling, word", [({"temperature": "hot"}, "positive number"),
+                                            ({"temperature": -1}, "positive number"),
+                                            ({"temperature": 0.5, "top_k": 3}, "only"), ([1.0], "only")])
+def test_bad_sampling_defaults_are_a_format_error(tmp_path, sampling, word):
+    from nn2run.format import read, write
+    path, _, _ = build_model(tmp_path / "m.nnb", "rnn", 4, 1, 5)
+    nnb = read(str(path))
+    header = {k: v for k, v in nnb.header.items() if k != "tensors"}
+    tensors = {k: np.array(v) for k, v in nnb.tensors.items()}
+    nnb.close()
+    write(str(path), {**header, "sampling": sampling}, tensors)
+    with pytest.raises(nn2run.NNBFormatError, match=word):
+        nn2run.load(str(path))
+
+
+def test_the_files_temperature_is_the_default(tmp_path):
+    path, _, _ = build_model(tmp_path / "m.nnb", "rnn", 4, 1, 5)
+    assert nn2run.load(str(path)).sampling == {"temperature": 1.0}
