@@ -33,7 +33,6 @@ class Corpus:
     codec: "CharCodec | ByteCodec"
     ids: np.ndarray            # token ids, smallest unsigned dtype that fits
     sha256: str
-    size_bytes: int
 
 
 def _chunks(buf, label: str):
@@ -75,7 +74,7 @@ def _open_map(path: str):
         if size == 0:
             raise CorpusError(f"{path} is empty")
         try:
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
             raise CorpusError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
@@ -103,23 +102,17 @@ def _encode(buf, label: str, vocab: list[str], count: int) -> np.ndarray:
     return ids
 
 
-def read_corpus(path: str, codec: str = "char", vocab: list[str] | None = None) -> Corpus:
-    """Read and encode a corpus. `vocab` fixes the character set (when resuming)."""
+def read_corpus(path: str, codec: str = "char") -> Corpus:
+    """Read and encode a corpus; the character set is the one the file uses."""
     if codec not in ("char", "byte"):
         raise CorpusError(f"unknown codec {codec!r}: use char or byte")
-    buf, size = _open_map(path)
+    buf = _open_map(path)
     with buf:
         sha = hashlib.sha256(buf).hexdigest()
         if codec == "byte":
-            return Corpus(path, ByteCodec(), np.frombuffer(buf, dtype=np.uint8).copy(), sha, size)
+            return Corpus(path, ByteCodec(), np.frombuffer(buf, dtype=np.uint8).copy(), sha)
         seen, count = _survey(buf, path)
-        if vocab is None:
-            vocab = [chr(c) for c in np.flatnonzero(seen)]
-        else:
-            seen[[ord(c) for c in vocab]] = False
-            if seen.any():
-                bad = [chr(c) for c in np.flatnonzero(seen)[:5]]
-                raise CorpusError(f"{path} has characters the model does not know: {bad}")
+        vocab = [chr(c) for c in np.flatnonzero(seen)]
         del seen
         ids = _encode(buf, path, vocab, count)
-    return Corpus(path, CharCodec(list(vocab)), ids, sha, size)
+    return Corpus(path, CharCodec(vocab), ids, sha)

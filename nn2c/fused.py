@@ -247,7 +247,7 @@ class FusedLoop:
 
     def __init__(self, cell: Cell, script: bool = True):
         code = _LoopCode(cell)
-        self.ext, self.params, self.n_states = code.ext, code.params, len(code.states)
+        self.ext, self.params = code.ext, code.params
         self.forward_src, self.backward_src = code.forward_source(), code.backward_source()
         ns = {"torch": torch, "List": List, "Tuple": Tuple, "Tensor": torch.Tensor}
         exec(compile(self.forward_src, f"<nn2 loop {cell.layer} forward>", "exec"), ns)
@@ -265,14 +265,18 @@ class FusedLoop:
 
     @property
     def kind(self) -> str:
-        """What runs the loop on the CPU: native (generated C), torchscript or python."""
-        if self.native_error is None:
+        """What runs the loop for CPU float32 tensors: native (generated C), torchscript or python."""
+        return self.kind_for([])
+
+    def kind_for(self, tensors) -> str:
+        """What runs the loop for these tensors (the rule `implementation` applies)."""
+        if self.native_error is None and native.NativeLoop.usable(tensors):
             return "native"
         return "torchscript" if self.scripted else "python"
 
     def implementation(self, tensors):
         """The native loop for CPU float32 tensors (built on first use), else this loop."""
-        if self.native_error is None and native.NativeLoop.usable(tensors):
+        if self.kind_for(tensors) == "native":
             if self._native is None:
                 try:
                     self._native = native.NativeLoop(self.cell, self.ext, self.params)

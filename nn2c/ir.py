@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "exp", "log", "softmax", "neg")
 ELEMENTWISE = ("add", "sub", "mul")
-LEAVES = ("onehot", "input", "state", "param", "const")
 
 
 @dataclass(eq=False)

@@ -6,7 +6,7 @@ import sys
 import time
 
 
-def _fmt(v, spec=".4f"):
+def fmt_value(v, spec=".4f") -> str:
     return "—" if v is None else format(v, spec)
 
 
@@ -18,7 +18,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.t0 = time.monotonic()
-        self.step, self.train, self.val, self.rate = start, None, None, 0.0
+        self.train, self.val, self.rate = None, None, 0.0
         self._bar = None
         self.deadline = self.t0 + seconds if seconds else None     # a time limit shortens the ETA
 
@@ -38,11 +38,10 @@ class Progress:
             self._bar.__exit__(*exc)
 
     def info(self) -> str:
-        return (f"loss {_fmt(self.train)}  val {_fmt(self.val)}  {self.rate:,.0f} chars/s")
+        return (f"loss {fmt_value(self.train)}  val {fmt_value(self.val)}  {self.rate:,.0f} chars/s")
 
     def update(self, step: int, train: float | None = None, val: float | None = None,
                chars: int = 0, force: bool = False) -> None:
-        self.step = step
         self.train = train if train is not None else self.train
         self.val = val if val is not None else self.val
         elapsed = time.monotonic() - self.t0
@@ -55,9 +54,3 @@ class Progress:
             if self.deadline is not None:
                 eta = min(eta, max(0.0, self.deadline - time.monotonic()))
             print(f"step {step}/{self.total}  {self.info()}  eta {eta:,.0f}s", file=self.stream, flush=True)
-
-    def message(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.console.print(text, markup=False, highlight=False)
-        else:
-            print(text, file=self.stream, flush=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from .checkpoint import CheckpointError, load_checkpoint
 from .corpus import CorpusError, read_corpus
 from .errors import KernelError
+from .progress import fmt_value
 from .train import Interrupted, TrainConfig, Trainer, TrainError
 
 # May change when resuming; every other option is the checkpoint's, and giving it a different
@@ -59,7 +60,7 @@ def _prepare(req: TrainRequest):
     if req.resume:
         cfg, ts, path = _resume_state(req, cfg)
         cfg.check()
-    corpus = read_corpus(path or default_corpus(), cfg.codec, vocab=None)
+    corpus = read_corpus(path or default_corpus(), cfg.codec)
     if ts is not None and corpus.sha256 != ts.corpus_sha256:
         raise TrainError(f"--resume: {corpus.path} is not the corpus this checkpoint was trained on")
     return cfg, ts, corpus
@@ -84,17 +85,13 @@ def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -
         raise failure(f"cannot write {e.filename or req.output}: {e.strerror or e}") from None
     out = stream or sys.stderr
     print(f"wrote {req.output}: {cfg.layers}×{cfg.hidden} {cfg.kernel}, vocabulary {len(corpus.codec.vocab)}; "
-          f"val loss {_fmt(summary['best_val_loss'])} (best, step {summary['best_step']}), "
-          f"train loss {_fmt(summary['train_loss'])}; {summary['chars_per_s']:,} chars/s on {summary['device']} "
+          f"val loss {fmt_value(summary['best_val_loss'])} (best, step {summary['best_step']}), "
+          f"train loss {fmt_value(summary['train_loss'])}; {summary['chars_per_s']:,} chars/s on {summary['device']} "
           f"({summary['loop']} loop)",
           file=out)
     if sample_len:
         _sample(req.output, sample_len)
     return summary
-
-
-def _fmt(v) -> str:
-    return "—" if v is None else f"{v:.4f}"
 
 
 def _sample(path: str, n: int) -> None:

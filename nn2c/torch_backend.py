@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import native
 from .emit import pack
 from .fused import TORCH_OPS, FusedLoop, supported as fused_supported
 from .ir import Cell, Network, addmm_pairs, consumers, depends_on_state
@@ -216,9 +215,7 @@ class TorchNetwork(torch.nn.Module):
         if not self.loops or len(self.loops) < len(self._cells):
             return "autograd"
         params = list(self.parameters())
-        kinds = {loop.kind if loop.kind != "native" or native.NativeLoop.usable(params)
-                 else ("torchscript" if loop.scripted else "python") for loop in self.loops}
-        return "+".join(sorted(kinds))
+        return "+".join(sorted({loop.kind_for(params) for loop in self.loops}))
 
     def tensor_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, f"t{i}") for i, name in enumerate(self.names)}

@@ -251,7 +251,7 @@ class Trainer:
         every_ckpt = cfg.checkpoint_every or cfg.eval_every
         state = ts.carried_state(self.device)
         chars = cfg.batch * cfg.seq_len
-        deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
+        deadline = progress.deadline         # --max-minutes, counted from the progress clock
         while ts.step < self.total and not self._stop:
             loss, state = self.step(state)
             ts.step += 1

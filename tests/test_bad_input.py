@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import resource
 import subprocess
 import sys
 import tracemalloc
