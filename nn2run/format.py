@@ -307,9 +307,9 @@ def verify_data(nnb: NNBFile) -> bool:
 
 def _open(buf, path, verify: bool) -> NNBFile:
     size = len(buf)
-    major, minor, header_len, data_len, data_digest = _check_prefix(buf, size)
+    major, minor, header_len, data_len, data_digest, body = _check_prefix(buf, size)
     start = PREFIX_SIZE + header_len
-    header = _parse_header(bytes(buf[PREFIX_SIZE:start]))
+    header = _parse_header(body)
     table = _check_table(header, data_len)
     _check_padding(buf, start, table)
     nnb = NNBFile(buf, path, (major, minor), header, table,
@@ -349,7 +349,7 @@ def _check_prefix(buf, size: int):
     body = bytes(buf[PREFIX_SIZE:PREFIX_SIZE + header_len])
     if hashlib.sha256(prefix[:64] + body).digest() != header_digest:
         raise NNBFormatError("header checksum mismatch (the file is corrupt)")
-    return major, minor, header_len, data_len, data_digest
+    return major, minor, header_len, data_len, data_digest, body
 
 
 def _check_header_len(header_len: int) -> None:

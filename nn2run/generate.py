@@ -37,11 +37,10 @@ def generate(model: Model, primes: list[list[int]], n: int, sampler: Sampler) ->
     with np.errstate(all="ignore"):
         for t in range(total):
             logits = vm.advance(ids)
+            # before the shortest prime ends every stream is still reading: nothing to sample
+            nxt = sampler(logits) if t >= first_sample else np.empty(len(lens), np.intp)
             if t + 1 < padded.shape[1]:
                 reading = t + 1 < lens
-                nxt = sampler(logits) if t >= first_sample else padded[:, t + 1].copy()
                 nxt[reading] = padded[reading, t + 1]
-            else:
-                nxt = sampler(logits)
             yield t, nxt
             ids = nxt
