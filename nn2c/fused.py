@@ -19,7 +19,7 @@ from typing import List, Tuple
 import torch
 
 from . import native
-from .ir import Cell, addmm_pairs, consumers, depends_on_state
+from .ir import KEEPS_OUTPUT, Cell, addmm_pairs, consumers, depends_on_state
 
 # torch source for each element-wise IR op (also used by the per-step code in torch_backend)
 TORCH_OPS = {"sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "torch.relu({})",
@@ -29,6 +29,16 @@ TORCH_OPS = {"sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "
 _DERIV = {"sigmoid": "torch.ops.aten.sigmoid_backward({g}, {y})", "tanh": "torch.ops.aten.tanh_backward({g}, {y})",
           "relu": "torch.ops.aten.threshold_backward({g}, {y}, 0)", "exp": "({g} * {y})", "log": "({g} / {x})",
           "neg": "(-{g})", "softmax": "({y} * ({g} - ({g} * {y}).sum(-1, keepdim=True)))"}
+
+
+def torch_expr(node, args: list[str]) -> str:
+    """torch source for an element-wise, slice, concat or product node, given its arguments'."""
+    if node.op == "slice":
+        s = node.attrs["start"]
+        return f"{args[0]}[..., {s}:{s + node.width}]"
+    if node.op == "concat":
+        return f"torch.cat([{', '.join(args)}], -1)"
+    return TORCH_OPS[node.op].format(*args)
 
 
 class _LoopCode:
@@ -71,7 +81,7 @@ class _LoopCode:
         for n in self.body:
             if n.op == "mul":
                 need += [a for a in n.args if a.op != "const"]
-            elif n.op in ("sigmoid", "tanh", "relu", "exp", "softmax"):
+            elif n.op in KEEPS_OUTPUT:
                 need.append(n)
             elif n.op == "log":
                 need.append(n.args[0])
@@ -85,13 +95,7 @@ class _LoopCode:
 
     # --- forward -----------------------------------------------------------------------------
     def _expr(self, n) -> str:
-        args = [self.val(a) for a in n.args]
-        if n.op == "slice":
-            s = n.attrs["start"]
-            return f"{args[0]}[:, {s}:{s + n.width}]"
-        if n.op == "concat":
-            return f"torch.cat([{', '.join(args)}], -1)"
-        return TORCH_OPS[n.op].format(*args)
+        return torch_expr(n, [self.val(a) for a in n.args])
 
     def forward_source(self) -> str:
         k = len(self.states)
@@ -227,7 +231,7 @@ class _LoopCode:
                 self._give(x, f"{g}[:, {at}:{at + x.width}]", contrib, loop)
                 at += x.width
         else:
-            y = self.bval(n) if n.op in ("sigmoid", "tanh", "relu", "exp", "softmax") else ""
+            y = self.bval(n) if n.op in KEEPS_OUTPUT else ""
             x = self.bval(a[0]) if n.op == "log" else ""
             self._give(a[0], _DERIV[n.op].format(g=g, y=y, x=x), contrib, loop)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "exp", "log", "softmax", "neg")
+KEEPS_OUTPUT = ("sigmoid", "tanh", "relu", "exp", "softmax")     # their derivative reads the output
 ELEMENTWISE = ("add", "sub", "mul")
 
 

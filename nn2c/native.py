@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .ir import Cell, addmm_pairs, consumers, depends_on_state
+from .ir import KEEPS_OUTPUT, Cell, addmm_pairs, consumers, depends_on_state
 
 IN_PLACE_OK = ("gather", "matmul", "add", "sub", "mul", "neg", "concat")
 POINTWISE = ("add", "sub", "mul", "neg", "sigmoid", "tanh", "relu", "exp", "log", "slice", "concat")
@@ -257,7 +257,7 @@ class NativeCode:
             if n.op == "mul":
                 for a in n.args:
                     keep(a)
-            elif n.op in ("sigmoid", "tanh", "relu", "exp"):
+            elif n.op in KEEPS_OUTPUT:
                 keep(n)
             elif n.op == "log":
                 keep(n.args[0])
@@ -498,7 +498,7 @@ class NativeCode:
             give(a[0], lambda j: f"{g}[{j}] * {e(val(a[1]), j)}")
             give(a[1], lambda j: f"{g}[{j}] * {e(val(a[0]), j)}")
         elif n.op in _BWD:
-            y = val(n) if n.op in ("sigmoid", "tanh", "relu", "exp") else None
+            y = val(n) if n.op in KEEPS_OUTPUT else None
             x = val(a[0]) if n.op == "log" else None
             give(a[0], lambda j: _BWD[n.op].format(g=f"{g}[{j}]", y=f"{y}[{j}]", x=f"{x}[{j}]"))
         elif n.op == "concat":

@@ -18,7 +18,7 @@ and the element-wise fusion can merge them.
 
 from __future__ import annotations
 
-from .ir import ACTIVATIONS, Cell, Node, Part, TensorSpec, consumers, depends_on_state, rewrite
+from .ir import ACTIVATIONS, ELEMENTWISE, Cell, Node, Part, TensorSpec, consumers, depends_on_state, rewrite
 
 
 def onehot_to_gather(cell: Cell) -> Cell:
@@ -136,7 +136,7 @@ def fuse_products(cell: Cell) -> Cell:
     return rewrite(cell, fn)
 
 
-_UNARY_ELEMENTWISE = ("sigmoid", "tanh", "relu", "exp", "log", "neg")
+_UNARY_ELEMENTWISE = tuple(op for op in ACTIVATIONS if op != "softmax")     # softmax mixes a row
 
 
 def _fusion_key(n: Node, single: set[str]):
@@ -176,7 +176,7 @@ def _fuse_round(cell: Cell) -> Cell | None:
     single = _single_use_params(cell)
     groups: dict[tuple, list[Node]] = {}
     for n in cell.nodes():
-        if n.op in _UNARY_ELEMENTWISE or (n.op in ("add", "sub", "mul") and n.width == n.args[0].width):
+        if n.op in _UNARY_ELEMENTWISE or (n.op in ELEMENTWISE and n.width == n.args[0].width):
             key = _fusion_key(n, single)
             if key is not None:
                 groups.setdefault(key, []).append(n)

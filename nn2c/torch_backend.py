@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .emit import pack
-from .fused import TORCH_OPS, FusedLoop, supported as fused_supported
+from .fused import FusedLoop, supported as fused_supported, torch_expr
 from .ir import Cell, Network, addmm_pairs, consumers, depends_on_state
 
 
@@ -166,12 +166,7 @@ def _expr(node, args: list[str], xs: str) -> str:
         return xs
     if op == "gather":
         return f"F.embedding({xs}, {args[0]})"
-    if op == "slice":
-        s = node.attrs["start"]
-        return f"{args[0]}[..., {s}:{s + node.width}]"
-    if op == "concat":
-        return f"torch.cat([{', '.join(args)}], -1)"
-    return TORCH_OPS[op].format(*args)
+    return torch_expr(node, args)
 
 
 def _seq(value: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
