@@ -26,14 +26,11 @@ def build_lstm(path, hidden: int, layers: int = 2, vocab: int = len(VOCAB), seed
     """Write a .nnb LSTM with random weights of a trained-like scale (uniform ±1/√hidden,
     as torch initializes nn.LSTM); returns (path, logical weights by key, e.g. "W_f@0")."""
     from nn2c.compiler import compile_kernel, write_model
-    from nn2c.emit import logical_shapes, pack
+    from nn2c.emit import init_logical, pack
     from nn2run.codec import CharCodec
     compiled = compile_kernel("lstm", hidden, layers, vocab)
     specs = compiled.network.tensors()
-    rng = np.random.default_rng(seed)
-    k = 1.0 / np.sqrt(hidden)
-    logical = {key: rng.uniform(-k, k, shape).astype(np.float32)
-               for key, shape in sorted(logical_shapes(specs).items())}
+    logical = init_logical(specs, hidden, seed)
     # a readout of a larger scale, so that sampling sees peaked distributions as in a trained model
     logical["W_y"] *= 8.0
     chars = VOCAB if vocab == len(VOCAB) else [chr(0x100 + i) for i in range(vocab)]

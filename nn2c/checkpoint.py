@@ -50,9 +50,8 @@ class TrainState:
     def capture(self, net, opt, state) -> None:
         """Copy the live training state into this object (before saving)."""
         self.tensors = net.numpy_tensors()
-        params = dict(zip(net.names, net.parameters()))
         self.adam_m, self.adam_v = {}, {}
-        for name, p in params.items():
+        for name, p in net.tensor_dict().items():
             st = opt.state.get(p)
             if st:
                 self.adam_m[name] = st["exp_avg"].detach().cpu().numpy()
@@ -63,7 +62,7 @@ class TrainState:
 
     def restore(self, net, opt, device) -> None:
         """Put Adam's moments and the RNG back (weights were loaded with the network)."""
-        for name, p in zip(net.names, net.parameters()):
+        for name, p in net.tensor_dict().items():
             if name in self.adam_m:
                 opt.state[p] = {"step": torch.tensor(float(self.adam_step)),
                                 "exp_avg": torch.from_numpy(np.array(self.adam_m[name])).to(device),

@@ -87,6 +87,15 @@ def logical_shapes(specs: dict[str, TensorSpec]) -> dict[str, tuple]:
     return out
 
 
+def init_logical(specs: dict[str, TensorSpec], hidden: int, seed: int) -> dict[str, np.ndarray]:
+    """Initial kernel parameters, drawn per parameter (so the layout the optimizer picks does
+    not change them): uniform in ±1/√hidden, as torch initializes its recurrent layers."""
+    rng = np.random.default_rng(seed)
+    k = 1.0 / np.sqrt(hidden)
+    return {key: rng.uniform(-k, k, size=shape).astype(np.float32)
+            for key, shape in sorted(logical_shapes(specs).items())}
+
+
 def pack(specs: dict[str, TensorSpec], logical: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Kernel parameters (by key, shaped as the equations use them) -> stored tensors."""
     out = {}

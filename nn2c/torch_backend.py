@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .emit import pack
+from .emit import init_logical, pack
 from .fused import FusedLoop, supported as fused_supported, torch_expr
 from .ir import Cell, Network, addmm_pairs, consumers, depends_on_state
 
@@ -237,12 +237,6 @@ class TorchNetwork(torch.nn.Module):
 
 
 def init_tensors(network: Network, seed: int) -> dict[str, np.ndarray]:
-    """Initial weights, drawn per kernel parameter (so the layout the optimizer picks does not
-    change them): uniform in ±1/√hidden, as torch initializes its recurrent layers."""
-    from .emit import logical_shapes
+    """Initial stored tensors (see `emit.init_logical`)."""
     specs = network.tensors()
-    rng = np.random.default_rng(seed)
-    k = 1.0 / np.sqrt(network.hidden)
-    logical = {key: rng.uniform(-k, k, size=shape).astype(np.float32)
-               for key, shape in sorted(logical_shapes(specs).items())}
-    return pack(specs, logical)
+    return pack(specs, init_logical(specs, network.hidden, seed))
