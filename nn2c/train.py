@@ -208,14 +208,14 @@ class Trainer:
         x, y = self.train[k]
         logits, state = self.net(x, state)
         loss = F.cross_entropy(logits.reshape(-1, self.vocab), y.reshape(-1))
-        value = loss.item()
-        if not math.isfinite(value):
-            raise self._diverged(f"the loss became {value}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip)
-        if not math.isfinite(norm.item()):
-            raise self._diverged(f"the gradients became {norm.item()}")
+        value, norm = torch.stack([loss.detach(), norm]).tolist()      # one wait on the device
+        if not math.isfinite(value):
+            raise self._diverged(f"the loss became {value}")
+        if not math.isfinite(norm):
+            raise self._diverged(f"the gradients became {norm}")
         self.opt.step()
         return value, _detach(state)
 
