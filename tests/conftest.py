@@ -119,6 +119,20 @@ def _native_cache(tmp_path_factory):
         os.environ["NN2_CACHE"] = old
 
 
+def assert_points_at(rendered: str, line: int, col: int, under: str, width: int | None = None,
+                     skip: int = 0):
+    """A kernel error for k.eq: the header says LINE:COL, and the first caret sits `skip`
+    characters into the first `under` of the quoted line ("" for its end); `width` carets."""
+    from nn2c.errors import display_width
+    head, quoted, carets = rendered.split("\n")[:3]
+    assert head.startswith(f"k.eq:{line}:{col}: "), head
+    source_line = quoted[4:] + "\n"
+    start = source_line.index(under) if under else len(source_line) - 1
+    assert carets[4:].index("^") == display_width(source_line[:start + skip]), rendered
+    if width is not None:
+        assert carets.count("^") == width, rendered
+
+
 @pytest.fixture
 def run_cli():
     """Run a console script as a user would: returns CompletedProcess (text)."""

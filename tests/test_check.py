@@ -1,9 +1,10 @@
 """nn2c.check: names, order, output, readout and shapes of kernels; every error's position."""
 
 import pytest
+from conftest import assert_points_at
 
 from nn2c.check import Dim, H, V, X, check
-from nn2c.errors import KernelError, display_width
+from nn2c.errors import KernelError
 from nn2c.kernels import load_kernel, sample_names
 from nn2c.parse import parse
 
@@ -18,18 +19,6 @@ def check_error(source: str) -> str:
     with pytest.raises(KernelError) as info:
         checked(source)
     return str(info.value)
-
-
-def assert_points_at(rendered: str, line: int, col: int, under: str, width: int | None = None,
-                     skip: int = 0):
-    """The header says LINE:COL and the caret sits `skip` characters into `under`'s spot."""
-    head, quoted, carets = rendered.split("\n")[:3]
-    assert head.startswith(f"k.eq:{line}:{col}: "), head
-    source_line = quoted[4:]
-    assert carets[4:].index("^") == display_width(source_line[:source_line.rindex(under) + skip]), \
-        rendered
-    if width is not None:
-        assert carets.count("^") == width, rendered
 
 
 def shapes(params) -> dict[str, str]:

@@ -1,9 +1,10 @@
 """nn2c.parse (and nn2c.errors, nn2c.kernels): notations, precedence, aliases, errors."""
 
 import pytest
+from conftest import assert_points_at
 
 from nn2c.ast import BinOp, Call, Concat, Neg, Num, Var
-from nn2c.errors import KernelError, display_width
+from nn2c.errors import KernelError
 from nn2c.kernels import load_kernel, sample_names
 from nn2c.parse import parse
 
@@ -25,17 +26,6 @@ def syntax_error(source: str) -> str:
     with pytest.raises(KernelError) as info:
         parse(source, "k.eq")
     return str(info.value)
-
-
-def assert_points_at(rendered: str, line: int, col: int, under: str, width: int | None = None):
-    """The header says LINE:COL and the carets sit under `under` in the quoted line."""
-    head, quoted, carets = rendered.split("\n")[:3]
-    assert head.startswith(f"k.eq:{line}:{col}: "), head
-    source_line = quoted[4:] + "\n"
-    start = source_line.index(under) if under else len(source_line) - 1
-    assert carets[4:].index("^") == display_width(source_line[:start]), rendered
-    if width is not None:
-        assert carets.count("^") == width, rendered
 
 
 @pytest.mark.parametrize("ascii_form, unicode_form", [
