@@ -40,12 +40,21 @@ class Dim:
                        for s, c in self.terms)
         return text.lstrip("+") or "0"
 
+    def factor(self) -> str:
+        """The size as a factor of a shape: H×(H+X), not H×H+X."""
+        return f"({self})" if len(self.terms) > 1 else str(self)
+
     def value(self, H: int, X: int, V: int) -> int:
         sizes = {"H": H, "X": X, "V": V}
         return sum(sizes[s] * c for s, c in self.terms)
 
 
 H, X, V = Dim((("H", 1),)), Dim((("X", 1),)), Dim((("V", 1),))
+
+
+def shape_text(shape) -> str:
+    """A parameter's shape as it is printed: `H×X`, `H×(H+X)`, `H`; `?` for an unknown size."""
+    return "×".join("?" if d is None else d.factor() for d in shape)
 
 
 @dataclass(frozen=True)
@@ -447,7 +456,7 @@ class _Shapes:
             dims = self.matrix.get(v.name, (self.names.get(v.name),))
             shown = [self.dim(d) for d in dims]
             if None in shown:
-                text = "×".join("?" if d is None else str(d) for d in shown)
+                text = shape_text(shown)
                 raise KernelError(f"cannot infer the shape of {v.name}: it is {text}, and "
                                   "nothing ties the ? to H, X or V", pos=v.pos)
 

@@ -3,10 +3,11 @@
 import pytest
 from conftest import assert_points_at
 
-from nn2c.check import Dim, H, V, X, check
+from nn2c.check import Dim, H, V, X, check, shape_text
 from nn2c.errors import KernelError
 from nn2c.kernels import load_kernel, sample_names
 from nn2c.parse import parse
+from nn2c.report import describe_kernel
 
 HX = H + X
 
@@ -22,7 +23,7 @@ def check_error(source: str) -> str:
 
 
 def shapes(params) -> dict[str, str]:
-    return {name: "×".join(map(str, p.shape)) for name, p in params.items()}
+    return {name: shape_text(p.shape) for name, p in params.items()}
 
 
 EXPECTED_PARAMS = {
@@ -32,7 +33,7 @@ EXPECTED_PARAMS = {
     "torchgru": {f"{m}_{s}{g}": shape for g in "rzn"
                  for m, s, shape in (("W", "i", "H×X"), ("b", "i", "H"), ("W", "h", "H×H"),
                                      ("b", "h", "H"))},
-    "mgu": {"W_f": "H×H+X", "b_f": "H", "W_h": "H×H+X", "b_h": "H"},
+    "mgu": {"W_f": "H×(H+X)", "b_f": "H", "W_h": "H×(H+X)", "b_h": "H"},
 }
 EXPECTED_STATES = {"lstm": ("c", "h"), "gru": ("h",), "rnn": ("h",), "torchgru": ("h",),
                    "mgu": ("h",)}
@@ -82,7 +83,7 @@ def test_a_kernel_may_write_its_own_readout():
 
 def test_concatenation_sizes_add_up():
     kernel = checked("hₜ = tanh(W·[hₜ₋₁; xₜ] + b)\n")
-    assert shapes(kernel.params) == {"W": "H×H+X", "b": "H"}
+    assert shapes(kernel.params) == {"W": "H×(H+X)", "b": "H"}
 
 
 def test_numbers_broadcast_as_scalars():
@@ -109,6 +110,20 @@ def test_a_step_value_without_time_index_is_allowed():
     (H, "H", 32), (X, "X", 8), (V, "V", 100), (H + X, "H+X", 40), (H + H, "2H", 64)])
 def test_dim_prints_and_evaluates(dim, text, value):
     assert str(dim) == text and dim.value(H=32, X=8, V=100) == value
+
+
+@pytest.mark.parametrize("shape, text", [((H, X), "H×X"), ((H, H + X), "H×(H+X)"),
+                                         ((H + H, V), "2H×V"), ((H,), "H"), ((None, X), "?×X")])
+def test_a_sum_in_a_shape_is_parenthesised(shape, text):
+    assert shape_text(shape) == text
+
+
+def test_nn2c_check_output_counts_in_the_singular_and_parenthesises_sums():
+    out = describe_kernel("mgu", 8, 5)
+    assert "W_f      H×(H+X)  8×13" in out and "3 equations, OK" in out
+    one = describe_kernel("rnn", 8, 5).splitlines()
+    assert one[0].endswith(": 1 equation, OK")
+    assert any(ln.startswith("program (optimized, 1 layer): ") for ln in one), one
 
 
 def test_dim_terms_are_sorted():
