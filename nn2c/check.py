@@ -4,14 +4,16 @@
 parameters; sorts the cell's equations by dependency (a cycle is an error); picks the
 output and the readout (`yₜ = W_y·hₜ + b_y` unless the kernel writes its own); and
 infers every size as a `Dim` (a sum of H, X, V) by unification. Every mistake is a
-`KernelError` pointing into the source. Pure Python: imports nn2c.ast and nn2c.errors
-only (no torch, no numpy, no lark).
+`KernelError` pointing into the source; `nn2c.typos` tells a likely typo (a time index
+written wrong) before the error it would cause elsewhere. Pure Python: imports nn2c.ast,
+nn2c.errors and nn2c.typos only (no torch, no numpy, no lark).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nn2c import typos
 from nn2c.ast import (FUNCTIONS, BinOp, Call, Concat, Equation, Expr, Kernel, Neg, Num, Pos,
                       Var, walk)
 from nn2c.errors import KernelError
@@ -146,7 +148,7 @@ def _classify(cell, defs) -> tuple[list[str], dict[str, Var], dict[str, Var]]:
     return states, undefined, params
 
 
-def _input(kernel: Kernel, undefined: dict[str, Var], defs) -> str:
+def _input(kernel: Kernel, undefined: dict[str, Var], defs, params: dict[str, Var]) -> str:
     declared = kernel.declared_input
     if declared is not None:
         if declared.name in defs:
@@ -163,8 +165,7 @@ def _input(kernel: Kernel, undefined: dict[str, Var], defs) -> str:
                           f" are all undefined; define the others or declare `input {names[0]}`",
                           pos=names[1].pos)
     if not undefined:
-        raise KernelError("cannot infer the input: every ₜ name is defined; "
-                          "add `input xₜ`", pos=kernel.equations[0].target.pos)
+        raise typos.no_input(kernel, params)
     return next(iter(undefined))
 
 
@@ -240,9 +241,10 @@ def _check(kernel: Kernel) -> CheckedKernel:
     if not kernel.equations:
         raise KernelError("the kernel has no equations")
     defs = _definitions(kernel.equations)
+    typos.check_names(kernel, defs)
     cell = [eq for eq in kernel.equations if eq.target.name != "y"]
     states, undefined, params = _classify(cell, defs)
-    input_name = _input(kernel, undefined, defs)
+    input_name = _input(kernel, undefined, defs, params)
     for name, v in params.items():
         if name == input_name or name in states:
             raise KernelError(f"{name} is used without a time index; write {name}ₜ or "
@@ -250,12 +252,19 @@ def _check(kernel: Kernel) -> CheckedKernel:
     output = _output(kernel, defs, states)
     readout, readout_vars = _readout(kernel, defs, output, params)
     matrices = _matrices(cell + [readout], defs)
-    order = _order(cell, defs)
+    order = _order(cell, defs, kernel.source)
     _check_varying(order, input_name, output, states)
     shapes = _Shapes(matrices, input_name, states, output)
-    values = {input_name: kernel.declared_input or undefined[input_name]}
+    input_var = kernel.declared_input or undefined[input_name]
+    values = {input_name: input_var}
     values.update({eq.target.name: eq.target for eq in cell + [readout]})
-    sizes = shapes.solve(order, readout, values, kernel.equations + (readout,))
+    try:
+        sizes = shapes.solve(order, readout, values, kernel.equations + (readout,))
+    except KernelError as e:
+        unsized = [v for n, v in params.items()
+                   if n not in shapes.matrix and shapes.dim(shapes.names.get(n)) is None]
+        raise (typos.glued_input(kernel, input_var) or typos.unknown_vector(kernel, unsized)
+               or e) from None
     return CheckedKernel(kernel, input_name, output, tuple(states), tuple(order), readout,
                          shapes.params(params), shapes.params(readout_vars), sizes)
 
@@ -274,7 +283,7 @@ def _check_varying(order: list[Equation], input_name: str, output: str, states) 
 
 # --- order -------------------------------------------------------------------------------
 
-def _order(cell: list[Equation], defs) -> list[Equation]:
+def _order(cell: list[Equation], defs, source: str) -> list[Equation]:
     """Equations sorted by dependency within the step; ties keep source order."""
     index = {eq.target.name: i for i, eq in enumerate(cell)}
     deps = [{index[v.name] for v in _vars([eq]) if v.time != -1 and v.name in index}
@@ -283,12 +292,15 @@ def _order(cell: list[Equation], defs) -> list[Equation]:
     while len(done) < len(cell):
         ready = [i for i in range(len(cell)) if i not in done and deps[i] <= set(done)]
         if not ready:
-            raise _cycle(cell, deps, [i for i in range(len(cell)) if i not in done])
+            raise _cycle(cell, deps, [i for i in range(len(cell)) if i not in done], source)
         done.append(ready[0])
     return [cell[i] for i in done]
 
 
-def _cycle(cell, deps, remaining) -> KernelError:
+def _cycle(cell, deps, remaining, source: str) -> KernelError:
+    for i in remaining:
+        if i in deps[i]:
+            return typos.self_use(cell[i], source)
     path, node = [], remaining[0]
     while node not in path:
         path.append(node)

@@ -236,3 +236,99 @@ def test_a_state_name_without_time_index_is_an_error():
 def test_an_output_or_state_made_of_parameters_alone_is_an_error(text, name):
     text = check_error(text)
     assert f"{name} depends on neither the input nor a previous state" in text
+
+
+# --- typos a new user makes, each reported where it is -----------------------------------
+
+CELL = "hₜ = tanh(W xₜ + U {} + b)\n"
+
+
+@pytest.mark.parametrize("written, col, width", [
+    ("h_{t-}", 21, 5), ("h_{t_1}", 21, 6), ("h_t_1", 21, 4), ("h_{t1}", 21, 5),
+    ("h_tm1", 21, 4), ("h_T", 21, 2), ("h_{T-1}", 21, 6), ("hₜ₁", 21, 2), ("h₋₁", 21, 2),
+    ("h_{t–1}", 21, 6)])
+def test_a_broken_time_index_on_a_value_is_reported_at_its_subscript(written, col, width):
+    text = check_error(CELL.format(written))
+    assert f"{written} is not a time index; the previous step's value is hₜ₋₁ or h_{{t-1}}, " \
+           "this step's hₜ or h_t" in text
+    assert_points_at(text, 1, col, written, width=width, skip=1)
+
+
+def test_a_capital_t_and_a_dash_are_named():
+    assert "lowercase t" in check_error(CELL.format("h_T"))
+    assert "'–', U+2013, is a dash, not a minus sign" in check_error(CELL.format("h_{t–1}"))
+
+
+def test_a_unicode_time_index_missing_its_one_is_reported():
+    text = check_error(CELL.format("hₜ₋1"))
+    assert "hₜ₋ is not a time index" in text
+    assert_points_at(text, 1, 21, "ₜ₋", width=2)
+
+
+@pytest.mark.parametrize("written", ["h'", "h′", "h''"])
+def test_a_primed_state_name_is_reported_at_it(written):
+    text = check_error(CELL.format(written))
+    assert f"{written} would be a parameter, not the value h; the previous step's value is " \
+           "hₜ₋₁ or h_{t-1}" in text
+    assert_points_at(text, 1, 20, written, width=len(written))
+
+
+def test_a_broken_time_index_on_the_input_explains_the_missing_input():
+    text = check_error("hₜ = tanh(W x_T + U hₜ₋₁ + b)\n")
+    assert "cannot infer the input: x_T is not a time index; the input is written xₜ or x_t" in text
+    assert_points_at(text, 1, 14, "_T", width=2)
+
+
+def test_a_kernel_without_any_time_index_says_how_one_is_written():
+    text = check_error("h = tanh(W x + U h + b)\n")
+    assert "no name has a time index: write this step's values as hₜ (or h_t), the previous " \
+           "step's as hₜ₋₁ (or h_{t-1}) and the input as xₜ (or x_t)" in text
+    assert_points_at(text, 1, 1, "h", width=1)
+
+
+def test_an_input_without_its_index_is_reported_at_it():
+    text = check_error("hₜ = tanh(W x + U hₜ₋₁ + b)\n")
+    assert "cannot infer the input: no undefined name has a time index; if x is the input, " \
+           "write xₜ (or x_t)" in text
+    assert_points_at(text, 1, 13, "x ", width=1)
+
+
+@pytest.mark.parametrize("written, tail", [("h_t-1", " (h_t-1 reads as h_t − 1)"), ("hₜ", ""),
+                                           ("h", "")])
+def test_a_value_that_uses_itself_is_reported_at_the_use(written, tail):
+    text = check_error(CELL.format(written))
+    assert "hₜ uses itself within the step; the previous step's value is hₜ₋₁ or h_{t-1}, " \
+           f"this step's hₜ or h_t{tail}" in text
+    assert_points_at(text, 1, 20, f"U {written}", width=len(written.removesuffix("-1")), skip=2)
+
+
+@pytest.mark.parametrize("source, name, col", [("hₜ = tanh W xₜ + U hₜ₋₁\n", "tanh", 6),
+                                               ("hₜ = σ_h W xₜ\nwhere σ_h = tanh\n", "σ_h", 6),
+                                               ("hₜ = tanh(W xₜ) + σ hₜ₋₁\n", "σ", 19)])
+def test_a_function_without_parentheses_is_reported_at_its_name(source, name, col):
+    text = check_error(source)
+    assert f"{name} is a function: write {name}(…), with its argument in parentheses" in text
+    assert_points_at(text, 1, col, name, width=len(name))
+
+
+def test_a_name_glued_to_the_input_reads_as_a_product_hint():
+    text = check_error("hₜ = tanh(Wxₜ + U hₜ₋₁ + b)\n")
+    assert "Wxₜ is read as one name, the input; for a product write W xₜ or W·xₜ" in text
+    assert_points_at(text, 1, 11, "Wxₜ", width=3)
+
+
+def test_an_unsized_parameter_with_a_broken_time_index_is_reported_before_its_matrix():
+    text = check_error("hₜ = tanh(W xₜ + U hₜ₋₁ + V z_{t-})\n")
+    assert "z_{t-} is not a time index" in text
+    assert_points_at(text, 1, 30, "_{t-}", width=5)
+
+
+@pytest.mark.parametrize("source", [
+    "hₜ = tanh(W_T xₜ + U_T hₜ₋₁ + b_T)\n",                 # T for "transform", not time
+    "hₜ = tanh(W xₜ + U hₜ₋₁ + b′)\n",                       # a primed parameter
+    "h′ₜ = tanh(W xₜ + U h′ₜ₋₁)\nhₜ = h′ₜ\n",                 # a primed step value
+    "hₜ = tanh(W₁ xₜ + U₁ hₜ₋₁ + b_1)\n",
+    "aₜ = tanh(W_t1 xₜ)\nhₜ = aₜ ⊙ hₜ₋₁\n",                   # a subscript starting with t
+])
+def test_names_like_typos_that_are_valid_still_check(source):
+    assert checked(source).input == "x"
