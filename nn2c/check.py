@@ -195,6 +195,7 @@ def _matrices(equations, defs) -> dict[str, Var]:
                 continue
             left = node.left
             if not isinstance(left, Var) or left.time is not None or left.name in defs:
+                _missing_operator(left)
                 where = f" ({left} is defined at {defs[left.name].target.pos})" \
                     if isinstance(left, Var) and left.name in defs else ""
                 raise KernelError("the left operand of a matrix product must be a parameter "
@@ -207,6 +208,20 @@ def _matrices(equations, defs) -> dict[str, Var]:
             raise KernelError(f"{v.name} is used as a matrix at {matrices[v.name].pos} and as "
                               "a vector here", pos=v.pos)
     return matrices
+
+
+def _missing_operator(left: Expr) -> None:
+    """`W xₜ U hₜ₋₁` reads as ((W·xₜ)·U)·hₜ₋₁: say that an operator is missing after xₜ."""
+    factors = []
+    while isinstance(left, BinOp) and left.op == "matmul":
+        factors.insert(0, left.right)
+        left = left.left
+    factors.insert(0, left)
+    for value, after in zip(factors[1:], factors[2:]):
+        if not isinstance(value, Var) or value.time is not None:
+            raise KernelError(f"an operator (+ − ⊙) is missing between {show(value)} and "
+                              f"{show(after)}: a product is a matrix times a vector",
+                              pos=_start(after))
 
 
 def _start(expr: Expr) -> Pos:

@@ -190,6 +190,10 @@ class _ToAst(Transformer):
                                   pos=Pos(pos.line, pos.column, _pos(rpar).end_column))
             known = ", ".join(self.functions)
             close = _close_function(spelled, self.functions)
+            if close and spelled.startswith(close + "_"):
+                raise KernelError(f"unknown function '{spelled}'; add `where {spelled} = "
+                                  f"{close}` if it is {close} (known functions: {known})",
+                                  pos=pos)
             if close:
                 raise KernelError(f"unknown function '{spelled}'; did you mean '{close}'? "
                                   f"(known functions: {known})", pos=pos)
@@ -230,6 +234,8 @@ def _show_time(expr) -> str:
 
 def _close_function(spelled: str, functions) -> str | None:
     """The known function a misspelled name most likely means (`Tanh`, `sigma`, `tahn`)."""
+    if "_" in spelled and spelled.split("_")[0] in functions:
+        return spelled.split("_")[0]     # textbook notation: σ_g, φ_h without their `where`
     lower = {f.lower(): f for f in functions}
     close = difflib.get_close_matches(spelled.lower(), list(lower), n=1, cutoff=0.6)
     return lower[close[0]] if close else None
@@ -314,15 +320,19 @@ def _expected(names) -> str:
 
 
 # Characters that start no token, and what the writer probably meant by them.
+_PRODUCTS = "a matrix product is written W·x, W@x or W x, an element-wise one a ⊙ b or a * b"
 _MEANT = {"_": "a subscript is written W_f or W_{hf}, a time index hₜ₋₁ or h_{t-1}",
-          "×": "a matrix product is written W·x or W x, an element-wise one a ⊙ b or a * b",
-          "\\": "an equation continues on the next line inside brackets"}
+          "\\": "an equation continues on the next line inside brackets",
+          **dict.fromkeys("×.∙•∗⋆⊗", _PRODUCTS),
+          **dict.fromkeys(":←≔", "an equation or an alias is written with '='")}
 _SUBSCRIPTS = "a time index is written hₜ₋₁ or h_{t-1}, xₜ or x_t"
 
 
 def _unexpected_character(e: UnexpectedCharacters) -> KernelError:
     pos, message = Pos(e.line, e.column), f"unexpected character {describe_char(e.char)}"
     hint = _MEANT.get(e.char, _SUBSCRIPTS if "\u2080" <= e.char <= "\u209c" else None)
+    if e.char in "–—‐":
+        hint = f"U+{ord(e.char):04X}, a dash; a minus sign is - or −"
     if hint:
         return KernelError(f"{message} ({hint})", pos=pos)
     return KernelError(f"{message}; expected one of: {_expected(e.allowed)}", pos=pos)

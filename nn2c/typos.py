@@ -126,12 +126,13 @@ def self_use(eq, source: str) -> KernelError:
 
 
 def glued_input(kernel: Kernel, input_var: Var) -> KernelError | None:
-    """`Wxₜ` read as the input's name, when the kernel meant W·xₜ."""
-    if kernel.declared_input is not None or not re.match(r"[A-ZΑ-Ω][^\W\d_]", input_var.name):
+    """`Wxₜ` or `W_xₜ` read as the input's name, when the kernel meant W·xₜ or W_x·xₜ."""
+    m = re.fullmatch(r"([A-ZΑ-Ω][\w′]*?)_?([a-zα-ω])", input_var.name)
+    if kernel.declared_input is not None or m is None:
         return None
-    text = written(input_var, kernel.source)
-    return KernelError(f"{text} is read as one name, the input; for a product write "
-                       f"{text[0]} {text[1:]} or {text[0]}·{text[1:]}", pos=input_var.pos)
+    product = f"{m.group(1) if '_' not in input_var.name else input_var.name} {m.group(2)}ₜ"
+    return KernelError(f"{written(input_var, kernel.source)} is read as one name, the input; "
+                       f"for a product write {product}", pos=input_var.pos)
 
 
 def unknown_vector(kernel: Kernel, unknown: list[Var]) -> KernelError | None:

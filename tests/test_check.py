@@ -311,10 +311,18 @@ def test_a_function_without_parentheses_is_reported_at_its_name(source, name, co
     assert_points_at(text, 1, col, name, width=len(name))
 
 
-def test_a_name_glued_to_the_input_reads_as_a_product_hint():
-    text = check_error("hₜ = tanh(Wxₜ + U hₜ₋₁ + b)\n")
-    assert "Wxₜ is read as one name, the input; for a product write W xₜ or W·xₜ" in text
-    assert_points_at(text, 1, 11, "Wxₜ", width=3)
+@pytest.mark.parametrize("glued, product", [("Wxₜ", "W xₜ"), ("W_xₜ", "W_x xₜ"),
+                                             ("Wx_t", "W xₜ")])
+def test_a_name_glued_to_the_input_reads_as_a_product_hint(glued, product):
+    text = check_error(f"hₜ = tanh({glued} + U hₜ₋₁ + b)\n")
+    assert f"{glued} is read as one name, the input; for a product write {product}" in text
+    assert_points_at(text, 1, 11, glued, width=len(glued))
+
+
+def test_a_missing_operator_between_products_is_reported_where_it_is_missing():
+    text = check_error("hₜ = tanh(W xₜ U hₜ₋₁ + b)\n")
+    assert "an operator (+ − ⊙) is missing between xₜ and U" in text
+    assert_points_at(text, 1, 16, "U", width=1)
 
 
 def test_an_unsized_parameter_with_a_broken_time_index_is_reported_before_its_matrix():

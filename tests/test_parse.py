@@ -261,10 +261,33 @@ def test_a_stray_subscript_character_shows_how_a_time_index_is_written(source, c
     assert_points_at(text, 1, col, char, width=1)
 
 
-def test_a_multiplication_sign_shows_the_product_operators():
-    text = syntax_error("hₜ = tanh(W × xₜ)\n")
-    assert "unexpected character '×' (a matrix product is written W·x or W x" in text
-    assert_points_at(text, 1, 13, "×", width=1)
+@pytest.mark.parametrize("char", ["×", ".", "∙", "•", "⊗"])
+def test_a_product_sign_the_language_lacks_shows_the_product_operators(char):
+    text = syntax_error(f"hₜ = tanh(W {char} xₜ)\n")
+    assert f"unexpected character '{char}' (a matrix product is written W·x, W@x or W x, " \
+           "an element-wise one a ⊙ b or a * b)" in text
+    assert_points_at(text, 1, 13, char, width=1)
+
+
+@pytest.mark.parametrize("char, code", [("–", "U+2013"), ("—", "U+2014")])
+def test_a_dash_for_a_minus_is_named(char, code):
+    text = syntax_error(f"hₜ = (1 {char} zₜ) ⊙ xₜ\n")
+    assert f"unexpected character '{char}' ({code}, a dash; a minus sign is - or −)" in text
+    assert_points_at(text, 1, 9, char, width=1)
+
+
+@pytest.mark.parametrize("source, col", [("hₜ ← tanh(xₜ)\n", 4), ("hₜ := tanh(xₜ)\n", 4),
+                                         ("hₜ = σ_g(xₜ)\nwhere σ_g: σ\n", 10)])
+def test_an_assignment_written_otherwise_says_it_is_an_equals_sign(source, col):
+    text = syntax_error(source)
+    assert "(an equation or an alias is written with '=')" in text
+    assert f":{col}: " in text.splitlines()[0]
+
+
+def test_a_textbook_function_name_without_its_where_clause_says_how_to_add_it():
+    text = syntax_error("hₜ = σ_g(W xₜ)\n")
+    assert "unknown function 'σ_g'; add `where σ_g = σ` if it is σ" in text
+    assert_points_at(text, 1, 6, "σ_g", width=3)
 
 
 @pytest.mark.parametrize("spelled, meant", [("sigma", "sigmoid"), ("Tanh", "tanh"),
