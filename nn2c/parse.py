@@ -335,13 +335,14 @@ def _unexpected_character(e: UnexpectedCharacters) -> KernelError:
         hint = f"U+{ord(e.char):04X}, a dash; a minus sign is - or −"
     if hint:
         return KernelError(f"{message} ({hint})", pos=pos)
-    return KernelError(f"{message}; expected one of: {_expected(e.allowed)}", pos=pos)
+    expected = _expected(e.allowed)
+    return KernelError(f"{message}; expected one of: {expected}" if expected else message, pos=pos)
 
 
 def _syntax_error(e: UnexpectedInput, source: str) -> KernelError:
     if isinstance(e, UnexpectedCharacters):
         return _unexpected_character(e)
-    elif isinstance(e, UnexpectedToken) and e.token.type != "$END":
+    if isinstance(e, UnexpectedToken) and e.token.type != "$END":
         tok = e.token
         what = "end of line" if tok.type == "_NL" else f"'{tok}'"
         expected, pos = e.accepts or e.expected, Pos(tok.line, tok.column, _pos(tok).end_column)
