@@ -4,14 +4,16 @@
 parameters; sorts the cell's equations by dependency (a cycle is an error); picks the
 output and the readout (`yₜ = W_y·hₜ + b_y` unless the kernel writes its own); and
 infers every size as a `Dim` (a sum of H, X, V) by unification. Every mistake is a
-`KernelError` pointing into the source. Pure Python: imports nn2c.ast and nn2c.errors
-only (no torch, no numpy, no lark).
+`KernelError` pointing into the source; `nn2c.typos` tells a likely typo (a time index
+written wrong) before the error it would cause elsewhere. Pure Python: imports nn2c.ast,
+nn2c.errors and nn2c.typos only (no torch, no numpy, no lark).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nn2c import typos
 from nn2c.ast import (FUNCTIONS, BinOp, Call, Concat, Equation, Expr, Kernel, Neg, Num, Pos,
                       Var, walk)
 from nn2c.errors import KernelError
@@ -40,12 +42,21 @@ class Dim:
                        for s, c in self.terms)
         return text.lstrip("+") or "0"
 
+    def factor(self) -> str:
+        """The size as a factor of a shape: H×(H+X), not H×H+X."""
+        return f"({self})" if len(self.terms) > 1 else str(self)
+
     def value(self, H: int, X: int, V: int) -> int:
         sizes = {"H": H, "X": X, "V": V}
         return sum(sizes[s] * c for s, c in self.terms)
 
 
 H, X, V = Dim((("H", 1),)), Dim((("X", 1),)), Dim((("V", 1),))
+
+
+def shape_text(shape) -> str:
+    """A parameter's shape as it is printed: `H×X`, `H×(H+X)`, `H`; `?` for an unknown size."""
+    return "×".join("?" if d is None else d.factor() for d in shape)
 
 
 @dataclass(frozen=True)
@@ -137,7 +148,7 @@ def _classify(cell, defs) -> tuple[list[str], dict[str, Var], dict[str, Var]]:
     return states, undefined, params
 
 
-def _input(kernel: Kernel, undefined: dict[str, Var], defs) -> str:
+def _input(kernel: Kernel, undefined: dict[str, Var], defs, params: dict[str, Var]) -> str:
     declared = kernel.declared_input
     if declared is not None:
         if declared.name in defs:
@@ -154,8 +165,7 @@ def _input(kernel: Kernel, undefined: dict[str, Var], defs) -> str:
                           f" are all undefined; define the others or declare `input {names[0]}`",
                           pos=names[1].pos)
     if not undefined:
-        raise KernelError("cannot infer the input: every ₜ name is defined; "
-                          "add `input xₜ`", pos=kernel.equations[0].target.pos)
+        raise typos.no_input(kernel, params)
     return next(iter(undefined))
 
 
@@ -185,6 +195,7 @@ def _matrices(equations, defs) -> dict[str, Var]:
                 continue
             left = node.left
             if not isinstance(left, Var) or left.time is not None or left.name in defs:
+                _missing_operator(left)
                 where = f" ({left} is defined at {defs[left.name].target.pos})" \
                     if isinstance(left, Var) and left.name in defs else ""
                 raise KernelError("the left operand of a matrix product must be a parameter "
@@ -197,6 +208,20 @@ def _matrices(equations, defs) -> dict[str, Var]:
             raise KernelError(f"{v.name} is used as a matrix at {matrices[v.name].pos} and as "
                               "a vector here", pos=v.pos)
     return matrices
+
+
+def _missing_operator(left: Expr) -> None:
+    """`W xₜ U hₜ₋₁` reads as ((W·xₜ)·U)·hₜ₋₁: say that an operator is missing after xₜ."""
+    factors = []
+    while isinstance(left, BinOp) and left.op == "matmul":
+        factors.insert(0, left.right)
+        left = left.left
+    factors.insert(0, left)
+    for value, after in zip(factors[1:], factors[2:]):
+        if not isinstance(value, Var) or value.time is not None:
+            raise KernelError(f"an operator (+ − ⊙) is missing between {show(value)} and "
+                              f"{show(after)}: a product is a matrix times a vector",
+                              pos=_start(after))
 
 
 def _start(expr: Expr) -> Pos:
@@ -231,9 +256,10 @@ def _check(kernel: Kernel) -> CheckedKernel:
     if not kernel.equations:
         raise KernelError("the kernel has no equations")
     defs = _definitions(kernel.equations)
+    typos.check_names(kernel, defs)
     cell = [eq for eq in kernel.equations if eq.target.name != "y"]
     states, undefined, params = _classify(cell, defs)
-    input_name = _input(kernel, undefined, defs)
+    input_name = _input(kernel, undefined, defs, params)
     for name, v in params.items():
         if name == input_name or name in states:
             raise KernelError(f"{name} is used without a time index; write {name}ₜ or "
@@ -241,12 +267,19 @@ def _check(kernel: Kernel) -> CheckedKernel:
     output = _output(kernel, defs, states)
     readout, readout_vars = _readout(kernel, defs, output, params)
     matrices = _matrices(cell + [readout], defs)
-    order = _order(cell, defs)
+    order = _order(cell, defs, kernel.source)
     _check_varying(order, input_name, output, states)
     shapes = _Shapes(matrices, input_name, states, output)
-    values = {input_name: kernel.declared_input or undefined[input_name]}
+    input_var = kernel.declared_input or undefined[input_name]
+    values = {input_name: input_var}
     values.update({eq.target.name: eq.target for eq in cell + [readout]})
-    sizes = shapes.solve(order, readout, values, kernel.equations + (readout,))
+    try:
+        sizes = shapes.solve(order, readout, values, kernel.equations + (readout,))
+    except KernelError as e:
+        unsized = [v for n, v in params.items()
+                   if n not in shapes.matrix and shapes.dim(shapes.names.get(n)) is None]
+        raise (typos.glued_input(kernel, input_var) or typos.unknown_vector(kernel, unsized)
+               or e) from None
     return CheckedKernel(kernel, input_name, output, tuple(states), tuple(order), readout,
                          shapes.params(params), shapes.params(readout_vars), sizes)
 
@@ -265,7 +298,7 @@ def _check_varying(order: list[Equation], input_name: str, output: str, states) 
 
 # --- order -------------------------------------------------------------------------------
 
-def _order(cell: list[Equation], defs) -> list[Equation]:
+def _order(cell: list[Equation], defs, source: str) -> list[Equation]:
     """Equations sorted by dependency within the step; ties keep source order."""
     index = {eq.target.name: i for i, eq in enumerate(cell)}
     deps = [{index[v.name] for v in _vars([eq]) if v.time != -1 and v.name in index}
@@ -274,12 +307,15 @@ def _order(cell: list[Equation], defs) -> list[Equation]:
     while len(done) < len(cell):
         ready = [i for i in range(len(cell)) if i not in done and deps[i] <= set(done)]
         if not ready:
-            raise _cycle(cell, deps, [i for i in range(len(cell)) if i not in done])
+            raise _cycle(cell, deps, [i for i in range(len(cell)) if i not in done], source)
         done.append(ready[0])
     return [cell[i] for i in done]
 
 
-def _cycle(cell, deps, remaining) -> KernelError:
+def _cycle(cell, deps, remaining, source: str) -> KernelError:
+    for i in remaining:
+        if i in deps[i]:
+            return typos.self_use(cell[i], source)
     path, node = [], remaining[0]
     while node not in path:
         path.append(node)
@@ -447,7 +483,7 @@ class _Shapes:
             dims = self.matrix.get(v.name, (self.names.get(v.name),))
             shown = [self.dim(d) for d in dims]
             if None in shown:
-                text = "×".join("?" if d is None else str(d) for d in shown)
+                text = shape_text(shown)
                 raise KernelError(f"cannot infer the shape of {v.name}: it is {text}, and "
                                   "nothing ties the ? to H, X or V", pos=v.pos)
 

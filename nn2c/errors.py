@@ -27,6 +27,24 @@ def display_width(text: str) -> int:
     return width
 
 
+# Characters a terminal shows as nothing (or as a blank): named by code point in messages.
+_INVISIBLE = ("Cf", "Cc", "Co", "Cn", "Zs", "Zl", "Zp", "Mn", "Me")
+
+
+def describe_char(ch: str) -> str:
+    """`'$'` for a visible character; `U+200B (zero width space)` for one a terminal hides."""
+    if ch != " " and unicodedata.category(ch) in _INVISIBLE:
+        name = unicodedata.name(ch, "")
+        return f"U+{ord(ch):04X}" + (f" ({name.lower()})" if name else "")
+    return f"'{ch}'"
+
+
+def time_index_hint(name: str) -> str:
+    """How the two time indices are written, for the name `name`."""
+    return (f"the previous step's value is {name}ₜ₋₁ or {name}_{{t-1}}, "
+            f"this step's {name}ₜ or {name}_t")
+
+
 class KernelError(Exception):
     """A mistake in a kernel, with where it is (pos may be None: e.g. a missing file)."""
 

@@ -11,6 +11,7 @@ No lark object leaves this module; the runtime (nn2run) never imports it.
 
 from __future__ import annotations
 
+import difflib
 import re
 import unicodedata
 from pathlib import Path
@@ -20,7 +21,7 @@ from lark.exceptions import (UnexpectedCharacters, UnexpectedInput, UnexpectedTo
                              VisitError)
 
 from nn2c.ast import BUILTIN_ALIASES, BinOp, Call, Concat, Equation, Kernel, Neg, Num, Pos, Var
-from nn2c.errors import KernelError
+from nn2c.errors import KernelError, describe_char, time_index_hint
 
 _PARSER: Lark | None = None
 
@@ -70,6 +71,7 @@ def _parser() -> Lark:
 
 def parse(source: str, filename: str = "<kernel>") -> Kernel:
     """Parse kernel text into a `Kernel`; raise `KernelError` pointing at the first mistake."""
+    source = source.removeprefix("\ufeff")   # a byte-order mark some editors write
     try:
         _check_brackets(source)
         try:
@@ -162,6 +164,13 @@ class _ToAst(Transformer):
         return BinOp("mul" if isinstance(left, Num) else "matmul", left, right, _pos(op))
 
     def juxtapose(self, left, right):
+        name = left.right if isinstance(left, BinOp) and left.op == "matmul" else left
+        if isinstance(name, Var) and isinstance(right, Concat) and len(right.parts) == 1 \
+                and _is_time(right.parts[0]) and name.pos.line == right.pos.line \
+                and name.pos.end_column == right.pos.column:
+            raise KernelError(f"{name}[{_show_time(right.parts[0])}] is not a time index; "
+                              f"{time_index_hint(str(name))}",
+                              pos=Pos(name.pos.line, name.pos.column, right.pos.end_column))
         return BinOp("mul" if isinstance(left, Num) else "matmul", left, right, right.pos)
 
     def neg(self, op, operand):
@@ -172,12 +181,24 @@ class _ToAst(Transformer):
         parts = tuple(c for c in children if not isinstance(c, Token))
         return Concat(parts, _pos(meta))
 
-    def call(self, name: Token, _lpar, arg, _rpar) -> Call:
+    def call(self, name: Token, _lpar, arg, rpar) -> Call:
         spelled, pos = normalise_name(str(name)), _pos(name)
         if spelled not in self.functions:
+            if _is_time(arg):
+                raise KernelError(f"{spelled}({_show_time(arg)}) is not a time index; "
+                                  f"{time_index_hint(spelled)}",
+                                  pos=Pos(pos.line, pos.column, _pos(rpar).end_column))
+            known = ", ".join(self.functions)
+            close = _close_function(spelled, self.functions)
+            if close and spelled.startswith(close + "_"):
+                raise KernelError(f"unknown function '{spelled}'; add `where {spelled} = "
+                                  f"{close}` if it is {close} (known functions: {known})",
+                                  pos=pos)
+            if close:
+                raise KernelError(f"unknown function '{spelled}'; did you mean '{close}'? "
+                                  f"(known functions: {known})", pos=pos)
             raise KernelError(f"unknown function '{spelled}' (for a product write "
-                              f"{spelled}·(…); known functions: "
-                              f"{', '.join(self.functions)})", pos=pos)
+                              f"{spelled}·(…); known functions: {known})", pos=pos)
         return Call(self.functions[spelled], arg, pos, spelled)
 
     @v_args(meta=True)
@@ -196,6 +217,28 @@ class _ToAst(Transformer):
 
     def start(self, *statements):
         return [item for s in statements for item in s]
+
+
+def _is_time(expr) -> bool:
+    """`t`, `t-1`, `T − 1`: a time index written as an expression, as in h(t-1) or h[t-1]."""
+    if isinstance(expr, BinOp) and expr.op in ("add", "sub") and isinstance(expr.right, Num):
+        expr = expr.left
+    return isinstance(expr, Var) and expr.name in ("t", "T") and expr.time is None
+
+
+def _show_time(expr) -> str:
+    if isinstance(expr, Var):
+        return expr.name
+    return f"{expr.left.name}{'-' if expr.op == 'sub' else '+'}{expr.right.value:g}"
+
+
+def _close_function(spelled: str, functions) -> str | None:
+    """The known function a misspelled name most likely means (`Tanh`, `sigma`, `tahn`)."""
+    if "_" in spelled and spelled.split("_")[0] in functions:
+        return spelled.split("_")[0]     # textbook notation: σ_g, φ_h without their `where`
+    lower = {f.lower(): f for f in functions}
+    close = difflib.get_close_matches(spelled.lower(), list(lower), n=1, cutoff=0.6)
+    return lower[close[0]] if close else None
 
 
 def _kernel(statements, source: str, filename: str, aliases: dict[str, str]) -> Kernel:
@@ -218,6 +261,7 @@ def _check_brackets(source: str) -> None:
     stack: list[tuple[str, int, int]] = []
     for i, raw in enumerate(lines):
         code = raw.split("#", 1)[0]
+        _check_braces(code, i + 1)
         for j, ch in enumerate(code):
             if ch in _OPENERS:
                 stack.append((ch, i + 1, j + 1))
@@ -232,6 +276,24 @@ def _check_brackets(source: str) -> None:
             opener, line, col = stack[-1]
             end = len(code.rstrip()) + 1
             raise KernelError(f"unclosed '{opener}' opened at {line}:{col}", pos=Pos(i + 1, end))
+
+
+def _check_braces(code: str, line: int) -> None:
+    """A subscript's braces open and close on one line: `W_{hf}`, `h_{t-1}`."""
+    opened = None
+    for j, ch in enumerate(code):
+        if ch == "{" and opened is None:
+            opened = j
+        elif ch == "}" and opened is None:
+            raise KernelError("unmatched '}'", pos=Pos(line, j + 1))
+        elif ch == "}":
+            opened = None
+    if opened is not None:
+        start = opened - 1 if opened and code[opened - 1] == "_" else opened
+        name = re.search(r"[^\W\d_][\w′']*$", code[:start])
+        base = name.group(0) if name else "h"
+        raise KernelError(f"unclosed '{{' of a subscript; {time_index_hint(base)}",
+                          pos=Pos(line, start + 1, opened + 2))
 
 
 def _continues(lines: list[str], i: int) -> bool:
@@ -257,15 +319,39 @@ def _expected(names) -> str:
     return ", ".join(words)
 
 
+# Characters that start no token, and what the writer probably meant by them.
+_PRODUCTS = "a matrix product is written W·x, W@x or W x, an element-wise one a ⊙ b or a * b"
+_MEANT = {"_": "a subscript is written W_f or W_{hf}, a time index hₜ₋₁ or h_{t-1}",
+          "\\": "an equation continues on the next line inside brackets",
+          **dict.fromkeys("×.∙•∗⋆⊗", _PRODUCTS),
+          **dict.fromkeys(":←≔", "an equation or an alias is written with '='")}
+_SUBSCRIPTS = "a time index is written hₜ₋₁ or h_{t-1}, xₜ or x_t"
+
+
+def _unexpected_character(e: UnexpectedCharacters) -> KernelError:
+    pos, message = Pos(e.line, e.column), f"unexpected character {describe_char(e.char)}"
+    hint = _MEANT.get(e.char, _SUBSCRIPTS if "\u2080" <= e.char <= "\u209c" else None)
+    if e.char in "–—‐":
+        hint = f"U+{ord(e.char):04X}, a dash; a minus sign is - or −"
+    if hint:
+        return KernelError(f"{message} ({hint})", pos=pos)
+    expected = _expected(e.allowed)
+    return KernelError(f"{message}; expected one of: {expected}" if expected else message, pos=pos)
+
+
 def _syntax_error(e: UnexpectedInput, source: str) -> KernelError:
     if isinstance(e, UnexpectedCharacters):
-        what, expected, pos = f"character '{e.char}'", e.allowed, Pos(e.line, e.column)
-    elif isinstance(e, UnexpectedToken) and e.token.type != "$END":
+        return _unexpected_character(e)
+    if isinstance(e, UnexpectedToken) and e.token.type != "$END":
         tok = e.token
         what = "end of line" if tok.type == "_NL" else f"'{tok}'"
         expected, pos = e.accepts or e.expected, Pos(tok.line, tok.column, _pos(tok).end_column)
         if tok.type == "_NL":
             pos = Pos(tok.line, tok.column)
+            before = source.split("\n")[tok.line - 1][:tok.column - 1].rstrip()
+            if before and before[-1] in "+-−⊙∘*·⋅@":
+                what = (f"end of line after '{before[-1]}' (an equation continues on the "
+                        "next line only inside brackets)")
     else:
         lines = source.rstrip("\n").split("\n")
         what, expected = "end of file", getattr(e, "expected", ())

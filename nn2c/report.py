@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nn2run.dis import disassemble
 
-from .check import show
+from .check import shape_text, show
 from .compiler import compile_kernel
 from .kernels import load_kernel
 from .optimize import PASSES
@@ -13,9 +13,14 @@ DEFAULT_HIDDEN, DEFAULT_VOCAB = 128, 65
 
 
 def _shape(param, sizes) -> str:
-    symbolic = "×".join(str(d) for d in param.shape)
+    symbolic = shape_text(param.shape)
     concrete = "×".join(str(d.value(**sizes)) for d in param.shape)
     return f"{symbolic:<8} {concrete}"
+
+
+def count(n: int, noun: str) -> str:
+    """`1 equation`, `6 equations`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def describe_kernel(spec: str, hidden: int | None, vocab: int | None, layers: int = 1,
@@ -25,7 +30,7 @@ def describe_kernel(spec: str, hidden: int | None, vocab: int | None, layers: in
     full = compile_kernel(kernel, hidden, layers, vocab)
     c = full.checked
     sizes = {"H": hidden, "X": vocab, "V": vocab}
-    out = [f"kernel {kernel.filename}: {len(c.order)} equations, OK",
+    out = [f"kernel {kernel.filename}: {count(len(c.order), 'equation')}, OK",
            f"  shapes for --hidden {hidden} --vocab {vocab} (layer 0: X = V; layers above: X = H)", "",
            f"input    {c.input}ₜ   X",
            f"output   {c.output}ₜ   H",
@@ -39,7 +44,8 @@ def describe_kernel(spec: str, hidden: int | None, vocab: int | None, layers: in
     plain = compile_kernel(kernel, hidden, layers, vocab, passes=())
     shown = full if optimized else plain
     label = "optimized" if optimized else "unoptimized"
-    out += ["", f"program ({label}, {layers} layer(s)): {len(shown.program['code'])} instructions; "
+    out += ["", f"program ({label}, {count(layers, 'layer')}): "
+                f"{count(len(shown.program['code']), 'instruction')}; "
                 f"{len(plain.program['code'])} before the passes ({', '.join(PASSES)})"]
     out.append(disassemble(shown.program))
     return "\n".join(out)

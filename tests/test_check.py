@@ -3,10 +3,11 @@
 import pytest
 from conftest import assert_points_at
 
-from nn2c.check import Dim, H, V, X, check
+from nn2c.check import Dim, H, V, X, check, shape_text
 from nn2c.errors import KernelError
 from nn2c.kernels import load_kernel, sample_names
 from nn2c.parse import parse
+from nn2c.report import describe_kernel
 
 HX = H + X
 
@@ -22,7 +23,7 @@ def check_error(source: str) -> str:
 
 
 def shapes(params) -> dict[str, str]:
-    return {name: "×".join(map(str, p.shape)) for name, p in params.items()}
+    return {name: shape_text(p.shape) for name, p in params.items()}
 
 
 EXPECTED_PARAMS = {
@@ -32,7 +33,7 @@ EXPECTED_PARAMS = {
     "torchgru": {f"{m}_{s}{g}": shape for g in "rzn"
                  for m, s, shape in (("W", "i", "H×X"), ("b", "i", "H"), ("W", "h", "H×H"),
                                      ("b", "h", "H"))},
-    "mgu": {"W_f": "H×H+X", "b_f": "H", "W_h": "H×H+X", "b_h": "H"},
+    "mgu": {"W_f": "H×(H+X)", "b_f": "H", "W_h": "H×(H+X)", "b_h": "H"},
 }
 EXPECTED_STATES = {"lstm": ("c", "h"), "gru": ("h",), "rnn": ("h",), "torchgru": ("h",),
                    "mgu": ("h",)}
@@ -82,7 +83,7 @@ def test_a_kernel_may_write_its_own_readout():
 
 def test_concatenation_sizes_add_up():
     kernel = checked("hₜ = tanh(W·[hₜ₋₁; xₜ] + b)\n")
-    assert shapes(kernel.params) == {"W": "H×H+X", "b": "H"}
+    assert shapes(kernel.params) == {"W": "H×(H+X)", "b": "H"}
 
 
 def test_numbers_broadcast_as_scalars():
@@ -109,6 +110,20 @@ def test_a_step_value_without_time_index_is_allowed():
     (H, "H", 32), (X, "X", 8), (V, "V", 100), (H + X, "H+X", 40), (H + H, "2H", 64)])
 def test_dim_prints_and_evaluates(dim, text, value):
     assert str(dim) == text and dim.value(H=32, X=8, V=100) == value
+
+
+@pytest.mark.parametrize("shape, text", [((H, X), "H×X"), ((H, H + X), "H×(H+X)"),
+                                         ((H + H, V), "2H×V"), ((H,), "H"), ((None, X), "?×X")])
+def test_a_sum_in_a_shape_is_parenthesised(shape, text):
+    assert shape_text(shape) == text
+
+
+def test_nn2c_check_output_counts_in_the_singular_and_parenthesises_sums():
+    out = describe_kernel("mgu", 8, 5)
+    assert "W_f      H×(H+X)  8×13" in out and "3 equations, OK" in out
+    one = describe_kernel("rnn", 8, 5).splitlines()
+    assert one[0].endswith(": 1 equation, OK")
+    assert any(ln.startswith("program (optimized, 1 layer): ") for ln in one), one
 
 
 def test_dim_terms_are_sorted():
@@ -221,3 +236,107 @@ def test_a_state_name_without_time_index_is_an_error():
 def test_an_output_or_state_made_of_parameters_alone_is_an_error(text, name):
     text = check_error(text)
     assert f"{name} depends on neither the input nor a previous state" in text
+
+
+# --- typos a new user makes, each reported where it is -----------------------------------
+
+CELL = "hₜ = tanh(W xₜ + U {} + b)\n"
+
+
+@pytest.mark.parametrize("written, col, width", [
+    ("h_{t-}", 21, 5), ("h_{t_1}", 21, 6), ("h_t_1", 21, 4), ("h_{t1}", 21, 5),
+    ("h_tm1", 21, 4), ("h_T", 21, 2), ("h_{T-1}", 21, 6), ("hₜ₁", 21, 2), ("h₋₁", 21, 2),
+    ("h_{t–1}", 21, 6)])
+def test_a_broken_time_index_on_a_value_is_reported_at_its_subscript(written, col, width):
+    text = check_error(CELL.format(written))
+    assert f"{written} is not a time index; the previous step's value is hₜ₋₁ or h_{{t-1}}, " \
+           "this step's hₜ or h_t" in text
+    assert_points_at(text, 1, col, written, width=width, skip=1)
+
+
+def test_a_capital_t_and_a_dash_are_named():
+    assert "lowercase t" in check_error(CELL.format("h_T"))
+    assert "'–', U+2013, is a dash, not a minus sign" in check_error(CELL.format("h_{t–1}"))
+
+
+def test_a_unicode_time_index_missing_its_one_is_reported():
+    text = check_error(CELL.format("hₜ₋1"))
+    assert "hₜ₋ is not a time index" in text
+    assert_points_at(text, 1, 21, "ₜ₋", width=2)
+
+
+@pytest.mark.parametrize("written", ["h'", "h′", "h''"])
+def test_a_primed_state_name_is_reported_at_it(written):
+    text = check_error(CELL.format(written))
+    assert f"{written} would be a parameter, not the value h; the previous step's value is " \
+           "hₜ₋₁ or h_{t-1}" in text
+    assert_points_at(text, 1, 20, written, width=len(written))
+
+
+def test_a_broken_time_index_on_the_input_explains_the_missing_input():
+    text = check_error("hₜ = tanh(W x_T + U hₜ₋₁ + b)\n")
+    assert "cannot infer the input: x_T is not a time index; the input is written xₜ or x_t" in text
+    assert_points_at(text, 1, 14, "_T", width=2)
+
+
+def test_a_kernel_without_any_time_index_says_how_one_is_written():
+    text = check_error("h = tanh(W x + U h + b)\n")
+    assert "no name has a time index: write this step's values as hₜ (or h_t), the previous " \
+           "step's as hₜ₋₁ (or h_{t-1}) and the input as xₜ (or x_t)" in text
+    assert_points_at(text, 1, 1, "h", width=1)
+
+
+def test_an_input_without_its_index_is_reported_at_it():
+    text = check_error("hₜ = tanh(W x + U hₜ₋₁ + b)\n")
+    assert "cannot infer the input: no undefined name has a time index; if x is the input, " \
+           "write xₜ (or x_t)" in text
+    assert_points_at(text, 1, 13, "x ", width=1)
+
+
+@pytest.mark.parametrize("written, tail", [("h_t-1", " (h_t-1 reads as h_t − 1)"), ("hₜ", ""),
+                                           ("h", "")])
+def test_a_value_that_uses_itself_is_reported_at_the_use(written, tail):
+    text = check_error(CELL.format(written))
+    assert "hₜ uses itself within the step; the previous step's value is hₜ₋₁ or h_{t-1}, " \
+           f"this step's hₜ or h_t{tail}" in text
+    assert_points_at(text, 1, 20, f"U {written}", width=len(written.removesuffix("-1")), skip=2)
+
+
+@pytest.mark.parametrize("source, name, col", [("hₜ = tanh W xₜ + U hₜ₋₁\n", "tanh", 6),
+                                               ("hₜ = σ_h W xₜ\nwhere σ_h = tanh\n", "σ_h", 6),
+                                               ("hₜ = tanh(W xₜ) + σ hₜ₋₁\n", "σ", 19)])
+def test_a_function_without_parentheses_is_reported_at_its_name(source, name, col):
+    text = check_error(source)
+    assert f"{name} is a function: write {name}(…), with its argument in parentheses" in text
+    assert_points_at(text, 1, col, name, width=len(name))
+
+
+@pytest.mark.parametrize("glued, product", [("Wxₜ", "W xₜ"), ("W_xₜ", "W_x xₜ"),
+                                             ("Wx_t", "W xₜ")])
+def test_a_name_glued_to_the_input_reads_as_a_product_hint(glued, product):
+    text = check_error(f"hₜ = tanh({glued} + U hₜ₋₁ + b)\n")
+    assert f"{glued} is read as one name, the input; for a product write {product}" in text
+    assert_points_at(text, 1, 11, glued, width=len(glued))
+
+
+def test_a_missing_operator_between_products_is_reported_where_it_is_missing():
+    text = check_error("hₜ = tanh(W xₜ U hₜ₋₁ + b)\n")
+    assert "an operator (+ − ⊙) is missing between xₜ and U" in text
+    assert_points_at(text, 1, 16, "U", width=1)
+
+
+def test_an_unsized_parameter_with_a_broken_time_index_is_reported_before_its_matrix():
+    text = check_error("hₜ = tanh(W xₜ + U hₜ₋₁ + V z_{t-})\n")
+    assert "z_{t-} is not a time index" in text
+    assert_points_at(text, 1, 30, "_{t-}", width=5)
+
+
+@pytest.mark.parametrize("source", [
+    "hₜ = tanh(W_T xₜ + U_T hₜ₋₁ + b_T)\n",                 # T for "transform", not time
+    "hₜ = tanh(W xₜ + U hₜ₋₁ + b′)\n",                       # a primed parameter
+    "h′ₜ = tanh(W xₜ + U h′ₜ₋₁)\nhₜ = h′ₜ\n",                 # a primed step value
+    "hₜ = tanh(W₁ xₜ + U₁ hₜ₋₁ + b_1)\n",
+    "aₜ = tanh(W_t1 xₜ)\nhₜ = aₜ ⊙ hₜ₋₁\n",                   # a subscript starting with t
+])
+def test_names_like_typos_that_are_valid_still_check(source):
+    assert checked(source).input == "x"

@@ -126,9 +126,16 @@ def test_positions_are_line_and_character_column():
 
 
 def test_syntax_error_names_what_was_expected_with_a_caret():
-    text = syntax_error("aₜ = xₜ\nhₜ = W +\n")
+    text = syntax_error("aₜ = xₜ\nhₜ =\n")
     assert "unexpected end of line; expected one of: a name, a number" in text
-    assert_points_at(text, 2, 9, "")
+    assert_points_at(text, 2, 5, "")
+
+
+@pytest.mark.parametrize("op", ["+", "⊙", "·"])
+def test_a_line_ending_in_an_operator_says_how_to_continue_an_equation(op):
+    text = syntax_error(f"aₜ = xₜ\nhₜ = W xₜ {op}\n")
+    assert f"unexpected end of line after '{op}'" in text and "inside brackets" in text
+    assert_points_at(text, 2, 12, "")
 
 
 def test_unexpected_token_is_shown_in_quotes():
@@ -215,3 +222,100 @@ def test_load_kernel_reports_non_utf8(tmp_path):
 def test_unknown_sample_lists_the_samples():
     with pytest.raises(KernelError, match="samples: .*lstm"):
         load_kernel("nosuchcell")
+
+
+# --- typos a new user makes, each reported where it is -----------------------------------
+
+@pytest.mark.parametrize("source, col, under, name", [
+    ("hₜ = tanh(W xₜ + U h_{t-1 + b)\n", 21, "_{t-1", "h"),
+    ("hₜ = tanh(W_f x_{t + U hₜ₋₁)\n", 16, "_{t +", "x"),
+])
+def test_an_unclosed_subscript_brace_is_reported_at_the_subscript(source, col, under, name):
+    text = syntax_error(source)
+    assert "unclosed '{' of a subscript" in text and f"{name}ₜ₋₁ or {name}_{{t-1}}" in text
+    assert_points_at(text, 1, col, under, width=2)
+
+
+def test_an_unmatched_closing_brace_is_reported_at_it():
+    text = syntax_error("hₜ = tanh(W xₜ + U h_{t-1}} + b)\n")
+    assert "unmatched '}'" in text
+    assert_points_at(text, 1, 27, "} +", width=1)
+
+
+@pytest.mark.parametrize("written, col", [("h(t-1)", 20), ("h(t)", 20), ("h[t-1]", 20),
+                                          ("h[t − 1]", 20)])
+def test_a_time_index_written_as_an_argument_or_index_is_reported(written, col):
+    text = syntax_error(f"hₜ = tanh(W xₜ + U {written} + b)\n")
+    assert "is not a time index" in text and "hₜ₋₁ or h_{t-1}" in text
+    assert_points_at(text, 1, col, written, width=len(written))
+
+
+@pytest.mark.parametrize("source, col, char", [
+    ("hₜ = tanh(W xₜ + U hₜ-₁)\n", 23, "₁"),       # an ASCII minus between subscripts
+    ("hₜ = tanh(W xₜ + U hₜ_₁)\n", 22, "_"),
+    ("hₜ = tanh(W xₜ + U h_(t-1))\n", 21, "_"),
+])
+def test_a_stray_subscript_character_shows_how_a_time_index_is_written(source, col, char):
+    text = syntax_error(source)
+    assert f"unexpected character '{char}'" in text and "h_{t-1}" in text
+    assert_points_at(text, 1, col, char, width=1)
+
+
+@pytest.mark.parametrize("char", ["×", ".", "∙", "•", "⊗"])
+def test_a_product_sign_the_language_lacks_shows_the_product_operators(char):
+    text = syntax_error(f"hₜ = tanh(W {char} xₜ)\n")
+    assert f"unexpected character '{char}' (a matrix product is written W·x, W@x or W x, " \
+           "an element-wise one a ⊙ b or a * b)" in text
+    assert_points_at(text, 1, 13, char, width=1)
+
+
+@pytest.mark.parametrize("char, code", [("–", "U+2013"), ("—", "U+2014")])
+def test_a_dash_for_a_minus_is_named(char, code):
+    text = syntax_error(f"hₜ = (1 {char} zₜ) ⊙ xₜ\n")
+    assert f"unexpected character '{char}' ({code}, a dash; a minus sign is - or −)" in text
+    assert_points_at(text, 1, 9, char, width=1)
+
+
+@pytest.mark.parametrize("source, col", [("hₜ ← tanh(xₜ)\n", 4), ("hₜ := tanh(xₜ)\n", 4),
+                                         ("hₜ = σ_g(xₜ)\nwhere σ_g: σ\n", 10)])
+def test_an_assignment_written_otherwise_says_it_is_an_equals_sign(source, col):
+    text = syntax_error(source)
+    assert "(an equation or an alias is written with '=')" in text
+    assert f":{col}: " in text.splitlines()[0]
+
+
+def test_a_textbook_function_name_without_its_where_clause_says_how_to_add_it():
+    text = syntax_error("hₜ = σ_g(W xₜ)\n")
+    assert "unknown function 'σ_g'; add `where σ_g = σ` if it is σ" in text
+    assert_points_at(text, 1, 6, "σ_g", width=3)
+
+
+@pytest.mark.parametrize("spelled, meant", [("sigma", "sigmoid"), ("Tanh", "tanh"),
+                                            ("tahn", "tanh"), ("Relu", "relu")])
+def test_a_misspelled_function_suggests_the_known_one(spelled, meant):
+    text = syntax_error(f"hₜ = {spelled}(W xₜ)\n")
+    assert f"unknown function '{spelled}'; did you mean '{meant}'?" in text
+    assert_points_at(text, 1, 6, spelled, width=len(spelled))
+
+
+def test_a_byte_order_mark_at_the_start_is_skipped(tmp_path):
+    path = tmp_path / "cell.eq"
+    path.write_text("hₜ = tanh(W xₜ + U hₜ₋₁)\n", encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    kernel = load_kernel(str(path))
+    assert kernel.equations == parse("hₜ = tanh(W xₜ + U hₜ₋₁)\n").equations
+    assert kernel.equations[0].target.pos.column == 1
+
+
+def test_a_byte_order_mark_keeps_error_columns():
+    text = syntax_error("\ufeffhₜ = tanh(W xₜ $)\n")
+    assert_points_at(text, 1, 16, "$", width=1)
+
+
+@pytest.mark.parametrize("char, named", [("\u200b", "U+200B (zero width space)"),
+                                         ("\ufeff", "U+FEFF (zero width no-break space)"),
+                                         ("\u2009", "U+2009 (thin space)")])
+def test_an_invisible_character_is_named_by_its_code_point(char, named):
+    text = syntax_error(f"hₜ = tanh(W xₜ +{char} U hₜ₋₁)\n")
+    assert f"unexpected character {named};" in text
+    assert_points_at(text, 1, 17, char, width=1)
