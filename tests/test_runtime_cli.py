@@ -96,6 +96,18 @@ def test_lines_of_a_byte_model_are_bytes_with_lf_cr_and_backslash_escaped(byte_m
     assert r.stdout == b"\xff\\\\a\\rb\n\x80\n"
 
 
+def test_a_char_model_writes_whole_utf8_characters(tmp_path):
+    import nn2run
+    from nn2run.generate import generate
+    from nn2run.sample import Sampler, SamplerConfig
+    path = build_model(tmp_path / "u.nnb", "rnn", 8, 1, 40, seed=5)[0]     # ids ≥ 26 are U+011A… (2 bytes)
+    r = run(path, "-p", "a", "-n", "500", "--seed", "9")
+    m = nn2run.load(path)
+    ids = [int(nxt[0]) for _, nxt in generate(m, [[0]], 500, Sampler(SamplerConfig(), 9))]
+    assert max(ids) >= 26
+    assert r.stdout.decode("utf-8") == "a" + "".join(m.vocab[i] for i in ids)
+
+
 # --- prime and line conventions -------------------------------------------------------
 def test_a_stdin_prime_loses_one_trailing_newline(model):
     r = run(model, "--prime", "-", "-n", "5", "--seed", "1", input=b"cab\n")   # echo "cab" | ...
