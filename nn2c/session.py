@@ -100,5 +100,6 @@ def _sample(path: str, n: int) -> None:
     from nn2run.sample import Sampler, SamplerConfig
     m = nn2run.load(path)
     dec = m.codec.decoder()
-    text = "".join(dec(int(ids[0])) for _, ids in generate(m, [[start_token(m)]], n, Sampler(SamplerConfig(), 0)))
-    print(text)
+    pieces = [dec(int(ids[0])) for _, ids in generate(m, [[start_token(m)]], n, Sampler(SamplerConfig(), 0))]
+    # a byte model's sample is bytes: shown as text here, since it is a message on the console
+    print(b"".join(pieces).decode("utf-8", "replace") if m.codec.binary else "".join(pieces))

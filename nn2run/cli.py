@@ -1,12 +1,21 @@
-"""`nn2run`: the command line of the runtime. Argument handling only; the work is in
-`nn2run.model`, `nn2run.generate`, `nn2run.sample` and `nn2run.dis`.
+"""`nn2run`: the command line of the runtime. Argument handling and stdin/stdout only; the
+work is in `nn2run.model`, `nn2run.generate`, `nn2run.score`, `nn2run.sample` and `nn2run.dis`.
 
-Exit status: 0 success, 1 bad input (prime, options), 2 a model that cannot be loaded
-(or a usage error), 130 interrupted.
+`nn2run MODEL.nnb [options]` is `nn2run generate MODEL.nnb [options]`: a first argument
+that is not a command name goes to the default command. Other commands are registered
+on `main` with one line each: `main.add_command(cmd)`, or, imported only when used,
+`main.add_lazy_command("NAME", "module:attribute")`.
+
+Data: a char (text) model reads and writes UTF-8 text; a byte model reads and writes raw
+bytes (its codec's `binary`), so binary data round-trips.
+
+Exit status: 0 success, 1 bad input (prime, options) or output that cannot be written,
+2 a model that cannot be loaded (or a usage error), 130 interrupted.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -16,6 +25,8 @@ import click
 from . import __version__
 from .codec import CodecError
 from .format import NNBFormatError
+
+EXIT_HELP = "Exit status: 0 ok, 1 bad input or unwritable output, 2 a model that cannot be loaded, 130 interrupted."
 
 
 class Failure(click.ClickException):
@@ -29,6 +40,90 @@ class Failure(click.ClickException):
         click.echo(f"nn2run: {self.format_message()}", err=True)
 
 
+class DefaultGroup(click.Group):
+    """A group whose first argument, when it is not a command name (nor a group option),
+    is handed to the default command, so `nn2run MODEL.nnb ...` keeps working."""
+
+    def __init__(self, *args, default: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default = default
+        self._lazy: dict[str, str] = {}
+
+    def add_lazy_command(self, name: str, target: str) -> None:
+        """Register `name` as the click command at "module:attribute", imported on first use."""
+        self._lazy[name] = target
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(set(self.commands) | set(self._lazy))
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in self._lazy:
+            import importlib
+            module, _, attr = self._lazy[name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return self.commands.get(name)
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in self._lazy \
+                and args[0] not in ("-h", "--help", "--version"):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+class Output:
+    """stdout as bytes (text is written as UTF-8): flushed at most every 50 ms, and on every
+    write to a terminal. A write that fails raises OutputError."""
+
+    def __init__(self):
+        self.stream = sys.stdout.buffer
+        self.tty = sys.stdout.isatty()
+        self.last = time.monotonic()
+
+    def write(self, piece: "str | bytes") -> None:
+        try:
+            self.stream.write(piece.encode("utf-8") if isinstance(piece, str) else piece)
+            now = time.monotonic()
+            if self.tty or now - self.last > 0.05:
+                self.stream.flush()
+                self.last = now
+        except OSError as e:
+            raise OutputError(e) from None
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            raise OutputError(e) from None
+
+
+class OutputError(Exception):
+    """Writing to stdout failed (a full disk, a closed pipe)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.strerror or str(error))
+        self.errno = error.errno
+
+
+def _silence_stdout() -> None:
+    # whatever is still buffered cannot be written: point stdout at /dev/null so that the
+    # interpreter's last flush does not print a second error
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _guarded(body):
+    """Run a command body: output errors, a closed pipe and Ctrl-C become one line or none."""
+    try:
+        body()
+    except OutputError as e:
+        _silence_stdout()
+        if e.errno != errno.EPIPE:          # the reader went away (`| head`): stop quietly
+            raise Failure(f"cannot write to stdout: {e}") from None
+    except KeyboardInterrupt:
+        raise Failure("interrupted", code=130) from None
+
+
+# --- input ------------------------------------------------------------------------------
 def _open(path: str, verify: bool):
     from .model import load
     try:
@@ -38,112 +133,229 @@ def _open(path: str, verify: bool):
         raise Failure(f"cannot load {path}: {reason}", code=2) from None
 
 
+def _read_stdin() -> bytes:
+    try:
+        return sys.stdin.buffer.read()
+    except OSError as e:
+        raise Failure(f"cannot read stdin: {e.strerror or e}") from None
+
+
+def _stdin_lines(binary: bool):
+    """stdin's lines without their terminators (LF or CRLF), as bytes for a binary codec
+    and as text otherwise; yields (line number, line)."""
+    try:
+        for number, raw in enumerate(sys.stdin.buffer, 1):
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            line = line[:-1] if raw.endswith(b"\r\n") else line
+            if binary:
+                yield number, line
+                continue
+            try:
+                yield number, line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Failure(f"line {number} is not UTF-8 text") from None
+    except OSError as e:
+        raise Failure(f"cannot read stdin: {e.strerror or e}") from None
+
+
+def _prime_data(model, prime: str) -> "str | bytes":
+    """The prime as the codec takes it. From stdin (`-`): raw bytes for a binary codec; UTF-8
+    text for a text codec, without one trailing line terminator (`echo "The" | ...`)."""
+    binary = model.codec.binary
+    if prime != "-":
+        # argv bytes that were not UTF-8 arrive as surrogate escapes: a byte model takes them back
+        return prime.encode("utf-8", "surrogateescape") if binary else prime
+    data = _read_stdin()
+    if binary:
+        return data
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Failure("the prime is not UTF-8 text") from None
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def _encode(model, data, where: str = "") -> list[int]:
+    from .generate import start_token
+    if isinstance(data, str) and any("\udc80" <= ch <= "\udcff" for ch in data):
+        raise Failure(f"{where}the prime is not UTF-8 text")
+    try:
+        return model.codec.encode(data) if data else [start_token(model)]
+    except CodecError as e:
+        raise Failure(f"{where}{e}") from None
+
+
 def _sampler(model, temperature, top_k, top_p, greedy, seed):
     from .sample import Sampler, SamplerConfig
+    if greedy and (temperature, top_k, top_p) != (None, None, None):
+        raise Failure("--greedy always takes the most likely token: give it without -t, --top-k and --top-p")
     t = temperature if temperature is not None else model.sampling["temperature"]
-    cfg = SamplerConfig(temperature=t, top_k=top_k, top_p=top_p, greedy=greedy)
     try:
-        return Sampler(cfg, seed)
+        return Sampler(SamplerConfig(temperature=t, top_k=top_k, top_p=top_p, greedy=greedy), seed)
     except ValueError as e:
         raise Failure(str(e)) from None
 
 
-def _encode(model, text: str) -> list[int]:
-    from .generate import start_token
-    if any("\udc80" <= ch <= "\udcff" for ch in text):      # undecodable bytes read from stdin
-        raise Failure("the prime is not UTF-8 text")
-    try:
-        return model.codec.encode(text) if text else [start_token(model)]
-    except CodecError as e:
-        raise Failure(str(e)) from None
+# --- output -----------------------------------------------------------------------------
+def _join(model, pieces) -> "str | bytes":
+    return b"".join(pieces) if model.codec.binary else "".join(pieces)
 
 
-class _Out:
-    """stdout writer that flushes at most every 50 ms (and on every write to a terminal)."""
-
-    def __init__(self):
-        self.stream = sys.stdout
-        self.tty = self.stream.isatty()
-        self.last = time.monotonic()
-
-    def write(self, text: str) -> None:
-        self.stream.write(text)
-        now = time.monotonic()
-        if self.tty or now - self.last > 0.05:
-            self.stream.flush()
-            self.last = now
+def _escape(line: "str | bytes") -> "str | bytes":
+    """One output line per input line: backslash, LF and CR escaped as \\\\, \\n and \\r."""
+    if isinstance(line, bytes):
+        return line.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+    return line.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def _stream(model, prime: str, n: int, sampler) -> None:
+def _json_line(obj: dict, binary: bool) -> str:
+    """One JSON object and a newline. A byte model's bytes are read as UTF-8 with undecodable
+    bytes as U+DC80..U+DCFF escapes (Python's surrogateescape), so nothing is lost."""
+    import json
+    if binary:
+        obj = {k: v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for k, v in obj.items()}
+    return json.dumps(obj, ensure_ascii=binary) + "\n"
+
+
+def _stream(model, data, n: int, sampler, out: Output, jsonl: bool) -> None:
     from .generate import generate
-    ids = _encode(model, prime)
-    out = _Out()
-    out.write(prime)
+    ids = _encode(model, data)
     decode = model.codec.decoder()
-    start = len(ids) - 1
-    for t, nxt in generate(model, [ids], n, sampler):
-        if t >= start:
-            out.write(decode(int(nxt[0])))
-    out.write("\n" if sys.stdout.isatty() else "")
-    sys.stdout.flush()
+    start, pieces = len(ids) - 1, []
+    if not jsonl:
+        out.write(data)
+    try:
+        for t, nxt in generate(model, [ids], n, sampler):
+            if t >= start:
+                if jsonl:
+                    pieces.append(decode(int(nxt[0])))
+                else:
+                    out.write(decode(int(nxt[0])))
+    finally:                                     # Ctrl-C: what was made is still written
+        if jsonl:
+            out.write(_json_line({"prime": data, "text": _join(model, pieces)}, model.codec.binary))
+        elif out.tty:
+            out.write("\n")                      # so the shell prompt starts on a line of its own
+        out.flush()
 
 
-def _lines(model, n: int, sampler) -> None:
+def _lines(model, n: int, sampler, out: Output, jsonl: bool) -> None:
     """One stream per stdin line, all continued at once; one output line per input line."""
     from .generate import generate
-    primes = [line.rstrip("\n") for line in sys.stdin]
+    primes = [line for _, line in _stdin_lines(model.codec.binary)]
     if not primes:
         return
-    encoded = [_encode(model, p) for p in primes]
+    encoded = [_encode(model, p, f"line {i}: ") for i, p in enumerate(primes, 1)]
     texts = [[] for _ in primes]
     starts = [len(e) - 1 for e in encoded]
     decoders = [model.codec.decoder() for _ in primes]
-    for t, nxt in generate(model, encoded, n, sampler):
-        for i, s in enumerate(starts):
-            if s <= t < s + n:
-                texts[i].append(decoders[i](int(nxt[i])))
-    for prime, text in zip(primes, texts):
-        line = prime + "".join(text)
-        sys.stdout.write(line.replace("\\", "\\\\").replace("\n", "\\n") + "\n")
-    sys.stdout.flush()
+    try:
+        for t, nxt in generate(model, encoded, n, sampler):
+            for i, s in enumerate(starts):
+                if s <= t < s + n:
+                    texts[i].append(decoders[i](int(nxt[i])))
+    finally:                                     # Ctrl-C: every line as far as it got
+        for number, (prime, text) in enumerate(zip(primes, texts), 1):
+            if jsonl:
+                out.write(_json_line({"line": number, "prime": prime, "text": _join(model, text)},
+                                     model.codec.binary))
+            else:
+                out.write(_escape(prime + _join(model, text)))
+                out.write(b"\n")
+        out.flush()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]},
-               epilog="Exit status: 0 ok, 1 bad input, 2 a model that cannot be loaded, 130 interrupted.")
-@click.argument("model_path", metavar="MODEL.nnb", type=click.Path(dir_okay=True))
-@click.option("--prime", "-p", default="", help="Text to start from; '-' reads it from stdin.")
+def _score(model, out: Output, jsonl: bool, batch: int = 256) -> None:
+    from .score import score
+    chunk = []
+
+    def flush_chunk():
+        encoded = [_encode(model, line, f"line {number}: ") if line else [] for number, line in chunk]
+        for (number, line), (bits, count) in zip(chunk, score(model, encoded)):
+            if jsonl:
+                out.write(_json_line({"line": number, "bits_per_token": None if count == 0 else round(bits, 6),
+                                      "tokens": count, "text": line}, model.codec.binary))
+            else:
+                out.write(f"{bits:.4f}\t")
+                out.write(_escape(line))
+                out.write(b"\n")
+        chunk.clear()
+    for item in _stdin_lines(model.codec.binary):
+        chunk.append(item)
+        if len(chunk) == batch:
+            flush_chunk()
+    flush_chunk()
+    out.flush()
+
+
+# --- commands ---------------------------------------------------------------------------
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(cls=DefaultGroup, default="generate", context_settings=CONTEXT, epilog=EXIT_HELP)
+@click.version_option(__version__, prog_name="nn2run")
+def main():
+    """The nn2 runtime. `nn2run MODEL.nnb [options]` generates text (the `generate` command);
+    `nn2run score MODEL.nnb < lines` scores lines."""
+
+
+def _model_options(fn):
+    fn = click.option("--verify/--no-verify", default=True, show_default=True,
+                      help="Check the SHA-256 of the tensor data before running (the header's is always checked).")(fn)
+    return click.argument("model_path", metavar="MODEL.nnb", type=click.Path(dir_okay=True))(fn)
+
+
+@main.command(context_settings=CONTEXT, epilog=EXIT_HELP)
+@_model_options
+@click.option("--prime", "-p", default="",
+              help="Text to start from; '-' reads it from stdin (a text model drops one trailing newline; "
+                   "a byte model takes the bytes exactly).")
 @click.option("-n", "length", type=int, default=500, show_default=True, help="Tokens to generate (per stream).")
 @click.option("--temperature", "-t", type=float, default=None, help="Sampling temperature (default: the model's, else 1.0).")
 @click.option("--top-k", type=int, default=None, help="Sample from the K most likely tokens.")
 @click.option("--top-p", type=float, default=None, help="Sample from the smallest set with probability ≥ P.")
-@click.option("--greedy", is_flag=True, help="Always take the most likely token.")
+@click.option("--greedy", is_flag=True, help="Always take the most likely token (not with -t, --top-k, --top-p).")
 @click.option("--seed", type=int, default=None, help="Random seed: the same seed gives the same text.")
-@click.option("--lines", is_flag=True, help="Continue every stdin line at once; one output line each (\\n escaped).")
+@click.option("--lines", is_flag=True,
+              help="Continue every stdin line at once; one output line each (\\, LF and CR escaped as \\\\, \\n, "
+                   "\\r). Each line is its own prime: --prime is refused with --lines.")
+@click.option("--jsonl", is_flag=True, help="Print one JSON object per stream: {prime, text} (with --lines, also line).")
 @click.option("--info", is_flag=True, help="Print the header: equations, parameters, provenance.")
 @click.option("--dis", is_flag=True, help="Disassemble the program, one instruction a line.")
-@click.option("--verify", is_flag=True, help="Also verify the checksum of the tensor data.")
-@click.version_option(__version__, prog_name="nn2run")
-def main(model_path, prime, length, temperature, top_k, top_p, greedy, seed, lines, info, dis, verify):
+def generate(model_path, verify, prime, length, temperature, top_k, top_p, greedy, seed, lines, jsonl, info, dis):
     """Generate text with an nn2 model: nn2run MODEL.nnb --prime "The" -n 500"""
     if length < 0:
         raise Failure("-n must be ≥ 0")
+    if lines and prime:
+        raise Failure("--prime cannot be used with --lines: each stdin line is a prime of its own")
     model = _open(model_path, verify)
-    try:
+    out = Output()
+
+    def body():
         if info or dis:
             from .dis import describe, disassemble
             if info:
-                click.echo(describe(model))
+                out.write(describe(model) + "\n")
             if dis:
-                click.echo(disassemble(model.program, model.tensors))
+                out.write(disassemble(model.program, model.tensors) + "\n")
+            out.flush()
             return
         sampler = _sampler(model, temperature, top_k, top_p, greedy, seed)
         if lines:
-            _lines(model, length, sampler)
+            _lines(model, length, sampler, out, jsonl)
         else:
-            _stream(model, sys.stdin.read() if prime == "-" else prime, length, sampler)
-    except BrokenPipeError:
-        # the reader went away (`| head`): stop quietly, and keep Python from complaining at exit
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except KeyboardInterrupt:
-        raise Failure("interrupted", code=130) from None
+            _stream(model, _prime_data(model, prime), length, sampler, out, jsonl)
+    _guarded(body)
+
+
+@main.command(context_settings=CONTEXT, epilog=EXIT_HELP)
+@_model_options
+@click.option("--jsonl", is_flag=True, help="Print one JSON object per line: {line, bits_per_token, tokens, text}.")
+def score(model_path, verify, jsonl):
+    """Score stdin lines: for each, its mean bits per character (per token), a tab, the line.
+
+    A line is scored as if it followed a newline; an empty line scores nan.
+    `nn2run score m.nnb < log.txt | sort -rn | head` shows the most surprising lines."""
+    model = _open(model_path, verify)
+    out = Output()
+    _guarded(lambda: _score(model, out, jsonl))

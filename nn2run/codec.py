@@ -2,13 +2,14 @@
 
 Built in: `char` (one token per Unicode character seen in the corpus, the default) and
 `byte` (256 tokens, any input). Other packages add codecs through the entry-point group
-`nn2.codecs`; a codec class has `name`, `vocab`, `encode`, `decoder`, `to_header` and a
-classmethod `from_header`.
+`nn2.codecs`; a codec class has `name`, `vocab`, `encode`, `decoder`, `to_header`, a
+classmethod `from_header`, and `binary`: False for a codec whose data is text (`encode`
+takes str, the decoder gives str), True for one whose data is bytes (`encode` takes
+bytes, or str that it encodes as UTF-8; the decoder gives bytes). The command line reads
+and writes raw bytes for a binary codec and UTF-8 text otherwise.
 """
 
 from __future__ import annotations
-
-import codecs as _stdcodecs
 
 MAX_VOCAB = 1 << 20
 
@@ -21,6 +22,7 @@ class CharCodec:
     """One token per character; the vocabulary is the sorted set of corpus characters."""
 
     name = "char"
+    binary = False
 
     def __init__(self, vocab: list[str]):
         self.vocab = list(vocab)
@@ -52,15 +54,16 @@ class CharCodec:
         return [self._index[ch] for ch in text]
 
     def decoder(self):
-        """A function id -> text, for streaming output."""
+        """A function id -> text, for streaming output: every token is a whole character."""
         vocab = self.vocab
         return vocab.__getitem__
 
 
 class ByteCodec:
-    """One token per byte; text is UTF-8. Any input can be encoded."""
+    """One token per byte: any data, binary or text (text is encoded as UTF-8)."""
 
     name = "byte"
+    binary = True
     vocab = [bytes([b]).decode("latin-1") for b in range(256)]
 
     @classmethod
@@ -70,13 +73,13 @@ class ByteCodec:
     def to_header(self) -> dict:
         return {"name": self.name}
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, data: "bytes | str") -> list[int]:
+        return list(data.encode("utf-8") if isinstance(data, str) else bytes(data))
 
     def decoder(self):
-        """A function id -> text that buffers incomplete UTF-8 sequences."""
-        dec = _stdcodecs.getincrementaldecoder("utf-8")(errors="replace")
-        return lambda i: dec.decode(bytes((i,)))
+        """A function id -> bytes: each token is one byte of output, written as it is."""
+        table = [bytes((b,)) for b in range(256)]
+        return table.__getitem__
 
 
 BUILTIN = {"char": CharCodec, "byte": ByteCodec}

@@ -21,11 +21,13 @@ def generate(model: Model, primes: list[list[int]], n: int, sampler: Sampler) ->
     Yields (step, ids) after each VM step. Stream i is generating (its ids[i] is new
     text) at steps len(primes[i]) - 1 ... len(primes[i]) + n - 2; before that it is
     still reading its prime. Streams run in lock step on one VM, so shorter primes
-    start generating earlier. Each prime must hold at least one token.
+    start generating earlier. Each prime must hold at least one token, each an integer
+    in [0, len(model.vocab)) (else ValueError, as for Model.step).
     """
+    primes = _check_primes(model, primes)
+    if type(n) is not int or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
     lens = np.array([len(p) for p in primes])
-    if lens.min() < 1:
-        raise ValueError("every prime needs at least one token")
     vm = model.vm(len(primes))
     vm.reset()
     total = int(lens.max()) - 1 + n
@@ -44,3 +46,18 @@ def generate(model: Model, primes: list[list[int]], n: int, sampler: Sampler) ->
                 nxt[reading] = padded[reading, t + 1]
             yield t, nxt
             ids = nxt
+
+
+def _check_primes(model: Model, primes) -> list[np.ndarray]:
+    if isinstance(primes, (str, bytes)) or not hasattr(primes, "__len__") or len(primes) == 0:
+        raise ValueError("primes must be a non-empty list of token-id lists, one per stream")
+    checked = []
+    for i, p in enumerate(primes):
+        try:
+            ids = model.check_ids(p)
+        except ValueError as e:
+            raise ValueError(f"prime {i}: {e}") from None
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"prime {i}: needs at least one token id (a flat list)")
+        checked.append(ids)
+    return checked

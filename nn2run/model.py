@@ -26,6 +26,35 @@ from .vm import VM, fold_bias_into_gathers
 MAX_LAYERS = 1024
 
 
+def check_ids(ids, vocab_size: int, shape: tuple | None = None) -> np.ndarray:
+    """Token ids as the VM takes them (an intp array), or a ValueError naming the first bad
+    one: every id must be an integer in [0, vocab_size). The VM itself does not check (its
+    gather would clip), so every public entry point calls this."""
+    try:
+        a = np.asarray(ids)
+    except ValueError:
+        raise ValueError("token ids must be a flat sequence of integers") from None
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"token ids must have shape {shape}, got {a.shape}")
+    if a.dtype.kind == "O":           # Python ints too large for int64, or mixed objects
+        ints = all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in a.flat)
+    else:
+        ints = a.dtype.kind in "iu" or a.size == 0      # np.asarray([]) is float64
+    if not ints:
+        bad = next(x for x in a.flat if not isinstance(x, (int, np.integer)) or isinstance(x, (bool, np.bool_)))
+        raise ValueError(f"token ids must be integers: {bad.item() if isinstance(bad, np.generic) else bad!r} is not")
+    if a.size:
+        outside = (a < 0) | (a >= vocab_size)
+        if outside.any():
+            bad = a[outside.astype(bool)].flat[0]
+            raise ValueError(f"token id {int(bad)} is outside the model's vocabulary [0, {vocab_size})")
+    return a.astype(np.intp)
+
+
+class ClosedModelError(ValueError):
+    """The model was closed (Model.close()): its tensors are gone."""
+
+
 class State:
     """The recurrent state of a batch of streams: one (batch, width) array per state variable."""
 
@@ -113,6 +142,7 @@ class Model:
         Matrices are stored transposed and possibly stacked with others (the file's
         layout is the optimizer's choice); this returns a read-only view either way.
         """
+        self._check_open()
         p = self._params.get(f"{name}@{layer}") or self._params.get(name)
         if p is None:
             raise KeyError(f"no parameter {name!r} (layer {layer}); have {', '.join(self._params)}")
@@ -122,8 +152,18 @@ class Model:
         return t[p["start"]:p["stop"]]
 
     # --- running ------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._file is None:
+            raise ClosedModelError("the model is closed (close() was called); load it again")
+
+    def check_ids(self, ids, shape: tuple | None = None) -> np.ndarray:
+        """`ids` as an intp array after checking each is a token id of this model."""
+        return check_ids(ids, len(self.vocab), shape)
+
     def vm(self, batch: int) -> VM:
         """The VM bound for `batch` streams (built once per batch size)."""
+        self._check_open()
+        _check_batch(batch)
         if batch not in self._vms:
             if self._bound is None:
                 self._bound = fold_bias_into_gathers(self.program, self.tensors)
@@ -135,17 +175,31 @@ class Model:
         return list(self._state_names)
 
     def initial_state(self, batch: int = 1) -> State:
+        """The zero state for `batch` streams (batch a positive integer)."""
+        self._check_open()
+        _check_batch(batch)
         widths = self.program["registers"]
         return State(self.state_names,
                      [np.zeros((batch, widths[s["prev"]]), np.float32) for s in self.program["states"]])
 
+    def _check_state(self, state) -> None:
+        if not isinstance(state, State):
+            raise ValueError(f"state must be a State (from initial_state() or step()), got {type(state).__name__}")
+        if state.names != list(self._state_names):
+            raise ValueError(f"state is not this model's: it holds {_names(state.names)}, "
+                             f"this model's is {_names(self._state_names)}")
+        widths = self.program["registers"]
+        for (name, layer), a, st in zip(state.names, state.arrays, self.program["states"]):
+            want = (state.batch, widths[st["prev"]])
+            if not isinstance(a, np.ndarray) or a.shape != want:
+                got = a.shape if isinstance(a, np.ndarray) else type(a).__name__
+                raise ValueError(f"state is not this model's: {name}@{layer} is {got}, this model's is {want}")
+
     def step(self, ids, state: State):
         """Advance every stream one token: ids (batch,) ints -> (logits (batch, vocab), new state)."""
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or ids.shape[0] != state.batch or ids.dtype.kind not in "iu":
-            raise ValueError(f"ids must be an int array of shape ({state.batch},)")
-        if ids.size and (ids.min() < 0 or ids.max() >= len(self.vocab)):
-            raise ValueError(f"token ids must be in [0, {len(self.vocab)})")
+        self._check_open()
+        self._check_state(state)
+        ids = self.check_ids(ids, (state.batch,))
         vm = self.vm(state.batch)
         for buf, a in zip(vm.state_arrays(), state.arrays):
             np.copyto(buf, a)
@@ -156,7 +210,9 @@ class Model:
         """Release the file: the map closes unless the caller still holds arrays from it."""
         self._vms.clear()
         self._bound, self.tensors = None, {}
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self):
         return self
@@ -165,8 +221,21 @@ class Model:
         self.close()
 
 
+def _check_batch(batch) -> None:
+    if type(batch) is not int and not isinstance(batch, np.integer) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+
+
+def _names(names) -> str:
+    return ", ".join(f"{n}@{layer}" for n, layer in names) or "no states"
+
+
 def load(path, verify: bool = False) -> Model:
-    """Open and validate a .nnb file (memory-mapped). Raises NNBFormatError if it is not valid."""
+    """Open and validate a .nnb file (memory-mapped). Raises NNBFormatError if it is not valid.
+
+    The header is always checked against its SHA-256. verify=False (the default) leaves the
+    tensor data's SHA-256 unchecked, so that opening does not read the whole file (the
+    command line verifies by default); verify=True reads and checks it."""
     return Model(fmt.read(path, verify_data=verify))
 
 

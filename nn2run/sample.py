@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,12 +16,13 @@ class SamplerConfig:
     greedy: bool = False
 
     def check(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError("temperature must be > 0")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError("top-k must be ≥ 1")
+        """ValueError for a value no sampler can use (NaN and infinity included)."""
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be > 0 and finite, got {self.temperature}")
+        if self.top_k is not None and (type(self.top_k) is not int or self.top_k < 1):
+            raise ValueError(f"top-k must be ≥ 1 (an integer), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError("top-p must be in (0, 1]")
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
 
 
 class Sampler:

@@ -68,10 +68,82 @@ def test_batch_rows_are_independent(lstm):
     np.testing.assert_allclose(many[1], single[0], atol=1e-6)
 
 
-def test_step_rejects_out_of_range_ids(lstm):
+BAD_IDS = [([99], "token id 99 is outside"), ([-1], "token id -1 is outside"), ([7], "token id 7 is outside"),
+           ([1.5], "token ids must be integers: 1.5 is not"), ([10**12], f"token id {10**12} is outside"),
+           ([10**30], f"token id {10**30} is outside"), (np.array([1.0]), "token ids must be integers: 1.0 is not"),
+           ([True], "token ids must be integers: True is not")]
+
+
+@pytest.mark.parametrize("ids, message", BAD_IDS)
+def test_step_names_the_bad_token_id(lstm, ids, message):
     m = nn2run.load(lstm[0])
-    with pytest.raises(ValueError, match="token ids"):
-        m.step(np.array([7]), m.initial_state(1))
+    with pytest.raises(ValueError, match=message):
+        m.step(ids, m.initial_state(1))
+
+
+@pytest.mark.parametrize("ids, message", BAD_IDS)
+def test_generate_validates_token_ids_as_step_does(lstm, ids, message):
+    m = nn2run.load(lstm[0])
+    with pytest.raises(ValueError, match=f"prime 1: {message}"):
+        list(generate(m, [[0, 1], list(ids)], 3, Sampler(SamplerConfig(), 0)))
+
+
+@pytest.mark.parametrize("primes", [[], [[]], "ab", [[[0]]]])
+def test_generate_refuses_primes_that_are_not_lists_of_ids(lstm, primes):
+    m = nn2run.load(lstm[0])
+    with pytest.raises(ValueError, match="prime"):
+        list(generate(m, primes, 3, Sampler(SamplerConfig(), 0)))
+
+
+def test_a_closed_model_says_it_is_closed(lstm):
+    m = nn2run.load(lstm[0])
+    state = m.initial_state(1)
+    m.close()
+    for call in (lambda: m.step([0], state), lambda: m.initial_state(1), lambda: m.param("W_f"),
+                 lambda: list(generate(m, [[0]], 2, Sampler(SamplerConfig(), 0)))):
+        with pytest.raises(nn2run.ClosedModelError, match="closed"):
+            call()
+
+
+def test_a_state_from_another_model_is_named_as_such(lstm, tmp_path):
+    other = nn2run.load(build_model(tmp_path / "gru.nnb", "gru", 5, 1, 7)[0])
+    m = nn2run.load(lstm[0])
+    with pytest.raises(ValueError, match="state is not this model's: it holds h@0"):
+        m.step([0], other.initial_state(1))
+    wide = nn2run.load(build_model(tmp_path / "wide.nnb", "lstm", 13, 2, 7)[0])
+    with pytest.raises(ValueError, match="state is not this model's: c@0 is"):
+        m.step([0], wide.initial_state(1))
+
+
+@pytest.mark.parametrize("state", [None, "s", [np.zeros((1, 12))]])
+def test_step_without_a_state_says_a_state_is_needed(lstm, state):
+    m = nn2run.load(lstm[0])
+    with pytest.raises(ValueError, match="state must be a State"):
+        m.step([0], state)
+
+
+@pytest.mark.parametrize("batch", [-1, 0, 1.5, "2"])
+def test_initial_state_needs_a_positive_integer_batch(lstm, batch):
+    m = nn2run.load(lstm[0])
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        m.initial_state(batch=batch)
+
+
+def test_float_ids_of_the_right_shape_are_named_not_a_shape_problem(lstm):
+    m = nn2run.load(lstm[0])
+    with pytest.raises(ValueError, match="must be integers") as e:
+        m.step(np.array([0.0, 1.0]), m.initial_state(2))
+    assert "shape" not in str(e.value)
+    with pytest.raises(ValueError, match=r"shape \(2,\), got \(3,\)"):
+        m.step([0, 1, 2], m.initial_state(2))
+
+
+def test_generate_and_sample_resolve_after_import_nn2run():
+    import subprocess
+    import sys
+    code = "import nn2run; nn2run.generate.generate; nn2run.sample.Sampler; nn2run.sample.SamplerConfig"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
 def test_generate_same_seed_same_text_and_streams_continue_their_own_prime(lstm):

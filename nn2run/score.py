@@ -1,0 +1,46 @@
+"""Scoring: how surprising each of many token sequences is to a model, batched on one VM.
+
+Imports NumPy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .generate import start_token
+from .model import Model
+
+
+def score(model: Model, lines: list[list[int]]) -> list[tuple[float, int]]:
+    """(mean bits per token, token count) of each line, all lines stepped at once.
+
+    A line is read as if it followed the start token (a newline where the vocabulary has
+    one, as in the corpus a line follows the previous line's end): the first token is
+    predicted from the start token alone, each later one from everything before it. The
+    figure is the mean of -log2 p(token); an empty line has none and scores NaN.
+    """
+    checked = [model.check_ids(ids) for ids in lines]
+    if not checked:
+        return []
+    lens = np.array([len(ids) for ids in checked])
+    longest = int(lens.max())
+    targets = np.zeros((len(checked), longest), np.intp)
+    for i, ids in enumerate(checked):
+        targets[i, :len(ids)] = ids
+    inputs = np.concatenate([np.full((len(checked), 1), start_token(model), np.intp), targets[:, :-1]], axis=1)
+    bits = np.zeros(len(checked))
+    rows = np.arange(len(checked))
+    vm = model.vm(len(checked))
+    vm.reset()
+    with np.errstate(all="ignore"):
+        for t in range(longest):
+            z = vm.advance(inputs[:, t]).astype(np.float64)
+            top = z.max(axis=1)
+            log_norm = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+            surprise = (log_norm - z[rows, targets[:, t]]) / math.log(2)
+            bits += np.where(t < lens, surprise, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = bits / lens
+    return [(float(m), int(n)) for m, n in zip(mean, lens)]
