@@ -115,7 +115,7 @@ def final_line(req: TrainRequest, cfg: TrainConfig, corpus, summary: dict) -> st
     kept = f"checkpoint {req.checkpoint} kept for --resume"
     if summary["steps_run"] == 0:
         length = f"--steps {summary['total_steps']}" if cfg.epochs is None else \
-            f"--epochs {cfg.epochs:g} ({summary['total_steps']:,} steps)"
+            f"--epochs {cfg.epochs:g} ({summary['total_steps']:,} step{'' if summary['total_steps'] == 1 else 's'})"
         return (f"nothing left to train: {req.checkpoint} is at step {summary['steps']}, {length}; "
                 f"wrote {what} (from the checkpoint)")
     return (f"wrote {what}; {summary['chars_per_s']:,} chars/s on {summary['device']} ({summary['loop']} loop); "

@@ -286,18 +286,17 @@ class Trainer:
                 else "no checkpoint was written yet")
         if ts.step == 0 or self._overflows_at_init():
             when = ("with the initial weights, before any update" if ts.step == 0 else
-                    "and the initial weights give a non-finite loss on the same text too")
+                    "and the initial weights give non-finite values on the same text too")
             return Diverged(f"{what} at step {ts.step + 1} {when}: kernel {self.compiled.kernel_name} overflows "
                             f"as written, so --lr is not the cause; stopped: {kept}; bound what grows without "
                             "limit (e.g. exp of an unbounded sum) with σ or tanh")
         return Diverged(f"{what} at step {ts.step + 1} (--lr {self.cfg.lr:g}); stopped: {kept}; "
                         "try a lower --lr or --clip")
 
-    @torch.no_grad()
     def _overflows_at_init(self) -> bool:
         """Whether the initial weights, run over this epoch's windows up to the failing one,
-        give a non-finite loss: then the kernel overflows, whatever the rate. Only tried
-        early in an epoch, where replaying the windows is cheap."""
+        give a non-finite loss or gradient: then the kernel overflows, whatever the rate.
+        Only tried early in an epoch, where replaying the windows is cheap."""
         k = self.ts.step % len(self.train)
         if k >= INIT_PROBE_WINDOWS:
             return False
@@ -307,8 +306,12 @@ class Trainer:
         for j in range(k + 1):
             x, y = self.train[j]
             logits, state = net(x, state)
-            if not math.isfinite(F.cross_entropy(logits.reshape(-1, self.vocab), y.reshape(-1)).item()):
+            loss = F.cross_entropy(logits.reshape(-1, self.vocab), y.reshape(-1))
+            net.zero_grad(set_to_none=True)
+            loss.backward()
+            if not (torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters())):
                 return True
+            state = _detach(state)
         return False
 
     def run(self) -> dict:

@@ -20,7 +20,7 @@ import stat
 import fcntl
 _TEMP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")   # tempfile's random names
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
@@ -31,7 +31,7 @@ def target_of(path) -> str:
 
 def not_regular(path) -> str | None:
     """What `path` (followed through symlinks) is when it exists and is not a regular file,
-    e.g. "a FIFO (named pipe)"; None when it is a regular file or does not exist."""
+    e.g. "a FIFO"; None when it is a regular file or does not exist."""
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
