@@ -105,21 +105,20 @@ def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -
 
 def final_line(req: TrainRequest, cfg: TrainConfig, corpus, summary: dict) -> str:
     """What was written, from which weights, and the checkpoint kept beside it."""
-    if summary["best_val_loss"] is None:
-        weights = (f"validation off (--val-frac 0): the file holds the final weights, step {summary['steps']}"
-                   if cfg.val_frac == 0 else f"not validated yet: the file holds the weights of step {summary['steps']}")
+    if summary["best_val_loss"] is None:      # a finished run validates at its last step unless it is off
+        weights = f"validation off (--val-frac 0): the file holds the final weights, step {summary['steps']}"
     else:
         weights = f"val loss {fmt_value(summary['best_val_loss'])} (best, step {summary['best_step']})"
     what = (f"{req.output}: {cfg.layers}×{cfg.hidden} {cfg.kernel}, vocabulary {len(corpus.codec.vocab)}; {weights}, "
             f"train loss {fmt_value(summary['train_loss'])}")
-    kept = f"checkpoint {req.checkpoint} kept for --resume"
     if summary["steps_run"] == 0:
-        length = f"--steps {summary['total_steps']}" if cfg.epochs is None else \
-            f"--epochs {cfg.epochs:g} ({summary['total_steps']:,} step{'' if summary['total_steps'] == 1 else 's'})"
+        total = summary["total_steps"]
+        length = (f"--steps {total}" if cfg.epochs is None else
+                  f"--epochs {cfg.epochs:g} ({total:,} step{'' if total == 1 else 's'})")
         return (f"nothing left to train: {req.checkpoint} is at step {summary['steps']}, {length}; "
                 f"wrote {what} (from the checkpoint)")
     return (f"wrote {what}; {summary['chars_per_s']:,} chars/s on {summary['device']} ({summary['loop']} loop); "
-            f"{kept}")
+            f"checkpoint {req.checkpoint} kept for --resume")
 
 
 def _sample(path: str, n: int) -> None:
