@@ -122,7 +122,7 @@ def read_corpus(path: str, codec: str = "char") -> Corpus:
         vocab = [chr(c) for c in np.flatnonzero(seen)]
         del seen
         ids = _encode(buf, path, start, vocab, count)
-        notes = (f"{path} has Windows line endings (CRLF): '\\r' is a token of the vocabulary and generated "
-                 "text will have it too; convert the file (e.g. dos2unix) to train without it",
-                 ) if buf.find(b"\r\n") >= 0 else ()
+        crlf = (f"{path} has Windows line endings (CRLF): '\\r' is a token of the vocabulary and generated "
+                "text will have it too; convert the file (e.g. dos2unix) to train without it")
+        notes = (crlf,) if buf.find(b"\r\n") >= 0 else ()
     return Corpus(path, CharCodec(vocab), ids, sha, notes)

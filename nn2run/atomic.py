@@ -14,10 +14,10 @@ nobody holds was left by a writer that was killed; the next write of the same fi
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 
-import fcntl
 _TEMP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")   # tempfile's random names
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),

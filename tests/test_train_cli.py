@@ -21,7 +21,7 @@ import nn2run
 import nn2run.format as fmt
 from conftest import build_model
 from nn2c.cli import main as nn2c_main
-from nn2c.corpus import read_corpus
+from nn2c.corpus import CorpusError, read_corpus
 
 SMALL = ["--hidden", "8", "--layers", "1", "--seq-len", "8", "--batch", "4", "--device", "cpu",
          "--eval-every", "10"]
@@ -178,7 +178,7 @@ def temps(folder) -> list[str]:
 
 
 def test_a_temp_file_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path):
-    import nn2run.atomic as atomic
+    from nn2run import atomic
     path = tmp_path / "m.nnb"
     path.write_bytes(b"the old file")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -196,7 +196,7 @@ def test_a_temp_file_left_by_a_killed_write_is_removed_by_the_next_write(tmp_pat
 def test_the_temp_file_of_a_live_writer_is_left_alone(tmp_path):
     import fcntl
 
-    import nn2run.atomic as atomic
+    from nn2run import atomic
     path, live = tmp_path / "m.nnb", tmp_path / ".m.nnb.k3y_ab12.tmp"
     fd = os.open(live, os.O_CREAT | os.O_RDWR, 0o600)
     try:
@@ -334,10 +334,10 @@ def test_resume_with_nothing_left_to_train_says_so_in_one_line(tmp_path, corpus,
     result = train(corpus, "-o", out, "--resume", *length)
     assert result.exit_code == 0, result.stderr
     assert result.stderr.splitlines() == [
-        f"nothing left to train: {out}.ckpt is at step 10, {said}; wrote {out}: 1×8 lstm, vocabulary "
+        (f"nothing left to train: {out}.ckpt is at step 10, {said}; wrote {out}: 1×8 lstm, vocabulary "
         f"{len(set(corpus.read_text()))}; val loss "
         f"{nn2run.load(out).header['provenance']['best_val_loss']:.4f} (best, step 10), train loss "
-        f"{nn2run.load(out).header['provenance']['train_loss']:.4f} (from the checkpoint)"]
+        f"{nn2run.load(out).header['provenance']['train_loss']:.4f} (from the checkpoint)")]
     for name, t in tensors(out).items():
         assert t.tobytes() == before[name].tobytes(), name
 
@@ -372,6 +372,9 @@ def test_a_leading_byte_order_mark_is_not_a_token(tmp_path):
     assert np.array_equal(a.ids, b.ids)
     assert b.sha256 != a.sha256                 # the file is identified as it is, mark included
     assert len(read_corpus(str(marked), "byte").ids) == len(text) + 3      # raw bytes keep it
+    (tmp_path / "mark.txt").write_bytes(b"\xef\xbb\xbf")
+    with pytest.raises(CorpusError, match="nothing but a byte-order mark"):
+        read_corpus(str(tmp_path / "mark.txt"))
 
 
 def test_a_crlf_corpus_is_noted_once_at_training_time(tmp_path):
@@ -381,8 +384,8 @@ def test_a_crlf_corpus_is_noted_once_at_training_time(tmp_path):
     lf.write_bytes("\n".join(lines).encode("utf-8"))
     result = train(crlf, "-o", tmp_path / "a.nnb", "--steps", 2, *SMALL)
     notes = [l for l in result.stderr.splitlines() if l.startswith("nn2c:")]
-    assert notes == [f"nn2c: note: {crlf} has Windows line endings (CRLF): '\\r' is a token of the vocabulary "
-                     "and generated text will have it too; convert the file (e.g. dos2unix) to train without it"]
+    assert notes == [(f"nn2c: note: {crlf} has Windows line endings (CRLF): '\\r' is a token of the vocabulary "
+                     "and generated text will have it too; convert the file (e.g. dos2unix) to train without it")]
     assert "\r" in nn2run.load(tmp_path / "a.nnb").codec.vocab
     result = train(lf, "-o", tmp_path / "b.nnb", "--steps", 2, *SMALL)
     assert result.exit_code == 0 and "nn2c: note" not in result.stderr
