@@ -42,6 +42,7 @@ class TrainState:
     torch_rng: np.ndarray | None = None
     saved_step: int = 0
     kernel_source: str | None = None  # the equations the weights were trained for
+    chars_per_s: float = 0.0          # the training speed the checkpoint's run recorded
 
     @classmethod
     def fresh(cls, tensors: dict, cfg, sha: str) -> "TrainState":
@@ -132,6 +133,7 @@ def _state(meta: dict, header: dict, t: dict) -> TrainState:
     ts.torch_rng = t.get("rng/torch")
     ts.saved_step = ts.step
     ts.kernel_source = header["source"]["text"]
+    ts.chars_per_s = float((header.get("provenance") or {}).get("chars_per_s") or 0)
     for group in (ts.adam_m, ts.adam_v, ts.best_tensors or {}):
         for n, a in group.items():
             if a.shape != ts.tensors[n].shape:

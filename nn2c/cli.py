@@ -28,11 +28,20 @@ class Failure(click.ClickException):
         click.echo(self.format_message() if self.raw else f"nn2c: {self.format_message()}", err=True)
 
 
+def kernel_failure(e) -> Failure:
+    """A kernel error: with its caret when it points into the source, else one `nn2c:` line."""
+    return Failure(str(e), raw=e.pos is not None and e.pos.line >= 1)
+
+
 def _writable(path: str) -> None:
-    """Refuse an output path we could not write, before any work is done."""
+    """Refuse an output path we could not write, before any work is done. A symlink is
+    followed (its target is what gets written); an existing path that is not a regular
+    file is refused rather than replaced."""
+    from nn2run.atomic import not_regular
     parent = Path(path).resolve().parent
-    if Path(path).is_dir():
-        raise Failure(f"cannot write {path}: it is a directory")
+    kind = not_regular(path)
+    if kind is not None:
+        raise Failure(f"cannot write {path}: it is {kind}, not a regular file; give a file path")
     if not parent.is_dir():
         raise Failure(f"cannot write {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
@@ -79,7 +88,7 @@ def check(kernel, hidden, vocab, layers, no_opt):
     try:
         click.echo(describe_kernel(kernel, hidden, vocab, layers, optimized=not no_opt))
     except KernelError as e:
-        raise Failure(str(e), raw=True) from None
+        raise kernel_failure(e) from None
 
 
 @main.command()
@@ -135,10 +144,14 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
 @main.command()
 def samples():
     """List the sample kernels shipped with nn2c."""
-    from .kernels import sample_names, samples_dir
+    import shutil
+    import textwrap
+
+    from .kernels import description, sample_names, samples_dir
+    width = max(60, shutil.get_terminal_size((88, 24)).columns)
     for name in sample_names():
-        first = (samples_dir() / f"{name}.eq").read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
-        click.echo(f"{name:<10} {first}")
+        text = description((samples_dir() / f"{name}.eq").read_text(encoding="utf-8"))
+        click.echo(textwrap.fill(text, width, initial_indent=f"{name:<10} ", subsequent_indent=" " * 11))
 
 
 if __name__ == "__main__":      # pragma: no cover

@@ -21,6 +21,7 @@ from nn2run.codec import ByteCodec, CharCodec
 
 CHUNK = 1 << 18
 UNICODE = 0x110000
+BOM = b"\xef\xbb\xbf"            # a UTF-8 byte-order mark: a marker of the file, not text
 
 
 class CorpusError(Exception):
@@ -32,14 +33,15 @@ class Corpus:
     path: str
     codec: "CharCodec | ByteCodec"
     ids: np.ndarray            # token ids, smallest unsigned dtype that fits
-    sha256: str
+    sha256: str                # of the whole file, byte-order mark included
+    notes: tuple = ()          # things about the file worth a line on stderr
 
 
-def _chunks(buf, label: str):
-    """Decode `buf` as UTF-8 in chunks; yields code-point arrays (uint32)."""
+def _chunks(buf, label: str, start: int = 0):
+    """Decode `buf[start:]` as UTF-8 in chunks; yields code-point arrays (uint32)."""
     dec = _stdcodecs.getincrementaldecoder("utf-8")(errors="strict")
     n = len(buf)
-    for at in range(0, n, CHUNK):
+    for at in range(start, n, CHUNK):
         piece = buf[at:at + CHUNK]
         nul = piece.find(b"\x00")
         if nul >= 0:
@@ -79,31 +81,33 @@ def _open_map(path: str):
             raise CorpusError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def _survey(buf, label: str) -> tuple[np.ndarray, int]:
+def _survey(buf, label: str, start: int) -> tuple[np.ndarray, int]:
     """First pass: which code points occur (a mask over Unicode), and how many tokens."""
     seen = np.zeros(UNICODE, dtype=bool)
     count = 0
-    for cps in _chunks(buf, label):
+    for cps in _chunks(buf, label, start):
         seen[cps] = True
         count += len(cps)
     return seen, count
 
 
-def _encode(buf, label: str, vocab: list[str], count: int) -> np.ndarray:
+def _encode(buf, label: str, start: int, vocab: list[str], count: int) -> np.ndarray:
     """Second pass: code points -> ids, written straight into one preallocated array."""
     dtype = _ids_dtype(len(vocab))
     lut = np.zeros(UNICODE, dtype=dtype)
     lut[[ord(c) for c in vocab]] = np.arange(len(vocab), dtype=dtype)
     ids = np.empty(count, dtype=dtype)
     at = 0
-    for cps in _chunks(buf, label):
+    for cps in _chunks(buf, label, start):
         np.take(lut, cps, out=ids[at:at + len(cps)])
         at += len(cps)
     return ids
 
 
 def read_corpus(path: str, codec: str = "char") -> Corpus:
-    """Read and encode a corpus; the character set is the one the file uses."""
+    """Read and encode a corpus; the character set is the one the file uses. A leading
+    UTF-8 byte-order mark is skipped (the char codec only: the byte codec keeps every byte);
+    '\r' of CRLF line endings is kept, and noted."""
     if codec not in ("char", "byte"):
         raise CorpusError(f"unknown codec {codec!r}: use char or byte")
     buf = _open_map(path)
@@ -111,8 +115,14 @@ def read_corpus(path: str, codec: str = "char") -> Corpus:
         sha = hashlib.sha256(buf).hexdigest()
         if codec == "byte":
             return Corpus(path, ByteCodec(), np.frombuffer(buf, dtype=np.uint8).copy(), sha)
-        seen, count = _survey(buf, path)
+        start = len(BOM) if buf[:len(BOM)] == BOM else 0
+        seen, count = _survey(buf, path, start)
+        if count == 0:
+            raise CorpusError(f"{path} holds nothing but a byte-order mark")
         vocab = [chr(c) for c in np.flatnonzero(seen)]
         del seen
-        ids = _encode(buf, path, vocab, count)
-    return Corpus(path, CharCodec(vocab), ids, sha)
+        ids = _encode(buf, path, start, vocab, count)
+        crlf = (f"{path} has Windows line endings (CRLF): '\\r' is a token of the vocabulary and generated "
+                "text will have it too; convert the file (e.g. dos2unix) to train without it")
+        notes = (crlf,) if buf.find(b"\r\n") >= 0 else ()
+    return Corpus(path, CharCodec(vocab), ids, sha, notes)

@@ -48,19 +48,30 @@ def _resume_state(req: TrainRequest, cfg: TrainConfig):
         elif name in req.options and mine != theirs:
             raise TrainError(f"--resume: --{name.replace('_', '-')} {mine} differs from the checkpoint's "
                              f"{theirs}; leave it out, or train afresh without --resume")
-    corpus = req.corpus or (header.get("provenance") or {}).get("corpus")
-    return saved, ts, corpus
+    return saved, ts, (header.get("provenance") or {}).get("corpus")
+
+
+def _read_recorded_corpus(path: str, ckpt: str, codec: str):
+    """The corpus a checkpoint names; when it is not there, say where the path came from."""
+    if not os.path.isfile(path):
+        where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+        raise TrainError(f"--resume: the corpus {path}{where}, recorded in {ckpt}, is not there; "
+                         "give the corpus on the command line: nn2c train CORPUS --resume …")
+    return read_corpus(path, codec)
 
 
 def _prepare(req: TrainRequest):
     """The config, the resume state (or None) and the corpus, all checked."""
     cfg = TrainConfig(**req.options)
     cfg.check()
-    ts, path = None, req.corpus
+    ts, recorded = None, None
     if req.resume:
-        cfg, ts, path = _resume_state(req, cfg)
+        cfg, ts, recorded = _resume_state(req, cfg)
         cfg.check()
-    corpus = read_corpus(path or default_corpus(), cfg.codec)
+    if req.corpus is None and recorded:
+        corpus = _read_recorded_corpus(recorded, req.checkpoint, cfg.codec)
+    else:
+        corpus = read_corpus(req.corpus or default_corpus(), cfg.codec)
     if ts is not None and corpus.sha256 != ts.corpus_sha256:
         raise TrainError(f"--resume: {corpus.path} is not the corpus this checkpoint was trained on")
     return cfg, ts, corpus
@@ -68,11 +79,14 @@ def _prepare(req: TrainRequest):
 
 def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -> dict:
     """Train as asked; raise `failure(message, code)` for every expected error."""
+    out = stream or sys.stderr
     try:
         cfg, ts, corpus = _prepare(req)
+        for note in corpus.notes:
+            print(f"nn2c: note: {note}", file=out)
         summary = Trainer(cfg, corpus, req.output, req.checkpoint, ts, stream).run()
     except KernelError as e:
-        raise failure(str(e), raw=True) from None
+        raise failure(str(e), raw=e.pos is not None and e.pos.line >= 1) from None
     except (CorpusError, TrainError, CheckpointError) as e:
         raise failure(str(e)) from None
     except Interrupted as e:
@@ -83,15 +97,28 @@ def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -
         raise failure(f"interrupted; {kept}", code=130) from None
     except OSError as e:
         raise failure(f"cannot write {e.filename or req.output}: {e.strerror or e}") from None
-    out = stream or sys.stderr
-    print(f"wrote {req.output}: {cfg.layers}×{cfg.hidden} {cfg.kernel}, vocabulary {len(corpus.codec.vocab)}; "
-          f"val loss {fmt_value(summary['best_val_loss'])} (best, step {summary['best_step']}), "
-          f"train loss {fmt_value(summary['train_loss'])}; {summary['chars_per_s']:,} chars/s on {summary['device']} "
-          f"({summary['loop']} loop)",
-          file=out)
+    print(final_line(req, cfg, corpus, summary), file=out)
     if sample_len:
         _sample(req.output, sample_len)
     return summary
+
+
+def final_line(req: TrainRequest, cfg: TrainConfig, corpus, summary: dict) -> str:
+    """What was written, from which weights, and the checkpoint kept beside it."""
+    if summary["best_val_loss"] is None:      # a finished run validates at its last step unless it is off
+        weights = f"validation off (--val-frac 0): the file holds the final weights, step {summary['steps']}"
+    else:
+        weights = f"val loss {fmt_value(summary['best_val_loss'])} (best, step {summary['best_step']})"
+    what = (f"{req.output}: {cfg.layers}×{cfg.hidden} {cfg.kernel}, vocabulary {len(corpus.codec.vocab)}; {weights}, "
+            f"train loss {fmt_value(summary['train_loss'])}")
+    if summary["steps_run"] == 0:
+        total = summary["total_steps"]
+        length = (f"--steps {total}" if cfg.epochs is None else
+                  f"--epochs {cfg.epochs:g} ({total:,} step{'' if total == 1 else 's'})")
+        return (f"nothing left to train: {req.checkpoint} is at step {summary['steps']}, {length}; "
+                f"wrote {what} (from the checkpoint)")
+    return (f"wrote {what}; {summary['chars_per_s']:,} chars/s on {summary['device']} ({summary['loop']} loop); "
+            f"checkpoint {req.checkpoint} kept for --resume")
 
 
 def _sample(path: str, n: int) -> None:

@@ -11,6 +11,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import math
+import os
 import time
 import signal
 import threading
@@ -53,28 +54,29 @@ class TrainConfig:
     max_eval_tokens: int = 1 << 17
 
     def check(self) -> None:
-        if not 0 <= self.dropout < 1:
-            raise TrainError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise TrainError(f"--max-minutes must be > 0, got {self.max_minutes}")
-        for name in ("hidden", "layers", "seq_len", "batch", "eval_every"):
-            if getattr(self, name) <= 0:
-                raise TrainError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.steps is not None and self.steps <= 0:
-            raise TrainError("--steps must be > 0")
-        if self.epochs is not None and not self.epochs > 0:
-            raise TrainError("--epochs must be > 0")
-        if not 0 <= self.val_frac < 1:
-            raise TrainError("--val-frac must be in [0, 1)")
-        if not self.lr > 0 or not self.clip > 0:
-            raise TrainError("--lr and --clip must be > 0")
-        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
-            raise TrainError("--checkpoint-every must be > 0")
+        """Every option in range, each refused in one line that names it."""
+        for name in ("hidden", "layers", "seq_len", "batch", "eval_every", "steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise TrainError(f"{_flag(name)} must be > 0, got {value}")
+        if not 0 <= self.seed < 2 ** 63:
+            raise TrainError(f"--seed must be an integer from 0 to 2^63-1, got {self.seed}")
+        for name in ("lr", "clip", "epochs", "max_minutes"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise TrainError(f"{_flag(name)} must be a finite number > 0, got {value}")
+        for name in ("dropout", "val_frac"):
+            if not 0 <= getattr(self, name) < 1:
+                raise TrainError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def pick_device(name: str) -> torch.device:
@@ -119,9 +121,62 @@ def split(corpus: Corpus, cfg: TrainConfig, device):
                          f"{need:,} (--batch {cfg.batch} × (--seq-len {cfg.seq_len} + 1)); "
                          "use a longer corpus or smaller --batch/--seq-len")
     train = Batches(train_ids, cfg.batch, cfg.seq_len, device)
-    val_rows = min(cfg.batch, len(val_ids) // (cfg.seq_len + 1))
-    val = Batches(val_ids, val_rows, cfg.seq_len, device) if val_rows > 0 else None
-    return train, val
+    if cfg.val_frac == 0:
+        return train, None              # asked for: the file will hold the final weights
+    window = cfg.seq_len + 1
+    if len(val_ids) < window:
+        raise TrainError(f"--val-frac {cfg.val_frac:g} holds out {len(val_ids):,} of the {n:,} tokens of "
+                         f"{corpus.path}, less than one validation window ({window:,}: --seq-len {cfg.seq_len} + 1); "
+                         "give a larger --val-frac or a smaller --seq-len, or --val-frac 0 to train without "
+                         "validation (the file then holds the final weights)")
+    val_rows = min(cfg.batch, len(val_ids) // window)
+    return train, Batches(val_ids, val_rows, cfg.seq_len, device)
+
+
+# float32 weights, their gradients and Adam's two moments (16 bytes), and the copies a
+# checkpoint is written from: weights, both moments and the best weights (16 more).
+BYTES_PER_PARAMETER = 32
+INIT_PROBE_WINDOWS = 64        # a loss that fails this early in an epoch is checked against the initial weights
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can have without swapping (Linux's
+    MemAvailable; elsewhere the physical memory); None when it cannot be told."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2 ** 30:,.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:,.1f} MiB"
+
+
+def check_memory(compiled, cfg: TrainConfig, device) -> None:
+    """Refuse, before anything is allocated, a model whose training cannot fit in memory."""
+    params = sum(math.prod(spec.shape) for spec in compiled.network.tensors().values())
+    widths = sum(node.width for cell in compiled.network.all_cells for node in cell.nodes() if node.op != "param")
+    activations = cfg.seq_len * cfg.batch * widths * 4 * 2      # each value and its gradient
+    need = params * BYTES_PER_PARAMETER + activations
+    if device.type == "cuda":
+        where, have = "free on the GPU", torch.cuda.mem_get_info(device)[0]
+        need -= params * BYTES_PER_PARAMETER // 2        # the checkpoint copies stay in host memory
+    else:
+        where, have = "available", available_memory()
+    if have is not None and need > have:
+        raise TrainError(
+            f"a {cfg.layers}×{cfg.hidden} {compiled.kernel_name} needs about {fmt_bytes(need)} to train "
+            f"({params:,} parameters × {BYTES_PER_PARAMETER} bytes for the weights, gradients, Adam's moments "
+            f"and checkpoint copies, plus {fmt_bytes(activations)} of activations for --batch {cfg.batch} × "
+            f"--seq-len {cfg.seq_len}); {fmt_bytes(have)} of memory is {where}; "
+            "use a smaller --hidden, --layers, --batch or --seq-len")
 
 
 def _detach(state):
@@ -173,6 +228,7 @@ class Trainer:
         self.device = pick_device(cfg.device)
         self.vocab = len(corpus.codec.vocab)
         self.compiled = compile_kernel(cfg.kernel, cfg.hidden, cfg.layers, self.vocab)
+        check_memory(self.compiled, cfg, self.device)
         self.train, self.val = split(corpus, cfg, self.device)
         self.total = cfg.steps if cfg.steps else max(1, math.ceil((cfg.epochs or 1.0) * len(self.train)))
         if resume is not None:
@@ -184,6 +240,7 @@ class Trainer:
         if resume is not None:
             resume.restore(self.net, self.opt, self.device)
         self.stream = stream
+        self.first_step = self.ts.step
         self._stop = False
 
     def _on_sigint(self, signum, frame):
@@ -192,10 +249,14 @@ class Trainer:
 
     def provenance(self, rate: float) -> dict:
         ts = self.ts
-        return {"corpus": str(self.corpus.path), "corpus_sha256": self.corpus.sha256,
+        validated = ts.best_val is not None
+        return {"corpus": os.path.abspath(self.corpus.path), "corpus_sha256": self.corpus.sha256,
                 "corpus_tokens": int(len(self.corpus.ids)), "steps": ts.step,
+                "weights": "best validation loss" if validated else
+                           "final (no validation: --val-frac 0)" if self.val is None else "final (not validated yet)",
                 "train_loss": ts.last_train, "val_loss": ts.last_val, "best_val_loss": ts.best_val,
-                "best_step": ts.best_step, "chars_per_s": round(rate), "device": str(self.device),
+                "best_step": ts.best_step if validated else None, "chars_per_s": round(rate),
+                "device": str(self.device),
                 "loop": self.net.loop_kind(),
                 "torch": torch.__version__, "hyperparameters": asdict(self.cfg)}
 
@@ -223,18 +284,48 @@ class Trainer:
         ts = self.ts
         kept = (f"the last good checkpoint is {self.ckpt_path} (step {ts.saved_step})" if ts.saved_step
                 else "no checkpoint was written yet")
+        if ts.step == 0 or self._overflows_at_init():
+            when = ("with the initial weights, before any update" if ts.step == 0 else
+                    "and the initial weights give non-finite values on the same text too")
+            return Diverged(f"{what} at step {ts.step + 1} {when}: kernel {self.compiled.kernel_name} overflows "
+                            f"as written, so --lr is not the cause; stopped: {kept}; bound what grows without "
+                            "limit (e.g. exp of an unbounded sum) with σ or tanh")
         return Diverged(f"{what} at step {ts.step + 1} (--lr {self.cfg.lr:g}); stopped: {kept}; "
                         "try a lower --lr or --clip")
+
+    def _overflows_at_init(self) -> bool:
+        """Whether the initial weights, run over this epoch's windows up to the failing one,
+        give a non-finite loss or gradient: then the kernel overflows, whatever the rate.
+        Only tried early in an epoch, where replaying the windows is cheap."""
+        k = self.ts.step % len(self.train)
+        if k >= INIT_PROBE_WINDOWS:
+            return False
+        net = TorchNetwork(self.compiled.network, init_tensors(self.compiled.network, self.cfg.seed)).to(self.device)
+        net.eval()
+        state = net.initial_state(self.cfg.batch)
+        for j in range(k + 1):
+            x, y = self.train[j]
+            logits, state = net(x, state)
+            loss = F.cross_entropy(logits.reshape(-1, self.vocab), y.reshape(-1))
+            net.zero_grad(set_to_none=True)
+            loss.backward()
+            if not (torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters())):
+                return True
+            state = _detach(state)
+        return False
 
     def run(self) -> dict:
         """Train to the last step (or until Ctrl-C), checkpointing; write the .nnb of the best weights."""
         watch = threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGINT, self._on_sigint) if watch else None
         try:
-            limit = 60 * self.cfg.max_minutes if self.cfg.max_minutes else None
-            with Progress(self.total, self.ts.step, self.stream, seconds=limit) as progress:
-                self._loop(progress)
-                rate = progress.rate
+            if self.ts.step >= self.total:        # a resumed run already at its end: nothing to time
+                rate = self.ts.chars_per_s
+            else:
+                limit = 60 * self.cfg.max_minutes if self.cfg.max_minutes else None
+                with Progress(self.total, self.ts.step, self.stream, seconds=limit) as progress:
+                    self._loop(progress)
+                    rate = progress.rate
             best = self.ts.best_tensors if self.ts.best_tensors is not None else self.net.numpy_tensors()
             self._write(self.out_path, write_model, self.out_path, self.compiled, best, self.corpus.codec,
                         self.provenance(rate))
@@ -244,7 +335,7 @@ class Trainer:
         if self.ts.step < self.total:
             raise Interrupted(f"interrupted at step {self.ts.step}: checkpoint {self.ckpt_path}, best weights so "
                               f"far in {self.out_path}; continue with --resume")
-        return self.provenance(rate)
+        return {**self.provenance(rate), "steps_run": self.ts.step - self.first_step, "total_steps": self.total}
 
     def _loop(self, progress: Progress) -> None:
         cfg, ts = self.cfg, self.ts

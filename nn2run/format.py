@@ -159,48 +159,19 @@ def dumps(header: dict, tensors: dict) -> bytes:
 
 
 def write(path, header: dict, tensors: dict) -> None:
-    """Write atomically: temp file in the same directory, fsync, rename, fsync dir.
+    """Write atomically (see `nn2run.atomic`): temp file beside the file `path` names (a
+    symlink's target), fsync, rename, fsync dir; a stale temp file of an earlier, killed
+    write of the same file is removed.
 
     On any error the temp file is removed, an existing file at path is left as
     it was, and the exception (TypeError/ValueError for bad arguments, OSError
-    for I/O) propagates. A new file gets mode 0644; a replaced one keeps its mode.
+    for I/O, and for a path that exists but is not a regular file) propagates.
+    A new file gets mode 0644; a replaced one keeps its mode.
     Only a failure to fsync the directory comes after the new file is in place.
     """
     head, chunks = _layout(header, tensors)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        mode = 0o644
-    import tempfile             # here, not at the top: loading a model should not pay for it
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path)[:64] + ".",
-                               suffix=".tmp", dir=folder)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            for chunk in [head, *chunks]:
-                _write_all(fd, memoryview(chunk).cast("B"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view):]
+    from .atomic import write_atomic     # here, not at the top: loading a model should not pay for it
+    write_atomic(path, [head, *chunks])
 
 
 # ----------------------------------------------------------------- reading

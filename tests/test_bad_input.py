@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import nn2run.atomic as atomic
 import nn2run.format as fmt
 from conftest import BIN, build_model
 from nn2c.cli import main as nn2c_main
@@ -198,7 +199,7 @@ def test_checkpoint_and_output_at_the_same_path_are_refused(tmp_path, corpus):
 
 
 class FullDisk:
-    """`os` as nn2run.format sees it, with a disk that fills after `room` bytes of writes."""
+    """`os` as nn2run.atomic (the writer of .nnb files) sees it, with a disk that fills after `room` bytes of writes."""
 
     def __init__(self, room: int):
         self.room = room
@@ -218,7 +219,7 @@ class FullDisk:
 
 
 def test_a_full_disk_leaves_no_partial_file_and_says_so_in_one_line(tmp_path, corpus, monkeypatch):
-    monkeypatch.setattr(fmt, "os", FullDisk(room=1000))
+    monkeypatch.setattr(atomic, "os", FullDisk(room=1000))
     result = train(corpus, "-o", tmp_path / "m.nnb", "--steps", 20, *SMALL)
     assert result.exit_code == 1
     assert said(result.stderr) == [f"nn2c: cannot write {tmp_path / 'm.nnb.ckpt'}: No space left on device; "
@@ -228,7 +229,7 @@ def test_a_full_disk_leaves_no_partial_file_and_says_so_in_one_line(tmp_path, co
 
 def test_a_full_disk_at_a_later_checkpoint_keeps_the_previous_one_whole(tmp_path, corpus, monkeypatch):
     disk = FullDisk(room=10 ** 9)
-    monkeypatch.setattr(fmt, "os", disk)
+    monkeypatch.setattr(atomic, "os", disk)
     import nn2c.train
     real = nn2c.train.save_checkpoint
 
@@ -253,7 +254,7 @@ def test_a_full_disk_when_writing_the_model_keeps_the_previous_model_whole(tmp_p
     assert train(corpus, "-o", out, "--steps", 10, *SMALL).exit_code == 0
     before = out.read_bytes()
     disk = FullDisk(room=10 ** 9)
-    monkeypatch.setattr(fmt, "os", disk)
+    monkeypatch.setattr(atomic, "os", disk)
     import nn2c.train
     real = nn2c.train.write_model
 
