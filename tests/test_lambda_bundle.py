@@ -11,6 +11,7 @@ import sys
 import zipfile
 
 import pytest
+
 from conftest import ROOT, build_model
 
 TOOL = ROOT / "tools" / "lambda_bundle.py"
