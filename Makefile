@@ -79,6 +79,7 @@ bench: $(TRAIN_STAMP)
 demo: $(TRAIN_STAMP)
 	$(BIN)/nn2c train --steps 300 --hidden 128 -o build/demo.nnb
 	$(BIN)/nn2run build/demo.nnb --prime "The " -n 300 --seed 1
+	@echo    # the sample ends where the model stopped, mid-line
 
 fuzz: $(TRAIN_STAMP)
 	$(BIN)/nn2c train --kernel lstm --hidden 8 --layers 2 --seq-len 8 --batch 4 --steps 2 \

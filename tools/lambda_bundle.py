@@ -136,8 +136,13 @@ def build(model: Path, arch: str, python: str, out: Path) -> tuple[int, int]:
     return zipped, unzipped
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (--help for usage)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lambda_bundle", description=__doc__.split("\n\n")[0])
+    ap = _Parser(prog="lambda_bundle", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", type=Path, help="the .nnb to serve")
     ap.add_argument("--arch", choices=sorted(PLATFORMS), default="x86_64", help="the function's architecture")
     ap.add_argument("--python", choices=PYTHONS, default="3.11", help="the function's Python runtime")
