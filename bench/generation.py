@@ -165,12 +165,12 @@ def bench_streams(tmp, sizes, quick: bool):
             build_lstm(path, hidden)
         model = load(path)
 
-        def gen(batch, model=model):
+        def gen(batch, model=model, n=n):
             sampler = Sampler(SamplerConfig(), seed=0)
             for _ in generate(model, [[1]] * batch, n, sampler):
                 pass
 
-        def step(batch, model=model):
+        def step(batch, model=model, n=n):
             vm = model.vm(batch)
             vm.reset()
             ids = np.ones(batch, np.intp)

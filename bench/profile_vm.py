@@ -33,7 +33,7 @@ def per_instruction(vm, ids, steps: int) -> None:
         vm.advance(ids)
     vm.reset()
     wall = time.perf_counter()
-    for t in range(steps):
+    for _ in range(steps):
         vm.ids[:] = ids
         for i, (fn, args) in enumerate(bound[vm.parity]):
             t0 = time.perf_counter()
