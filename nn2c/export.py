@@ -28,7 +28,7 @@ IR_VERSION = 8                  # the IR that opset 17 came with: older runtimes
 # protobuf refuses a message of 2 GiB; weights beyond this go to OUT.data (graph and margin kept)
 INLINE_LIMIT = (1 << 31) - (1 << 26)
 ALIGN = 64                      # offsets of the external tensors, so a runtime can map them
-INSTALL_HINT = "nn2c export needs the onnx package: pip install onnx"
+INSTALL_HINT = "export needs the onnx package: pip install onnx"
 
 
 class ExportError(Exception):

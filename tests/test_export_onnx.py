@@ -196,5 +196,5 @@ def test_nn2c_export_without_onnx_says_what_to_install(exported, tmp_path):
         main()
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    assert r.returncode == 1 and r.stderr == "nn2c: nn2c export needs the onnx package: pip install onnx\n"
+    assert r.returncode == 1 and r.stderr == "nn2c: export needs the onnx package: pip install onnx\n"
     assert not (tmp_path / "m.onnx").exists()
