@@ -47,31 +47,48 @@ class _Graph:
         self.onnx, self.helper, self.numpy_helper = onnx, onnx.helper, onnx.numpy_helper
         self.external, self.blobs, self.data_size = external, [], 0   # blobs: (offset, array)
         self.program, self.tensors, self.vocab_size = program, tensors, vocab_size
-        self.nodes, self.initializers = [], {}
-        self.values: dict[int, str] = {}      # register -> value name
-        self.out_names: dict[int, str] = {}   # register -> graph output it is written as
+        self.nodes, self.initializers = [], {}   # key -> TensorProto
+        self.used: set[str] = set()              # every value name in the graph
+        self.values: dict[int, str] = {}         # register -> value name
+        self.out_names: dict[int, str] = {}      # register -> graph output it is written as
 
-    def constant(self, name: str, array: np.ndarray) -> str:
-        if name not in self.initializers:
-            self.initializers[name] = self.numpy_helper.from_array(array, name)
+    def fresh(self, want: str) -> str:
+        """`want`, or `want~2`, … : names in a file may be anything, graph names are unique."""
+        name, k = want, 1
+        while name in self.used:
+            k += 1
+            name = f"{want}~{k}"
+        self.used.add(name)
         return name
 
+    def constant(self, key: str, array: np.ndarray) -> str:
+        if key not in self.initializers:
+            self.initializers[key] = self.numpy_helper.from_array(array, self.fresh(key))
+        return self.initializers[key].name
+
     def tensor(self, name: str) -> str:
-        t = self.tensors[name]
-        if t.dtype.kind != "f":
-            raise ExportError(f"cannot export tensor {name!r} of dtype {t.dtype} (float tensors only)")
-        array = np.ascontiguousarray(t, dtype=np.float32)
-        if self.external is None or name in self.initializers:
-            return self.constant(name, array)
+        key = "tensor:" + name
+        if key not in self.initializers:
+            t = self.tensors[name]
+            if t.dtype.kind != "f":
+                raise ExportError(f"cannot export tensor {name!r} of dtype {t.dtype} (float tensors only)")
+            array = np.ascontiguousarray(t, dtype=np.float32)
+            if self.external is None:
+                self.initializers[key] = self.numpy_helper.from_array(array, self.fresh(name))
+            else:
+                self.initializers[key] = self._external(self.fresh(name), array)
+        return self.initializers[key].name
+
+    def _external(self, name: str, array: np.ndarray):
+        """A TensorProto whose data will be at the next aligned offset of the external file."""
         proto = self.onnx.TensorProto(name=name, data_type=self.onnx.TensorProto.FLOAT, dims=array.shape)
         offset = -self.data_size // ALIGN * -ALIGN
-        for key, value in (("location", self.external), ("offset", offset), ("length", array.nbytes)):
-            proto.external_data.add(key=key, value=str(value))
+        for field, value in (("location", self.external), ("offset", offset), ("length", array.nbytes)):
+            proto.external_data.add(key=field, value=str(value))
         proto.data_location = self.onnx.TensorProto.EXTERNAL
         self.blobs.append((offset, array))
         self.data_size = offset + array.nbytes
-        self.initializers[name] = proto
-        return name
+        return proto
 
     def operand(self, op, pc: int) -> str:
         tag, val = op
@@ -84,7 +101,7 @@ class _Graph:
         raise ExportError(f"cannot export instruction {pc}: operand tag {tag!r}")
 
     def node(self, op_type: str, inputs: list[str], dst: int, pc: int, opcode: str, **attrs) -> None:
-        out = self.out_names.get(dst, f"r{dst}")
+        out = self.out_names.get(dst) or self.fresh(f"r{dst}")
         self.nodes.append(self.helper.make_node(op_type, inputs, [out], name=f"{pc}:{opcode}", **attrs))
         self.values[dst] = out
 
@@ -156,11 +173,15 @@ def to_onnx(program: dict, tensors: dict, vocab_size: int, doc: str = "", extern
     g = _Graph(onnx, program, tensors, vocab_size, external)
     widths, states, names = program["registers"], program["states"], state_names(program)
     f32, batch = onnx.TensorProto.FLOAT, "batch"
+    outputs = [("logits", program["logits"])] + [(n + ".next", s["next"]) for s, n in zip(states, names)]
+    for name in ["ids", *names, *(n for n, _ in outputs)]:
+        if name in g.used:
+            raise ExportError(f"cannot export: two inputs or outputs would be named {name!r}")
+        g.used.add(name)
     inputs = [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [batch])]
     for s, name in zip(states, names):
         g.values[s["prev"]] = name
         inputs.append(helper.make_tensor_value_info(name, f32, [batch, widths[s["prev"]]]))
-    outputs = [("logits", program["logits"])] + [(n + ".next", s["next"]) for s, n in zip(states, names)]
     for name, reg in outputs:
         if reg not in g.out_names and reg not in g.values:   # written by code, not yet an output
             g.out_names[reg] = name
@@ -179,8 +200,16 @@ def to_onnx(program: dict, tensors: dict, vocab_size: int, doc: str = "", extern
                               producer_name="nn2c", doc_string=doc)
     model.ir_version = IR_VERSION
     if external is None:
-        onnx.checker.check_model(model)
+        _check(onnx, model)
     return model, g.blobs
+
+
+def _check(onnx, model) -> None:
+    """onnx's own checker (a model or a path); what it finds is a one-line ExportError."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the graph does not pass onnx's checker: {str(e).strip().splitlines()[0]}") from None
 
 
 def _program_bytes(program: dict, tensors: dict) -> int:
@@ -251,7 +280,7 @@ def export_onnx(model_path: str, out_path: str) -> str:
         except OSError as e:
             raise ExportError(f"cannot write {out_path}: {e.strerror or e}") from None
     if external:
-        onnx.checker.check_model(out_path)
+        _check(onnx, out_path)
     inputs = ", ".join(["ids", *state_names(m.program)])
     where = f" (weights in {external})" if external else ""
     return (f"wrote {out_path}{where}: {shape}, opset {OPSET}, {len(model.graph.node)} nodes; "

@@ -124,6 +124,31 @@ def test_an_output_that_shares_a_register_gets_its_own_name(logits):
     np.testing.assert_allclose(got_logits, want_h if logits == 2 else h, atol=1e-6)
 
 
+def test_tensors_named_like_graph_values_keep_their_own_values():
+    """A file's tensor names are free text: one named like a state input, one like a
+    register; h′ = T[ids] + b + h still comes out."""
+    table = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    bias = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
+    program = {"registers": [4, 4, 4, 4], "logits": 2,
+               "states": [{"name": "h", "layer": 0, "prev": 0, "next": 2}],
+               "code": [["gather", 1, ["t", "h@0"]], ["add", 3, ["r", 1], ["t", "r1"]],
+                        ["add", 2, ["r", 3], ["r", 0]]]}
+    model, _ = export.to_onnx(program, {"h@0": table, "r1": bias}, 3)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    h = np.full((2, 4), 0.25, np.float32)
+    _, got_h = sess.run(None, {"ids": np.array([1, 2]), "h@0": h})
+    np.testing.assert_allclose(got_h, table.astype(np.float64)[[1, 2]] + bias + 0.25, atol=1e-6)
+
+
+def test_two_states_with_one_name_are_refused():
+    program = {"registers": [4, 4, 4, 4], "logits": 2,
+               "states": [{"name": "h", "layer": 0, "prev": 0, "next": 2},
+                          {"name": "h", "layer": 0, "prev": 1, "next": 3}],
+               "code": [["tanh", 2, ["r", 0]], ["tanh", 3, ["r", 1]]]}
+    with pytest.raises(export.ExportError, match="would be named 'h@0'"):
+        export.to_onnx(program, {}, 4)
+
+
 def test_an_opcode_without_a_translation_is_named(exported):
     with nn2run.load(exported["rnn"][0]) as m:
         program = {**m.program, "code": m.program["code"] + [["fma", 999, ["r", 0]]]}
