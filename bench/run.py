@@ -23,12 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 MEASURES = {
     "gen": ("generation at batch 1 vs fused NumPy and torch eager", "generation", "bench_batch1"),
     "streams": ("generation, 64 streams vs batch 1", "generation", "bench_streams"),
+    "onnx": ("generation at batch 1, 8, 64 vs ONNX Runtime (nn.LSTM/nn.GRU via torch.onnx; nn2c export)",
+             "onnx_peer", "bench_onnx"),
     "cold": ("cold start of the console script vs python -c 'import numpy'", "startup", "bench_cold"),
     "open": ("nn2run.load of a 5 MB and a 50 MB model", "startup", "bench_open"),
     "train": ("training on CPU vs torch.nn.LSTM", "training", "bench_train"),
     "gpu": ("training on CUDA vs cuDNN nn.LSTM (skipped without a GPU)", "training", "bench_train_gpu"),
 }
-SIZED = {"gen", "streams"}
+SIZED = {"gen", "streams", "onnx"}
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 

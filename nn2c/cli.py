@@ -154,5 +154,21 @@ def samples():
         click.echo(textwrap.fill(text, width, initial_indent=f"{name:<10} ", subsequent_indent=" " * 11))
 
 
+@main.command()
+@click.argument("model")
+@click.option("--onnx", "onnx_path", required=True, help="The ONNX file to write (one step of the model).")
+def export(model, onnx_path):
+    """Write MODEL's step as an ONNX graph: ids and states in, logits and new states out.
+
+    Example: nn2c export model.nnb --onnx model.onnx
+    """
+    from .export import ExportError, export_onnx
+    _writable(onnx_path)
+    try:
+        click.echo(export_onnx(model, onnx_path))
+    except ExportError as e:
+        raise Failure(str(e)) from None
+
+
 if __name__ == "__main__":      # pragma: no cover
     sys.exit(main())
