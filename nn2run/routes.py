@@ -1,0 +1,279 @@
+"""The routes of the server, independent of the transport: (method, path, headers, body)
+in, a `Response` out. The HTTP server (`nn2run.serve`) and the Lambda handler
+(`nn2run.aws`) both answer through `App.handle`.
+
+Routes: GET / (the playground), GET /health, GET /v1/models, GET /metrics,
+POST /v1/completions (OpenAI's completions shape, streamed as server-sent events when
+asked), POST /tokenize, POST /detokenize; OPTIONS answers CORS preflights.
+Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}; an
+unexpected exception is logged and answered 500 without its details.
+
+Imports NumPy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import json
+import queue
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import __version__
+from .codec import CodecError
+from .completions import ApiError, parse_completion, parse_tokens
+from .scheduler import QueueFull, Request, Scheduler
+
+MAX_BODY = 1 << 20
+PUBLIC = {("GET", "/health"), ("GET", "/")}
+ROUTES = {"/": {"GET"}, "/health": {"GET"}, "/v1/models": {"GET"}, "/metrics": {"GET"},
+          "/v1/completions": {"POST"}, "/tokenize": {"POST"}, "/detokenize": {"POST"}}
+WAIT_TICK = 0.05      # seconds between checks that the client is still there
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    headers: dict = field(default_factory=dict)
+    stream: Iterator[bytes] | None = None     # server-sent events, written piece by piece
+
+
+def json_response(status: int, obj, headers: dict | None = None) -> Response:
+    body = json.dumps(obj, ensure_ascii=False).encode()
+    return Response(status, body, {"Content-Type": "application/json", **(headers or {})})
+
+
+def error_response(e: ApiError) -> Response:
+    return json_response(e.status, e.body(), e.headers)
+
+
+@dataclass
+class Settings:
+    max_tokens_default: int = 256
+    max_tokens_limit: int = 4096
+    max_body: int = MAX_BODY
+    request_timeout: float = 120.0
+    api_key: str | None = None
+    cors: str | None = None
+
+
+class App:
+    """The model, its scheduler and the counters behind /metrics."""
+
+    def __init__(self, model, name: str, scheduler: Scheduler, settings: Settings):
+        self.model, self.name, self.scheduler, self.settings = model, name, scheduler, settings
+        self.created = int(time.time())
+        self.draining = False
+        self.by_status: dict[int, int] = {}
+        self._page = None
+
+    # --- entry point ----------------------------------------------------------------
+    def handle(self, method: str, path: str, headers: dict, body: bytes,
+               alive: Callable[[], bool] = lambda: True, deadline: float | None = None) -> Response:
+        """Answer one request. `headers` has lower-case names; `alive()` says whether the
+        client is still connected; `deadline` (monotonic) can shorten the request timeout."""
+        try:
+            resp = self._route(method, path.split("?", 1)[0], headers, body, alive, deadline)
+        except ApiError as e:
+            resp = error_response(e)
+        except Exception:       # a bug: logged here, never shown to the client
+            traceback.print_exc(file=sys.stderr)
+            resp = error_response(ApiError(500, "internal error", "server_error"))
+        self.by_status[resp.status] = self.by_status.get(resp.status, 0) + 1
+        if self.settings.cors:
+            resp.headers.setdefault("Access-Control-Allow-Origin", self.settings.cors)
+        return resp
+
+    def _route(self, method, path, headers, body, alive, deadline) -> Response:
+        if method == "OPTIONS":
+            return self._preflight(path)
+        if path not in ROUTES:
+            raise ApiError(404, f"no route {path}", "invalid_request_error", code="not_found")
+        if method not in ROUTES[path]:
+            raise ApiError(405, f"{path} takes {', '.join(sorted(ROUTES[path]))}", "invalid_request_error",
+                           code="method_not_allowed", headers={"Allow": ", ".join(sorted(ROUTES[path]))})
+        if (method, path) not in PUBLIC:
+            self._check_key(headers)
+        if len(body) > self.settings.max_body:
+            raise ApiError(413, f"the body is over {self.settings.max_body} bytes", "invalid_request_error",
+                           code="body_too_large")
+        if path == "/health":
+            if self.draining:
+                return json_response(503, {"status": "draining"})
+            return json_response(200, {"status": "ok"})
+        if path == "/":
+            return Response(200, self.page(), {"Content-Type": "text/html; charset=utf-8"})
+        if path == "/v1/models":
+            return json_response(200, {"object": "list", "data": [
+                {"id": self.name, "object": "model", "created": self.created, "owned_by": "nn2"}]})
+        if path == "/metrics":
+            from .metrics import render
+            return Response(200, render(self).encode(), {"Content-Type": "text/plain; version=0.0.4"})
+        if path == "/tokenize":
+            text = parse_tokens(body, "prompt", str)
+            ids = self._encode(text, "prompt")
+            return json_response(200, {"tokens": ids, "count": len(ids)})
+        if path == "/detokenize":
+            ids = parse_tokens(body, "tokens", list)
+            vocab = len(self.model.vocab)
+            if any(type(t) is not int or not 0 <= t < vocab for t in ids):
+                raise ApiError(400, f"'tokens' must be integers in [0, {vocab})", param="tokens")
+            decode = self.model.codec.decoder()
+            return json_response(200, {"prompt": "".join(decode(t) for t in ids)})
+        return self._completions(body, alive, deadline)
+
+    def _preflight(self, path) -> Response:
+        allow = ", ".join(sorted(ROUTES.get(path, set()) | {"OPTIONS"}))
+        headers = {"Allow": allow}
+        if self.settings.cors:
+            headers.update({"Access-Control-Allow-Methods": allow,
+                            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                            "Access-Control-Max-Age": "600"})
+        return Response(204, b"", headers)
+
+    def _check_key(self, headers) -> None:
+        key = self.settings.api_key
+        if key is None:
+            return
+        got = headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "a valid API key is needed: 'Authorization: Bearer KEY'",
+                           "invalid_request_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def _encode(self, text: str, param: str) -> list[int]:
+        try:
+            return self.model.codec.encode(text)
+        except CodecError as e:
+            raise ApiError(400, str(e), param=param, code="unknown_characters") from None
+
+    def page(self) -> bytes:
+        """The playground, with the model's description filled in (made once)."""
+        if self._page is None:
+            from .dis import describe
+            text = (Path(__file__).with_name("playground.html")).read_text(encoding="utf-8")
+            self._page = (text.replace("{{MODEL}}", html.escape(self.name))
+                          .replace("{{INFO}}", html.escape(describe(self.model)))
+                          .replace("{{VERSION}}", __version__).encode())
+        return self._page
+
+    # --- completions ----------------------------------------------------------------
+    def _completions(self, body, alive, deadline) -> Response:
+        from .generate import start_token
+        c = parse_completion(body, self.settings, self.name)
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", "server_error", code="draining",
+                           headers={"Retry-After": "5"})
+        primes = [self._encode(p, "prompt") if p else [start_token(self.model)] for p in c.prompts]
+        rows = [primes[i // c.n] for i in range(len(primes) * c.n)]
+        until = time.monotonic() + self.settings.request_timeout
+        req = Request(rows, c.max_tokens, c.temperature if c.temperature is not None
+                      else self.model.sampling["temperature"], c.top_k, c.top_p, c.seed, c.stop,
+                      min(until, deadline) if deadline else until,
+                      [self.model.codec.decoder() for _ in rows])
+        meta = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion",
+                "created": int(time.time()), "model": self.name}
+        usage = {"prompt_tokens": sum(len(p) for p in c.prompts) * c.n}
+        if c.max_tokens > 0:
+            try:
+                self.scheduler.submit(req)
+            except QueueFull:
+                raise ApiError(429, "the queue is full; retry later", "server_error", code="queue_full",
+                               headers={"Retry-After": "1"}) from None
+        else:
+            req.open_rows = 0
+        echo = [c.prompts[i // c.n] if c.echo else "" for i in range(len(rows))]
+        if c.stream:
+            return Response(200, b"", {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+                            stream=self._sse(req, meta, echo, usage, c.include_usage, alive))
+        texts, finish = [[e] for e in echo], [None] * len(rows)
+        for batch in _events(req, alive):
+            for ev in batch:
+                if ev[0] == "timeout":
+                    raise _timeout_error(self.settings.request_timeout)
+                texts[ev[0]].append(ev[1])
+                finish[ev[0]] = ev[2] or finish[ev[0]]
+        if not alive():
+            return Response(499)
+        choices = [{"text": "".join(t), "index": i, "logprobs": None, "finish_reason": finish[i] or "length"}
+                   for i, t in enumerate(texts)]
+        return json_response(200, {**meta, "choices": choices, "usage": _usage(usage, req)})
+
+    def _sse(self, req, meta, echo, usage, include_usage, alive) -> Iterator[bytes]:
+        def chunk(index, text, finish):
+            return _event({**meta, "choices": [{"text": text, "index": index, "logprobs": None,
+                                                 "finish_reason": finish}]})
+        try:
+            yield b"".join(chunk(i, e, None) for i, e in enumerate(echo) if e)
+            for batch in _events(req, alive):
+                if batch[0][0] == "timeout":
+                    yield _event(_timeout_error(self.settings.request_timeout).body())
+                    break
+                yield b"".join(chunk(*ev) for ev in _merged(batch))
+            else:
+                if include_usage:
+                    yield _event({**meta, "choices": [], "usage": _usage(usage, req)})
+            yield b"data: [DONE]\n\n"
+        finally:
+            req.cancelled = True        # the client went away, or the stream ended: the rows leave
+
+
+def _events(req: Request, alive) -> Iterator[list]:
+    """The request's events, in batches of what has arrived, until every choice finished,
+    the deadline passed or the client left (checked every WAIT_TICK, events or not)."""
+    checked = time.monotonic()
+    while req.open_rows > 0:
+        batch = []
+        try:
+            batch.append(req.events.get(timeout=WAIT_TICK))
+            while True:
+                batch.append(req.events.get_nowait())
+        except queue.Empty:
+            pass
+        now = time.monotonic()
+        if now - checked >= WAIT_TICK:
+            checked = now
+            if not alive():
+                req.cancelled = True
+                return
+        for ev in batch:
+            if ev[0] == "timeout":
+                yield [ev]
+                return
+            if ev[2] is not None:
+                req.open_rows -= 1
+        if batch:
+            yield batch
+
+
+def _merged(batch: list) -> list:
+    """Consecutive pieces of one choice as one chunk (fewer, larger writes under load)."""
+    out = []
+    for index, text, finish in batch:
+        if out and out[-1][0] == index and out[-1][2] is None:
+            out[-1] = (index, out[-1][1] + text, finish)
+        else:
+            out.append((index, text, finish))
+    return out
+
+
+def _usage(usage: dict, req: Request) -> dict:
+    done = dict(usage, completion_tokens=req.generated)
+    done["total_tokens"] = done["prompt_tokens"] + done["completion_tokens"]
+    return done
+
+
+def _timeout_error(seconds: float) -> ApiError:
+    return ApiError(504, f"the request ran past its deadline of {seconds:g} s", "server_error", code="timeout")
+
+
+def _event(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
