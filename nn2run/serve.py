@@ -8,16 +8,17 @@ only at import time (the command line stays fast to start).
 
 from __future__ import annotations
 
-import signal
+import os
 import sys
-import threading
-from pathlib import Path
 
 import click
 
 
 def run_server(model, name: str, host: str, port: int, max_batch: int, max_queue: int, settings,
                drain_timeout: float, log: bool = True) -> int:
+    import signal
+    import threading
+
     from .httpd import Server, drain
     from .routes import App
     from .scheduler import Scheduler
@@ -76,7 +77,7 @@ def serve_command(model_path, host, port, max_batch, max_queue, max_tokens_limit
     settings = Settings(max_tokens_default=max_tokens_default, max_tokens_limit=max_tokens_limit,
                         max_body=max_body, request_timeout=request_timeout, api_key=api_key, cors=cors)
     try:
-        code = run_server(model, Path(model_path).stem, host, port, max_batch, max_queue, settings,
+        code = run_server(model, os.path.splitext(os.path.basename(model_path))[0], host, port, max_batch, max_queue, settings,
                           drain_timeout, log=not quiet)
     except OSError as e:
         raise Failure(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
