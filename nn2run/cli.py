@@ -147,3 +147,8 @@ def main(model_path, prime, length, temperature, top_k, top_p, greedy, seed, lin
         os.dup2(devnull, sys.stdout.fileno())
     except KeyboardInterrupt:
         raise Failure("interrupted", code=130) from None
+
+
+from .serve import serve_command  # noqa: E402  (`nn2run serve`, on the command group)
+if isinstance(main, click.Group):
+    main.add_command(serve_command)
