@@ -198,7 +198,7 @@ class App:
         for batch in _events(req, alive):
             for ev in batch:
                 if ev[0] == "timeout":
-                    raise _timeout_error(self.settings.request_timeout)
+                    raise _timeout_error(req)
                 texts[ev[0]].append(ev[1])
                 finish[ev[0]] = ev[2] or finish[ev[0]]
         if not alive():
@@ -215,7 +215,7 @@ class App:
             yield b"".join(chunk(i, e, None) for i, e in enumerate(echo) if e)
             for batch in _events(req, alive):
                 if batch[0][0] == "timeout":
-                    yield _event(_timeout_error(self.settings.request_timeout).body())
+                    yield _event(_timeout_error(req).body())
                     break
                 yield b"".join(chunk(*ev) for ev in _merged(batch))
             else:
@@ -271,8 +271,9 @@ def _usage(usage: dict, req: Request) -> dict:
     return done
 
 
-def _timeout_error(seconds: float) -> ApiError:
-    return ApiError(504, f"the request ran past its deadline of {seconds:g} s", "server_error", code="timeout")
+def _timeout_error(req: Request) -> ApiError:
+    return ApiError(504, f"the request ran past its deadline ({req.deadline - req.arrival:.3g} s after it came)",
+                    "server_error", code="timeout")
 
 
 def _event(obj) -> bytes:
