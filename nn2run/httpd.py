@@ -21,6 +21,94 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from . import __version__
 
 BACKLOG = 1024
+STREAM_INTERVAL = 0.02      # seconds between writes to each stream (what came meanwhile goes in one)
+STREAM_BUFFER = 1 << 20     # bytes a client may leave unread before its stream is dropped
+
+
+class _Stream:
+    __slots__ = ("sock", "events", "out", "finished", "ok")
+
+    def __init__(self, sock, events):
+        self.sock, self.events = sock, events
+        self.out = b""
+        self.finished = threading.Event()
+        self.ok = True
+
+
+class Streamer:
+    """One thread writes every streamed response: each tick it polls every stream's events
+    and sends what came with a non-blocking send. Per-connection threads would each wake
+    for every few tokens and contend for the interpreter with the scheduler; a client that
+    reads slowly keeps its unsent bytes here and cannot stall the others."""
+
+    def __init__(self, interval: float = STREAM_INTERVAL):
+        self.interval = interval
+        self._streams: list[_Stream] = []
+        self._lock = threading.Lock()
+        self._kick = threading.Event()
+        threading.Thread(target=self._run, name="nn2-streamer", daemon=True).start()
+
+    def add(self, sock, events) -> _Stream:
+        """Hand a connection (headers already sent) and its EventStream to the writer."""
+        stream = _Stream(sock, events)
+        sock.settimeout(0)      # non-blocking: a socket with a timeout would wait for room to send
+        events.req.on_first_token = self._kick.set
+        with self._lock:
+            self._streams.append(stream)
+        self._kick.set()
+        return stream
+
+    def _run(self) -> None:
+        while True:
+            self._kick.wait(self.interval)
+            self._kick.clear()
+            with self._lock:
+                streams = list(self._streams)
+            for st in streams:
+                self._serve(st)
+                if st.finished.is_set():
+                    with self._lock:
+                        self._streams.remove(st)
+
+    def _serve(self, st: _Stream) -> None:
+        ev = st.events
+        if not ev.done:
+            piece = ev.poll()
+            if piece:
+                st.out += b"%x\r\n%s\r\n" % (len(piece), piece)
+            if ev.done:
+                st.out += b"0\r\n\r\n"
+        try:
+            if st.out:
+                sent = st.sock.send(st.out)
+                st.out = st.out[sent:]
+            elif not _connected(st.sock):
+                raise ConnectionResetError()
+            if len(st.out) > STREAM_BUFFER:
+                raise ConnectionResetError()
+        except BlockingIOError:
+            return
+        except OSError:
+            st.ok = False
+            ev.close()
+            st.finished.set()
+            return
+        if ev.done and not st.out:
+            ev.close()
+            st.finished.set()
+
+
+def _connected(sock) -> bool:
+    """False once the peer has closed its end (readable with nothing to read)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return True
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 class Server(ThreadingHTTPServer):
@@ -32,6 +120,7 @@ class Server(ThreadingHTTPServer):
         self.app, self.log = app, log
         self.in_flight = 0
         self._lock = threading.Lock()
+        self.streamer = Streamer()
         super().__init__(address, Handler)
 
     def track(self, delta: int) -> None:
@@ -99,16 +188,7 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def _alive(self) -> bool:
-        """False once the client has closed its end (readable with nothing to read)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            if not readable:
-                return True
-            return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
+        return _connected(self.connection)
 
     def _send(self, resp) -> None:
         if resp.status == 499:          # the client left: nothing to say, nobody to say it to
@@ -124,14 +204,16 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(resp.body)
             return
         self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
         try:
-            for piece in resp.stream:
-                if piece:       # an empty chunk would end the response
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-            self.wfile.write(b"0\r\n\r\n")
-        finally:
+            self.end_headers()
+        except OSError:
             resp.stream.close()
+            raise
+        stream = self.server.streamer.add(self.connection, resp.stream)
+        stream.finished.wait()          # this thread sleeps; the streamer writes
+        self.connection.settimeout(self.timeout)
+        if not stream.ok:
+            self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
         """Errors raised by http.server itself (a bad request line, …), in the API's shape."""

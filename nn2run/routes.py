@@ -42,7 +42,7 @@ class Response:
     status: int
     body: bytes = b""
     headers: dict = field(default_factory=dict)
-    stream: Iterator[bytes] | None = None     # server-sent events, written piece by piece
+    stream: EventStream | None = None     # server-sent events, written as they come
 
 
 def json_response(status: int, obj, headers: dict | None = None) -> Response:
@@ -179,6 +179,7 @@ class App:
                       else self.model.sampling["temperature"], c.top_k, c.top_p, c.seed, c.stop,
                       min(until, deadline) if deadline else until,
                       [self.model.codec.decoder() for _ in rows])
+        req.stream = c.stream
         meta = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion",
                 "created": int(time.time()), "model": self.name}
         usage = {"prompt_tokens": sum(len(p) for p in c.prompts) * c.n}
@@ -193,7 +194,7 @@ class App:
         echo = [c.prompts[i // c.n] if c.echo else "" for i in range(len(rows))]
         if c.stream:
             return Response(200, b"", {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
-                            stream=self._sse(req, meta, echo, usage, c.include_usage, alive))
+                            stream=EventStream(req, meta, echo, usage, c.include_usage))
         texts, finish = [[e] for e in echo], [None] * len(rows)
         for batch in _events(req, alive):
             for ev in batch:
@@ -207,37 +208,72 @@ class App:
                    for i, t in enumerate(texts)]
         return json_response(200, {**meta, "choices": choices, "usage": _usage(usage, req)})
 
-    def _sse(self, req, meta, echo, usage, include_usage, alive) -> Iterator[bytes]:
-        def chunk(index, text, finish):
-            return _event({**meta, "choices": [{"text": text, "index": index, "logprobs": None,
-                                                 "finish_reason": finish}]})
-        try:
-            yield b"".join(chunk(i, e, None) for i, e in enumerate(echo) if e)
-            for batch in _events(req, alive):
-                if batch[0][0] == "timeout":
-                    yield _event(_timeout_error(req).body())
-                    break
-                yield b"".join(chunk(*ev) for ev in _merged(batch))
-            else:
-                if include_usage:
-                    yield _event({**meta, "choices": [], "usage": _usage(usage, req)})
-            yield b"data: [DONE]\n\n"
-        finally:
-            req.cancelled = True        # the client went away, or the stream ended: the rows leave
+class EventStream:
+    """The server-sent events of one streamed completion: `data: {chunk}` … `data: [DONE]`.
+
+    `poll()` returns what can be sent now without waiting (the transport calls it for
+    many streams from one thread); iterating waits for each piece (a buffered transport).
+    `close()` makes the request's rows leave at the next step.
+    """
+
+    def __init__(self, req: Request, meta: dict, echo: list, usage: dict, include_usage: bool):
+        self.req, self.meta, self.usage, self.include_usage = req, meta, usage, include_usage
+        self.done = False
+        self._first = b"".join(self._chunk(i, e, None) for i, e in enumerate(echo) if e)
+
+    def _chunk(self, index, text, finish) -> bytes:
+        return _event({**self.meta, "choices": [{"text": text, "index": index, "logprobs": None,
+                                                  "finish_reason": finish}]})
+
+    def poll(self, wait: float = 0.0) -> bytes:
+        """The events that arrived (waiting up to `wait` seconds for the first), as bytes."""
+        out, self._first = [self._first], b""
+        batch = _drain(self.req, wait)
+        timeout = [i for i, ev in enumerate(batch) if ev[0] == "timeout"]
+        if timeout:
+            batch = batch[:timeout[0]]
+        for ev in batch:
+            if ev[2] is not None:
+                self.req.open_rows -= 1
+        out += [self._chunk(*ev) for ev in _merged(batch)]
+        if timeout:
+            out += [_event(_timeout_error(self.req).body()), b"data: [DONE]\n\n"]
+            self.done = True
+        elif self.req.open_rows <= 0 and not self.done:
+            if self.include_usage:
+                out.append(_event({**self.meta, "choices": [], "usage": _usage(self.usage, self.req)}))
+            out.append(b"data: [DONE]\n\n")
+            self.done = True
+        return b"".join(out)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while not self.done:
+            piece = self.poll(WAIT_TICK)
+            if piece:
+                yield piece
+
+    def close(self) -> None:
+        self.req.cancelled = True
+
+
+def _drain(req: Request, wait: float) -> list:
+    """The events on the request's queue now (waiting up to `wait` for the first)."""
+    batch = []
+    try:
+        batch.append(req.events.get(timeout=wait) if wait > 0 else req.events.get_nowait())
+        while True:
+            batch.append(req.events.get_nowait())
+    except queue.Empty:
+        pass
+    return batch
 
 
 def _events(req: Request, alive) -> Iterator[list]:
-    """The request's events, in batches of what has arrived, until every choice finished,
-    the deadline passed or the client left (checked every WAIT_TICK, events or not)."""
+    """The request's events, in batches of what arrived, until every choice finished, the
+    deadline passed or the client left (checked every WAIT_TICK, events or not)."""
     checked = time.monotonic()
     while req.open_rows > 0:
-        batch = []
-        try:
-            batch.append(req.events.get(timeout=WAIT_TICK))
-            while True:
-                batch.append(req.events.get_nowait())
-        except queue.Empty:
-            pass
+        batch = _drain(req, WAIT_TICK)
         now = time.monotonic()
         if now - checked >= WAIT_TICK:
             checked = now

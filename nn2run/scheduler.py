@@ -75,6 +75,8 @@ class Request:
         self.first_token_at = None
         self.open_rows = len(primes)
         self.generated = 0          # tokens sampled, over all rows
+        self.stream = True          # False: each choice's text comes in one event, when it ends
+        self.on_first_token = None  # called (on the scheduler thread) once the first token is out
 
     def rng(self, index: int):
         # choice 0 draws like `nn2run --seed S`; the others from streams derived from the seed
@@ -86,7 +88,7 @@ class Request:
 class Row:
     """One choice being generated: the prompt still to feed, the text held back for stops."""
 
-    __slots__ = ("request", "index", "prime", "pos", "last", "generated", "held", "rng", "decode")
+    __slots__ = ("request", "index", "prime", "pos", "last", "generated", "held", "out", "rng", "decode")
 
     def __init__(self, request: Request, index: int):
         self.request, self.index = request, index
@@ -95,6 +97,7 @@ class Row:
         self.last = 0
         self.generated = 0
         self.held = ""
+        self.out = []           # released text kept for a request that is not streamed
         self.rng = request.rng(index)
         self.decode = request.decoders[index]
 
@@ -305,23 +308,29 @@ class Scheduler:
         tokens = sample_rows(logits[sampling], [rows[i] for i in sampling])
         now = time.monotonic()
         self.tokens += len(sampling)
-        done = []
+        done, first = [], []
         for i, tok in zip(sampling, tokens.tolist()):
             r = rows[i]
             req = r.request
             if req.first_token_at is None:
                 req.first_token_at = now
                 self.ttft.observe(now - req.arrival)
+                first.append(req)
             req.generated += 1
             finish = r.take(tok)
             if finish:
-                text, r.held = r.held, ""
-                req.events.put((r.index, text, finish))
+                r.out.append(r.held)
+                req.events.put((r.index, "".join(r.out), finish))
                 done.append(i)
             else:
                 text = r.releasable()
-                if text:
+                if text and req.stream:
                     req.events.put((r.index, text, None))
+                elif text:
+                    r.out.append(text)
+        for req in first:
+            if req.on_first_token is not None:
+                req.on_first_token()
         for i in reversed(done):
             self._remove(i)
         if len(rows) < (self._vm.batch >> 1):
