@@ -171,7 +171,7 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True        # the body (if any) is not read: the connection cannot go on
         resp = error_response(ApiError(status, message, code=code))
         resp.headers["Connection"] = "close"
-        self.server.app.by_status[status] = self.server.app.by_status.get(status, 0) + 1
+        self.server.app.count(status)
         self._send(resp)
         self._linger()
 

@@ -18,6 +18,7 @@ import html
 import json
 import queue
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -72,6 +73,7 @@ class App:
         self.created = int(time.time())
         self.draining = False
         self.by_status: dict[int, int] = {}
+        self._count_lock = threading.Lock()
         self._page = None
 
     # --- entry point ----------------------------------------------------------------
@@ -86,10 +88,14 @@ class App:
         except Exception:       # a bug: logged here, never shown to the client
             traceback.print_exc(file=sys.stderr)
             resp = error_response(ApiError(500, "internal error", "server_error"))
-        self.by_status[resp.status] = self.by_status.get(resp.status, 0) + 1
+        self.count(resp.status)
         if self.settings.cors:
             resp.headers.setdefault("Access-Control-Allow-Origin", self.settings.cors)
         return resp
+
+    def count(self, status: int) -> None:
+        with self._count_lock:
+            self.by_status[status] = self.by_status.get(status, 0) + 1
 
     def _route(self, method, path, headers, body, alive, deadline) -> Response:
         if method == "OPTIONS":
@@ -198,8 +204,8 @@ class App:
         texts, finish = [[e] for e in echo], [None] * len(rows)
         for batch in _events(req, alive):
             for ev in batch:
-                if ev[0] == "timeout":
-                    raise _timeout_error(req)
+                if isinstance(ev[0], str):
+                    raise _failure(req, ev)
                 texts[ev[0]].append(ev[1])
                 finish[ev[0]] = ev[2] or finish[ev[0]]
         if not alive():
@@ -229,15 +235,15 @@ class EventStream:
         """The events that arrived (waiting up to `wait` seconds for the first), as bytes."""
         out, self._first = [self._first], b""
         batch = _drain(self.req, wait)
-        timeout = [i for i, ev in enumerate(batch) if ev[0] == "timeout"]
-        if timeout:
-            batch = batch[:timeout[0]]
+        failed = [ev for ev in batch if isinstance(ev[0], str)]
+        if failed:
+            batch = batch[:batch.index(failed[0])]
         for ev in batch:
             if ev[2] is not None:
                 self.req.open_rows -= 1
         out += [self._chunk(*ev) for ev in _merged(batch)]
-        if timeout:
-            out += [_event(_timeout_error(self.req).body()), b"data: [DONE]\n\n"]
+        if failed:
+            out += [_event(_failure(self.req, failed[0]).body()), b"data: [DONE]\n\n"]
             self.done = True
         elif self.req.open_rows <= 0 and not self.done:
             if self.include_usage:
@@ -281,7 +287,7 @@ def _events(req: Request, alive) -> Iterator[list]:
                 req.cancelled = True
                 return
         for ev in batch:
-            if ev[0] == "timeout":
+            if isinstance(ev[0], str):       # the request failed: nothing follows
                 yield [ev]
                 return
             if ev[2] is not None:
@@ -307,7 +313,10 @@ def _usage(usage: dict, req: Request) -> dict:
     return done
 
 
-def _timeout_error(req: Request) -> ApiError:
+def _failure(req: Request, event: tuple) -> ApiError:
+    """The error for a ("timeout",) or ("failed",) event."""
+    if event[0] == "failed":
+        return ApiError(500, "internal error", "server_error")
     return ApiError(504, f"the request ran past its deadline ({req.deadline - req.arrival:.3g} s after it came)",
                     "server_error", code="timeout")
 

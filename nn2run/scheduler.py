@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import collections
 import queue
+import sys
 import threading
 import time
+import traceback
 
 import numpy as np
 
@@ -59,7 +61,7 @@ class Request:
 
     The scheduler puts events on `events`: (index, text, finish) with finish None while
     the choice goes on, "stop" or "length" when it ends; ("timeout",) when the deadline
-    passed. Setting `cancelled` makes its rows leave at the next step.
+    passed, ("failed",) when the step raised (a bug: logged, the request ends). Setting `cancelled` makes its rows leave at the next step.
     """
 
     def __init__(self, primes, max_tokens: int, temperature: float, top_k, top_p, seed, stops,
@@ -240,11 +242,23 @@ class Scheduler:
                 while self._waiting and len(self._rows) + len(pending) < self.max_batch:
                     req = self._waiting.popleft()
                     pending.extend(Row(req, i) for i in range(len(req.primes)))
-            self._leave_expired()
-            self._join(pending)
-            if self._rows:
-                with np.errstate(all="ignore"):
-                    self._step()
+            try:
+                self._leave_expired()
+                self._join(pending)
+                if self._rows:
+                    with np.errstate(all="ignore"):
+                        self._step()
+            except Exception:       # noqa: BLE001 — a bug must end its requests, not the server
+                traceback.print_exc(file=sys.stderr)
+                self._fail_all(pending)
+
+    def _fail_all(self, pending) -> None:
+        for req in {id(r.request): r.request for r in list(self._rows) + list(pending)}.values():
+            req.cancelled = True
+            req.events.put(("failed",))
+        self._rows.clear()
+        pending.clear()
+        self._vm = None
 
     def _leave_expired(self) -> None:
         now = time.monotonic()

@@ -83,3 +83,27 @@ def test_rows_joining_at_different_steps_get_the_text_they_get_alone(model):
         assert [len(t) for t in alone] == [n for _, _, n in jobs]
     finally:
         sched.stop()
+
+
+def test_a_failing_step_ends_its_requests_and_the_scheduler_goes_on(model, monkeypatch):
+    import time
+
+    import nn2run.scheduler as scheduler
+    sched = Scheduler(model, max_batch=4).start()
+    try:
+        real = scheduler.sample_rows
+        monkeypatch.setattr(scheduler, "sample_rows", lambda *a: 1 / 0)
+        req = _request([1], 10)
+        req.decoders = [model.codec.decoder()]
+        sched.submit(req)
+        assert req.events.get(timeout=10) == ("failed",)
+        monkeypatch.setattr(scheduler, "sample_rows", real)
+        ok = _request([1], 10)
+        ok.decoders = [model.codec.decoder()]
+        sched.submit(ok)
+        end = time.monotonic() + 10
+        while not sched.idle() and time.monotonic() < end:
+            time.sleep(0.005)
+        assert len(_text(ok)) == 10
+    finally:
+        sched.stop()
