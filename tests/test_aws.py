@@ -207,3 +207,26 @@ def test_without_nn2_model_every_request_gets_a_500_saying_so(tmp_path):
         proc.wait()
         log.close()
         api.close()
+
+
+def test_the_key_the_body_limit_and_cors_apply_as_on_the_server(model, tmp_path):
+    api = RuntimeAPI()
+    proc, log = start_client(api, {"NN2_MODEL": str(model), "NN2_API_KEY": "k", "NN2_CORS": "*"}, tmp_path)
+    try:
+        def status(*args, **kwargs):
+            kind, out = api.invoke(http_event(*args, **kwargs))
+            assert kind == "response", out
+            return out["statusCode"], out["headers"]
+        assert status("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 401
+        assert status("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2},
+                      headers={"authorization": "Bearer k"})[0] == 200
+        assert status("GET", "/health")[0] == 200
+        code, headers = status("OPTIONS", "/v1/completions", headers={"origin": "https://x.example"})
+        assert code == 204 and headers["Access-Control-Allow-Origin"] == "*"
+        big = {"prompt": "a" * (1 << 20)}
+        assert status("POST", "/v1/completions", big, headers={"authorization": "Bearer k"})[0] == 413
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+        api.close()
