@@ -188,7 +188,8 @@ class App:
         req.stream = c.stream
         meta = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion",
                 "created": int(time.time()), "model": self.name}
-        usage = {"prompt_tokens": sum(len(p) for p in c.prompts) * c.n}
+        # an empty prompt is fed the start token, which is not the user's
+        usage = {"prompt_tokens": sum(len(ids) for p, ids in zip(c.prompts, primes) if p) * c.n}
         if c.max_tokens > 0:
             try:
                 self.scheduler.submit(req)

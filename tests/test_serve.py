@@ -434,3 +434,23 @@ def test_a_model_that_cannot_be_loaded_is_one_line_and_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "nn2run.serve", str(bad), "--port", "0"], capture_output=True,
                        text=True, timeout=30, env={**os.environ})
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("nn2run: cannot load")
+
+
+def test_a_byte_codec_model_counts_utf8_bytes_as_tokens(serve, tmp_path):
+    import numpy as np
+
+    from nn2c.compiler import compile_kernel, write_model
+    from nn2c.emit import logical_shapes, pack
+    from nn2run.codec import ByteCodec
+    compiled = compile_kernel("lstm", 8, 1, 256)
+    specs = compiled.network.tensors()
+    rng = np.random.default_rng(0)
+    logical = {k: rng.uniform(-0.5, 0.5, s).astype(np.float32) for k, s in logical_shapes(specs).items()}
+    path = tmp_path / "bytes.nnb"
+    write_model(path, compiled, pack(specs, logical), ByteCodec(), {"test": True})
+    s = serve(path=path)
+    out = s.complete(prompt="é€", max_tokens=20, seed=1)
+    assert out["usage"]["prompt_tokens"] == 5 and out["usage"]["completion_tokens"] == 20
+    assert isinstance(out["choices"][0]["text"], str)
+    status, _, data = s.request("POST", "/tokenize", {"prompt": "é"})
+    assert json.loads(data) == {"tokens": [0xC3, 0xA9], "count": 2}
