@@ -239,10 +239,20 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def drain(server: Server, timeout: float) -> bool:
-    """Health turns 503, new completions are refused; waits for the in-flight ones."""
+    """Health turns 503, new completions are refused; waits for the in-flight ones. Those
+    still running at the timeout are ended with 503 (a stream: an error event, [DONE]),
+    given a second to reach their clients. Returns whether all had finished in time."""
     app = server.app
     app.draining = True
+    if _wait_idle(server, timeout):
+        return True
+    app.scheduler.abort()
+    _wait_idle(server, 1.0)
+    return False
+
+
+def _wait_idle(server: Server, timeout: float) -> bool:
     end = time.monotonic() + timeout
-    while (server.in_flight > 0 or not app.scheduler.idle()) and time.monotonic() < end:
+    while (server.in_flight > 0 or not server.app.scheduler.idle()) and time.monotonic() < end:
         time.sleep(0.05)
-    return server.in_flight == 0 and app.scheduler.idle()
+    return server.in_flight == 0 and server.app.scheduler.idle()

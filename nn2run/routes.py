@@ -315,9 +315,11 @@ def _usage(usage: dict, req: Request) -> dict:
 
 
 def _failure(req: Request, event: tuple) -> ApiError:
-    """The error for a ("timeout",) or ("failed",) event."""
+    """The error for a ("timeout",), ("failed",) or ("shutdown",) event."""
     if event[0] == "failed":
         return ApiError(500, "internal error", "server_error")
+    if event[0] == "shutdown":
+        return ApiError(503, "the server stopped before the request finished", "server_error", code="shutdown")
     return ApiError(504, f"the request ran past its deadline ({req.deadline - req.arrival:.3g} s after it came)",
                     "server_error", code="timeout")
 

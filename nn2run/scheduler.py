@@ -61,7 +61,8 @@ class Request:
 
     The scheduler puts events on `events`: (index, text, finish) with finish None while
     the choice goes on, "stop" or "length" when it ends; ("timeout",) when the deadline
-    passed, ("failed",) when the step raised (a bug: logged, the request ends). Setting `cancelled` makes its rows leave at the next step.
+    passed, ("failed",) when the step raised (a bug: logged, the request ends),
+    ("shutdown",) when the server stopped before the request finished. Setting `cancelled` makes its rows leave at the next step.
     """
 
     def __init__(self, primes, max_tokens: int, temperature: float, top_k, top_p, seed, stops,
@@ -192,6 +193,7 @@ class Scheduler:
         self._rows: list[Row] = []
         self._vm = None
         self._stopping = False
+        self._aborting = False
         self._thread = threading.Thread(target=self._run, name="nn2-scheduler", daemon=True)
         # figures for /metrics (written by the scheduler thread, read without a lock: ints)
         self.steps = 0
@@ -209,6 +211,12 @@ class Scheduler:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout=5)
+
+    def abort(self) -> None:
+        """End every request now, queued or running, with a ("shutdown",) event."""
+        with self._cond:
+            self._aborting = True
+            self._cond.notify()
 
     def submit(self, request: Request) -> None:
         with self._cond:
@@ -234,14 +242,22 @@ class Scheduler:
         pending = self._pending
         while True:
             with self._cond:
-                while not self._rows and not self._waiting and not pending and not self._stopping:
+                while not self._rows and not self._waiting and not pending and not self._stopping \
+                        and not self._aborting:
                     self._cond.wait()
                 if self._stopping:
                     return
+                abort, self._aborting = self._aborting, False
+                waiting = list(self._waiting) if abort else []
+                if abort:
+                    self._waiting.clear()
                 # a request leaves the queue only when the batch has room for its first row
                 while self._waiting and len(self._rows) + len(pending) < self.max_batch:
                     req = self._waiting.popleft()
                     pending.extend(Row(req, i) for i in range(len(req.primes)))
+            if abort:
+                self._fail_all(pending, ("shutdown",), waiting)
+                continue
             try:
                 self._leave_expired()
                 self._join(pending)
@@ -250,12 +266,13 @@ class Scheduler:
                         self._step()
             except Exception:       # noqa: BLE001 — a bug must end its requests, not the server
                 traceback.print_exc(file=sys.stderr)
-                self._fail_all(pending)
+                self._fail_all(pending, ("failed",))
 
-    def _fail_all(self, pending) -> None:
-        for req in {id(r.request): r.request for r in list(self._rows) + list(pending)}.values():
+    def _fail_all(self, pending, event: tuple, waiting=()) -> None:
+        rows = list(self._rows) + list(pending)
+        for req in {id(r): r for r in [row.request for row in rows] + list(waiting)}.values():
             req.cancelled = True
-            req.events.put(("failed",))
+            req.events.put(event)
         self._rows.clear()
         pending.clear()
         self._vm = None

@@ -384,15 +384,27 @@ def test_sigterm_drains_then_exits_zero(serve):
     assert s.proc.wait(30) == 0
 
 
-def test_the_drain_timeout_bounds_the_wait(serve):
-    s = serve("--drain-timeout", 0.5, "--max-tokens-limit", 10**7, "--timeout", 600)
-    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
-    conn.request("POST", "/v1/completions", json.dumps({"prompt": "a", "max_tokens": 10**7, "stream": True}))
-    conn.getresponse().read1(100)
+def test_the_drain_timeout_bounds_the_wait_and_says_so_to_the_clients_left(serve):
+    s = serve("--drain-timeout", 0.5, "--max-tokens-limit", 10**7, "--timeout", 600, "--max-batch", 1)
+    result = {}
+
+    def run(key, stream):
+        result[key] = s.request("POST", "/v1/completions", {"prompt": "a", "max_tokens": 10**7, "stream": stream})
+    threads = [threading.Thread(target=run, args=("running", True))]
+    threads[0].start()
+    wait_for(lambda: s.metric("nn2_rows_running") == 1, what="a running request")
+    threads.append(threading.Thread(target=run, args=("queued", False)))
+    threads[1].start()
+    wait_for(lambda: s.metric("nn2_rows_queued") == 1, what="a queued request")
     t0 = time.monotonic()
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(20) == 0 and time.monotonic() - t0 < 10
-    conn.close()
+    for t in threads:
+        t.join(10)
+    events, done = parse_sse(result["running"][2])
+    assert done and events[-1]["error"]["code"] == "shutdown"
+    status, _, data = result["queued"]
+    assert status == 503 and json.loads(data)["error"]["code"] == "shutdown"
 
 
 # --- keys and browsers -----------------------------------------------------------------
