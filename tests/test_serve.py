@@ -466,3 +466,10 @@ def test_a_byte_codec_model_counts_utf8_bytes_as_tokens(serve, tmp_path):
     assert isinstance(out["choices"][0]["text"], str)
     status, _, data = s.request("POST", "/tokenize", {"prompt": "é"})
     assert json.loads(data) == {"tokens": [0xC3, 0xA9], "count": 2}
+
+
+def test_a_port_in_use_is_one_line_and_exit_1(server, model):
+    r = subprocess.run([sys.executable, "-m", "nn2run.serve", str(model), "--port", str(server.port)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"nn2run: cannot listen on 127.0.0.1:{server.port}")
