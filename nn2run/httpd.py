@@ -60,7 +60,7 @@ class Streamer:
 
     def _run(self) -> None:
         while True:
-            self._kick.wait(self.interval)
+            self._kick.wait(self.interval if self._streams else None)     # idle: sleep until a stream comes
             self._kick.clear()
             with self._lock:
                 streams = list(self._streams)
