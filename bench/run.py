@@ -29,6 +29,7 @@ MEASURES = {
     "open": ("nn2run.load of a 5 MB and a 50 MB model", "startup", "bench_open"),
     "train": ("training on CPU vs torch.nn.LSTM", "training", "bench_train"),
     "gpu": ("training on CUDA vs cuDNN nn.LSTM (skipped without a GPU)", "training", "bench_train_gpu"),
+    "serve": ("nn2run serve: 1-128 streaming clients vs offline batches, batch 1, overload", "serve", "bench_serve"),
 }
 SIZED = {"gen", "streams", "onnx"}
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

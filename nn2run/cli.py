@@ -359,3 +359,6 @@ def score(model_path, verify, jsonl):
     model = _open(model_path, verify)
     out = Output()
     _guarded(lambda: _score(model, out, jsonl))
+
+
+main.add_lazy_command("serve", "nn2run.serve:serve_command")

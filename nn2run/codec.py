@@ -5,8 +5,9 @@ Built in: `char` (one token per Unicode character seen in the corpus, the defaul
 `nn2.codecs`; a codec class has `name`, `vocab`, `encode`, `decoder`, `to_header`, a
 classmethod `from_header`, and `binary`: False for a codec whose data is text (`encode`
 takes str, the decoder gives str), True for one whose data is bytes (`encode` takes
-bytes, or str that it encodes as UTF-8; the decoder gives bytes). The command line reads
-and writes raw bytes for a binary codec and UTF-8 text otherwise.
+bytes, or str that it encodes as UTF-8; the decoder gives bytes), and `text_decoder`, a
+streaming decoder that always gives str (for JSON and other text-only channels). The
+command line reads and writes raw bytes for a binary codec and UTF-8 text otherwise.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class CharCodec:
         vocab = self.vocab
         return vocab.__getitem__
 
+    text_decoder = decoder
+
 
 class ByteCodec:
     """One token per byte: any data, binary or text (text is encoded as UTF-8)."""
@@ -80,6 +83,15 @@ class ByteCodec:
         """A function id -> bytes: each token is one byte of output, written as it is."""
         table = [bytes((b,)) for b in range(256)]
         return table.__getitem__
+
+    def text_decoder(self):
+        """A function id -> text for text-only channels (JSON, the terminal's sample): the bytes
+        are decoded as UTF-8 incrementally, so a character split over tokens comes out whole
+        with its last byte; bytes that are not UTF-8 become U+FFFD."""
+        import codecs
+        step = codecs.getincrementaldecoder("utf-8")("replace").decode
+        table = self.decoder()
+        return lambda token: step(table(token))
 
 
 BUILTIN = {"char": CharCodec, "byte": ByteCodec}

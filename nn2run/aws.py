@@ -1,0 +1,99 @@
+"""AWS Lambda: `nn2run.aws.handler` answers Function URL and API Gateway HTTP API events
+(payload format 2.0) with the routes of `nn2run serve`, through the same `routes.App`.
+
+The model named by the environment variable NN2_MODEL is loaded once, at the first
+invocation of a fresh execution environment, and kept with its scheduler for the
+following ones. Optional settings: NN2_API_KEY, NN2_CORS, NN2_MAX_BATCH,
+NN2_MAX_TOKENS_LIMIT, NN2_MAX_TOKENS_DEFAULT, NN2_TIMEOUT (seconds); NN2_VERIFY=0 skips
+the check of the tensor data's SHA-256 at load (on by default).
+
+Responses are buffered (a handler returns one payload): a request with "stream": true
+gets the whole server-sent-event stream, `data: {chunk}` … `data: [DONE]`, as one
+text/event-stream body once generation ends. Each request's deadline is the sooner of
+NN2_TIMEOUT and the invocation's remaining time (less a margin to send the answer).
+
+Imports NumPy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+import threading
+import time
+
+_app = None
+_lock = threading.Lock()
+MARGIN_S = 0.5      # of the invocation's remaining time, kept to return the answer
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return default if raw is None or not raw.strip() else int(raw)
+
+
+def _load():
+    """The App for NN2_MODEL (made once per execution environment)."""
+    global _app
+    with _lock:
+        if _app is None:
+            from .model import load
+            from .routes import App, Settings
+            from .scheduler import Scheduler
+            path = os.environ.get("NN2_MODEL")
+            if not path:
+                raise RuntimeError("NN2_MODEL is not set: it names the .nnb file to serve")
+            model = load(path, verify=os.environ.get("NN2_VERIFY", "1") != "0")
+            settings = Settings(max_tokens_default=_env_int("NN2_MAX_TOKENS_DEFAULT", 256),
+                                max_tokens_limit=_env_int("NN2_MAX_TOKENS_LIMIT", 4096),
+                                request_timeout=float(os.environ.get("NN2_TIMEOUT") or 120),
+                                api_key=os.environ.get("NN2_API_KEY") or None,
+                                cors=os.environ.get("NN2_CORS") or None)
+            scheduler = Scheduler(model, max_batch=_env_int("NN2_MAX_BATCH", 64)).start()
+            name = os.path.splitext(os.path.basename(path))[0]
+            _app = App(model, name, scheduler, settings)
+        return _app
+
+
+def _request(event: dict):
+    """(method, path, lower-case headers, body bytes) of a payload-2.0 event."""
+    http = (event.get("requestContext") or {}).get("http") or {}
+    method = http.get("method") or event.get("httpMethod") or "GET"
+    path = event.get("rawPath") or http.get("path") or "/"
+    headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}
+    body = event.get("body") or ""
+    raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode("utf-8")
+    return method.upper(), path, headers, raw
+
+
+def _answer(status: int, headers: dict, body: bytes) -> dict:
+    return {"statusCode": status, "headers": headers, "body": body.decode("utf-8"), "isBase64Encoded": False}
+
+
+def handler(event, context):
+    """The Lambda entry point: an HTTP API / Function URL event in, its response out."""
+    from .completions import ApiError
+    from .routes import error_response
+    try:
+        app = _load()
+    except Exception as e:          # noqa: BLE001 — a model that cannot load is the answer, not a crash loop
+        print(f"nn2run: cannot load the model: {e}", file=sys.stderr)
+        resp = error_response(ApiError(500, f"cannot load the model: {e}", "server_error", code="model_unavailable"))
+        return _answer(resp.status, resp.headers, resp.body)
+    try:
+        method, path, headers, body = _request(event if isinstance(event, dict) else {})
+    except (ValueError, TypeError):
+        resp = error_response(ApiError(400, "the body is not valid base64", code="invalid_body"))
+        return _answer(resp.status, resp.headers, resp.body)
+    deadline = None
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining is not None:
+        deadline = time.monotonic() + max(remaining() / 1000 - MARGIN_S, 0.001)
+    resp = app.handle(method, path, headers, body, deadline=deadline)
+    if resp.stream is not None:
+        try:
+            resp.body = b"".join(resp.stream)
+        finally:
+            resp.stream.close()
+    return _answer(resp.status, resp.headers, resp.body)

@@ -1,0 +1,368 @@
+"""Continuous batching: one scheduler thread owns a model's VMs and steps every live row.
+
+A request is one row per choice. At each step boundary rows that finished, whose client
+went away or that ran past their deadline leave; waiting rows join with a zero state;
+then every row is fed its next prompt token or its last sample and the VM steps once.
+Each row samples with its own random generator, so what it draws does not depend on
+which other requests share the step.
+
+Live rows are packed at the front of the batch (a leaving row's place is taken by the
+last row, whose state is copied into it). The VM runs at the smallest power-of-two batch
+that holds the live rows (capped at max_batch), so a lone request steps a batch of one;
+when that size changes the live states are copied into the other VM.
+
+Imports NumPy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import sys
+import threading
+import time
+import traceback
+
+import numpy as np
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound: the caller answers 429."""
+
+
+class Histogram:
+    """Cumulative buckets, a sum and a count (Prometheus' histogram)."""
+
+    def __init__(self, bounds):
+        self.bounds = list(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        i = 0
+        while i < len(self.bounds) and value > self.bounds[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self):
+        """[(upper bound or '+Inf', observations ≤ it)]."""
+        total, out = 0, []
+        for bound, c in zip(self.bounds + ["+Inf"], self.counts):
+            total += c
+            out.append((bound, total))
+        return out
+
+
+class Request:
+    """What the scheduler runs for one HTTP request: one row per (prompt, choice).
+
+    The scheduler puts events on `events`: (index, text, finish) with finish None while
+    the choice goes on, "stop" or "length" when it ends; ("timeout",) when the deadline
+    passed, ("failed",) when the step raised (a bug: logged, the request ends),
+    ("shutdown",) when the server stopped before the request finished. Setting `cancelled` makes its rows leave at the next step.
+    """
+
+    def __init__(self, primes, max_tokens: int, temperature: float, top_k, top_p, seed, stops,
+                 deadline: float, decoders):
+        self.primes, self.max_tokens = primes, max_tokens
+        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+        self.stops = [s for s in stops if s]
+        self.deadline = deadline
+        self.decoders = decoders
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = False
+        self.arrival = time.monotonic()
+        self.first_token_at = None
+        self.open_rows = len(primes)
+        self.generated = 0          # tokens sampled, over all rows
+        self.stream = True          # False: each choice's text comes in one event, when it ends
+        self.on_first_token = None  # called (on the scheduler thread) once the first token is out
+
+    def rng(self, index: int):
+        # choice 0 draws like `nn2run --seed S`; the others from streams derived from the seed
+        if self.seed is None:
+            return np.random.default_rng()
+        return np.random.default_rng(self.seed if index == 0 else [self.seed, index])
+
+
+class Row:
+    """One choice being generated: the prompt still to feed, the text held back for stops."""
+
+    __slots__ = ("request", "index", "prime", "pos", "last", "generated", "held", "out", "rng", "decode")
+
+    def __init__(self, request: Request, index: int):
+        self.request, self.index = request, index
+        self.prime = request.primes[index]
+        self.pos = 0
+        self.last = 0
+        self.generated = 0
+        self.held = ""
+        self.out = []           # released text kept for a request that is not streamed
+        self.rng = request.rng(index)
+        self.decode = request.decoders[index]
+
+    def next_input(self) -> int:
+        if self.pos < len(self.prime):
+            self.pos += 1
+            return self.prime[self.pos - 1]
+        return self.last
+
+    def sampling(self) -> bool:
+        """Whether this step's logits are for a new token (the prompt has been fed)."""
+        return self.pos >= len(self.prime)
+
+    def take(self, token: int) -> str | None:
+        """Accept a sampled token; returns the finish reason once the choice is done."""
+        self.last = token
+        self.generated += 1
+        self.held += self.decode(token)
+        stops = self.request.stops
+        for s in stops:
+            at = self.held.find(s)
+            if at >= 0:
+                self.held = self.held[:at]
+                return "stop"
+        if self.generated >= self.request.max_tokens:
+            return "length"
+        return None
+
+    def releasable(self) -> str:
+        """The held text that can no longer turn into a stop string: sent now."""
+        keep = 0
+        for s in self.request.stops:
+            for k in range(min(len(s) - 1, len(self.held)), keep, -1):
+                if self.held.endswith(s[:k]):
+                    keep = k
+                    break
+        cut = len(self.held) - keep
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out
+
+
+def sample_rows(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
+    """One token per row, each with its own temperature, top-k, top-p and generator.
+
+    Per row this is the arithmetic of `nn2run.sample.Sampler` (float64 softmax, the same
+    masks, one uniform draw scaled by the last cumulative value), so a row draws what
+    `nn2run --seed` draws from the same logits; temperature 0 takes the most likely token.
+    """
+    n, vocab = logits.shape
+    req = [r.request for r in rows]
+    temps = np.array([q.temperature for q in req])
+    out = np.empty(n, np.intp)
+    greedy = temps == 0
+    if greedy.any():
+        out[greedy] = logits[greedy].argmax(axis=1)
+    live = np.flatnonzero(~greedy)
+    if not live.size:
+        return out
+    z = logits[live].astype(np.float64) / temps[live, None]
+    z -= z.max(axis=1, keepdims=True)
+    ks = np.array([min(req[i].top_k or vocab, vocab) for i in live])
+    if (ks < vocab).any():
+        kth = np.sort(z, axis=1)[np.arange(live.size), vocab - ks][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    ps = np.array([req[i].top_p if req[i].top_p is not None and req[i].top_p < 1 else np.inf for i in live])
+    if np.isfinite(ps).any():
+        order = np.argsort(-p, axis=1)
+        sorted_p = np.take_along_axis(p, order, axis=1)
+        keep_sorted = np.cumsum(sorted_p, axis=1) - sorted_p < ps[:, None]
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=1)
+        p = np.where(keep, p, 0.0)
+    cdf = np.cumsum(p, axis=1)
+    u = np.array([rows[i].rng.random() for i in live])[:, None] * cdf[:, -1:]
+    out[live] = np.minimum((cdf <= u).sum(axis=1), vocab - 1)
+    return out
+
+
+class Scheduler:
+    """Owns the model's VMs; call `submit` from any thread, `start` once."""
+
+    def __init__(self, model, max_batch: int = 64, max_queue: int = 256):
+        self.model = model
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self._cond = threading.Condition()
+        self._waiting: collections.deque = collections.deque()    # requests not yet given rows
+        self._pending: collections.deque = collections.deque()    # rows of admitted requests
+        self._rows: list[Row] = []
+        self._vm = None
+        self._stopping = False
+        self._aborting = False
+        self._thread = threading.Thread(target=self._run, name="nn2-scheduler", daemon=True)
+        # figures for /metrics (written by the scheduler thread, read without a lock: ints)
+        self.steps = 0
+        self.tokens = 0
+        self.rows_per_step = Histogram([1, 2, 4, 8, 16, 32, 64, 128, 256])
+        self.ttft = Histogram([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
+
+    # --- any thread ----------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def abort(self) -> None:
+        """End every request now, queued or running, with a ("shutdown",) event."""
+        with self._cond:
+            self._aborting = True
+            self._cond.notify()
+
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull()
+            self._waiting.append(request)
+            self._cond.notify()
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def queued(self) -> int:
+        """Rows waiting for a place in the batch (of requests admitted or not)."""
+        return len(self._pending) + sum(len(r.primes) for r in list(self._waiting))
+
+    def idle(self) -> bool:
+        return not self._rows and not self._waiting and not self._pending
+
+    # --- the scheduler thread -----------------------------------------------------
+    def _run(self) -> None:
+        pending = self._pending
+        while True:
+            with self._cond:
+                while not self._rows and not self._waiting and not pending and not self._stopping \
+                        and not self._aborting:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                abort, self._aborting = self._aborting, False
+                waiting = list(self._waiting) if abort else []
+                if abort:
+                    self._waiting.clear()
+                # a request leaves the queue only when the batch has room for its first row
+                while self._waiting and len(self._rows) + len(pending) < self.max_batch:
+                    req = self._waiting.popleft()
+                    pending.extend(Row(req, i) for i in range(len(req.primes)))
+            if abort:
+                self._fail_all(pending, ("shutdown",), waiting)
+                continue
+            try:
+                self._leave_expired()
+                self._join(pending)
+                if self._rows:
+                    with np.errstate(all="ignore"):
+                        self._step()
+            except Exception:       # noqa: BLE001 — a bug must end its requests, not the server
+                traceback.print_exc(file=sys.stderr)
+                self._fail_all(pending, ("failed",))
+
+    def _fail_all(self, pending, event: tuple, waiting=()) -> None:
+        rows = list(self._rows) + list(pending)
+        for req in {id(r): r for r in [row.request for row in rows] + list(waiting)}.values():
+            req.cancelled = True
+            req.events.put(event)
+        self._rows.clear()
+        pending.clear()
+        self._vm = None
+
+    def _leave_expired(self) -> None:
+        now = time.monotonic()
+        for i in reversed(range(len(self._rows))):
+            req = self._rows[i].request
+            if req.cancelled or now > req.deadline:
+                self._timeout(req, now)
+                self._remove(i)
+
+    @staticmethod
+    def _timeout(req: Request, now: float) -> None:
+        if not req.cancelled and now > req.deadline:
+            req.cancelled = True
+            req.events.put(("timeout",))
+
+    def _join(self, pending) -> None:
+        now = time.monotonic()
+        while pending and len(self._rows) < self.max_batch:
+            row = pending.popleft()
+            if row.request.cancelled or now > row.request.deadline:
+                self._timeout(row.request, now)
+                continue
+            self._resize(len(self._rows) + 1)
+            i = len(self._rows)
+            for a in self._vm.state_arrays():
+                a[i] = 0.0
+            self._rows.append(row)
+
+    def _resize(self, n: int) -> None:
+        """Step at the smallest power-of-two batch ≥ n (≤ max_batch), moving the live states."""
+        batch = min(1 << max(n - 1, 0).bit_length(), self.max_batch)
+        if self._vm is not None and self._vm.batch == batch:
+            return
+        vm = self.model.vm(batch)
+        vm.reset()
+        if self._vm is not None:
+            live = len(self._rows)
+            for old, new in zip(self._vm.state_arrays(), vm.state_arrays()):
+                new[:live] = old[:live]
+        self._vm = vm
+
+    def _remove(self, i: int) -> None:
+        last = len(self._rows) - 1
+        if i != last:
+            for a in self._vm.state_arrays():
+                a[i] = a[last]
+            self._rows[i] = self._rows[last]
+        self._rows.pop()
+
+    def _step(self) -> None:
+        rows, vm = self._rows, self._vm
+        ids = np.zeros(vm.batch, np.intp)
+        for i, r in enumerate(rows):
+            ids[i] = r.next_input()
+        logits = vm.advance(ids)
+        self.steps += 1
+        self.rows_per_step.observe(len(rows))
+        sampling = [i for i, r in enumerate(rows) if r.sampling()]
+        if not sampling:
+            return
+        tokens = sample_rows(logits[sampling], [rows[i] for i in sampling])
+        now = time.monotonic()
+        self.tokens += len(sampling)
+        done, first = [], []
+        for i, tok in zip(sampling, tokens.tolist()):
+            r = rows[i]
+            req = r.request
+            if req.first_token_at is None:
+                req.first_token_at = now
+                self.ttft.observe(now - req.arrival)
+                first.append(req)
+            req.generated += 1
+            finish = r.take(tok)
+            if finish:
+                r.out.append(r.held)
+                req.events.put((r.index, "".join(r.out), finish))
+                done.append(i)
+            else:
+                text = r.releasable()
+                if text and req.stream:
+                    req.events.put((r.index, text, None))
+                elif text:
+                    r.out.append(text)
+        for req in first:
+            if req.on_first_token is not None:
+                req.on_first_token()
+        for i in reversed(done):
+            self._remove(i)
+        if len(rows) < (self._vm.batch >> 1):
+            self._resize(len(rows))

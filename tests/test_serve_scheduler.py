@@ -1,0 +1,109 @@
+"""The scheduler without HTTP: per-row sampling and rows that join and leave between steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import build_model
+from nn2run.sample import Sampler, SamplerConfig
+from nn2run.scheduler import Request, Row, Scheduler, sample_rows
+
+CONFIGS = [(1.0, None, None), (0.5, 3, None), (1.3, None, 0.8), (0.9, 4, 0.6), (0.0, None, None), (2.0, 1, None)]
+
+
+def _request(prime, n, temperature=1.0, top_k=None, top_p=None, seed=0, stops=(), deadline=1e18):
+    return Request([prime], n, temperature, top_k, top_p, seed, list(stops), deadline, [str])
+
+
+def test_each_row_draws_what_the_sampler_draws_with_its_own_settings_and_seed():
+    logits = np.random.default_rng(0).normal(0, 3, (len(CONFIGS), 40)).astype(np.float32)
+    for trial in range(20):
+        rows = [Row(_request([0], 1, t, k, p, seed=100 * trial + i), 0) for i, (t, k, p) in enumerate(CONFIGS)]
+        got = sample_rows(logits, rows)
+        for i, (t, k, p) in enumerate(CONFIGS):
+            ref = Sampler(SamplerConfig(temperature=t or 1.0, top_k=k, top_p=p, greedy=t == 0), 100 * trial + i)
+            assert got[i] == ref(logits[i:i + 1])[0], (trial, CONFIGS[i])
+
+
+def test_stop_text_is_held_back_until_it_cannot_start_a_stop_string():
+    row = Row(Request([[0]], 10, 1.0, None, None, 0, ["abc"], 1e18, [list("xab c").__getitem__]), 0)
+    sent = []
+    for tok in (0, 1, 2):           # "x", "a", "b": "ab" could begin "abc"
+        assert row.take(tok) is None
+        sent.append(row.releasable())
+    assert "".join(sent) == "x" and row.held == "ab"
+    assert row.take(3) is None and row.releasable() == "ab "
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    import nn2run
+    d = tmp_path_factory.mktemp("sched")
+    _, _, logical = build_model(d / "draft.nnb", "lstm", 12, 1, 6)
+    # large weights: the next token depends strongly on the state, so a row given another
+    # row's state (or a stale one) writes other text
+    path, _, _ = build_model(d / "m.nnb", "lstm", 12, 1, 6, logical={k: 6 * v for k, v in logical.items()})
+    return nn2run.load(path)
+
+
+def _text(req):
+    out = []
+    while not req.events.empty():
+        ev = req.events.get()
+        out.append(ev[1])
+    return "".join(out)
+
+
+def test_rows_joining_at_different_steps_get_the_text_they_get_alone(model):
+    import time
+    # rows leave in the middle of the batch while others go on, and new ones take their places
+    jobs = [([1, 2, 3], 7, 90), ([4], 8, 10), ([5, 5, 5, 5, 5], 9, 120), ([0, 1], 10, 30), ([2], 11, 60),
+            ([3, 3], 12, 20)]
+    sched = Scheduler(model, max_batch=4, max_queue=10).start()
+    try:
+        alone = []
+        for prime, seed, n in jobs:
+            req = _request(prime, n, seed=seed)
+            req.decoders = [model.codec.decoder()]
+            sched.submit(req)
+            while not sched.idle():
+                time.sleep(0.005)
+            alone.append(_text(req))
+        reqs = []
+        for prime, seed, n in jobs:         # more rows than the batch holds: some wait, all share steps
+            req = _request(prime, n, seed=seed)
+            req.decoders = [model.codec.decoder()]
+            reqs.append(req)
+            sched.submit(req)
+        end = time.monotonic() + 30
+        while not sched.idle() and time.monotonic() < end:
+            time.sleep(0.005)
+        assert [_text(r) for r in reqs] == alone
+        assert [len(t) for t in alone] == [n for _, _, n in jobs]
+    finally:
+        sched.stop()
+
+
+def test_a_failing_step_ends_its_requests_and_the_scheduler_goes_on(model, monkeypatch):
+    import time
+
+    import nn2run.scheduler as scheduler
+    sched = Scheduler(model, max_batch=4).start()
+    try:
+        real = scheduler.sample_rows
+        monkeypatch.setattr(scheduler, "sample_rows", lambda *a: 1 / 0)
+        req = _request([1], 10)
+        req.decoders = [model.codec.decoder()]
+        sched.submit(req)
+        assert req.events.get(timeout=10) == ("failed",)
+        monkeypatch.setattr(scheduler, "sample_rows", real)
+        ok = _request([1], 10)
+        ok.decoders = [model.codec.decoder()]
+        sched.submit(ok)
+        end = time.monotonic() + 10
+        while not sched.idle() and time.monotonic() < end:
+            time.sleep(0.005)
+        assert len(_text(ok)) == 10
+    finally:
+        sched.stop()
