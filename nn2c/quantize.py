@@ -91,6 +91,8 @@ def _open(source: str) -> "fmt.NNBFile":
     try:
         nnb = fmt.read(source, verify_data=True)
     except fmt.NNBFormatError as e:
+        if os.path.isfile(source):
+            raise QuantizeError(f"{source} is not an nn2 model: {e}") from None
         raise QuantizeError(f"cannot read {source}: {e}") from None
     try:
         Model(nnb)      # the whole model is checked: program, parameters, codec
