@@ -528,8 +528,9 @@ def logical(nnb: NNBFile) -> dict:
             continue
         if dtype == "f16":
             array = array.astype(np.float32)
-        elif dtype == "i8":
-            array = np.multiply(array, nnb.tensors[name + SCALE_SUFFIX], dtype=np.float32)
+        elif dtype == "i8":    # exact int8 -> float32, then one rounding per product
+            array = array.astype(np.float32)
+            array *= nnb.tensors[name + SCALE_SUFFIX]
         else:
             out[name] = array
             continue
