@@ -27,6 +27,7 @@ MEASURES = {
     "open": ("nn2run.load of a 5 MB and a 50 MB model", "startup", "bench_open"),
     "train": ("training on CPU vs torch.nn.LSTM", "training", "bench_train"),
     "gpu": ("training on CUDA vs cuDNN nn.LSTM (skipped without a GPU)", "training", "bench_train_gpu"),
+    "quant": ("f16 / int8 files vs float32: size, held-out loss, speed, open", "quantize", "bench_quantize"),
 }
 SIZED = {"gen", "streams"}
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
