@@ -519,22 +519,19 @@ def _check_scale_values(buf, start: int, table: dict) -> None:
 
 def logical(nnb: NNBFile) -> dict:
     """name -> the values each tensor stands for: f32 tensors as they are (zero-copy
-    views), f16 and i8 ones converted to new read-only float32 arrays, integer ones as
-    they are; the #scale tensors are consumed, not listed."""
+    views), f16 and i8 ones converted to new read-only float32 arrays (at most 4 bytes
+    allocated per stored byte), integer ones as they are; the #scale tensors are
+    consumed, not listed."""
     out = {}
     for name, array in nnb.tensors.items():
-        dtype = nnb.table[name].dtype
         if name.endswith(SCALE_SUFFIX):
             continue
-        if dtype == "f16":
-            array = array.astype(np.float32)
-        elif dtype == "i8":    # exact int8 -> float32, then one rounding per product
-            array = array.astype(np.float32)
-            array *= nnb.tensors[name + SCALE_SUFFIX]
-        else:
-            out[name] = array
-            continue
-        array.flags.writeable = False
+        dtype = nnb.table[name].dtype
+        if dtype in ("f16", "i8"):
+            array = array.astype(np.float32)    # exact for both
+            if dtype == "i8":                   # then one rounding per product
+                array *= nnb.tensors[name + SCALE_SUFFIX]
+            array.flags.writeable = False
         out[name] = array
     return out
 
