@@ -265,3 +265,23 @@ def test_fuzzer_runs_clean_on_a_quantized_model(lstm, capsys):
     assert fuzz_loader.main(["--inputs", "1500", "--seed", "11", "--model", str(d / "int8.nnb"),
                              "--loader", "model", "--mem-mb", "0"]) == 0
     assert ", 0 crashes in " in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tinyshakespeare_model_meets_the_loss_targets(tmp_path, shakespeare, run_cli):
+    """A 2×128 LSTM trained briefly (a few minutes on CPU); the held-out tail is nn2c
+    train's (--val-frac 0.05). bench/quantize.py reports the same on 2×256."""
+    r = run_cli("nn2c", "train", shakespeare, "-o", tmp_path / "m.nnb", "--hidden", 128, "--layers", 2,
+                "--seq-len", 100, "--batch", 32, "--steps", 500, "--eval-every", 500, "--device", "cpu",
+                timeout=3600)
+    assert r.returncode == 0, r.stderr
+    text = shakespeare.read_text(encoding="utf-8")
+    base = nn2run.load(tmp_path / "m.nnb")
+    ids = base.codec.encode(text[int(len(text) * 0.95):])
+    loss = validation_loss(base, ids)
+    assert loss < 2.5
+    for dtype, target in (("f16", 0.002), ("int8", 0.02)):
+        quantize_file(str(tmp_path / "m.nnb"), str(tmp_path / f"{dtype}.nnb"), dtype)
+        q = tmp_path / f"{dtype}.nnb"
+        assert q.stat().st_size < (tmp_path / "m.nnb").stat().st_size * (0.55 if dtype == "f16" else 0.35)
+        assert validation_loss(nn2run.load(q), ids) - loss <= target
