@@ -30,6 +30,7 @@ MEASURES = {
     "train": ("training on CPU vs torch.nn.LSTM", "training", "bench_train"),
     "gpu": ("training on CUDA vs cuDNN nn.LSTM (skipped without a GPU)", "training", "bench_train_gpu"),
     "serve": ("nn2run serve: 1-128 streaming clients vs offline batches, batch 1, overload", "serve", "bench_serve"),
+    "quant": ("f16 / int8 files vs float32: size, held-out loss, speed, open", "quantize", "bench_quantize"),
 }
 SIZED = {"gen", "streams", "onnx"}
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

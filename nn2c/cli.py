@@ -142,6 +142,23 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
 
 
 @main.command()
+@click.argument("model")
+@click.option("--dtype", required=True, type=click.Choice(["f16", "int8"]),
+              help="f16: every tensor half precision; int8: matrices int8 with a float32 scale per output row.")
+@click.option("-o", "--output", required=True, help="The smaller .nnb file to write (atomically).")
+def quantize(model, dtype, output):
+    """Write a smaller copy of MODEL (a float32 .nnb) with f16 or int8 weights.
+
+    Example: nn2c quantize model.nnb --dtype int8 -o model.int8.nnb
+    """
+    from .quantize import QuantizeError, quantize_file
+    try:
+        click.echo(quantize_file(model, output, dtype))
+    except QuantizeError as e:
+        raise Failure(str(e)) from None
+
+
+@main.command()
 def samples():
     """List the sample kernels shipped with nn2c."""
     import shutil

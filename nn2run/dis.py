@@ -42,7 +42,8 @@ def describe(model) -> str:
     """`nn2run --info`: what the file holds and where it came from."""
     h = model.header
     out = [f"nn2 model: {model.layers} layer(s) × {model.hidden} hidden, "
-           f"vocabulary {len(model.vocab)} ({model.codec.name} codec)"]
+           f"vocabulary {len(model.vocab)} ({model.codec.name} codec)",
+           f"file: {model.storage()}"]
     src = h.get("source") if isinstance(h.get("source"), dict) else {}
     if src:
         out.append(f"\nkernel {src.get('name', '?')}:")

@@ -36,11 +36,21 @@ most 64 deep, at most 65536 "[" or "{" bytes in all, no lone surrogates.
 The table maps each name (1..256 printable characters) to an object with
 exactly these keys::
 
-    "dtype":  "f32" | "f16" | "i32" | "i64" | "u8"    (little-endian; u8 is a byte)
+    "dtype":  "f32" | "f16" | "i32" | "i64" | "u8" | "i8"
+              (IEEE binary32/binary16, two's-complement integers of 4/8 bytes,
+              a byte, a signed byte; little-endian)
     "shape":  list of 0..4 integers >= 0 (not booleans); the product of the
               non-zero ones is at most 2**40
     "offset": byte offset from the start of the data section
     "nbytes": prod(shape) * itemsize
+
+Quantized tensors. An "i8" tensor NAME has rank 1..4, shape (d0, ..., n), and
+stands for the float32 values q[..., j] * s[j] (each product rounded to float32),
+where q is its stored bytes and s is the tensor named NAME + "#scale": dtype
+"f32", shape [n], every value finite and >= 0 (-0.0 counts as 0). Every "i8"
+tensor has that scale tensor, and every tensor whose name ends in "#scale" is the
+scale of an "i8" tensor (the name without the suffix); anything else is refused.
+The scales' values are checked on every open (they are n floats per tensor).
 
 The table's order is the data's order. The first tensor starts at offset 0; each
 next one starts at the end of the previous one rounded up to a multiple of 64
@@ -53,8 +63,11 @@ Python API: write/dumps make a file; read (mmap) and loads (bytes) validate it
 completely before making any tensor view and raise NNBFormatError, whose str()
 is one line without the path, for every malformed input. NNBFile.header is the
 header *without* "tensors"; NNBFile.table holds the parsed table and
-NNBFile.tensors read-only zero-copy numpy views. A mapped file must not be
-modified in place (write replaces files atomically, so readers are safe).
+NNBFile.tensors read-only zero-copy numpy views (the stored values: "i8" tensors
+and their scales as they are); logical(nnb) gives the float32 values every
+floating or quantized tensor stands for, without the scale tensors. A mapped
+file must not be modified in place (write replaces files atomically, so
+readers are safe).
 """
 from __future__ import annotations
 
@@ -82,7 +95,8 @@ MAX_ELEMENTS = 1 << 40
 MAX_DEPTH = 64
 MAX_INT_DIGITS = 100
 DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i32": np.dtype("<i4"),
-          "i64": np.dtype("<i8"), "u8": np.dtype("u1")}
+          "i64": np.dtype("<i8"), "u8": np.dtype("u1"), "i8": np.dtype("i1")}
+SCALE_SUFFIX = "#scale"  # NAME#scale holds the per-column scales of the i8 tensor NAME
 _DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
 _FIELDS = struct.Struct("<8sHHIQQ32s32s32s")  # the 128-byte prefix
 _ENTRY_KEYS = ("dtype", "shape", "offset", "nbytes")
@@ -177,7 +191,8 @@ def write(path, header: dict, tensors: dict) -> None:
 # ----------------------------------------------------------------- reading
 class NNBFile:
     """A validated .nnb: header (without "tensors"), table, tensors (read-only
-    views), version, path (None from loads), data_sha256_ok (None if unchecked).
+    views), version, path (None from loads), size (bytes), data_sha256_ok (None
+    if unchecked).
 
     close() drops the views and unmaps the file; arrays the caller still holds
     stay valid, and the mapping goes when the last of them does.
@@ -185,7 +200,7 @@ class NNBFile:
 
     def __init__(self, buf, path, version, header, table, data_range, data_digest):
         self.path, self.version, self.header, self.table = path, version, header, table
-        self.data_sha256_ok = None
+        self.data_sha256_ok, self.size = None, data_range[1]
         self._buf, self._data_range, self._data_digest = buf, data_range, data_digest
         start = data_range[0]
         self.tensors = {name: _view(buf, start, e) for name, e in table.items()}
@@ -288,6 +303,11 @@ def _open(buf, path, verify: bool) -> NNBFile:
     if verify and not verify_data(nnb):
         nnb.close()
         raise NNBFormatError("data checksum mismatch (the tensor data is corrupt)")
+    try:  # after the checksum, so that corrupt data is reported as such
+        _check_scale_values(buf, start, table)
+    except NNBFormatError:
+        nnb.close()
+        raise
     return nnb
 
 
@@ -432,7 +452,59 @@ def _check_table(header: dict, data_len: int) -> dict:
         end = entry.offset + entry.nbytes
     if end != data_len:
         raise NNBFormatError(f"data section has {data_len - end} unused bytes at its end")
+    _check_scales(table)
     return table
+
+
+def _check_scales(table: dict) -> None:
+    """Each i8 tensor has its NAME#scale (f32, one per column); no scale without one."""
+    for name, entry in table.items():
+        if name.endswith(SCALE_SUFFIX):
+            base = table.get(name[:-len(SCALE_SUFFIX)])
+            if base is None or base.dtype != "i8":
+                raise NNBFormatError(f"tensor {_short(name)}: a scale tensor without an "
+                                     "i8 tensor to scale (orphan scale)")
+            if entry.dtype != "f32":
+                raise NNBFormatError(f"tensor {_short(name)}: scales must be f32, "
+                                     f"not {entry.dtype}")
+            if entry.shape != base.shape[-1:]:
+                raise NNBFormatError(f"tensor {_short(name)}: scale shape "
+                                     f"{list(entry.shape)} should be {list(base.shape[-1:])}"
+                                     " (one per column)")
+        elif entry.dtype == "i8" and name + SCALE_SUFFIX not in table:
+            raise NNBFormatError(f"tensor {_short(name)}: i8 tensor has no scale tensor "
+                                 f"{_short(name + SCALE_SUFFIX)}")
+
+
+def _check_scale_values(buf, start: int, table: dict) -> None:
+    """Finite and >= 0; read from a copy, so that a refusal holds no view of buf."""
+    for name, entry in table.items():
+        if name.endswith(SCALE_SUFFIX) and entry.nbytes:
+            at = start + entry.offset
+            array = np.frombuffer(bytes(buf[at:at + entry.nbytes]), DTYPES["f32"])
+            if not np.isfinite(array).all():
+                raise NNBFormatError(f"tensor {_short(name)}: a scale is not finite")
+            if (array < 0).any():
+                raise NNBFormatError(f"tensor {_short(name)}: a scale is negative")
+
+
+def logical(nnb: NNBFile) -> dict:
+    """name -> the values each tensor stands for: f32 tensors as they are (zero-copy
+    views), f16 and i8 ones converted to new read-only float32 arrays (at most 4 bytes
+    allocated per stored byte), integer ones as they are; the #scale tensors are
+    consumed, not listed."""
+    out = {}
+    for name, array in nnb.tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        dtype = nnb.table[name].dtype
+        if dtype in ("f16", "i8"):
+            array = array.astype(np.float32)    # exact for both
+            if dtype == "i8":                   # then one rounding per product
+                array *= nnb.tensors[name + SCALE_SUFFIX]
+            array.flags.writeable = False
+        out[name] = array
+    return out
 
 
 def _check_entry(name, item) -> TensorEntry:
@@ -453,6 +525,8 @@ def _check_entry(name, item) -> TensorEntry:
         raise NNBFormatError(f"{where}: shape is not a list")
     if len(shape) > MAX_RANK:
         raise NNBFormatError(f"{where}: rank {len(shape)} exceeds {MAX_RANK}")
+    if dtype == "i8" and not shape:
+        raise NNBFormatError(f"{where}: an i8 tensor needs rank 1 or more (scaled per column)")
     for dim in shape:
         if not _is_int(dim):
             raise NNBFormatError(f"{where}: dimension {_short(dim)} is not an integer")

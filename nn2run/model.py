@@ -11,6 +11,11 @@ The model header (the JSON the container carries) holds, besides the tensor tabl
 each kernel parameter lives: a column range of a stored tensor, see `param`), `codec`,
 `sampling` defaults, `source` (the kernel text) and `provenance`. All of it is validated
 here before anything runs; every failure is an `NNBFormatError`.
+
+A float32 file runs on its memory map as it is (zero-copy). A quantized one (f16, or i8
+with per-row scales, see `nn2run.format`) is converted to float32 once, here at load, so
+the VM runs exactly the float32 code: opening costs one pass over the weights and the
+weights then take float32 memory (the file's pages are only read once).
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ class Model:
     def __init__(self, nnb: "fmt.NNBFile"):
         self._file = nnb
         self.header = nnb.header
-        self.tensors = nnb.tensors
+        self.tensors = fmt.logical(nnb)     # float32 values; the f32 ones stay views of the map
         try:
             self._check()
         except (ProgramError, codecs.CodecError) as e:
@@ -150,6 +155,18 @@ class Model:
         if p["kind"] == "matrix":
             return t[:, p["start"]:p["stop"]].T
         return t[p["start"]:p["stop"]]
+
+    def storage(self) -> str:
+        """How the file stores the tensors, and its size (`nn2run --info` shows it)."""
+        self._check_open()
+        table = self._file.table
+        counts: dict[str, int] = {}
+        for name, entry in table.items():
+            if not name.endswith(fmt.SCALE_SUFFIX):
+                counts[entry.dtype] = counts.get(entry.dtype, 0) + 1
+        kinds = ", ".join(f"{n} {dtype}" + (" (a float32 scale per output row)" if dtype == "i8" else "")
+                          for dtype, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        return f"{self._file.size:,} bytes; tensors: {kinds or 'none'}"
 
     # --- running ------------------------------------------------------------------
     def _check_open(self) -> None:

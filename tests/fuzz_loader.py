@@ -42,7 +42,7 @@ INTERESTING_INTS = [0, 1, 63, 64, 65, 127, 128, 2**15, 2**16 - 1, 2**31 - 1, 2**
 JSON_TOKENS = ["-1", "0", "1", "63", "64", "2.0", "1e999", "-0", "NaN", "Infinity", "true",
                "false", "null", '""', '"x"', '"f32"', '"u8"', "[]", "{}", "[0]", "[-1]",
                "18446744073709551616", "1" * 120, '"\\ud800"', '"\\u0000"', "[[[[[[[[",
-               '"tensors"', '"w"']
+               '"tensors"', '"w"', '"i8"', '"Q#scale"', '"w#scale"', "[3]", "[2,3]"]
 TOKEN = re.compile(r'-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|"(?:[^"\\]|\\.)*"|true|false|null|[\[\]{}:,]')
 REASONS = None  # reason -> count, with --reasons
 FIELDS = [(8, 2), (10, 2), (12, 4), (16, 8), (24, 8), (32, 1)]  # (offset, size) in the prefix
@@ -53,7 +53,9 @@ def synthetic_model() -> bytes:
                "W": np.arange(20, dtype=np.float32).reshape(4, 5) / 3,
                "b": np.zeros(5, np.float16), "ids": np.array([1, -2, 3], np.int32),
                "none": np.zeros((0, 4), np.float32), "steps": np.array([7], np.int64),
-               "vocab": np.frombuffer(b"abcdef", np.uint8)}
+               "vocab": np.frombuffer(b"abcdef", np.uint8),
+               "Q": np.array([[-127, 3, 0], [64, -128, 127]], np.int8),
+               "Q#scale": np.array([0.125, 2.0, 0.0], np.float32)}
     header = {"program": [["matmul", "embed", "W", "h"], ["tanh", "h", "h"]],
               "codec": {"name": "char", "alphabet": "abcdef"},
               "provenance": {"nn2c": "0.1.0", "steps": 300, "loss": [2.5, 1.75]}}

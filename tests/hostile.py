@@ -394,6 +394,99 @@ def data_bit_flip(blob):
     return flip_bit(blob, (header_end(blob) + entry["offset"]) * 8 + 3), "data checksum"
 
 
+# ----------------------------------------------------------------- quantized tensors
+SCALE = "#scale"  # spelled out here, as the FORMAT section spells it
+
+
+def _quantized(blob):
+    """(names, index of the first i8 tensor, index of its scale), or None."""
+    names = list(table(blob))
+    base = next((n for n in names if table(blob)[n]["dtype"] == "i8"
+                 and n + SCALE in names), None)
+    if base is None:
+        return None
+    return names, names.index(base), names.index(base + SCALE)
+
+
+def _pair(bad, fragment):
+    return None if bad is None else (bad, fragment)
+
+
+def _scale_entry(blob, change):
+    found = _quantized(blob)
+    return None if found is None else _tensor(blob, change, found[2])
+
+
+def _scale_value(blob, value):
+    """Overwrite the first scale of the first i8 tensor (its data digest re-sealed)."""
+    found = _quantized(blob)
+    if found is None:
+        return None
+    entry = table(blob)[found[0][found[2]]]
+    if not entry["nbytes"]:
+        return None
+    data = split(blob)[2]
+    at = entry["offset"]
+    return reseal(blob, data=data[:at] + struct.pack("<f", value) + data[at + 4:])
+
+
+def scale_missing(blob):
+    found = _quantized(blob)
+    if found is None:
+        return None
+    names, _, index = found
+    renamed = names[index][:-len(SCALE)] + "_scale"
+    def change(h):
+        h["tensors"] = {renamed if n == names[index] else n: e for n, e in h["tensors"].items()}
+    return edit_header(blob, change), "no scale tensor"
+
+
+def scale_not_f32(blob):
+    return _pair(_scale_entry(blob, lambda e: e.update(dtype="i32")), "scales must be f32")
+
+
+def scale_wrong_shape(blob):
+    return _pair(_scale_entry(blob, lambda e: e.update(shape=[1] + e["shape"])), "scale shape")
+
+
+def scale_nan(blob):
+    return _pair(_scale_value(blob, float("nan")), "not finite")
+
+
+def scale_infinite(blob):
+    return _pair(_scale_value(blob, float("inf")), "not finite")
+
+
+def scale_negative(blob):
+    return _pair(_scale_value(blob, -0.5), "negative")
+
+
+def i8_scalar(blob):
+    found = _quantized(blob)
+    if found is None:
+        return None
+    return _tensor(blob, lambda e: e.update(shape=[]), found[1]), "rank 1 or more"
+
+
+def scale_of_non_i8(blob):
+    """The scaled tensor's dtype turned to u8 (same size): its scale is an orphan."""
+    found = _quantized(blob)
+    if found is None:
+        return None
+    return _tensor(blob, lambda e: e.update(dtype="u8"), found[1]), "orphan scale"
+
+
+def orphan_scale(blob):
+    """A well-formed f32 tensor "ghost#scale" appended, with no "ghost" to scale."""
+    _, text, data = split(blob)
+    header = json.loads(text)
+    offset = -(-len(data) // ALIGN) * ALIGN
+    header["tensors"]["ghost" + SCALE] = {"dtype": "f32", "shape": [1], "offset": offset,
+                                          "nbytes": 4}
+    data = data + bytes(offset - len(data)) + struct.pack("<f", 1.0)
+    return reseal(blob, json.dumps(header), data=data), "orphan scale"
+
+
 CASES = {f.__name__: f for f in [
     empty, bad_magic, text_file, future_major, major_zero, unknown_flags, reserved_bytes,
     header_len_too_big, header_len_huge, header_len_unaligned, data_len_huge, truncated,
@@ -406,5 +499,7 @@ CASES = {f.__name__: f for f in [
     control_char_name, unknown_dtype, dtype_not_string, shape_not_list, rank_too_high,
     negative_dim, bool_dim, float_dim, huge_dim, enormous_dims, nbytes_mismatch,
     nbytes_negative, offset_not_int, offset_negative, offset_misaligned, offset_past_end,
-    overlapping, out_of_order, gap, unused_data, nonzero_padding, data_bit_flip]}
+    overlapping, out_of_order, gap, unused_data, nonzero_padding, data_bit_flip,
+    scale_missing, scale_not_f32, scale_wrong_shape, scale_nan, scale_infinite,
+    scale_negative, i8_scalar, scale_of_non_i8, orphan_scale]}
 """name -> builder; every result must be refused by loads(bad, verify_data=True)."""

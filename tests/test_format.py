@@ -32,7 +32,9 @@ def make_tensors():
             "bytes": np.frombuffer(b"hello", dtype=np.uint8),
             "half": np.array([[0.5, -2.0]], dtype=np.float16),
             "big": np.array([2**40, -1], dtype=np.int64),
-            "cube": np.ones((2, 1, 3, 2), dtype=np.float32)}
+            "cube": np.ones((2, 1, 3, 2), dtype=np.float32),
+            "q": np.array([[-127, 0], [5, 127], [-128, 3]], dtype=np.int8),
+            "q#scale": np.array([0.25, 0.0], dtype=np.float32)}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,25 @@ def test_layout_follows_the_spec(blob):
     assert entries["w"]["offset"] == 0 and entries["ids"]["offset"] == 64
 
 
+def test_logical_values_follow_the_spec(blob):
+    f = nnb.loads(blob)
+    values = nnb.logical(f)
+    assert "q#scale" not in values and set(values) == set(make_tensors()) - {"q#scale"}
+    q, s = make_tensors()["q"], make_tensors()["q#scale"]
+    expected = (q.astype(np.float64) * s.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(values["q"], expected)
+    np.testing.assert_array_equal(values["half"], np.array([[0.5, -2.0]]))
+    assert values["q"].dtype == values["half"].dtype == np.float32
+    assert values["w"] is f.tensors["w"] and values["ids"] is f.tensors["ids"]
+    assert not any(v.flags.writeable for v in values.values())
+
+
+def test_a_zero_size_i8_tensor_has_an_empty_scale():
+    f = nnb.loads(nnb.dumps({}, {"q": np.zeros((3, 0), np.int8),
+                                 "q#scale": np.zeros(0, np.float32)}))
+    assert nnb.logical(f)["q"].shape == (3, 0)
+
+
 def test_empty_model_round_trips():
     f = nnb.loads(nnb.dumps({}, {}))
     assert f.header == {} and f.tensors == {} and f.data_sha256_ok is True
@@ -120,6 +141,11 @@ def test_writer_converts_byte_order_and_layout():
     ({"deep": DEEP}, {}, ValueError),
     ({}, {"": np.zeros(1, np.float32)}, ValueError),
     ({}, {"x": np.zeros((1,) * 5, np.float32)}, ValueError),
+    ({}, {"q": np.zeros((2, 3), np.int8)}, ValueError),
+    ({}, {"q": np.zeros(3, np.int8), "q#scale": np.ones(2, np.float32)}, ValueError),
+    ({}, {"q": np.zeros(3, np.int8), "q#scale": np.ones(3, np.float16)}, ValueError),
+    ({}, {"x#scale": np.ones(3, np.float32)}, ValueError),
+    ({}, {"x": np.ones(3, np.float32), "x#scale": np.ones(3, np.float32)}, ValueError),
 ])
 def test_writer_refuses_what_the_reader_would_refuse(tmp_path, header, tensors, error):
     with pytest.raises(error):
@@ -246,8 +272,8 @@ def test_data_bit_flips_are_caught_by_verify_data(blob):
             nnb.loads(bad, verify_data=True)
         try:
             f = nnb.loads(bad, verify_data=False)
-        except NNBFormatError as exc:
-            assert "padding" in str(exc)
+        except NNBFormatError as exc:  # unchecked data may still break a rule on values
+            assert "padding" in str(exc) or "scale is" in str(exc)
         else:
             assert f.data_sha256_ok is None
             assert nnb.verify_data(f) is False and f.data_sha256_ok is False
