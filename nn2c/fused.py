@@ -48,32 +48,32 @@ class _LoopCode:
         self.cell = cell
         nodes = cell.nodes()
         stateful = depends_on_state(cell)
-        self.body = [n for n in nodes if id(n) in stateful and n.op != "state"]
-        in_body = {id(n) for n in self.body}
+        self.body = [n for n in nodes if n in stateful and n.op != "state"]
+        in_body = {n for n in self.body}
         self.states = [prev for _, prev, _ in cell.states]
         self.ext, self.params = [], []
         for n in self.body:
             for a in n.args:
                 if a.op == "param" and a not in self.params:
                     self.params.append(a)
-                elif id(a) not in in_body and a.op not in ("param", "const", "state") and a not in self.ext:
+                elif a not in in_body and a.op not in ("param", "const", "state") and a not in self.ext:
                     self.ext.append(a)
         self.uses = consumers(cell)
         self.name = {}
         for i, s in enumerate(self.states):
-            self.name[id(s)] = f"s{i}"
+            self.name[s] = f"s{i}"
         for i, e in enumerate(self.ext):
-            self.name[id(e)] = f"E{i}[t]"
+            self.name[e] = f"E{i}[t]"
         for i, p in enumerate(self.params):
-            self.name[id(p)] = f"P{i}"
+            self.name[p] = f"P{i}"
         for i, n in enumerate(self.body):
-            self.name[id(n)] = f"v{i}"
+            self.name[n] = f"v{i}"
         self.saved = self._needed()
 
     def val(self, node) -> str:
         if node.op == "const":
             return repr(float(node.attrs["value"]))
-        return self.name[id(node)]
+        return self.name[node]
 
     def _needed(self) -> list:
         """Values the backward reads, saved per step by the forward."""
@@ -99,25 +99,25 @@ class _LoopCode:
 
     def forward_source(self) -> str:
         k = len(self.states)
-        fused = addmm_pairs(self.body, {id(n) for n in self.body}, self.uses)
-        skip = {id(m) for m in fused.values()}
-        saved_names = {id(x): f"k{j}" for j, x in enumerate(self.saved)}
+        fused = addmm_pairs(self.body, {n for n in self.body}, self.uses)
+        skip = {m for m in fused.values()}
+        saved_names = {x: f"k{j}" for j, x in enumerate(self.saved)}
         lines = ["def forward(E: List[Tensor], S: List[Tensor], P: List[Tensor], T: int)"
                  " -> Tuple[Tensor, List[Tensor], List[List[Tensor]]]:",
                  *self._unpack(), "    outs: List[Tensor] = []"]
         lines += [f"    k{j}: List[Tensor] = []" for j in range(len(self.saved))]
         lines.append("    for t in range(T):")
         for n in self.body:
-            if id(n) in skip:
+            if n in skip:
                 continue
-            if id(n) in fused:
-                mm = fused[id(n)]
+            if n in fused:
+                mm = fused[n]
                 other = next(a for a in n.args if a is not mm)
                 expr = f"torch.addmm({self.val(other)}, {self.val(mm.args[0])}, {self.val(mm.args[1])})"
             else:
                 expr = self._expr(n)
-            lines.append(f"        {self.name[id(n)]} = {expr}")
-        lines += [f"        {saved_names[id(x)]}.append({self.val(x)})" for x in self.saved]
+            lines.append(f"        {self.name[n]} = {expr}")
+        lines += [f"        {saved_names[x]}.append({self.val(x)})" for x in self.saved]
         lines.append("        " + ", ".join(f"s{i}" for i in range(k)) + " = "
                      + ", ".join(self.val(nxt) for _, _, nxt in self.cell.states))
         lines.append(f"        outs.append({self.val(self.cell.output)})")
@@ -135,7 +135,7 @@ class _LoopCode:
         if x.op == "const":
             return repr(float(x.attrs["value"]))
         if x.op == "param" or x in self.ext:
-            return self.name[id(x)]
+            return self.name[x]
         return f"k{self.saved.index(x)}[t]"
 
     def backward_source(self) -> str:
@@ -151,27 +151,27 @@ class _LoopCode:
         matmuls = [n for n in self.body if n.op == "matmul"]
         lines += [f"    gM{j}: List[Tensor] = []" for j in range(len(matmuls))]
         # g @ Wᵀ with a contiguous Wᵀ made once: a transposed operand is a slower product
-        lines += [f"    {p}T = {p}.t().contiguous()" for p in dict.fromkeys(self.name[id(m.args[1])] for m in matmuls)]
-        contrib: dict[int, list[str]] = {id(self.cell.output): ["gouts[t]"]}
+        lines += [f"    {p}T = {p}.t().contiguous()" for p in dict.fromkeys(self.name[m.args[1]] for m in matmuls)]
+        contrib: dict = {self.cell.output: ["gouts[t]"]}
         for i, (_, _, nxt) in enumerate(self.cell.states):
-            contrib.setdefault(id(nxt), []).append(f"gs{i}")
-        slices: dict[int, list] = {}
+            contrib.setdefault(nxt, []).append(f"gs{i}")
+        slices: dict = {}
         for idx in range(len(self.body) - 1, -1, -1):
             n = self.body[idx]
-            total = self._assemble(contrib.get(id(n), []), slices.get(id(n), []), n.width, idx, loop)
+            total = self._assemble(contrib.get(n, []), slices.get(n, []), n.width, idx, loop)
             if total is None:
                 continue
             loop.append(f"g{idx} = {total}")
             self._rule(n, f"g{idx}", contrib, slices, loop, matmuls)
         for i, e in enumerate(self.ext):
-            total = " + ".join(contrib.get(id(e), [])) or f"torch.zeros_like(E{i}[t])"
+            total = " + ".join(contrib.get(e, [])) or f"torch.zeros_like(E{i}[t])"
             loop.append(f"gE{i}.append({total})")
-        new = [" + ".join(contrib.get(id(s), [])) or f"torch.zeros_like(gs{i})" for i, s in enumerate(self.states)]
+        new = [" + ".join(contrib.get(s, [])) or f"torch.zeros_like(gs{i})" for i, s in enumerate(self.states)]
         loop.append(", ".join(f"gs{i}" for i in range(len(new))) + " = " + ", ".join(new))
         lines.append("    for t in range(T - 1, -1, -1):")
         lines += [f"        {line}" for line in loop]
         for j, m in enumerate(matmuls):       # every weight gradient: one product over all steps
-            p = self.name[id(m.args[1])]
+            p = self.name[m.args[1]]
             a = self.saved.index(m.args[0])
             # gM was filled from the last step back: flip it to line up with the forward's k
             lines.append(f"    g{p} = g{p} + torch.cat(k{a}).t() @ torch.stack(gM{j}).flip(0).flatten(0, 1)")
@@ -204,10 +204,10 @@ class _LoopCode:
         if a.op == "const":
             return
         if a.op == "param":
-            p = self.name[id(a)]
+            p = self.name[a]
             loop.append(f"g{p} = g{p} + ({expr}).sum(0)")
             return
-        contrib.setdefault(id(a), []).append(expr)
+        contrib.setdefault(a, []).append(expr)
 
     def _rule(self, n, g, contrib, slices, loop, matmuls) -> None:
         a = n.args
@@ -221,10 +221,10 @@ class _LoopCode:
             self._give(a[0], f"({g} * {self.bval(a[1])})", contrib, loop)
             self._give(a[1], f"({g} * {self.bval(a[0])})", contrib, loop)
         elif n.op == "matmul":
-            self._give(a[0], f"({g} @ {self.name[id(a[1])]}T)", contrib, loop)
+            self._give(a[0], f"({g} @ {self.name[a[1]]}T)", contrib, loop)
             loop.append(f"gM{matmuls.index(n)}.append({g})")
         elif n.op == "slice":
-            slices.setdefault(id(a[0]), []).append((n.attrs["start"], n.width, g))
+            slices.setdefault(a[0], []).append((n.attrs["start"], n.width, g))
         elif n.op == "concat":
             at = 0
             for x in a:
@@ -242,8 +242,8 @@ def supported(cell: Cell) -> bool:
     stateful = depends_on_state(cell)
     roots = [cell.output] + [nxt for _, _, nxt in cell.states]
     ok_ops = set(TORCH_OPS) | {"slice", "concat", "state"}
-    return bool(cell.states) and all(id(r) in stateful and r.op != "state" for r in roots) \
-        and all(n.op in ok_ops for n in cell.nodes() if id(n) in stateful)
+    return bool(cell.states) and all(r in stateful and r.op != "state" for r in roots) \
+        and all(n.op in ok_ops for n in cell.nodes() if n in stateful)
 
 
 class FusedLoop:

@@ -101,20 +101,20 @@ def enabled() -> bool:
 def supported(cell: Cell) -> str | None:
     """None when the native loop can run this cell, else why not."""
     stateful = depends_on_state(cell)
-    body = [n for n in cell.nodes() if id(n) in stateful and n.op != "state"]
-    mms = {id(n) for n in body if n.op == "matmul"}
+    body = [n for n in cell.nodes() if n in stateful and n.op != "state"]
+    mms = {n for n in body if n.op == "matmul"}
     for n in body:
         if n.op not in POINTWISE and n.op != "matmul":
             return f"{n.op} inside the loop"
-        if n.op == "matmul" and id(n.args[0]) in mms:
+        if n.op == "matmul" and n.args[0] in mms:
             return "a product whose operand is a product"
         if n.op == "matmul" and n.args[1].op != "param":
             return "a product whose matrix is not a parameter"
     roots = [nxt for _, _, nxt in cell.states]
-    if len({id(r) for r in roots}) != len(roots):
+    if len({r for r in roots}) != len(roots):
         return "two states with one next value"
     for root in cell.roots():
-        if id(root) not in stateful or root.op in ("matmul", "slice", "state"):
+        if root not in stateful or root.op in ("matmul", "slice", "state"):
             return "a cell output that is not an element-wise value"
     return None
 
@@ -142,13 +142,13 @@ class NativeCode:
         stateful = depends_on_state(cell)
         self.uses = consumers(cell)
         nodes = cell.nodes()
-        self.body = [n for n in nodes if id(n) in stateful and n.op != "state"]
+        self.body = [n for n in nodes if n in stateful and n.op != "state"]
         self.states = [prev for _, prev, _ in cell.states]
-        self.ext_ix = {id(e): i for i, e in enumerate(ext)}
-        self.param_ix = {id(p): i for i, p in enumerate(params)}
-        self.state_ix = {id(s): i for i, s in enumerate(self.states)}
+        self.ext_ix = {e: i for i, e in enumerate(ext)}
+        self.param_ix = {p: i for i, p in enumerate(params)}
+        self.state_ix = {s: i for i, s in enumerate(self.states)}
         self._fold_addmm()
-        self.body_ids = {id(n) for n in self.body}
+        self.body_ids = {n for n in self.body}
         self.reuse = self._reusable()
         self._schedule()
         self._place_values()
@@ -159,33 +159,33 @@ class NativeCode:
         """add(x, a @ W) with the product used once: one torch.addmm (the fused loop's
         matcher). `self.mm` maps the id of each product node (the add, when folded) to
         (a, W, x or None)."""
-        pairs = addmm_pairs(self.body, {id(n) for n in self.body}, self.uses)     # id(add) -> matmul
+        pairs = addmm_pairs(self.body, {n for n in self.body}, self.uses)     # add -> matmul
         self.mm = {}
         for n in self.body:
-            if id(n) in pairs:
-                m = pairs[id(n)]
-                self.mm[id(n)] = (m.args[0], m.args[1], n.args[1] if n.args[0] is m else n.args[0])
-        absorbed = {id(m) for m in pairs.values()}
+            if n in pairs:
+                m = pairs[n]
+                self.mm[n] = (m.args[0], m.args[1], n.args[1] if n.args[0] is m else n.args[0])
+        absorbed = {m for m in pairs.values()}
         for n in self.body:
-            if n.op == "matmul" and id(n) not in absorbed:
-                self.mm[id(n)] = (n.args[0], n.args[1], None)
-        self.body = [n for n in self.body if id(n) not in absorbed]
-        self.mm_order = [n for n in self.body if id(n) in self.mm]
+            if n.op == "matmul" and n not in absorbed:
+                self.mm[n] = (n.args[0], n.args[1], None)
+        self.body = [n for n in self.body if n not in absorbed]
+        self.mm_order = [n for n in self.body if n in self.mm]
 
     def _reusable(self) -> dict[int, int]:
         """Folded products whose added input is a hoisted sequence used nowhere else: the
         product accumulates into that sequence in place (no copy of it per step). Returns
         id(product node) -> index of the input."""
         out = {}
-        nexts = {id(nxt) for _, _, nxt in self.cell.states}
+        nexts = {nxt for _, _, nxt in self.cell.states}
         for n in self.body:
-            a, _, x = self.mm.get(id(n), (None, None, None))
+            a, _, x = self.mm.get(n, (None, None, None))
             # only values computed outside the loop whose autograd node keeps no copy of its
             # output (an exp, a sigmoid... would find it changed), and not a state's next value
             # (that lives in the state's own buffer)
-            if (x is not None and id(x) in self.ext_ix and x.op in IN_PLACE_OK and id(n) not in nexts
-                    and x.width == n.width and len(self.uses.get(id(x), [])) == 1):
-                out[id(n)] = self.ext_ix[id(x)]
+            if (x is not None and x in self.ext_ix and x.op in IN_PLACE_OK and n not in nexts
+                    and x.width == n.width and len(self.uses.get(x, [])) == 1):
+                out[n] = self.ext_ix[x]
         return out
 
     def _schedule(self) -> None:
@@ -196,42 +196,42 @@ class NativeCode:
         self.plan = []
 
         def ready(n):
-            if id(n) in self.mm:
-                a, _, x = self.mm[id(n)]
+            if n in self.mm:
+                a, _, x = self.mm[n]
                 args = [a] + ([x] if x is not None else [])
             else:
                 args = n.args
-            return all(id(a) in done or id(a) not in self.body_ids for a in args)
+            return all(a in done or a not in self.body_ids for a in args)
         while pending:
             group = []
             progress = True
             while progress:
                 progress = False
                 for n in list(pending):
-                    if id(n) not in self.mm and ready(n):
+                    if n not in self.mm and ready(n):
                         group.append(n)
-                        done.add(id(n))
+                        done.add(n)
                         pending.remove(n)
                         progress = True
             if group:
                 self.plan.append(("c", group))
-            mms = [n for n in pending if id(n) in self.mm and ready(n)]
+            mms = [n for n in pending if n in self.mm and ready(n)]
             for n in mms:
                 self.plan.append(("mm", n))
-                done.add(id(n))
+                done.add(n)
                 pending.remove(n)
             if not group and not mms:
                 raise NativeUnavailable("no schedule for the loop")     # cannot happen for a DAG
         self.group_of = {}
         for g, (kind, item) in enumerate(self.plan):
             for n in (item if kind == "c" else [item]):
-                self.group_of[id(n)] = g
+                self.group_of[n] = g
 
     def _base(self, n):
         """(node that owns the storage, column offset) through the loop's chains of slices
         (a slice computed outside the loop is an input of its own)."""
         off = 0
-        while n.op == "slice" and id(n) not in self.ext_ix:
+        while n.op == "slice" and n not in self.ext_ix:
             off += n.attrs["start"]
             n = n.args[0]
         return n, off
@@ -240,16 +240,16 @@ class NativeCode:
         """Which body values get a (T, B, w) buffer (the rest live in a scratch row)."""
         need = set()
         out_root = self.cell.output
-        next_of = {id(nxt): i for i, (_, _, nxt) in enumerate(self.cell.states)}
+        next_of = {nxt: i for i, (_, _, nxt) in enumerate(self.cell.states)}
 
         def keep(x):
             b, _ = self._base(x)
-            if id(b) in self.body_ids:
-                need.add(id(b))
+            if b in self.body_ids:
+                need.add(b)
         for n in self.body:
-            if id(n) in self.mm:
-                need.add(id(n))
-                a, _, x = self.mm[id(n)]
+            if n in self.mm:
+                need.add(n)
+                a, _, x = self.mm[n]
                 keep(a)
                 if x is not None:
                     keep(x)
@@ -263,22 +263,22 @@ class NativeCode:
                 keep(n.args[0])
             for a in n.args:            # crossing groups
                 b, _ = self._base(a)
-                if id(b) in self.body_ids and self.group_of[id(b)] != self.group_of[id(n)]:
-                    need.add(id(b))
+                if b in self.body_ids and self.group_of[b] != self.group_of[n]:
+                    need.add(b)
         for r in self.cell.roots():
-            need.add(id(r))
+            need.add(r)
         self.vbuf: dict[int, _Buf] = {}
         self.st_bufs = [_Buf(f"ST{i}", s.width, "T1") for i, s in enumerate(self.states)]
         k = 0
         for n in self.body:
-            if id(n) not in need or n.op == "slice":
+            if n not in need or n.op == "slice":
                 continue
-            if id(n) in next_of:
-                self.vbuf[id(n)] = _Buf(f"ST{next_of[id(n)]}", n.width, "T1", shift=1)
+            if n in next_of:
+                self.vbuf[n] = _Buf(f"ST{next_of[n]}", n.width, "T1", shift=1)
             else:
-                self.vbuf[id(n)] = _Buf(f"V{k}", n.width, "T")
+                self.vbuf[n] = _Buf(f"V{k}", n.width, "T")
                 k += 1
-        self.out_buf = self.vbuf[id(out_root)]
+        self.out_buf = self.vbuf[out_root]
         self.value_bufs = [b for b in dict.fromkeys(self.vbuf.values()) if b.name.startswith("V")]
 
     def _place_grads(self) -> None:
@@ -288,24 +288,24 @@ class NativeCode:
         k = 0
 
         def outside(n, g) -> bool:
-            for c in self.uses.get(id(n), []):
+            for c in self.uses.get(n, []):
                 if c is None:
                     continue
                 if c.op == "slice":
                     if outside(c, g):
                         return True
-                elif id(c) not in self.body_ids or self.group_of[id(c)] != g or id(c) in self.mm:
+                elif c not in self.body_ids or self.group_of[c] != g or c in self.mm:
                     return True
             return False
         for n in self.body:
             if n.op == "slice":
                 continue
-            if id(n) in self.mm:
-                self.gbuf[id(n)] = _Buf(f"GM{k}", n.width, "T")
+            if n in self.mm:
+                self.gbuf[n] = _Buf(f"GM{k}", n.width, "T")
                 k += 1
                 continue
-            if outside(n, self.group_of[id(n)]):     # a product's operand counts as outside
-                self.gbuf[id(n)] = _Buf(f"GV{k}", n.width, "1")
+            if outside(n, self.group_of[n]):     # a product's operand counts as outside
+                self.gbuf[n] = _Buf(f"GV{k}", n.width, "1")
                 k += 1
         self.gs_bufs = [_Buf(f"GS{i}", s.width, "2", parity=True) for i, s in enumerate(self.states)]
         self.ge_bufs = [_Buf(f"GE{i}", e.width, "T") for i, e in enumerate(self.ext)]
@@ -322,15 +322,15 @@ class NativeCode:
             return repr(float(n.attrs["value"])) + "f"
         base, off = self._base(n)
         if base.op == "param":
-            return f"(A[{table['P' + str(self.param_ix[id(base)])]}] + {off})"
+            return f"(A[{table['P' + str(self.param_ix[base])]}] + {off})"
         if base.op == "state":
-            return f"({self._row_ptr(self.st_bufs[self.state_ix[id(base)]], table)} + {off})"
-        if id(base) in self.ext_ix:
-            i = self.ext_ix[id(base)]
+            return f"({self._row_ptr(self.st_bufs[self.state_ix[base]], table)} + {off})"
+        if base in self.ext_ix:
+            i = self.ext_ix[base]
             return f"({self._row_ptr(_Buf(f'E{i}', base.width, 'T'), table)} + {off})"
-        if id(base) in self.vbuf:
-            return f"({self._row_ptr(self.vbuf[id(base)], table)} + {off})"
-        return f"({local[id(base)]} + {off})"
+        if base in self.vbuf:
+            return f"({self._row_ptr(self.vbuf[base], table)} + {off})"
+        return f"({local[base]} + {off})"
 
     @staticmethod
     def _elem(ptr: str, j="j") -> str:
@@ -378,9 +378,9 @@ class NativeCode:
     def _c_forward(self, g: int, nodes, table) -> str:
         local, lines, at = {}, [], 0
         for n in nodes:
-            if n.op == "slice" or id(n) in self.vbuf:
+            if n.op == "slice" or n in self.vbuf:
                 continue
-            local[id(n)] = f"L{len(local)}"
+            local[n] = f"L{len(local)}"
             lines.append(f"        float *L{len(local) - 1} = A[{table['SCRATCH']}] + {at};")
             at += n.width
         self.scratch_f = max(self.scratch_f, at)
@@ -410,18 +410,18 @@ class NativeCode:
             return None
         base, off = self._base(n)
         if base.op == "param":
-            i = self.param_ix[id(base)]
+            i = self.param_ix[base]
             return (f"GP{i}", f"A[{table[f'GP{i}']}]", off, base.width, True)
         if base.op == "state":
-            buf = self.gs_bufs[self.state_ix[id(base)]]
+            buf = self.gs_bufs[self.state_ix[base]]
             return (buf.name, self._row_ptr(buf, table), off, base.width, False)
-        if id(base) in self.ext_ix:
-            buf = self.ge_bufs[self.ext_ix[id(base)]]
+        if base in self.ext_ix:
+            buf = self.ge_bufs[self.ext_ix[base]]
             return (buf.name, self._row_ptr(buf, table), off, base.width, False)
-        if id(base) in self.gbuf:
-            buf = self.gbuf[id(base)]
+        if base in self.gbuf:
+            buf = self.gbuf[base]
             return (buf.name, self._row_ptr(buf, table), off, base.width, False)
-        return (local[id(base)], local[id(base)], off, base.width, False)
+        return (local[base], local[base], off, base.width, False)
 
     def _contribute(self, slot, width: int, expr_at, lines) -> None:
         """slot[off:off+width] (+)= expr_at(j) for j in range(width)."""
@@ -442,9 +442,9 @@ class NativeCode:
     def _c_backward(self, g: int, nodes, table) -> str:
         local, lines, at = {}, [], 0
         for n in nodes:
-            if n.op == "slice" or id(n) in self.gbuf:
+            if n.op == "slice" or n in self.gbuf:
                 continue
-            at_name = local[id(n)] = f"G{g}_{len(local)}"
+            at_name = local[n] = f"G{g}_{len(local)}"
             lines.append(f"        float *{at_name} = A[{table['SCRATCH']}] + {at};")
             at += n.width
         self.scratch_b = max(self.scratch_b, at)
@@ -452,7 +452,7 @@ class NativeCode:
             self.cover.pop(key, None)
         for zkey in sorted(self.zero_slots):
             if zkey in local.values():
-                w = next(n.width for n in nodes if local.get(id(n)) == zkey)
+                w = next(n.width for n in nodes if local.get(n) == zkey)
                 lines.append(f"        memset({zkey}, 0, {w} * sizeof(float));")
                 self.cover[zkey] = np.ones(w, bool)
         # seeds: the gradient of the cell output and of each state's next value
@@ -513,8 +513,8 @@ class NativeCode:
         """Python lines for the backward of product node n at step t: the seeds when n is a
         cell output (its gradient from the next layer or the next step), then its input's
         gradient (g @ Wᵀ) into the input's slot; an absorbed add's other operand gets g itself."""
-        a, w, x = self.mm[id(n)]
-        gm = self.gbuf[id(n)]
+        a, w, x = self.mm[n]
+        gm = self.gbuf[n]
         g = f"{gm.name}u[t]"
         lines = []
         if n is self.cell.output:
@@ -526,7 +526,7 @@ class NativeCode:
         cov = self.cover.get(gm.name)
         if cov is None or not cov.all():
             self.must_zero.add(gm.name)
-        wt = f"WT{self.param_ix[id(w)]}"
+        wt = f"WT{self.param_ix[w]}"
         lines += self._torch_give(a, g, wt)
         if x is not None:
             lines += self._torch_give(x, g, None)
@@ -538,18 +538,18 @@ class NativeCode:
             return []
         base, off = self._base(a)
         if base.op == "param":
-            i = self.param_ix[id(base)]
+            i = self.param_ix[base]
             self.deferred.append(f"GP{i}[{off}:{off + a.width}] += {g.replace('u[t]', '')}.sum((0, 1))")
             return []
-        if id(base) in self.ext_ix:
-            i = self.ext_ix[id(base)]
+        if base in self.ext_ix:
+            i = self.ext_ix[base]
             self.deferred_e.setdefault(i, []).append((off, a.width, g.replace("u[t]", "")))
             return []
         if base.op == "state":
-            buf = self.gs_bufs[self.state_ix[id(base)]]
+            buf = self.gs_bufs[self.state_ix[base]]
             view = f"{buf.name}[t & 1]"
         else:
-            buf = self.gbuf[id(base)]
+            buf = self.gbuf[base]
             view = f"{buf.name}u[t]" if buf.rows == "T" else f"{buf.name}[0]"
         return [self._py_contribute(buf.name, base.width, off, a.width, view, g, wt)]
 
@@ -607,9 +607,9 @@ class NativeCode:
             if kind == "c":
                 f.append(f"        f{g}(t, B, A)")
                 continue
-            a, w, x = self.mm[id(item)]
-            dst, args = self._py_ref(item), f"{self._py_ref(a)}, P[{self.param_ix[id(w)]}]"
-            if id(item) in self.reuse:
+            a, w, x = self.mm[item]
+            dst, args = self._py_ref(item), f"{self._py_ref(a)}, P[{self.param_ix[w]}]"
+            if item in self.reuse:
                 f.append(f"        {dst}.addmm_({args})")
             elif x is None:
                 f.append(f"        torch.mm({args}, out={dst})")
@@ -662,9 +662,9 @@ class NativeCode:
             else:
                 r += [f"        {line}" for line in self.torch_b[g]]
         for n in self.mm_order:
-            a, w, _ = self.mm[id(n)]
-            i = self.param_ix[id(w)]
-            r.append(f"    GP{i}.addmm_({self._py_ref(a, whole=True)}.flatten(0, 1).t(), {self.gbuf[id(n)].name}.flatten(0, 1))")
+            a, w, _ = self.mm[n]
+            i = self.param_ix[w]
+            r.append(f"    GP{i}.addmm_({self._py_ref(a, whole=True)}.flatten(0, 1).t(), {self.gbuf[n].name}.flatten(0, 1))")
         r += [f"    {line}" for line in self.deferred]
         ge = []
         for i, b in enumerate(self.ge_bufs):
@@ -692,16 +692,16 @@ class NativeCode:
         base, off = self._base(n)
         full = not off and n.width == base.width
         if base.op == "param":
-            v = f"P[{self.param_ix[id(base)]}]"
+            v = f"P[{self.param_ix[base]}]"
             return v if full else f"{v}[{off}:{off + n.width}]"
         if base.op == "state":
-            name = self.st_bufs[self.state_ix[id(base)]].name
+            name = self.st_bufs[self.state_ix[base]].name
             step, seq = f"{name}u[t]", f"{name}[:T]"
-        elif id(base) in self.ext_ix:
-            i = self.ext_ix[id(base)]
+        elif base in self.ext_ix:
+            i = self.ext_ix[base]
             step, seq = f"E{i}u[t]", f"E[{i}]"
         else:
-            buf = self.vbuf[id(base)]
+            buf = self.vbuf[base]
             step = f"{buf.name}u[t + {buf.shift}]" if buf.shift else f"{buf.name}u[t]"
             seq = f"{buf.name}[1:]" if buf.shift else buf.name
         if full:

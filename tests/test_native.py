@@ -225,21 +225,21 @@ def _reference(cell, loop, E, S, P, T, gouts, gS):
     S, outs = list(S0), []
     stateful = depends_on_state(cell)
     for t in range(T):
-        vals = {id(p): P[i] for i, p in enumerate(loop.params)}
-        vals.update({id(e): E[i][t] for i, e in enumerate(loop.ext)})
-        vals.update({id(prev): S[i] for i, (_, prev, _) in enumerate(cell.states)})
+        vals = {p: P[i] for i, p in enumerate(loop.params)}
+        vals.update({e: E[i][t] for i, e in enumerate(loop.ext)})
+        vals.update({prev: S[i] for i, (_, prev, _) in enumerate(cell.states)})
         for n in cell.nodes():
-            if id(n) in vals or id(n) not in stateful:
+            if n in vals or n not in stateful:
                 continue
-            a = [vals[id(v)] if v.op != "const" else v.attrs["value"] for v in n.args]
+            a = [vals[v] if v.op != "const" else v.attrs["value"] for v in n.args]
             if n.op == "slice":
-                vals[id(n)] = a[0][:, n.attrs["start"]:n.attrs["start"] + n.width]
+                vals[n] = a[0][:, n.attrs["start"]:n.attrs["start"] + n.width]
             elif n.op == "concat":
-                vals[id(n)] = torch.cat(a, -1)
+                vals[n] = torch.cat(a, -1)
             else:
-                vals[id(n)] = eval(TORCH_OPS[n.op].format(*[f"a[{k}]" for k in range(len(a))]))
-        outs.append(vals[id(cell.output)])
-        S = [vals[id(nxt)] for _, _, nxt in cell.states]
+                vals[n] = eval(TORCH_OPS[n.op].format(*[f"a[{k}]" for k in range(len(a))]))
+        outs.append(vals[cell.output])
+        S = [vals[nxt] for _, _, nxt in cell.states]
     outs = torch.stack(outs)
     ((outs * gouts).sum() + sum((s * g).sum() for s, g in zip(S, gS))).backward()
     zero = [torch.zeros_like(v) if v.grad is None else v.grad for v in (*E, *S0, *P)]
