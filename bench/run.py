@@ -26,6 +26,8 @@ MEASURES = {
     "cold": ("cold start of the console script vs python -c 'import numpy'", "startup", "bench_cold"),
     "open": ("nn2run.load of a 5 MB and a 50 MB model", "startup", "bench_open"),
     "train": ("training on CPU vs torch.nn.LSTM", "training", "bench_train"),
+    "train-sizes": ("training at 2×32 and 2×256: native loop vs fused loop vs torch.nn.LSTM", "training",
+                    "bench_train_sizes"),
     "gpu": ("training on CUDA vs cuDNN nn.LSTM (skipped without a GPU)", "training", "bench_train_gpu"),
 }
 SIZED = {"gen", "streams"}

@@ -206,7 +206,7 @@ class TorchNetwork(torch.nn.Module):
 
     def loop_kind(self) -> str:
         """What runs the recurrent loops where the parameters are now: "native" (generated C,
-        CPU), "torchscript", "python" (the fused loop uncompiled) or "autograd" (per step)."""
+        CPU), "fused" (the compiler's loop in torch) or "autograd" (per step)."""
         if not self.loops or len(self.loops) < len(self._cells):
             return "autograd"
         params = list(self.parameters())
