@@ -255,17 +255,16 @@ def plan(bw: Backward) -> Plan:
     gs_bufs = tuple(Buffer(f"GS{i}", s.width, Rows.PAIR) for i, s in enumerate(lp.states))
     ge_bufs = tuple(Buffer(f"GE{i}", e.width, Rows.STEP) for i, e in enumerate(lp.ext))
     sim = _Simulation(bw, schedule, grads, gs_bufs, ge_bufs)
-    zero: set = set()
+    zero: frozenset = frozenset()
     while True:                  # until the slots that must be zeroed are all zeroed
-        reverse, must = sim.run(frozenset(zero))
-        if must <= zero:
+        run = sim.run(zero)
+        if run.must <= zero:
             break
-        zero |= must
-    scratch_b = max((sum(s.width for _, s in g.locals) for g in reverse), default=0)
+        zero |= run.must
+    scratch_b = max((sum(s.width for _, s in g.locals) for g in run.reverse), default=0)
     return Plan(bw, schedule, values, fwd_locals, (max(scratch_f, 1), max(scratch_b, 1)), grads,
-                state_bufs, value_bufs, grad_bufs, gs_bufs, ge_bufs, reverse,
-                tuple(sim.param_sums), tuple(sim.ext_adds), sim.ext_is_grad, frozenset(zero),
-                frozenset(sim.cover))
+                state_bufs, value_bufs, grad_bufs, gs_bufs, ge_bufs, run.reverse,
+                run.param_sums, run.ext_adds, run.ext_is_grad, zero, run.written)
 
 
 def _place_values(bw, body, mm, group_of):
@@ -350,6 +349,16 @@ def _place_grads(lp, body, mm, group_of, uses):
     return grads, tuple(bufs)
 
 
+@dataclass(frozen=True, eq=False)
+class _Run:
+    reverse: tuple
+    must: frozenset             # slots read or handed on before complete: they must be zeroed
+    param_sums: tuple
+    ext_adds: tuple
+    ext_is_grad: dict
+    written: frozenset
+
+
 class _Simulation:
     """The backward's writes in the order they run, given the slots that are zeroed first:
     the first write to a column assigns, later ones add; a slot read or handed on before
@@ -382,8 +391,9 @@ class _Simulation:
         for buf in self.ge_bufs:
             if buf.name in self.cover and not self._covered(buf.name, buf.width):
                 self.must.add(buf.name)
-        self._ext_direct(zero)
-        return tuple(reverse), self.must
+        self._ext_direct()
+        return _Run(tuple(reverse), frozenset(self.must), tuple(self.param_sums), tuple(self.ext_adds),
+                    dict(self.ext_is_grad), frozenset(self.cover))
 
     def _covered(self, key, width, start=0) -> bool:
         cov = self.cover.get(key)
@@ -464,7 +474,7 @@ class _Simulation:
                 self.write(self.slot(base, {}), off, x.width, value, zero, writes)
         return BackwardGroup(index, (), (), tuple(writes), p)
 
-    def _ext_direct(self, zero) -> None:
+    def _ext_direct(self) -> None:
         """An external value whose whole gradient is one product's: that GM buffer is it."""
         kept = []
         for i, off, w, gm in self.ext_adds:
