@@ -59,6 +59,7 @@ class _Codegen:
         self.biased = self._biased(uses)                              # add -> (product, bias)
         self.absorbed = {m for m in self.addmm.values()} | {m for m, _ in self.biased.values()}
         self.pre, self.loop, self.unbound = [], [], {}
+        self.split_done: set = set()        # bases already cut with torch.split
 
     def _biased(self, uses) -> dict:
         """Hoisted `gather(W) + b` and `x @ W + b` (b a vector, the product used once): the
@@ -113,7 +114,8 @@ class _Codegen:
         pieces = self.plans[base]
         key = self.names[base]
         targets = "".join(f"{key}_{i}, " for i in range(len(pieces)))
-        if not any(line.startswith(targets) for line in out):
+        if base not in self.split_done:
+            self.split_done.add(base)
             sizes = [b - a for a, b in pieces]
             out.append(f"{targets}= torch.split({self.ref(base, looped)}, {sizes}, -1)")
         span = (node.attrs["start"], node.attrs["start"] + node.width)
