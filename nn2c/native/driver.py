@@ -13,7 +13,7 @@ import torch
 
 from ..backward import Backward, Deriv, Grad
 from .build import build
-from .plan import Group, Plan, Rows, Seed, plan as make_plan
+from .plan import Group, Plan, Rows, Seed, Where, plan as make_plan
 from .render import c_source
 
 
@@ -29,14 +29,14 @@ def _ref(plan: Plan, node, whole: bool = False) -> str:
     """A forward value as a torch view: at step t (for the product calls) or, with `whole`,
     over all steps as (T, B, w) (for the weight gradients)."""
     where, what, off = plan.value_of(node)
-    if where == "param":
+    if where is Where.PARAM:
         base = plan.loop.params[what]
         v = f"P[{what}]"
         return v if off == 0 and node.width == base.width else f"{v}[{off}:{off + node.width}]"
-    if where == "state":
+    if where is Where.STATE:
         buf = plan.state_bufs[what]
         step, seq, width = f"{buf.name}u[t]", f"{buf.name}[:T]", buf.width
-    elif where == "ext":
+    elif where is Where.EXT:
         step, seq, width = f"E{what}u[t]", f"E[{what}]", plan.loop.ext[what].width
     else:
         step = f"{what.name}u[t + {what.shift}]" if what.shift else f"{what.name}u[t]"

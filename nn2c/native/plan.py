@@ -61,6 +61,15 @@ class Group:
     nodes: tuple[Node, ...]
 
 
+class Where(enum.Enum):
+    """Where a forward value lives (`Plan.value_of`)."""
+    PARAM = "a parameter"
+    STATE = "a state's buffer"
+    EXT = "an external sequence"
+    BUFFER = "a per-step buffer of the loop"
+    LOCAL = "a scratch row of its group"
+
+
 class SlotKind(enum.Enum):
     BUFFER = "a per-step or reused buffer"
     LOCAL = "a scratch row of the group"
@@ -143,19 +152,19 @@ class Plan:
                 *((f"GP{i}", f"GP{i}") for i in range(len(lp.params))))
 
     def value_of(self, node: Node):
-        """Where a forward value lives: ("param"|"state"|"ext", index, col) or ("buffer", Buffer, col)
-        or ("local", node, col) for a scratch row."""
+        """(Where, what, column): what is the index of the parameter, state or external
+        value, the Buffer, or the node whose scratch row holds it."""
         lp = self.loop
         base, off = base_of(node, set(lp.body))
         if base.op == "param":
-            return "param", lp.params.index(base), off
+            return Where.PARAM, lp.params.index(base), off
         if base.op == "state":
-            return "state", lp.states.index(base), off
+            return Where.STATE, lp.states.index(base), off
         if base in lp.ext:
-            return "ext", lp.ext.index(base), off
+            return Where.EXT, lp.ext.index(base), off
         if base in self.values:
-            return "buffer", self.values[base], off
-        return "local", base, off
+            return Where.BUFFER, self.values[base], off
+        return Where.LOCAL, base, off
 
 
 def unsupported(bw: Backward) -> str | None:

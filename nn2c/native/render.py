@@ -13,7 +13,7 @@ from pathlib import Path
 from nn2run.ops import OPS, POINTWISE, check_table
 
 from ..backward import Deriv, Grad
-from .plan import BackwardGroup, Buffer, Group, Plan, Rows, Seed, Slot, SlotKind
+from .plan import BackwardGroup, Buffer, Group, Plan, Rows, Seed, Slot, SlotKind, Where
 
 C_OPS = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "neg": "-{0}",
          "sigmoid": "nn2_sigmoid({0})", "tanh": "nn2_tanh({0})", "relu": "({0} < 0.0f ? 0.0f : {0})",
@@ -46,13 +46,13 @@ class _Renderer:
     def value(self, node) -> str:
         """C pointer to node's forward value in this row."""
         where, what, off = self.plan.value_of(node)
-        if where == "param":
+        if where is Where.PARAM:
             return f"(A[{self.at[f'P{what}']}] + {off})"
-        if where == "state":
+        if where is Where.STATE:
             return f"({self.row(self.plan.state_bufs[what])} + {off})"
-        if where == "ext":
+        if where is Where.EXT:
             return f"({self.row(Buffer(f'E{what}', node.width, Rows.STEP))} + {off})"
-        if where == "buffer":
+        if where is Where.BUFFER:
             return f"({self.row(what)} + {off})"
         return f"({self.local[what]} + {off})"
 
