@@ -3,9 +3,10 @@
 All work that does not depend on the data is done once, when a VM is built for a batch
 size: registers are allocated, slices become views, every instruction is bound to its
 ufunc and arrays (each operator's NumPy implementation is in `nn2run.ops`). A step is
-then a flat loop of ufunc calls writing in place (`out=`), with no allocation. State is double-buffered: the program is bound twice, with the
-`prev` and `next` buffers of each state swapped, and steps alternate between the two
-bindings, so carrying state from one step to the next copies nothing.
+then a flat loop of ufunc calls writing in place (`out=`), with no allocation. State is
+double-buffered: the program is bound twice, with the `prev` and `next` buffers of each
+state swapped, and steps alternate between the two bindings, so carrying state from one
+step to the next copies nothing.
 
 Imports NumPy and the standard library only.
 """

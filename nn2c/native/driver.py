@@ -148,7 +148,8 @@ def backward_source(plan: Plan) -> str:
     r += [f"    GP{i}[{off}:{off + w}] += {gm.name}.sum((0, 1))" for i, off, w, gm in plan.param_sums]
     r += [f"    GE{i}[:, :, {off}:{off + w}] += {gm.name}" for i, off, w, gm in plan.ext_adds]
     r.append(f"    return [{', '.join(b.name for b in plan.ge_bufs)}], "
-             f"[{', '.join(f'{b.name}[0]' for b in plan.gs_bufs)}], [{', '.join(f'GP{i}' for i in range(len(lp.params)))}]")
+             f"[{', '.join(f'{b.name}[0]' for b in plan.gs_bufs)}], "
+             f"[{', '.join(f'GP{i}' for i in range(len(lp.params)))}]")
     return "\n".join(r) + "\n"
 
 

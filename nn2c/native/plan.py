@@ -489,7 +489,8 @@ class _Simulation:
         for i, off, w, gm in self.ext_adds:
             buf = self.ge_bufs[i]
             only = [a for a in self.ext_adds if a[0] == i]
-            if buf.name not in self.cover and len(only) == 1 and (off, w) == (0, buf.width) and i not in self.ext_is_grad:
+            whole = len(only) == 1 and (off, w) == (0, buf.width)
+            if buf.name not in self.cover and whole and i not in self.ext_is_grad:
                 self.ext_is_grad[i] = gm
             else:
                 kept.append((i, off, w, gm))
