@@ -28,6 +28,8 @@ MEASURES = {
     "cold": ("cold start of the console script vs python -c 'import numpy'", "startup", "bench_cold"),
     "open": ("nn2run.load of a 5 MB and a 50 MB model", "startup", "bench_open"),
     "train": ("training on CPU vs torch.nn.LSTM", "training", "bench_train"),
+    "train-sizes": ("training at 2×32 and 2×256: native loop vs fused loop vs torch.nn.LSTM", "training",
+                    "bench_train_sizes"),
     "gpu": ("training on CUDA vs cuDNN nn.LSTM (skipped without a GPU)", "training", "bench_train_gpu"),
     "serve": ("nn2run serve: 1-128 streaming clients vs offline batches, batch 1, overload", "serve", "bench_serve"),
     "quant": ("f16 / int8 files vs float32: size, held-out loss, speed, open", "quantize", "bench_quantize"),

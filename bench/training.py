@@ -58,14 +58,14 @@ class TorchPeer:
 
 
 def _trainer(tmp, cfg, corpus, native: bool):
-    """A Trainer whose loops are native (when this machine can build them) or TorchScript."""
+    """A Trainer whose loops are native (when this machine can build them) or fused (torch)."""
     import os
 
     from nn2c.train import Trainer
     old = os.environ.get("NN2_NATIVE")
     os.environ["NN2_NATIVE"] = "1" if native else "0"
     try:
-        tag = "native" if native else "ts"
+        tag = "native" if native else "fused"
         return Trainer(cfg, corpus, str(tmp / f"train-{tag}.nnb"), str(tmp / f"train-{tag}.ckpt"))
     finally:
         if old is None:
@@ -87,16 +87,16 @@ def _steps(trainer, steps: int):
 
 
 def _compare(tmp, device: str, steps: int, reps: int, hidden=256, layers=2, seq=100, batch=32,
-             torchscript: bool = False):
+             fused: bool = False, kernel: str = "lstm"):
     from nn2c.train import TrainConfig
     corpus = _corpus(tmp)
-    cfg = TrainConfig(hidden=hidden, layers=layers, seq_len=seq, batch=batch, device=device,
+    cfg = TrainConfig(kernel=kernel, hidden=hidden, layers=layers, seq_len=seq, batch=batch, device=device,
                       val_frac=0.01, eval_every=10 ** 9)
     trainer = _trainer(tmp, cfg, corpus, native=True)
     peer = TorchPeer(trainer.vocab, hidden, layers, trainer.train, batch, cfg.lr, cfg.clip, trainer.device)
     sides = {"nn2": _steps(trainer, steps)}
-    if torchscript:
-        sides["nn2 torchscript loop"] = _steps(_trainer(tmp, cfg, corpus, native=False), steps)
+    if fused:
+        sides["nn2 fused loop"] = _steps(_trainer(tmp, cfg, corpus, native=False), steps)
 
     def peer_run():
         t0 = time.perf_counter()
@@ -116,19 +116,38 @@ def _compare(tmp, device: str, steps: int, reps: int, hidden=256, layers=2, seq=
 def bench_train(tmp, quick: bool):
     import torch
     steps, reps = (3, 2) if quick else (6, 3)
-    rate, times, vocab = _compare(tmp, "cpu", steps, reps, torchscript=True)
+    rate, times, vocab = _compare(tmp, "cpu", steps, reps, fused=True)
     t = Table("training 2×256, seq 100, batch 32, CPU: nn2c Trainer.step vs torch.nn.LSTM + Linear")
     t.add(f"chars/s ({rate['loop']} loop)", f"{rate['nn2']:,.0f}", f"{rate['torch']:,.0f}",
           verdict(rate["nn2"] / rate["torch"], at_least=1.0), "≥ 1.0×")
-    ts = rate["nn2 torchscript loop"]
-    t.add("chars/s (TorchScript loop, NN2_NATIVE=0)", f"{ts:,.0f}", f"{rate['torch']:,.0f}",
-          verdict(ts / rate["torch"], at_least=1.0), "—")
+    fu = rate["nn2 fused loop"]
+    t.add("chars/s (fused loop, NN2_NATIVE=0)", f"{fu:,.0f}", f"{rate['torch']:,.0f}",
+          verdict(fu / rate["torch"], at_least=1.0), "—")
     t.notes.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads; peer input is "
                    f"F.one_hot(x, {vocab}).float() into nn.LSTM (no nn.Embedding); Adam lr 2e-3, clip 5; "
-                   f"the native loop over the TorchScript loop: {rate['nn2'] / ts:.2f}×")
+                   f"the native loop over the fused loop: {rate['nn2'] / fu:.2f}×")
     for k, v in times.items():
         t.raw.append(f"{k}: s per rep of {steps} steps {fmt_list(v)}; "
                      f"{best(v) / steps * 1e3:.0f} ms/step at best")
+    return [t]
+
+
+def bench_train_sizes(tmp, quick: bool):
+    """The native loop against the fused loop at a small and a training size (2×32, 2×256),
+    each against torch.nn.LSTM in the same run."""
+    import torch
+    t = Table("training by size, seq 100, batch 32, CPU: native loop vs fused loop vs torch.nn.LSTM + Linear")
+    for hidden, steps in ((32, 10 if quick else 30), (256, 3 if quick else 6)):
+        rate, times, _ = _compare(tmp, "cpu", steps, 2 if quick else 3, hidden=hidden, fused=True)
+        fu = rate["nn2 fused loop"]
+        t.add(f"2×{hidden} chars/s ({rate['loop']} loop)", f"{rate['nn2']:,.0f}", f"{rate['torch']:,.0f}",
+              verdict(rate["nn2"] / rate["torch"], at_least=1.0), "—")
+        t.add(f"2×{hidden} chars/s (fused loop)", f"{fu:,.0f}", f"{rate['torch']:,.0f}",
+              verdict(fu / rate["torch"], at_least=1.0), "—")
+        t.notes.append(f"2×{hidden}: the native loop over the fused loop {rate['nn2'] / fu:.2f}×")
+        for k, v in times.items():
+            t.raw.append(f"2×{hidden} {k}: s per rep of {steps} steps {fmt_list(v)}")
+    t.notes.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     return [t]
 
 

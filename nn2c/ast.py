@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-# The functions the language knows, by canonical name. Aliases (`σ`, `where σ_g = σ`)
-# are resolved by the parser/checker to one of these.
-FUNCTIONS = ("sigmoid", "tanh", "relu", "softmax", "exp", "log")
-BUILTIN_ALIASES = {"σ": "sigmoid", "sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu",
-                   "softmax": "softmax", "exp": "exp", "log": "log", "ln": "log"}
+from nn2run.ops import OPS, named
+
+# The functions the language knows, by canonical name: the activations of the operator
+# registry. Aliases (`σ`, `where σ_g = σ`) are resolved by the parser/checker to one of these.
+FUNCTIONS = named("activation")
+BUILTIN_ALIASES = {spelled: name for name in FUNCTIONS for spelled in (name, *OPS[name].spellings)}
 
 
 @dataclass(frozen=True)

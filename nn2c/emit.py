@@ -13,7 +13,7 @@ class _Emitter:
     def __init__(self):
         self.widths: list[int] = []
         self.code: list[list] = []
-        self.reg: dict[int, int] = {}
+        self.reg: dict[Node, int] = {}
 
     def new(self, width: int) -> int:
         self.widths.append(width)
@@ -24,11 +24,11 @@ class _Emitter:
             return ["t", node.attrs["tensor"]]
         if node.op == "const":
             return ["k", node.attrs["value"]]
-        return ["r", self.reg[id(node)]]
+        return ["r", self.reg[node]]
 
     def owned(self, node: Node, taken: set) -> int:
         """A register holding `node` that no other state uses as its next value: copy if needed."""
-        r = self.reg.get(id(node))
+        r = self.reg.get(node)
         if r is None or node.op in ("slice", "state", "input") or r in taken:
             src = self.operand(node)
             r = self.new(node.width)
@@ -37,10 +37,10 @@ class _Emitter:
         return r
 
     def node(self, node: Node) -> None:
-        if id(node) in self.reg or node.op in ("param", "const", "state", "input"):
+        if node in self.reg or node.op in ("param", "const", "state", "input"):
             return
         r = self.new(node.width)
-        self.reg[id(node)] = r
+        self.reg[node] = r
         if node.op == "onehot":
             self.code.append(["onehot", r])
         elif node.op == "gather":
@@ -57,15 +57,15 @@ def emit(network: Network) -> tuple[dict, dict]:
     states, taken, below = [], set(), None
     for cell in network.all_cells:
         for _, prev, _ in cell.states:
-            e.reg[id(prev)] = e.new(prev.width)
+            e.reg[prev] = e.new(prev.width)
         if cell.input.op == "input":
-            e.reg[id(cell.input)] = below
+            e.reg[cell.input] = below
         for node in cell.nodes():
             e.node(node)
         for name, prev, nxt in cell.states:
-            states.append({"name": name, "layer": cell.layer, "prev": e.reg[id(prev)],
+            states.append({"name": name, "layer": cell.layer, "prev": e.reg[prev],
                            "next": e.owned(nxt, taken)})
-        below = e.reg[id(cell.output)]
+        below = e.reg[cell.output]
     program = {"registers": e.widths, "states": states, "logits": below, "code": e.code}
     return program, param_map(network.tensors())
 

@@ -1,34 +1,40 @@
-"""The fused recurrent loop: a forward and a backward derived by the compiler from the IR.
+"""The fused recurrent loop: the compiler's forward and backward of a cell's time loop,
+rendered as torch source.
 
 Autograd through a Python time loop records every small op of every step and, on the way
 back, computes each weight gradient as T small products. Here the compiler writes both
 directions itself: the forward runs the loop without recording, keeping only the values
-the derivatives need; the backward walks the steps in reverse applying each node's
-derivative rule, and computes every weight gradient at the end as one large product
-over all steps (Aᵀ·G with T·B rows). Wrapped in one `torch.autograd.Function` per layer.
+the derivatives need; the backward (derived as data by `nn2c.backward`) walks the steps
+in reverse, and computes every weight gradient at the end as one large product over all
+steps (Aᵀ·G with T·B rows). Wrapped in one `torch.autograd.Function` per layer.
 
-Which nodes are in the loop, which are hoisted (externals, given as whole sequences),
-and the order of evaluation come from `nn2c.ir`; the derivative rules are below.
+This loop runs on a GPU, without a C compiler, and for what the native loop
+(`nn2c.native`) does not support; on the CPU the native loop runs instead where it can.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import List, Tuple
-
 import torch
 
-from . import native
-from .ir import KEEPS_OUTPUT, Cell, addmm_pairs, consumers, depends_on_state
+from nn2run.ops import check_table, named
 
-# torch source for each element-wise IR op (also used by the per-step code in torch_backend)
-TORCH_OPS = {"sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "torch.relu({})",
-        "exp": "torch.exp({})", "log": "torch.log({})", "neg": "(-{})", "softmax": "torch.softmax({}, -1)",
-        "add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "matmul": "({} @ {})"}
-# derivative of an activation given its upstream gradient g, its output y and its input x
-_DERIV = {"sigmoid": "torch.ops.aten.sigmoid_backward({g}, {y})", "tanh": "torch.ops.aten.tanh_backward({g}, {y})",
-          "relu": "torch.ops.aten.threshold_backward({g}, {y}, 0)", "exp": "({g} * {y})", "log": "({g} / {x})",
-          "neg": "(-{g})", "softmax": "({y} * ({g} - ({g} * {y}).sum(-1, keepdim=True)))"}
+from . import native
+from .backward import Backward, Deriv, Grad, derive
+from .ir import Cell, Node, addmm_pairs, consumers
+
+# torch source for each operator (also used by the per-step code in torch_backend)
+TORCH_OPS = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "neg": "(-{})",
+             "sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "torch.relu({})",
+             "softmax": "torch.softmax({}, -1)", "exp": "torch.exp({})", "log": "torch.log({})",
+             "matmul": "({} @ {})"}
+# an activation's derivative: g the upstream gradient, v what the derivative reads (nn2run.ops)
+TORCH_DERIV = {"sigmoid": "torch.ops.aten.sigmoid_backward({g}, {v})",
+               "tanh": "torch.ops.aten.tanh_backward({g}, {v})",
+               "relu": "torch.ops.aten.threshold_backward({g}, {v}, 0)",
+               "softmax": "({v} * ({g} - ({g} * {v}).sum(-1, keepdim=True)))",
+               "exp": "({g} * {v})", "log": "({g} / {v})"}
+check_table("nn2c.fused TORCH_OPS", TORCH_OPS, named("elementwise", "activation", "product"))
+check_table("nn2c.fused TORCH_DERIV", TORCH_DERIV, named("activation"))
 
 
 def torch_expr(node, args: list[str]) -> str:
@@ -41,265 +47,205 @@ def torch_expr(node, args: list[str]) -> str:
     return TORCH_OPS[node.op].format(*args)
 
 
-class _LoopCode:
-    """Generates `forward(E, S, P, T)` and `backward(saved, gouts, gS, E, P)` for one cell."""
+def _names(bw: Backward) -> dict:
+    lp = bw.loop
+    names = {s: f"s{i}" for i, s in enumerate(lp.states)}
+    names.update({e: f"E{i}[t]" for i, e in enumerate(lp.ext)})
+    names.update({p: f"P{i}" for i, p in enumerate(lp.params)})
+    names.update({n: f"v{i}" for i, n in enumerate(lp.body)})
+    return names
 
-    def __init__(self, cell: Cell):
-        self.cell = cell
-        nodes = cell.nodes()
-        stateful = depends_on_state(cell)
-        self.body = [n for n in nodes if id(n) in stateful and n.op != "state"]
-        in_body = {id(n) for n in self.body}
-        self.states = [prev for _, prev, _ in cell.states]
-        self.ext, self.params = [], []
-        for n in self.body:
-            for a in n.args:
-                if a.op == "param" and a not in self.params:
-                    self.params.append(a)
-                elif id(a) not in in_body and a.op not in ("param", "const", "state") and a not in self.ext:
-                    self.ext.append(a)
-        self.uses = consumers(cell)
-        self.name = {}
-        for i, s in enumerate(self.states):
-            self.name[id(s)] = f"s{i}"
-        for i, e in enumerate(self.ext):
-            self.name[id(e)] = f"E{i}[t]"
-        for i, p in enumerate(self.params):
-            self.name[id(p)] = f"P{i}"
-        for i, n in enumerate(self.body):
-            self.name[id(n)] = f"v{i}"
-        self.saved = self._needed()
 
-    def val(self, node) -> str:
-        if node.op == "const":
-            return repr(float(node.attrs["value"]))
-        return self.name[id(node)]
+def _const(node: Node) -> str:
+    return repr(float(node.attrs["value"]))
 
-    def _needed(self) -> list:
-        """Values the backward reads, saved per step by the forward."""
-        need = []
-        for n in self.body:
-            if n.op == "mul":
-                need += [a for a in n.args if a.op != "const"]
-            elif n.op in KEEPS_OUTPUT:
-                need.append(n)
-            elif n.op == "log":
-                need.append(n.args[0])
-            elif n.op == "matmul":
-                need.append(n.args[0])
-        out = []
-        for x in need:
-            if x.op != "param" and x not in out and x not in self.ext:
-                out.append(x)
-        return out
 
-    # --- forward -----------------------------------------------------------------------------
-    def _expr(self, n) -> str:
-        return torch_expr(n, [self.val(a) for a in n.args])
+def forward_source(bw: Backward) -> str:
+    """`forward(E, S, P, T) -> (outputs, final states, saved values)`."""
+    lp, names = bw.loop, _names(bw)
+    val = lambda x: _const(x) if x.op == "const" else names[x]      # noqa: E731
+    k = len(lp.states)
+    fused = addmm_pairs(lp.body, set(lp.body), consumers(lp.cell))
+    skip = set(fused.values())
+    lines = ["def forward(E, S, P, T):", *_unpack(bw), "    outs = []"]
+    lines += [f"    k{j} = []" for j in range(len(bw.saved))]
+    lines.append("    for t in range(T):")
+    for n in lp.body:
+        if n in skip:
+            continue
+        if n in fused:
+            mm = fused[n]
+            other = next(a for a in n.args if a is not mm)
+            expr = f"torch.addmm({val(other)}, {val(mm.args[0])}, {val(mm.args[1])})"
+        else:
+            expr = torch_expr(n, [val(a) for a in n.args])
+        lines.append(f"        {names[n]} = {expr}")
+    lines += [f"        k{j}.append({val(x)})" for j, x in enumerate(bw.saved)]
+    lines.append("        " + ", ".join(f"s{i}" for i in range(k)) + " = "
+                 + ", ".join(val(nxt) for _, _, nxt in lp.cell.states))
+    lines.append(f"        outs.append({val(lp.cell.output)})")
+    lines.append(f"    return torch.stack(outs), [{', '.join(f's{i}' for i in range(k))}], "
+                 f"[{', '.join(f'k{j}' for j in range(len(bw.saved)))}]")
+    return "\n".join(lines) + "\n"
 
-    def forward_source(self) -> str:
-        k = len(self.states)
-        fused = addmm_pairs(self.body, {id(n) for n in self.body}, self.uses)
-        skip = {id(m) for m in fused.values()}
-        saved_names = {id(x): f"k{j}" for j, x in enumerate(self.saved)}
-        lines = ["def forward(E: List[Tensor], S: List[Tensor], P: List[Tensor], T: int)"
-                 " -> Tuple[Tensor, List[Tensor], List[List[Tensor]]]:",
-                 *self._unpack(), "    outs: List[Tensor] = []"]
-        lines += [f"    k{j}: List[Tensor] = []" for j in range(len(self.saved))]
-        lines.append("    for t in range(T):")
-        for n in self.body:
-            if id(n) in skip:
-                continue
-            if id(n) in fused:
-                mm = fused[id(n)]
-                other = next(a for a in n.args if a is not mm)
-                expr = f"torch.addmm({self.val(other)}, {self.val(mm.args[0])}, {self.val(mm.args[1])})"
-            else:
-                expr = self._expr(n)
-            lines.append(f"        {self.name[id(n)]} = {expr}")
-        lines += [f"        {saved_names[id(x)]}.append({self.val(x)})" for x in self.saved]
-        lines.append("        " + ", ".join(f"s{i}" for i in range(k)) + " = "
-                     + ", ".join(self.val(nxt) for _, _, nxt in self.cell.states))
-        lines.append(f"        outs.append({self.val(self.cell.output)})")
-        lines.append(f"    return torch.stack(outs), [{', '.join(f's{i}' for i in range(k))}], "
-                     f"[{', '.join(f'k{j}' for j in range(len(self.saved)))}]")
-        return "\n".join(lines) + "\n"
 
-    def _unpack(self, states: bool = True) -> list[str]:
-        groups = (("E", "E", self.ext), ("s", "S", self.states if states else []), ("P", "P", self.params))
-        return [f"    {name}{i} = {group}[{i}]" for name, group, items in groups for i in range(len(items))]
+def _unpack(bw: Backward, states: bool = True) -> list[str]:
+    lp = bw.loop
+    groups = (("E", "E", lp.ext), ("s", "S", lp.states if states else ()), ("P", "P", lp.params))
+    return [f"    {name}{i} = {group}[{i}]" for name, group, items in groups for i in range(len(items))]
 
-    # --- backward ----------------------------------------------------------------------------
-    def bval(self, x) -> str:
-        """A forward value as the backward reads it at step t."""
+
+class _Backward:
+    """Renders `backward(K, gouts, gS, E, P, T) -> (gE, gS, gP)` from a Backward."""
+
+    def __init__(self, bw: Backward):
+        self.bw, self.names = bw, _names(bw)
+        self.index = {n: i for i, n in enumerate(bw.loop.body)}
+        self.saved = {x: j for j, x in enumerate(bw.saved)}
+        self.pieces: dict = {}          # target -> [(start, width, expr)]
+        self.loop: list[str] = []
+
+    def value(self, x) -> str:
+        if isinstance(x, Grad):
+            return f"g{self.index[x.of]}"
+        if isinstance(x, Deriv):
+            a = [self.value(v) for v in x.args]
+            if x.op == "neg":
+                return f"(-{a[0]})"
+            if x.op == "mul":
+                return f"({a[0]} * {a[1]})"
+            if x.op == "cols":
+                return f"{a[0]}[:, {x.start}:{x.start + x.width}]"
+            if x.op == "matmul_t":
+                return f"({a[0]} @ {self.names[x.args[1]]}T)"
+            return TORCH_DERIV[x.op].format(g=a[0], v=a[1])
         if x.op == "const":
-            return repr(float(x.attrs["value"]))
-        if x.op == "param" or x in self.ext:
-            return self.name[id(x)]
-        return f"k{self.saved.index(x)}[t]"
+            return _const(x)
+        if x.op == "param" or x in self.bw.loop.ext:
+            return self.names[x]
+        return f"k{self.saved[x]}[t]"
 
-    def backward_source(self) -> str:
-        lines = ["def backward(K: List[List[Tensor]], gouts: Tensor, gS: List[Tensor], E: List[Tensor],"
-                 " P: List[Tensor], T: int) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:",
-                 *self._unpack(states=False)]
-        loop = []
-        lines += [f"    k{j} = K[{j}]" for j in range(len(self.saved))]
-        lines += [f"    gs{i} = gS[{i}]" for i in range(len(self.states))]
+    def total(self, target, idx) -> str | None:
+        """The gradient of `target` at this step from its pieces, or None when none reach it."""
+        pieces = self.pieces.get(target, [])
+        whole = [e for s, w, e in pieces if s == 0 and w == target.width]
+        parts: dict = {}
+        for s, w, e in pieces:
+            if not (s == 0 and w == target.width):
+                parts.setdefault((s, w), []).append(e)
+        out = list(whole)
+        spans = sorted(parts)
+        if spans and all(a + w <= b for (a, w), (b, _) in zip(spans, spans[1:])):
+            cat, at = [], 0
+            for s, w in spans:
+                if s > at:
+                    cat.append(f"gouts.new_zeros([B, {s - at}])")
+                cat.append(" + ".join(parts[(s, w)]))
+                at = s + w
+            if at < target.width:
+                cat.append(f"gouts.new_zeros([B, {target.width - at}])")
+            out.append(cat[0] if len(cat) == 1 else f"torch.cat([{', '.join(cat)}], -1)")
+        elif spans:
+            self.loop.append(f"b{idx} = gouts.new_zeros([B, {target.width}])")
+            self.loop += [f"b{idx}.narrow(1, {s}, {w}).add_({' + '.join(parts[(s, w)])})" for s, w in spans]
+            out.append(f"b{idx}")
+        return " + ".join(out) if out else None
+
+    def source(self) -> str:
+        bw, lp = self.bw, self.bw.loop
+        products = [w.product for w in bw.weights]
+        lines = ["def backward(K, gouts, gS, E, P, T):", *_unpack(bw, states=False)]
+        lines += [f"    k{j} = K[{j}]" for j in range(len(bw.saved))]
+        lines += [f"    gs{i} = gS[{i}]" for i in range(len(lp.states))]
         lines.append("    B = gouts.shape[1]")
-        lines += [f"    gE{i}: List[Tensor] = []" for i in range(len(self.ext))]
-        lines += [f"    gP{i} = torch.zeros_like(P{i})" for i in range(len(self.params))]
-        matmuls = [n for n in self.body if n.op == "matmul"]
-        lines += [f"    gM{j}: List[Tensor] = []" for j in range(len(matmuls))]
+        lines += [f"    gE{i} = []" for i in range(len(lp.ext))]
+        lines += [f"    gP{i} = torch.zeros_like(P{i})" for i in range(len(lp.params))]
+        lines += [f"    gM{j} = []" for j in range(len(products))]
         # g @ Wᵀ with a contiguous Wᵀ made once: a transposed operand is a slower product
-        lines += [f"    {p}T = {p}.t().contiguous()" for p in dict.fromkeys(self.name[id(m.args[1])] for m in matmuls)]
-        contrib: dict[int, list[str]] = {id(self.cell.output): ["gouts[t]"]}
-        for i, (_, _, nxt) in enumerate(self.cell.states):
-            contrib.setdefault(id(nxt), []).append(f"gs{i}")
-        slices: dict[int, list] = {}
-        for idx in range(len(self.body) - 1, -1, -1):
-            n = self.body[idx]
-            total = self._assemble(contrib.get(id(n), []), slices.get(id(n), []), n.width, idx, loop)
+        lines += [f"    {p}T = {p}.t().contiguous()" for p in dict.fromkeys(self.names[w.param] for w in bw.weights)]
+        self.pieces = {lp.cell.output: [(0, lp.cell.output.width, "gouts[t]")]}
+        for i, (_, _, nxt) in enumerate(lp.cell.states):
+            self.pieces.setdefault(nxt, []).append((0, nxt.width, f"gs{i}"))
+        for rule in bw.rules:
+            n = rule.node
+            total = self.total(n, self.index[n])
             if total is None:
                 continue
-            loop.append(f"g{idx} = {total}")
-            self._rule(n, f"g{idx}", contrib, slices, loop, matmuls)
-        for i, e in enumerate(self.ext):
-            total = " + ".join(contrib.get(id(e), [])) or f"torch.zeros_like(E{i}[t])"
-            loop.append(f"gE{i}.append({total})")
-        new = [" + ".join(contrib.get(id(s), [])) or f"torch.zeros_like(gs{i})" for i, s in enumerate(self.states)]
-        loop.append(", ".join(f"gs{i}" for i in range(len(new))) + " = " + ", ".join(new))
+            self.loop.append(f"g{self.index[n]} = {total}")
+            for term in rule.terms:
+                expr = self.value(term.value)
+                if term.target.op == "param":
+                    p = self.names[term.target]
+                    self.loop.append(f"g{p} = g{p} + ({expr}).sum(0)")
+                else:
+                    self.pieces.setdefault(term.target, []).append((term.start, term.width, expr))
+            if n in products:
+                self.loop.append(f"gM{products.index(n)}.append(g{self.index[n]})")
+        for i, e in enumerate(lp.ext):
+            self.loop.append(f"gE{i}.append({self.total(e, f'e{i}') or f'torch.zeros_like(E{i}[t])'})")
+        new = [self.total(s, f"s{i}") or f"torch.zeros_like(gs{i})" for i, s in enumerate(lp.states)]
+        self.loop.append(", ".join(f"gs{i}" for i in range(len(new))) + " = " + ", ".join(new))
         lines.append("    for t in range(T - 1, -1, -1):")
-        lines += [f"        {line}" for line in loop]
-        for j, m in enumerate(matmuls):       # every weight gradient: one product over all steps
-            p = self.name[id(m.args[1])]
-            a = self.saved.index(m.args[0])
+        lines += [f"        {line}" for line in self.loop]
+        for j, w in enumerate(bw.weights):       # every weight gradient: one product over all steps
+            p = self.names[w.param]
             # gM was filled from the last step back: flip it to line up with the forward's k
-            lines.append(f"    g{p} = g{p} + torch.cat(k{a}).t() @ torch.stack(gM{j}).flip(0).flatten(0, 1)")
-        lines.append(f"    return [{', '.join(f'torch.stack(gE{i}).flip(0)' for i in range(len(self.ext)))}], "
-                     f"[{', '.join(f'gs{i}' for i in range(len(self.states)))}], "
-                     f"[{', '.join(f'gP{i}' for i in range(len(self.params)))}]")
+            lines.append(f"    g{p} = g{p} + torch.cat(k{self.saved[w.input]}).t() @ "
+                         f"torch.stack(gM{j}).flip(0).flatten(0, 1)")
+        lines.append(f"    return [{', '.join(f'torch.stack(gE{i}).flip(0)' for i in range(len(lp.ext)))}], "
+                     f"[{', '.join(f'gs{i}' for i in range(len(lp.states)))}], "
+                     f"[{', '.join(f'gP{i}' for i in range(len(lp.params)))}]")
         return "\n".join(lines) + "\n"
-
-    def _assemble(self, terms, pieces, width, idx, loop) -> str | None:
-        parts = list(terms)
-        if pieces:
-            pieces = sorted(pieces)
-            if all(a + w <= b for (a, w, _), (b, _, _) in zip(pieces, pieces[1:])):
-                cat, at = [], 0
-                for start, w, g in pieces:
-                    if start > at:
-                        cat.append(f"gouts.new_zeros([B, {start - at}])")
-                    cat.append(g)
-                    at = start + w
-                if at < width:
-                    cat.append(f"gouts.new_zeros([B, {width - at}])")
-                parts.append(cat[0] if len(cat) == 1 else f"torch.cat([{', '.join(cat)}], -1)")
-            else:
-                loop.append(f"b{idx} = gouts.new_zeros([B, {width}])")
-                loop += [f"b{idx}.narrow(1, {s}, {w}).add_({g})" for s, w, g in pieces]
-                parts.append(f"b{idx}")
-        return " + ".join(parts) if parts else None
-
-    def _give(self, a, expr, contrib, loop) -> None:
-        if a.op == "const":
-            return
-        if a.op == "param":
-            p = self.name[id(a)]
-            loop.append(f"g{p} = g{p} + ({expr}).sum(0)")
-            return
-        contrib.setdefault(id(a), []).append(expr)
-
-    def _rule(self, n, g, contrib, slices, loop, matmuls) -> None:
-        a = n.args
-        if n.op == "add":
-            for x in a:
-                self._give(x, g, contrib, loop)
-        elif n.op == "sub":
-            self._give(a[0], g, contrib, loop)
-            self._give(a[1], f"(-{g})", contrib, loop)
-        elif n.op == "mul":
-            self._give(a[0], f"({g} * {self.bval(a[1])})", contrib, loop)
-            self._give(a[1], f"({g} * {self.bval(a[0])})", contrib, loop)
-        elif n.op == "matmul":
-            self._give(a[0], f"({g} @ {self.name[id(a[1])]}T)", contrib, loop)
-            loop.append(f"gM{matmuls.index(n)}.append({g})")
-        elif n.op == "slice":
-            slices.setdefault(id(a[0]), []).append((n.attrs["start"], n.width, g))
-        elif n.op == "concat":
-            at = 0
-            for x in a:
-                self._give(x, f"{g}[:, {at}:{at + x.width}]", contrib, loop)
-                at += x.width
-        else:
-            y = self.bval(n) if n.op in KEEPS_OUTPUT else ""
-            x = self.bval(a[0]) if n.op == "log" else ""
-            self._give(a[0], _DERIV[n.op].format(g=g, y=y, x=x), contrib, loop)
 
 
 def supported(cell: Cell) -> bool:
     """The fused loop needs every output of the cell computed inside the loop, and products
     whose left operand is a vector (the IR guarantees a parameter on the right)."""
-    stateful = depends_on_state(cell)
-    roots = [cell.output] + [nxt for _, _, nxt in cell.states]
-    ok_ops = set(TORCH_OPS) | {"slice", "concat", "state"}
-    return bool(cell.states) and all(id(r) in stateful and r.op != "state" for r in roots) \
-        and all(n.op in ok_ops for n in cell.nodes() if id(n) in stateful)
+    lp = derive(cell).loop if cell.states else None
+    if lp is None:
+        return False
+    inside = set(lp.body)
+    ok = set(TORCH_OPS) | {"slice", "concat"}
+    return all(r in inside for r in lp.cell.roots()) and all(n.op in ok for n in lp.body)
 
 
 class FusedLoop:
-    """The compiled forward and backward of one cell's time loop."""
+    """The compiled forward and backward of one cell's time loop; on the CPU, the native
+    loop runs them where it can (`loop_kind` says which ran last)."""
 
-    def __init__(self, cell: Cell, script: bool = True):
-        code = _LoopCode(cell)
-        self.ext, self.params = code.ext, code.params
-        self.forward_src, self.backward_src = code.forward_source(), code.backward_source()
-        ns = {"torch": torch, "List": List, "Tuple": Tuple, "Tensor": torch.Tensor}
+    def __init__(self, cell: Cell):
+        self.backward = derive(cell)
+        self.cell = cell
+        self.ext, self.params = list(self.backward.loop.ext), list(self.backward.loop.params)
+        self.forward_src, self.backward_src = forward_source(self.backward), _Backward(self.backward).source()
+        ns = {"torch": torch}
         exec(compile(self.forward_src, f"<nn2 loop {cell.layer} forward>", "exec"), ns)
         exec(compile(self.backward_src, f"<nn2 loop {cell.layer} backward>", "exec"), ns)
         self.fwd, self.bwd = ns["forward"], ns["backward"]
-        self.scripted = False
-        if script:
-            self._script()
-        self.cell = cell
-        self._native, self.native_error = None, None
-        if not native.enabled():
-            self.native_error = "turned off by NN2_NATIVE"
-        elif (why := native.supported(cell)) is not None:
-            self.native_error = why
+        self.native_error = native.unavailable(cell)
+        self.last_kind: str | None = None       # what ran the last forward: "native" or "fused"
+        self._native = None
 
     @property
     def kind(self) -> str:
-        """What runs the loop for CPU float32 tensors: native (generated C), torchscript or python."""
+        """What runs the loop for CPU float32 tensors: "native" (generated C) or "fused"."""
         return self.kind_for([])
 
     def kind_for(self, tensors) -> str:
         """What runs the loop for these tensors (the rule `implementation` applies)."""
-        if self.native_error is None and native.NativeLoop.usable(tensors):
-            return "native"
-        return "torchscript" if self.scripted else "python"
+        return "native" if self.native_error is None and native.usable(tensors) else "fused"
 
     def implementation(self, tensors):
         """The native loop for CPU float32 tensors (built on first use), else this loop."""
         if self.kind_for(tensors) == "native":
             if self._native is None:
                 try:
-                    self._native = native.NativeLoop(self.cell, self.ext, self.params)
+                    self._native = native.NativeLoop(self.backward)
                 except native.NativeUnavailable as e:
                     self.native_error = str(e)
                     return self
             return self._native
         return self
-
-    def _script(self) -> None:
-        """Run both loops in TorchScript's interpreter (less overhead per op than Python);
-        the Python functions stay if this torch cannot compile them."""
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                unit = torch.jit.CompilationUnit(self.forward_src + "\n" + self.backward_src)
-            self.fwd, self.bwd, self.scripted = unit.forward, unit.backward, True
-        except Exception:       # noqa: BLE001 — any failure means: use the Python version
-            self.scripted = False
 
     def __call__(self, T: int, E: list, S: list, P: list):
         outs, *finals = _Loop.apply(self, T, len(E), len(S), *E, *S, *P)
@@ -311,6 +257,7 @@ class _Loop(torch.autograd.Function):
     def forward(ctx, loop: FusedLoop, T: int, n_e: int, n_s: int, *tensors):
         E, S, P = tensors[:n_e], tensors[n_e:n_e + n_s], tensors[n_e + n_s:]
         impl = loop.implementation(tensors)
+        loop.last_kind = "fused" if impl is loop else "native"
         outs, finals, K = impl.fwd(list(E), list(S), list(P), T)
         ctx.loop, ctx.T, ctx.K, ctx.n_e = impl, T, K, n_e
         ctx.save_for_backward(*E, *P)

@@ -16,7 +16,7 @@ Node ops:
     gather (param)         row lookup by token id: param[ids]
     matmul (x, param)      x @ param
     add sub mul (a, b)     element-wise; a scalar (width 0) broadcasts
-    neg sigmoid tanh relu exp log softmax (a)
+    neg and the activations (a)      see `nn2run.ops`
     slice (a)              a[start:start+width] (attrs: start)
     concat (a, b, ...)
 """
@@ -25,9 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ACTIVATIONS = ("sigmoid", "tanh", "relu", "exp", "log", "softmax", "neg")
-KEEPS_OUTPUT = ("sigmoid", "tanh", "relu", "exp", "softmax")     # their derivative reads the output
-ELEMENTWISE = ("add", "sub", "mul")
+from nn2run.ops import OPS, named
+
+# The operators come from the registry (`nn2run.ops`); the IR adds its leaves.
+LEAVES = ("input", "state", "param", "const")
+UNARY = tuple(n for n in named("elementwise", "activation") if OPS[n].arity == 1)       # neg, σ, tanh, …
+ELEMENTWISE = tuple(n for n in named("elementwise") if OPS[n].arity == 2)              # add sub mul
+KEEPS_OUTPUT = tuple(n for n in OPS if OPS[n].needs == "output")      # their derivative reads the output
+IR_OPS = LEAVES + tuple(n for n in OPS if n != "copy")                  # copy is the emitter's own
 
 
 @dataclass(eq=False)
@@ -38,8 +43,8 @@ class Node:
     attrs: dict = field(default_factory=dict)
 
     def key(self, ids: dict) -> tuple:
-        """Structural identity given the ids of the arguments (for CSE)."""
-        return (self.op, tuple(ids[id(a)] for a in self.args), self.width, tuple(sorted(self.attrs.items())))
+        """Structural identity given a number for each argument (for CSE)."""
+        return (self.op, tuple(ids[a] for a in self.args), self.width, tuple(sorted(self.attrs.items())))
 
 
 @dataclass(frozen=True)
@@ -77,14 +82,14 @@ class Cell:
         stack = [(n, False) for n in reversed(self.roots())]
         while stack:
             node, expanded = stack.pop()
-            if id(node) in seen:
+            if node in seen:
                 continue
             if expanded:
-                seen.add(id(node))
+                seen.add(node)
                 order.append(node)
                 continue
             stack.append((node, True))
-            stack.extend((a, False) for a in reversed(node.args) if id(a) not in seen)
+            stack.extend((a, False) for a in reversed(node.args) if a not in seen)
         return order
 
 
@@ -110,47 +115,48 @@ class Network:
 def rewrite(cell: Cell, fn, new: dict | None = None) -> Cell:
     """Rebuild `cell` bottom-up: `fn(node, new_args)` returns the replacement node (or None
     to keep a copy of the node with the new arguments). Returns a new Cell. `new`, if given,
-    is filled as the walk goes (id of an old node -> its replacement), for passes that need
+    is filled as the walk goes (old node -> its replacement), for passes that need
     the replacement of nodes other than the arguments."""
     new = {} if new is None else new
     for node in cell.nodes():
-        args = tuple(new[id(a)] for a in node.args)
+        args = tuple(new[a] for a in node.args)
         out = fn(node, args)
         if out is None:
             out = node if args == node.args else Node(node.op, args, node.width, dict(node.attrs))
-        new[id(node)] = out
-    states = [(name, new.get(id(prev), prev), new[id(nxt)]) for name, prev, nxt in cell.states]
-    return Cell(cell.layer, new.get(id(cell.input), cell.input), states, new[id(cell.output)], dict(cell.tensors))
+        new[node] = out
+    states = [(name, new.get(prev, prev), new[nxt]) for name, prev, nxt in cell.states]
+    return Cell(cell.layer, new.get(cell.input, cell.input), states, new[cell.output], dict(cell.tensors))
 
 
-def consumers(cell: Cell) -> dict[int, list[Node]]:
-    uses: dict[int, list[Node]] = {}
+def consumers(cell: Cell) -> dict[Node, list[Node]]:
+    """Each node's users (None for a cell output)."""
+    uses: dict[Node, list[Node]] = {}
     for node in cell.nodes():
         for a in node.args:
-            uses.setdefault(id(a), []).append(node)
+            uses.setdefault(a, []).append(node)
     for root in cell.roots():
-        uses.setdefault(id(root), []).append(None)     # an output counts as a use
+        uses.setdefault(root, []).append(None)     # an output counts as a use
     return uses
 
 
-def depends_on_state(cell: Cell) -> set[int]:
-    """ids of the nodes whose value depends on a state (they must run inside the time loop)."""
+def depends_on_state(cell: Cell) -> set[Node]:
+    """The nodes whose value depends on a state (they must run inside the time loop)."""
     out = set()
     for node in cell.nodes():
-        if node.op == "state" or any(id(a) in out for a in node.args):
-            out.add(id(node))
+        if node.op == "state" or any(a in out for a in node.args):
+            out.add(node)
     return out
 
 
-def addmm_pairs(nodes, inside: set[int], uses) -> dict[int, object]:
+def addmm_pairs(nodes, inside: set[Node], uses) -> dict[Node, Node]:
     """add(x, matmul(a, W)) inside the loop, with the product used only there: emitted as one
-    torch.addmm. Returns id(add) -> the matmul it absorbs."""
+    torch.addmm. Returns add -> the matmul it absorbs."""
     out = {}
     for n in nodes:
-        if n.op != "add" or id(n) not in inside or any(a.op == "const" for a in n.args):
+        if n.op != "add" or n not in inside or any(a.op == "const" for a in n.args):
             continue
         for a in n.args:
-            if a.op == "matmul" and id(a) in inside and len(uses.get(id(a), [])) == 1:
-                out[id(n)] = a
+            if a.op == "matmul" and a in inside and len(uses.get(a, [])) == 1:
+                out[n] = a
                 break
     return out

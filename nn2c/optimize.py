@@ -18,7 +18,9 @@ and the element-wise fusion can merge them.
 
 from __future__ import annotations
 
-from .ir import ACTIVATIONS, ELEMENTWISE, Cell, Node, Part, TensorSpec, consumers, depends_on_state, rewrite
+from nn2run.ops import OPS
+
+from .ir import ELEMENTWISE, UNARY, Cell, Node, Part, TensorSpec, consumers, depends_on_state, rewrite
 
 
 def onehot_to_gather(cell: Cell) -> Cell:
@@ -34,7 +36,7 @@ def _flatten_sum(node: Node, uses) -> list[Node]:
         return [node]
     terms = []
     for a in node.args:
-        if a.op == "add" and len(uses.get(id(a), [])) == 1:
+        if a.op == "add" and len(uses.get(a, [])) == 1:
             terms.extend(_flatten_sum(a, uses))
         else:
             terms.append(a)
@@ -44,21 +46,21 @@ def _flatten_sum(node: Node, uses) -> list[Node]:
 def reassociate(cell: Cell) -> Cell:
     """Rewrite each sum so that its state-independent terms are added first."""
     uses = consumers(cell)
-    inner = {id(a) for n in cell.nodes() if n.op == "add" for a in n.args
-             if a.op == "add" and len(uses.get(id(a), [])) == 1}
+    inner = {a for n in cell.nodes() if n.op == "add" for a in n.args
+             if a.op == "add" and len(uses.get(a, [])) == 1}
     stateful = depends_on_state(cell)
-    new: dict[int, Node] = {}
+    new: dict[Node, Node] = {}
 
     def fn(node, args):
-        if node.op != "add" or id(node) in inner:
+        if node.op != "add" or node in inner:
             return None
         terms = _flatten_sum(node, uses)
         if len(terms) < 3:
             return None
-        terms.sort(key=lambda t: id(t) in stateful)       # stable: keeps source order otherwise
-        acc = new[id(terms[0])]
+        terms.sort(key=lambda t: t in stateful)       # stable: keeps source order otherwise
+        acc = new[terms[0]]
         for t in terms[1:]:
-            acc = Node("add", (acc, new[id(t)]), max(acc.width, t.width))
+            acc = Node("add", (acc, new[t]), max(acc.width, t.width))
         return acc
     return rewrite(cell, fn, new)
 
@@ -67,14 +69,14 @@ def _gate_key(node: Node, uses, index) -> tuple:
     """Where a product ends up: (the activation consuming its sum, that node's position)."""
     n = node
     while True:
-        users = [u for u in uses.get(id(n), []) if u is not None]
+        users = [u for u in uses.get(n, []) if u is not None]
         if len(users) != 1:
-            return ("~", index[id(n)])
+            return ("~", index[n])
         u = users[0]
         if u.op in ("add", "sub", "slice"):
             n = u
             continue
-        return ((u.op if u.op in ACTIVATIONS else "~"), index[id(u)])
+        return ((u.op if u.op in UNARY else "~"), index[u])
 
 
 def _single_use_params(cell: Cell) -> set[str]:
@@ -103,16 +105,16 @@ def _stack(cell: Cell, members: list[Node], kind: str) -> Node:
 
 def fuse_products(cell: Cell) -> Cell:
     nodes = cell.nodes()
-    index = {id(n): i for i, n in enumerate(nodes)}
+    index = {n: i for i, n in enumerate(nodes)}
     uses = consumers(cell)
     single = _single_use_params(cell)
     groups: dict[tuple, list[Node]] = {}
     for n in nodes:
         if n.op == "matmul" and n.args[1].attrs["tensor"] in single:
-            groups.setdefault(("matmul", id(n.args[0])), []).append(n)
+            groups.setdefault(("matmul", n.args[0]), []).append(n)
         elif n.op == "gather" and n.args[0].attrs["tensor"] in single:
             groups.setdefault(("gather",), []).append(n)
-    plan: dict[int, tuple] = {}         # member -> (group, stacked parameter, first column)
+    plan: dict[Node, tuple] = {}         # member -> (group, stacked parameter, first column)
     cell = Cell(cell.layer, cell.input, cell.states, cell.output, dict(cell.tensors))
     for key, members in groups.items():
         if len(members) < 2 or len({m.args[-1].attrs["tensor"].split(".")[0] for m in members}) != 1:
@@ -121,14 +123,14 @@ def fuse_products(cell: Cell) -> Cell:
         stacked = _stack(cell, [m.args[-1] for m in members], "matrix")
         at = 0
         for m in members:
-            plan[id(m)] = (key, stacked, at)
+            plan[m] = (key, stacked, at)
             at += m.width
     wholes: dict[tuple, Node] = {}
 
     def fn(node, args):
-        if id(node) not in plan:
+        if node not in plan:
             return None
-        key, stacked, start = plan[id(node)]
+        key, stacked, start = plan[node]
         if key not in wholes:          # the one product of the group (its operand already rewritten)
             wholes[key] = (Node("gather", (stacked,), stacked.width) if key[0] == "gather"
                            else Node("matmul", (args[0], stacked), stacked.width))
@@ -136,7 +138,7 @@ def fuse_products(cell: Cell) -> Cell:
     return rewrite(cell, fn)
 
 
-_UNARY_ELEMENTWISE = tuple(op for op in ACTIVATIONS if op != "softmax")     # softmax mixes a row
+_UNARY_ELEMENTWISE = tuple(op for op in UNARY if not OPS[op].rowwise)     # softmax mixes a row
 
 
 def _fusion_key(n: Node, single: set[str]):
@@ -144,12 +146,12 @@ def _fusion_key(n: Node, single: set[str]):
     a = n.args[0]
     if a.op != "slice":
         return None
-    base = id(a.args[0])
+    base = a.args[0]
     if n.op in _UNARY_ELEMENTWISE:
         return (n.op, base)
     b = n.args[1]
     if b.op == "slice" and b.width == a.width:
-        return (n.op, base, "slice", id(b.args[0]), b.attrs["start"] - a.attrs["start"])
+        return (n.op, base, "slice", b.args[0], b.attrs["start"] - a.attrs["start"])
     if b.op == "param" and b.attrs["tensor"] in single:
         return (n.op, base, "param")
     if b.op == "const":
@@ -184,7 +186,7 @@ def _fuse_round(cell: Cell) -> Cell | None:
     if not chosen:
         return None
     cell = Cell(cell.layer, cell.input, cell.states, cell.output, dict(cell.tensors))
-    member_of = {id(m): key for key, ms in chosen.items() for m in ms}
+    member_of = {m: key for key, ms in chosen.items() for m in ms}
     stacked = {}
     for key, ms in chosen.items():
         if key[2:3] == ("param",):
@@ -193,7 +195,7 @@ def _fuse_round(cell: Cell) -> Cell | None:
     fused: dict[tuple, tuple[Node, int]] = {}
 
     def fn(node, args):
-        key = member_of.get(id(node))
+        key = member_of.get(node)
         if key is None:
             return _fold_slice(node, args)
         if key not in fused:
@@ -247,16 +249,16 @@ def fuse_elementwise(cell: Cell) -> Cell:
 
 def cse(cell: Cell) -> Cell:
     table: dict[tuple, Node] = {}
-    ids: dict[int, int] = {}
+    ids: dict[Node, int] = {}
 
     def fn(node, args):
         fresh = node if args == node.args else Node(node.op, args, node.width, dict(node.attrs))
         for a in args:
-            ids.setdefault(id(a), len(ids))
+            ids.setdefault(a, len(ids))
         key = fresh.key(ids)
         if fresh.op != "const":
             fresh = table.setdefault(key, fresh)
-        ids.setdefault(id(fresh), len(ids))
+        ids.setdefault(fresh, len(ids))
         return fresh
     return rewrite(cell, fn)
 
@@ -270,7 +272,14 @@ PASSES = {
 }
 
 
+def _known(passes) -> None:
+    unknown = [name for name in passes if name not in PASSES]
+    if unknown:
+        raise ValueError(f"unknown optimizer pass {unknown[0]!r}; the passes are {', '.join(PASSES)}")
+
+
 def optimize_cell(cell: Cell, passes=tuple(PASSES)) -> Cell:
+    _known(passes)
     for name in PASSES:
         if name in passes:
             cell = PASSES[name](cell)
@@ -278,7 +287,9 @@ def optimize_cell(cell: Cell, passes=tuple(PASSES)) -> Cell:
 
 
 def optimize(network, passes=tuple(PASSES)):
-    """Run the passes (in their fixed order) on every cell of a Network."""
+    """Run the passes (in their fixed order) on every cell of a Network; an unknown pass
+    name is a ValueError."""
     from .ir import Network
+    _known(passes)
     return Network([optimize_cell(c, passes) for c in network.cells],
                    optimize_cell(network.readout, passes), network.vocab_size, network.hidden)

@@ -18,16 +18,16 @@ from .fused import FusedLoop, supported as fused_supported, torch_expr
 from .ir import Cell, Network, addmm_pairs, consumers, depends_on_state
 
 
-def _split_plans(nodes) -> dict[int, list[tuple[int, int]]]:
+def _split_plans(nodes) -> dict:
     """Bases whose slices do not overlap: cut each into pieces once with torch.split (one
     autograd node whose backward is one cat) instead of one indexing op per slice."""
-    slices: dict[int, set] = {}
+    slices: dict = {}
     width = {}
     for n in nodes:
         if n.op == "slice":
             base = n.args[0]
-            slices.setdefault(id(base), set()).add((n.attrs["start"], n.attrs["start"] + n.width))
-            width[id(base)] = base.width
+            slices.setdefault(base, set()).add((n.attrs["start"], n.attrs["start"] + n.width))
+            width[base] = base.width
     plans = {}
     for base, spans in slices.items():
         cuts = sorted({0, width[base]} | {a for a, _ in spans} | {b for _, b in spans})
@@ -45,62 +45,63 @@ class _Codegen:
         self.fused = loop          # a FusedLoop replacing the time loop, or None
         self.nodes = cell.nodes()
         stateful = depends_on_state(cell)
-        self.in_loop = {id(n) for n in self.nodes if id(n) in stateful or not hoist}
-        self.names = {id(prev): f"s{i}" for i, (_, prev, _) in enumerate(cell.states)}
+        self.in_loop = {n for n in self.nodes if n in stateful or not hoist}
+        self.names = {prev: f"s{i}" for i, (_, prev, _) in enumerate(cell.states)}
         self.params: dict[str, str] = {}
         for node in self.nodes:
             if node.op == "param":
-                self.names[id(node)] = self.params.setdefault(node.attrs["tensor"], f"p{len(self.params)}")
+                self.names[node] = self.params.setdefault(node.attrs["tensor"], f"p{len(self.params)}")
             elif node.op == "const":
-                self.names[id(node)] = repr(float(node.attrs["value"]))
+                self.names[node] = repr(float(node.attrs["value"]))
         self.plans = _split_plans(self.nodes)
         uses = consumers(cell)
-        self.addmm = addmm_pairs(self.nodes, self.in_loop, uses)     # id(add) -> matmul
-        self.biased = self._biased(uses)                              # id(add) -> (product, bias)
-        self.absorbed = {id(m) for m in self.addmm.values()} | {id(m) for m, _ in self.biased.values()}
+        self.addmm = addmm_pairs(self.nodes, self.in_loop, uses)     # add -> matmul
+        self.biased = self._biased(uses)                              # add -> (product, bias)
+        self.absorbed = {m for m in self.addmm.values()} | {m for m, _ in self.biased.values()}
         self.pre, self.loop, self.unbound = [], [], {}
+        self.split_done: set = set()        # bases already cut with torch.split
 
     def _biased(self, uses) -> dict:
         """Hoisted `gather(W) + b` and `x @ W + b` (b a vector, the product used once): the
         bias goes into the gather table (V rows, not T·B) or into one addmm."""
         out = {}
         for n in self.nodes:
-            if n.op != "add" or id(n) in self.in_loop:
+            if n.op != "add" or n in self.in_loop:
                 continue
             for k, m in enumerate(n.args):
                 b = n.args[1 - k]
-                if (m.op in ("gather", "matmul") and id(m) not in self.in_loop and len(uses.get(id(m), [])) == 1
+                if (m.op in ("gather", "matmul") and m not in self.in_loop and len(uses.get(m, [])) == 1
                         and b.op == "param" and len(self.cell.tensors[b.attrs["tensor"]].shape) == 1):
-                    out[id(n)] = (m, b)
+                    out[n] = (m, b)
                     break
         return out
 
     def ref(self, a, looped: bool) -> str:
-        if not looped or id(a) in self.in_loop or a.op in ("param", "const", "state"):
-            return self.names[id(a)]
-        self.unbound[id(a)] = self.names[id(a)]
-        return self.names[id(a)] + "_u[t]"
+        if not looped or a in self.in_loop or a.op in ("param", "const", "state"):
+            return self.names[a]
+        self.unbound[a] = self.names[a]
+        return self.names[a] + "_u[t]"
 
     def statement(self, n: int, node) -> None:
-        looped = id(node) in self.in_loop
+        looped = node in self.in_loop
         out = self.loop if looped else self.pre
-        self.names[id(node)] = f"v{n}"
-        if id(node) in self.absorbed:
+        self.names[node] = f"v{n}"
+        if node in self.absorbed:
             return                                  # emitted inside its add
-        if node.op == "slice" and id(node.args[0]) in self.plans:
+        if node.op == "slice" and node.args[0] in self.plans:
             self._split(node, out, looped)
             return
-        if id(node) in self.biased:
-            m, b = self.biased[id(node)]
-            w, bias = self.names[id(m.args[-1])], self.names[id(b)]
+        if node in self.biased:
+            m, b = self.biased[node]
+            w, bias = self.names[m.args[-1]], self.names[b]
             if m.op == "gather":
                 out.append(f"v{n} = F.embedding(xs, {w} + {bias})")
             else:
                 x = self.ref(m.args[0], False)
                 out.append(f"v{n} = torch.addmm({bias}, {x}.flatten(0, -2), {w}).unflatten(0, {x}.shape[:-1])")
             return
-        if id(node) in self.addmm:
-            mm = self.addmm[id(node)]
+        if node in self.addmm:
+            mm = self.addmm[node]
             other = node.args[1] if node.args[0] is mm else node.args[0]
             args = [self.ref(x, looped) for x in (other, *mm.args)]
             out.append(f"v{n} = torch.addmm({args[0]}, {args[1]}, {args[2]})")
@@ -110,29 +111,30 @@ class _Codegen:
 
     def _split(self, node, out, looped) -> None:
         base = node.args[0]
-        pieces = self.plans[id(base)]
-        key = self.names[id(base)]
+        pieces = self.plans[base]
+        key = self.names[base]
         targets = "".join(f"{key}_{i}, " for i in range(len(pieces)))
-        if not any(line.startswith(targets) for line in out):
+        if base not in self.split_done:
+            self.split_done.add(base)
             sizes = [b - a for a, b in pieces]
             out.append(f"{targets}= torch.split({self.ref(base, looped)}, {sizes}, -1)")
         span = (node.attrs["start"], node.attrs["start"] + node.width)
-        self.names[id(node)] = f"{key}_{pieces.index(span)}"
+        self.names[node] = f"{key}_{pieces.index(span)}"
 
     def source(self) -> str:
         for n, node in enumerate(self.nodes):
-            if id(node) not in self.names:
+            if node not in self.names:
                 self.statement(n, node)
         cell, names = self.cell, self.names
         k = len(cell.states)
-        recurrent = [(i, nxt) for i, (_, _, nxt) in enumerate(cell.states) if id(nxt) in self.in_loop]
-        out_looped = id(cell.output) in self.in_loop
+        recurrent = [(i, nxt) for i, (_, _, nxt) in enumerate(cell.states) if nxt in self.in_loop]
+        out_looped = cell.output in self.in_loop
         body = ["def run(xs, states, P):"]
         body += [f"    {v} = P[{t!r}]" for t, v in self.params.items()]
         body += [f"    {line}" for line in self.pre]
         if self.fused is not None:
-            ext = ", ".join(f"SEQ({names[id(e)]}, xs)" for e in self.fused.ext)
-            params = ", ".join(names[id(p)] for p in self.fused.params)
+            ext = ", ".join(f"SEQ({names[e]}, xs)" for e in self.fused.ext)
+            params = ", ".join(names[p] for p in self.fused.params)
             body.append(f"    return LOOP(xs.shape[0], [{ext}], list(states), [{params}])")
             return "\n".join(body) + "\n"
         body += ["    " + "".join(f"s{i}, " for i in range(k)) + "= states"] if k else []
@@ -142,12 +144,12 @@ class _Codegen:
             body += [f"        {line}" for line in self.loop]
             if recurrent:
                 body.append("        " + "".join(f"s{i}, " for i, _ in recurrent) + "= "
-                            + "".join(f"{names[id(x)]}, " for _, x in recurrent))
+                            + "".join(f"{names[x]}, " for _, x in recurrent))
             if out_looped:
-                body.append(f"        outs.append({names[id(cell.output)]})")
-        body += [f"    s{i} = {names[id(x)]}[-1]" for i, (_, _, x) in enumerate(cell.states)
-                 if id(x) not in self.in_loop]
-        result = "torch.stack(outs)" if out_looped else names[id(cell.output)]
+                body.append(f"        outs.append({names[cell.output]})")
+        body += [f"    s{i} = {names[x]}[-1]" for i, (_, _, x) in enumerate(cell.states)
+                 if x not in self.in_loop]
+        result = "torch.stack(outs)" if out_looped else names[cell.output]
         body.append(f"    return {result}, [{', '.join(f's{i}' for i in range(k))}]")
         return "\n".join(body) + "\n"
 
@@ -206,7 +208,7 @@ class TorchNetwork(torch.nn.Module):
 
     def loop_kind(self) -> str:
         """What runs the recurrent loops where the parameters are now: "native" (generated C,
-        CPU), "torchscript", "python" (the fused loop uncompiled) or "autograd" (per step)."""
+        CPU), "fused" (the compiler's loop in torch) or "autograd" (per step)."""
         if not self.loops or len(self.loops) < len(self._cells):
             return "autograd"
         params = list(self.parameters())

@@ -23,16 +23,17 @@ float constant. Instructions (dst is always a register index):
 
 Every register is written exactly once per step (state `prev` registers are written by
 the VM between steps, never by code), and read only after it is written. The VM owns
-these definitions; the compiler targets them.
+these definitions; the compiler targets them. The opcodes, their operand counts and
+their kinds come from the operator registry, `nn2run.ops`.
 """
 
 from __future__ import annotations
 
 import math
 
-UNARY = ("neg", "sigmoid", "tanh", "relu", "exp", "log", "softmax", "copy")
-BINARY = ("add", "sub", "mul")
-OPCODES = ("onehot", "gather", "matmul", "slice", "concat") + BINARY + UNARY
+from .ops import OPS, VARIADIC
+
+OPCODES = tuple(OPS)
 
 MAX_REGISTERS = 4096
 MAX_CODE = 65536
@@ -130,11 +131,11 @@ def _validate_instruction(pc, ins, regs, written, tensors, vocab_size) -> None:
         raise ProgramError(f"{what}: register {dst} is written twice")
     width = regs[dst]
     args = ins[2:]
-    arity = {"onehot": 0, "gather": 1, "matmul": 2, "slice": 2}.get(op, 2 if op in BINARY else 1)
-    if op == "concat":
+    arity = OPS[op].arity
+    if arity == VARIADIC:
         arity = len(args)
         if arity < 1:
-            raise ProgramError(f"{what}: concat needs operands")
+            raise ProgramError(f"{what}: {op} needs operands")
     if len(args) != arity:
         raise ProgramError(f"{what}: {op} takes {arity} operands, got {len(args)}")
     if op == "onehot":

@@ -2,10 +2,11 @@
 
 All work that does not depend on the data is done once, when a VM is built for a batch
 size: registers are allocated, slices become views, every instruction is bound to its
-ufunc and arrays. A step is then a flat loop of ufunc calls writing in place (`out=`),
-with no allocation. State is double-buffered: the program is bound twice, with the
-`prev` and `next` buffers of each state swapped, and steps alternate between the two
-bindings, so carrying state from one step to the next copies nothing.
+ufunc and arrays (each operator's NumPy implementation is in `nn2run.ops`). A step is
+then a flat loop of ufunc calls writing in place (`out=`), with no allocation. State is
+double-buffered: the program is bound twice, with the `prev` and `next` buffers of each
+state swapped, and steps alternate between the two bindings, so carrying state from one
+step to the next copies nothing.
 
 Imports NumPy and the standard library only.
 """
@@ -14,33 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .isa import BINARY
-
-
-def _sigmoid(a, out):
-    # σ(x) = ½·tanh(½x) + ½ : no overflow warnings, four in-place ufunc calls
-    np.multiply(a, 0.5, out)
-    np.tanh(out, out)
-    np.multiply(out, 0.5, out)
-    np.add(out, 0.5, out)
-
-
-def _relu(a, out):
-    np.maximum(a, 0.0, out)
-
-
-def _softmax(a, out, tmp):
-    np.max(a, axis=1, keepdims=True, out=tmp)
-    np.subtract(a, tmp, out)
-    np.exp(out, out)
-    np.sum(out, axis=1, keepdims=True, out=tmp)
-    np.divide(out, tmp, out)
-
-
-_UNARY = {"neg": np.negative, "tanh": np.tanh, "exp": np.exp, "log": np.log,
-          "sigmoid": _sigmoid, "relu": _relu}
-_BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply}
-
+from .ops import OPS
 
 FOLD_LIMIT = 1 << 22      # bytes: bias-folded gather tables larger than this are not made
 
@@ -119,25 +94,9 @@ class VM:
         return np.float32(val)
 
     def _compile(self, op, out, args):
-        if op == "onehot":
-            return [(out.fill, (0.0,)), (out.__setitem__, ((np.arange(self.batch), self.ids), 1.0))]
-        if op == "gather":
-            return [(np.take, (args[0], self.ids, 0, out, "clip"))]
-        if op == "matmul":
-            return [(np.matmul, (args[0], args[1], out))]
-        if op in BINARY:
-            return [(_BINARY[op], (args[0], args[1], out))]
-        if op == "copy":
-            return [(np.copyto, (out, args[0]))]
-        if op == "softmax":
-            return [(_softmax, (args[0], out, np.zeros((self.batch, 1), np.float32)))]
-        if op == "concat":
-            code, at = [], 0
-            for a in args:
-                code.append((np.copyto, (out[:, at:at + a.shape[1]], a)))
-                at += a.shape[1]
-            return code
-        return [(_UNARY[op], (args[0], out))]
+        if op in ("onehot", "gather"):          # they read the step's token ids
+            args = [self.ids, *args]
+        return OPS[op].numpy(out, *args)
 
     def advance(self, ids) -> np.ndarray:
         """One step for every stream: ids (batch,) -> logits (batch, vocab).

@@ -3,10 +3,13 @@ plain per-step program (no hoisting, no fusion), for every sample kernel."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import assert_matches_nn_lstm, assert_matches_plain_program
 
+import nn2c
 from nn2c.compiler import compile_kernel
 from nn2c.fused import FusedLoop, supported
 from nn2c.parse import parse
@@ -14,19 +17,19 @@ from nn2c.torch_backend import init_tensors
 
 
 @pytest.fixture
-def torchscript_loop(monkeypatch):
-    """These tests are about the TorchScript loop: keep the native one out of the way."""
+def fused_loop(monkeypatch):
+    """These tests are about the fused Python loop: keep the native one out of the way."""
     monkeypatch.setenv("NN2_NATIVE", "0")
 
 
 @pytest.mark.parametrize("kernel", ["lstm", "gru", "rnn", "torchgru", "mgu"])
-def test_fused_backward_matches_autograd_of_the_plain_program(kernel, torchscript_loop):
+def test_fused_backward_matches_autograd_of_the_plain_program(kernel, fused_loop):
     compiled = compile_kernel(kernel, 12, 2, 7)
     assert all(supported(c) for c in compiled.network.cells)
     tensors = init_tensors(compiled.network, 1)
     ids = torch.randint(0, 7, (15, 3), generator=torch.Generator().manual_seed(0))
     net = assert_matches_plain_program(compiled.network, tensors, ids, 3, hoist=True, fused=True)
-    assert net.loop_kind() in ("torchscript", "python")
+    assert net.loop_kind() == "fused"
 
 
 @pytest.mark.parametrize("hoist, fused, native", [(True, False, "0"), (True, True, "0"), (True, True, "1")])
@@ -40,10 +43,10 @@ def test_a_term_made_of_parameters_alone_is_the_same_at_every_step(hoist, fused,
     assert_matches_plain_program(compiled.network, tensors, ids, 4, hoist=hoist, fused=fused)
 
 
-def test_fused_lstm_weight_gradients_match_torch_nn_lstm(torchscript_loop):
+def test_fused_lstm_weight_gradients_match_torch_nn_lstm(fused_loop):
     """Against an independent implementation: torch.nn.LSTM's own backward."""
     net = assert_matches_nn_lstm(hidden=10, vocab=6, steps=9, batch=2)
-    assert net.loop_kind() in ("torchscript", "python")
+    assert net.loop_kind() == "fused"
 
 
 def test_fused_loop_source_computes_weight_gradients_once_after_the_loop():
@@ -53,20 +56,7 @@ def test_fused_loop_source_computes_weight_gradients_once_after_the_loop():
     assert "addmm" in loop.forward_src
 
 
-def test_python_and_torchscript_loops_agree():
-    """The loop runs in TorchScript when this torch can compile it; both must be one function."""
-    cell = compile_kernel("gru", 8, 1, 5).network.cells[0]
-    py, ts = FusedLoop(cell, script=False), FusedLoop(cell, script=True)
-    if not ts.scripted:
-        pytest.skip("this torch cannot compile TorchScript; the Python loop is used")
-    gen = torch.Generator().manual_seed(0)
-    E = [torch.randn(6, 2, e.width, generator=gen) for e in py.ext]
-    P = [torch.randn(8, p.width, generator=gen) for p in py.params]
-    S = [torch.randn(2, 8, generator=gen)]
-    out_py, _, K_py = py.fwd(E, S, P, 6)
-    out_ts, _, K_ts = ts.fwd(E, S, P, 6)
-    torch.testing.assert_close(out_ts, out_py)
-    g = torch.randn(out_py.shape, generator=gen)
-    for a, b in zip(sum(py.bwd(K_py, g, [torch.zeros(2, 8)], E, P, 6), []),
-                    sum(ts.bwd(K_ts, g, [torch.zeros(2, 8)], E, P, 6), [])):
-        torch.testing.assert_close(a, b)
+def test_no_torchscript_anywhere_in_the_compiler():
+    """The loops are the fused Python loop and the native loop; TorchScript is not used."""
+    sources = sorted(Path(nn2c.__file__).parent.rglob("*.py"))
+    assert sources and not [p.name for p in sources if "torch.jit" in p.read_text(encoding="utf-8")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -19,12 +20,12 @@ from nn2c.parse import parse
 from nn2c.torch_backend import init_tensors
 
 pytestmark = pytest.mark.skipif(not shutil.which("cc") or not native.enabled(),
-                                reason="no C compiler (the native loop falls back to TorchScript)")
+                                reason="no C compiler (the native loop falls back to the fused loop)")
 
 
 def _assert_native(net) -> None:
     assert net.loop_kind() == "native"
-    assert net.loops and all(loop._native is not None for loop in net.loops)     # built and ran
+    assert net.loops and all(loop.last_kind == "native" for loop in net.loops)     # built and ran
 
 
 @pytest.mark.parametrize("kernel", ["lstm", "gru", "rnn", "torchgru", "mgu"])
@@ -82,6 +83,18 @@ def test_extreme_and_nan_pre_activations():
     torch.testing.assert_close(out[0], want, atol=2e-7, rtol=2e-6, equal_nan=True)
 
 
+def test_denormals_are_flushed_inside_the_loop_and_nowhere_else():
+    """A saturating gate makes denormal values, which slow every product that reads them
+    many times over: the C flushes them to zero, and leaves the caller's mode as it was."""
+    cell = compile_kernel("rnn", 4, 1, 3).network.cells[0]
+    loop = FusedLoop(cell)
+    E = [torch.tensor([[[1e-39, -1e-39, 1e-30, 0.5]]])]
+    P = [torch.zeros(4, 4)]
+    out, _, _ = loop.implementation(E + P).fwd([E[0].clone()], [torch.zeros(1, 4)], P, 1)
+    assert out[0, 0].tolist()[:2] == [0.0, 0.0] and out[0, 0, 2] == torch.tensor(1e-30)
+    assert (torch.tensor([1e-38]) * 0.1).item() > 0          # torch still computes denormals
+
+
 def test_native_tanh_is_within_a_few_ulp_over_the_useful_range():
     x = torch.linspace(-30, 30, 24000, dtype=torch.float64)
     rnn = compile_kernel("rnn", 8, 1, 3).network.cells[0]
@@ -93,40 +106,40 @@ def test_native_tanh_is_within_a_few_ulp_over_the_useful_range():
     assert err.max() < 3e-7
 
 
-def test_fallbacks_keep_the_torchscript_loop(monkeypatch):
+def test_fallbacks_keep_the_fused_loop(monkeypatch):
     cell = compile_kernel("lstm", 6, 1, 4).network.cells[0]
     monkeypatch.setenv("NN2_NATIVE", "0")
-    assert FusedLoop(cell).kind in ("torchscript", "python")
+    assert FusedLoop(cell).kind == "fused"
     monkeypatch.setenv("NN2_NATIVE", "1")
     monkeypatch.setenv("CC", "/nonexistent/cc")
     loop = FusedLoop(cell)
     P = [torch.zeros(6, 24)]
     impl = loop.implementation([torch.zeros(2, 1, 24)] + P)
     assert impl is loop and "no C compiler" in loop.native_error
-    assert loop.kind in ("torchscript", "python")
+    assert loop.kind == "fused"
 
 
-def test_a_softmax_inside_the_loop_is_left_to_torchscript():
+def test_a_softmax_inside_the_loop_is_left_to_the_fused_loop():
     kernel = parse("aₜ = softmax(W·xₜ + U·hₜ₋₁ + b)\nhₜ = aₜ ⊙ hₜ₋₁\n", "attn.eq")
     cell = compile_kernel(kernel, 6, 1, 4).network.cells[0]
     assert native.supported(cell) == "softmax inside the loop"
-    assert FusedLoop(cell).kind in ("torchscript", "python")
+    assert FusedLoop(cell).kind == "fused"
 
 
 def test_a_built_loop_is_cached_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("NN2_CACHE", str(tmp_path / "cache"))
     cell = compile_kernel("gru", 10, 1, 4).network.cells[0]
     loop = FusedLoop(cell)
-    native.NativeLoop(cell, loop.ext, loop.params)
+    native.NativeLoop(loop.backward)
     built = sorted((tmp_path / "cache").glob("loop-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with pytest.raises(native.NativeUnavailable):
         other = FusedLoop(compile_kernel("gru", 11, 1, 4).network.cells[0])
-        native.NativeLoop(other.cell, other.ext, other.params)
+        native.NativeLoop(other.backward)
     monkeypatch.setenv("CC", "cc")
-    native.NativeLoop(cell, loop.ext, loop.params)
+    native.NativeLoop(loop.backward)
     assert built[0].stat().st_mtime_ns == stamp
 
 
@@ -134,14 +147,13 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, mon
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     monkeypatch.setenv("NN2_CACHE", str(blocked / "cache"))        # mkdir fails under a file
-    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     cell = compile_kernel("rnn", 9, 1, 4).network.cells[0]
-    loop = FusedLoop(cell)
-    native.NativeLoop(cell, loop.ext, loop.params)
+    native.NativeLoop(FusedLoop(cell).backward)
     assert len(list((tmp_path / "tmp" / "nn2-cache").glob("loop-*.so"))) == 1
 
 
-def test_a_compiler_error_is_one_reason_and_the_torchscript_loop_runs(tmp_path, monkeypatch):
+def test_a_compiler_error_is_one_reason_and_the_fused_loop_runs(tmp_path, monkeypatch):
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\necho 'loop.c:1: error: something broke' >&2\nexit 1\n")
     fake.chmod(0o755)
@@ -151,7 +163,7 @@ def test_a_compiler_error_is_one_reason_and_the_torchscript_loop_runs(tmp_path, 
     P = [torch.zeros(7, 28)]
     assert loop.implementation([torch.zeros(2, 1, 28)] + P) is loop
     assert loop.native_error == f"{fake} failed: loop.c:1: error: something broke"
-    assert loop.kind in ("torchscript", "python")
+    assert loop.kind == "fused"
 
 
 # --- random cells: the native loop against per-step autograd over the IR itself ---------------
@@ -225,21 +237,21 @@ def _reference(cell, loop, E, S, P, T, gouts, gS):
     S, outs = list(S0), []
     stateful = depends_on_state(cell)
     for t in range(T):
-        vals = {id(p): P[i] for i, p in enumerate(loop.params)}
-        vals.update({id(e): E[i][t] for i, e in enumerate(loop.ext)})
-        vals.update({id(prev): S[i] for i, (_, prev, _) in enumerate(cell.states)})
+        vals = {p: P[i] for i, p in enumerate(loop.params)}
+        vals.update({e: E[i][t] for i, e in enumerate(loop.ext)})
+        vals.update({prev: S[i] for i, (_, prev, _) in enumerate(cell.states)})
         for n in cell.nodes():
-            if id(n) in vals or id(n) not in stateful:
+            if n in vals or n not in stateful:
                 continue
-            a = [vals[id(v)] if v.op != "const" else v.attrs["value"] for v in n.args]
+            a = [vals[v] if v.op != "const" else v.attrs["value"] for v in n.args]
             if n.op == "slice":
-                vals[id(n)] = a[0][:, n.attrs["start"]:n.attrs["start"] + n.width]
+                vals[n] = a[0][:, n.attrs["start"]:n.attrs["start"] + n.width]
             elif n.op == "concat":
-                vals[id(n)] = torch.cat(a, -1)
+                vals[n] = torch.cat(a, -1)
             else:
-                vals[id(n)] = eval(TORCH_OPS[n.op].format(*[f"a[{k}]" for k in range(len(a))]))
-        outs.append(vals[id(cell.output)])
-        S = [vals[id(nxt)] for _, _, nxt in cell.states]
+                vals[n] = eval(TORCH_OPS[n.op].format(*[f"a[{k}]" for k in range(len(a))]))
+        outs.append(vals[cell.output])
+        S = [vals[nxt] for _, _, nxt in cell.states]
     outs = torch.stack(outs)
     ((outs * gouts).sum() + sum((s * g).sum() for s, g in zip(S, gS))).backward()
     zero = [torch.zeros_like(v) if v.grad is None else v.grad for v in (*E, *S0, *P)]
@@ -254,7 +266,7 @@ def test_random_cells_match_per_step_autograd(seed):
     cell = _random_cell(rng)
     if native.supported(cell) is not None:
         pytest.skip(native.supported(cell))
-    loop = FusedLoop(cell, script=False)
+    loop = FusedLoop(cell)
     T, B = rng.choice([1, 3, 4]), rng.choice([1, 3])
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *shape: torch.randn(*shape, generator=gen) * 0.5      # noqa: E731
@@ -263,7 +275,7 @@ def test_random_cells_match_per_step_autograd(seed):
     P = [rnd(*cell.tensors[p.attrs["tensor"]].shape) for p in loop.params]
     gouts, gS = rnd(T, B, cell.output.width), [rnd(B, prev.width) for _, prev, _ in cell.states]
     ref_out, gE, gSr, gP = _reference(cell, loop, E, S, P, T, gouts, gS)
-    impl = native.NativeLoop(cell, loop.ext, loop.params)
+    impl = native.NativeLoop(loop.backward)
     out, finals, K = impl.fwd([e.clone() for e in E], list(S), list(P), T)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
     got = impl.bwd(K, gouts, gS, E, P, T)

@@ -97,3 +97,8 @@ def test_every_prefix_of_the_passes_keeps_the_logits(tmp_path, kernel, upto):
             out.append(logits)
         outs.append(np.stack(out))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=0)
+
+
+def test_an_unknown_pass_name_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown optimizer pass 'fuse-product'; the passes are onehot-to-gather, "):
+        compile_kernel("lstm", H, 1, V, passes=("fuse-product",))

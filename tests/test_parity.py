@@ -122,3 +122,14 @@ def test_optimized_and_unoptimized_programs_compute_the_same_logits(tmp_path, ke
     ids = _ids(5)
     np.testing.assert_allclose(_run_nn2(tmp_path / "opt.nnb", ids), _run_nn2(tmp_path / "plain.nnb", ids),
                                atol=TOL, rtol=0)
+
+
+def test_a_renderer_table_out_of_step_with_the_operator_registry_is_refused():
+    """Each renderer checks its operator table against nn2run.ops when it is imported."""
+    from nn2run.ops import check_table, named
+    with pytest.raises(ImportError, match=r"^backend: .*; missing tanh$"):
+        check_table("backend", {"add": "{} + {}"}, ["add", "tanh"])
+    with pytest.raises(ImportError, match=r"; unknown gelu$"):
+        check_table("backend", {"gelu": "…"}, [])
+    check_table("backend", {"add": "{} + {}"}, ["add", "softmax"], unsupported=("softmax",))
+    assert "softmax" in named("activation") and "matmul" in named("product")

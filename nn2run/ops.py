@@ -1,0 +1,132 @@
+"""The operators: one registry that the whole project is built from.
+
+Each operator has a name (its opcode in a program and its op in the compiler's IR), an
+arity, a kind, its NumPy implementation and what its derivative reads:
+
+    kind          elementwise   add sub mul neg: one value per column, a scalar broadcasts
+                  activation    a function of the kernel language, applied to one vector
+                  product       matmul: a vector times a stored matrix
+                  structural    onehot gather slice concat copy: moves values, computes none
+    needs         "input"       the derivative reads the operator's operand(s) (log, mul, matmul)
+                  "output"      it reads the operator's result (sigmoid, tanh, relu, exp, softmax)
+                  "nothing"     it reads neither (add, sub, neg, the structural operators)
+    rowwise       the result at one column depends on the whole row (softmax)
+
+The NumPy implementation is a *binder*: `numpy(out, *operands)` returns the calls — (function,
+arguments) pairs — that compute the operator into `out` in place, so the VM binds each
+instruction once per batch size and a step allocates nothing. `onehot` and `gather` read
+the step's token ids, which the VM passes as their first operand; `slice` has no
+implementation (the VM makes it a view).
+
+The parser's function table, the compiler's IR, the program validator (`nn2run.isa`), the VM
+and the trainer's renderers are built from this table or checked against it when they are
+imported (`check_table`), so a backend that lacks an operator says so here, in one place.
+Adding an element-wise operator is one entry below plus one line in each renderer's table.
+
+Imports NumPy and the standard library only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+VARIADIC = -1
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    arity: int                  # operands in a program (VARIADIC: one or more)
+    kind: str                   # "elementwise" | "activation" | "product" | "structural"
+    numpy: Callable | None      # binder: numpy(out, *operands) -> [(function, arguments), ...]
+    needs: str = "nothing"      # what the derivative reads: "input" | "output" | "nothing"
+    rowwise: bool = False
+    spellings: tuple = ()       # other names the kernel language accepts for an activation
+
+
+def _call(fn):
+    """The binder of a NumPy ufunc-like `fn(*operands, out)`."""
+    return lambda out, *args: [(fn, (*args, out))]
+
+
+def _sigmoid(a, out):
+    # σ(x) = ½·tanh(½x) + ½ : no overflow warnings, four in-place ufunc calls
+    np.multiply(a, 0.5, out)
+    np.tanh(out, out)
+    np.multiply(out, 0.5, out)
+    np.add(out, 0.5, out)
+
+
+def _softmax(a, out, tmp):
+    np.max(a, axis=1, keepdims=True, out=tmp)
+    np.subtract(a, tmp, out)
+    np.exp(out, out)
+    np.sum(out, axis=1, keepdims=True, out=tmp)
+    np.divide(out, tmp, out)
+
+
+def _bind_softmax(out, a):
+    return [(_softmax, (a, out, np.zeros((out.shape[0], 1), np.float32)))]
+
+
+def _bind_onehot(out, ids):
+    rows = np.arange(out.shape[0])
+    return [(out.fill, (0.0,)), (out.__setitem__, ((rows, ids), 1.0))]
+
+
+def _bind_gather(out, ids, table):
+    # ids are validated by every public entry point before they reach the VM
+    return [(np.take, (table, ids, 0, out, "clip"))]
+
+
+def _bind_concat(out, *parts):
+    calls, at = [], 0
+    for p in parts:
+        calls.append((np.copyto, (out[:, at:at + p.shape[1]], p)))
+        at += p.shape[1]
+    return calls
+
+
+_OPS = (
+    Op("add", 2, "elementwise", _call(np.add)),
+    Op("sub", 2, "elementwise", _call(np.subtract)),
+    Op("mul", 2, "elementwise", _call(np.multiply), needs="input"),
+    Op("neg", 1, "elementwise", _call(np.negative)),
+    Op("sigmoid", 1, "activation", _call(_sigmoid), needs="output", spellings=("σ",)),
+    Op("tanh", 1, "activation", _call(np.tanh), needs="output"),
+    Op("relu", 1, "activation", lambda out, a: [(np.maximum, (a, 0.0, out))], needs="output"),
+    Op("softmax", 1, "activation", _bind_softmax, needs="output", rowwise=True),
+    Op("exp", 1, "activation", _call(np.exp), needs="output"),
+    Op("log", 1, "activation", _call(np.log), needs="input", spellings=("ln",)),
+    Op("matmul", 2, "product", _call(np.matmul), needs="input"),
+    Op("onehot", 0, "structural", _bind_onehot),
+    Op("gather", 1, "structural", _bind_gather),
+    Op("slice", 2, "structural", None),             # operands: the source register, the start column
+    Op("concat", VARIADIC, "structural", _bind_concat),
+    Op("copy", 1, "structural", lambda out, a: [(np.copyto, (out, a))]),
+)
+OPS: dict[str, Op] = {op.name: op for op in _OPS}
+
+
+def named(*kinds: str) -> tuple[str, ...]:
+    """The names of the operators of these kinds, in registry order."""
+    return tuple(op.name for op in _OPS if op.kind in kinds)
+
+
+# The operators computed one column at a time from columns of their operands: what an
+# element-wise renderer (the trainer's C loop) writes, less the row-wise ones.
+POINTWISE = tuple(op.name for op in _OPS if op.kind in ("elementwise", "activation") and not op.rowwise)
+
+
+def check_table(owner: str, table, needed, unsupported=()) -> None:
+    """At import time: `table` (a renderer's operator table) must cover each of `needed`
+    that is not declared in `unsupported`, and name only operators of the registry."""
+    unknown = sorted(set(table) - set(OPS))
+    missing = [name for name in needed if name not in table and name not in unsupported]
+    if unknown or missing:
+        raise ImportError(f"{owner}: operator table out of step with nn2run.ops"
+                          + (f"; missing {', '.join(missing)}" if missing else "")
+                          + (f"; unknown {', '.join(unknown)}" if unknown else ""))
