@@ -28,11 +28,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@pytest.fixture(scope="module")
-def pb(tmp_path_factory):
-    """(messages, services) generated from the proto into a temporary folder."""
+def generated_stubs(out):
+    """(messages, services) generated from the proto into the folder `out`."""
     from grpc_tools import protoc
-    out = tmp_path_factory.mktemp("stubs")
     proto = ROOT / "nn2run" / "proto"
     assert protoc.main(["protoc", f"-I{proto}", f"--python_out={out}", f"--grpc_python_out={out}",
                         str(proto / "nn2.proto")]) == 0
@@ -43,6 +41,11 @@ def pb(tmp_path_factory):
     finally:
         sys.path.remove(str(out))
     return nn2_pb2, nn2_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def pb(tmp_path_factory):
+    return generated_stubs(tmp_path_factory.mktemp("stubs"))
 
 
 @pytest.fixture(scope="module")
