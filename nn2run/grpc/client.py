@@ -6,6 +6,7 @@ encode (INVALID_ARGUMENT), else what went wrong and where.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import grpc
@@ -23,8 +24,11 @@ class CodecClient:
         self.address = address
         self._channel = grpc.insecure_channel(address, options=OPTIONS)
         self._stub = nn2_pb2_grpc.CodecStub(self._channel)
-        # stream ids are unique among the service's clients: a random upper half per client
-        self._base = random.SystemRandom().getrandbits(31) << 32
+        # stream ids are unique among the service's clients: counted from a random start
+        self._streams = itertools.count(random.SystemRandom().getrandbits(62))
+
+    def new_stream(self) -> int:
+        return next(self._streams)
 
     def _call(self, method, request, what: str):
         try:
@@ -54,22 +58,24 @@ class CodecClient:
 
 
 class StepDecoder:
-    """Decodes one step of many streams in one DecodeStep call. Streams are named by the
-    caller's keys (small integers); `start` and `end` go with the next call."""
+    """Decodes one step of many streams in one DecodeStep call. The caller names streams by
+    its own keys; each started stream gets a stream id no other stream of the client has.
+    `start` and `end` go with the next call."""
 
     def __init__(self, client: CodecClient):
         self._client = client
+        self._ids: dict = {}
         self._started: list = []
         self._ended: list = []
 
-    def _sid(self, key: int) -> int:
-        return self._client._base | (key & 0xFFFFFFFF)
+    def start(self, key, prompt) -> None:
+        sid = self._ids[key] = self._client.new_stream()
+        self._started.append(nn2_pb2.StreamStart(stream_id=sid, prompt=[int(i) for i in prompt]))
 
-    def start(self, key: int, prompt) -> None:
-        self._started.append(nn2_pb2.StreamStart(stream_id=self._sid(key), prompt=[int(i) for i in prompt]))
-
-    def end(self, key: int) -> None:
-        self._ended.append(self._sid(key))
+    def end(self, key) -> None:
+        sid = self._ids.pop(key, None)
+        if sid is not None:
+            self._ended.append(sid)
 
     def flush(self) -> None:
         """Send the ends not yet sent (a caller that makes no more steps)."""
@@ -77,7 +83,7 @@ class StepDecoder:
             self([])
 
     def __call__(self, pairs) -> list[str]:
-        rows = [nn2_pb2.DecodeRow(stream_id=self._sid(k), id=int(t)) for k, t in pairs]
+        rows = [nn2_pb2.DecodeRow(stream_id=self._ids[k], id=int(t)) for k, t in pairs]
         request = nn2_pb2.DecodeStepRequest(started=self._started, rows=rows, ended=self._ended)
         self._started, self._ended = [], []
         reply = self._client._call(self._client._stub.DecodeStep, request, "decode")
