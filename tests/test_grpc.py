@@ -261,3 +261,15 @@ def test_without_the_extra_the_grpc_options_say_what_to_install(model, args):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and 'pip install "nn2[grpc]"' in r.stderr and "grpcio" in r.stderr, r.stderr
+
+
+def test_a_grpc_port_in_use_is_one_line(model):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "nn2run.serve", str(model), "--port", "0", "--grpc-port", str(port)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr == f"nn2run: cannot listen on 127.0.0.1:{port} for gRPC: the port is in use or not allowed\n"

@@ -127,6 +127,15 @@ def test_without_the_service_or_with_another_one_is_one_line(trained, codec, tmp
     assert r.returncode == 1 and "not reachable" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+@pytest.mark.parametrize("args, says", [(["--codec-service", "127.0.0.1:1"], "not reachable"),
+                                        (["--codec-service", "{addr}", "--codec", "byte"], "not both")])
+def test_train_with_a_service_it_cannot_use_is_one_line(codec, tmp_path, args, says):
+    r = subprocess.run([str(BIN / "nn2c"), "train", str(RHYMES), "-o", str(tmp_path / "m.nnb"), "--steps", "1",
+                        *[a.format(addr=codec.address) for a in args]], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and says in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "m.nnb").exists()
+
+
 def test_serve_with_the_codec_service_one_decode_call_per_step(trained, tmp_path):
     from test_grpc import Served, generated_stubs
     (tmp_path / "stubs").mkdir()

@@ -9,6 +9,11 @@ talk gRPC, when they are used. `missing()` says what of the extra is not install
 from __future__ import annotations
 
 import importlib.util
+import os
+
+# grpcio's C core logs its own lines on stderr (a failed bind, a lost connection) after the
+# one-line messages nn2run gives; set before any module of this package imports grpc
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 INSTALL = 'pip install "nn2[grpc]"'
 NEEDS = (("grpc", "grpcio"), ("google.protobuf", "protobuf"), ("grpc_health", "grpcio-health-checking"))

@@ -212,10 +212,10 @@ class GrpcServer:
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         try:
             self.port = server.add_insecure_port(address)
-        except RuntimeError as e:
-            self._error = OSError(f"cannot listen on {address} for gRPC ({e})")
-        if self._error is None and self.port == 0:
-            self._error = OSError(f"cannot listen on {address} for gRPC")
+        except RuntimeError:
+            self.port = 0
+        if self.port == 0:
+            self._error = OSError(f"cannot listen on {address} for gRPC: the port is in use or not allowed")
         if self._error is not None:
             self._ready.set()
             return

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import signal
 import sys
@@ -26,7 +27,8 @@ import threading
 from concurrent import futures
 from pathlib import Path
 
-import grpc
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")     # grpcio's own log lines would follow ours on stderr
+import grpc  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))      # run from a checkout: this nn2run
 from nn2run.proto import nn2_pb2, nn2_pb2_grpc  # noqa: E402
@@ -112,7 +114,8 @@ def main(argv=None) -> int:
     except RuntimeError:
         port = 0
     if port == 0:
-        print(f"word_codec: cannot listen on {args.host}:{args.port}", file=sys.stderr)
+        print(f"word_codec: cannot listen on {args.host}:{args.port}: the port is in use or not allowed",
+              file=sys.stderr)
         return 1
     server.start()
     print(f"word_codec: serving {NAME} {VERSION} ({len(codec.tokens)} tokens) on {args.host}:{port}",
