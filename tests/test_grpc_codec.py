@@ -102,6 +102,9 @@ def test_generate_with_the_codec_service(trained, codec):
     assert lines.returncode == 0, lines.stderr
     got = lines.stdout.splitlines()
     assert len(got) == 2 and got[0].startswith("The cat ") and got[1].startswith("The moon ")
+    scored = _nn2run("score", trained, "--codec-service", codec.address, "--jsonl", stdin="The old dog\nThe moon\n")
+    assert scored.returncode == 0, scored.stderr
+    assert [json.loads(x)["tokens"] for x in scored.stdout.splitlines()] == [3, 2]      # words, not characters
 
 
 def _header_vocab(path):
