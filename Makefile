@@ -8,6 +8,7 @@
 #   make fuzz               a long fuzzing run of the .nnb loader
 #   make install            everything: runtime, compiler (torch, lark, rich), test tools
 #   make lambda MODEL=m.nnb ARCH=x86_64|arm64   an AWS Lambda deployment zip
+#   make proto              regenerate the gRPC code in nn2run/proto from nn2.proto
 #
 # PyTorch: TORCH_SPEC picks the version, TORCH_INDEX the index it comes from (empty: the
 # configured one). A CPU-only machine wants the CPU build, a GPU machine the CUDA build
@@ -36,7 +37,7 @@ define pytest
 	if [ $$rc -eq 5 ]; then echo "make $@: pytest selected no tests; failing" >&2; exit 1; fi; exit $$rc
 endef
 
-.PHONY: install test test-slow bench demo fuzz lint lambda clean build-dir
+.PHONY: install test test-slow bench demo fuzz lint lambda clean build-dir proto
 
 demo fuzz lambda: | build-dir
 build-dir:
@@ -94,3 +95,8 @@ lambda: $(RUN_STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+
+# The gRPC messages and service classes, generated from nn2run/proto/nn2.proto and kept in
+# the repository (the runtime needs no protoc); tests/test_grpc_proto.py checks they match.
+proto: $(DEV_STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. nn2run/proto/nn2.proto

@@ -1,8 +1,9 @@
 """`nn2run serve` under load, on loopback: concurrent streaming clients against the same
 model's offline batched generation, against the server with --max-batch 1, and past
---max-queue. Bounded: one round of requests per level, every client with a timeout.
+--max-queue; with the grpc extra, gRPC streams beside HTTP streams on one server.
+Bounded: one round of requests per level, every client with a timeout.
 
-    .venv/bin/python bench/serve.py [--quick]       # or: bench/run.py --only serve
+    .venv/bin/python bench/serve.py [--quick] [--grpc-only]    # or: bench/run.py --only serve
 
 Clients are threads in this process, the server another process (its own interpreter),
 so the clients' parsing does not hold the server's GIL; on a two-core machine they still
@@ -30,6 +31,7 @@ if __name__ == "__main__":
 from bench.common import Table, build_lstm, verdict  # noqa: E402
 
 LEVELS = (1, 8, 32, 128)
+GRPC_LEVELS = (1, 32)
 PROMPT = "ROMEO:\nWhat "
 
 
@@ -50,9 +52,12 @@ class Server:
                                      stdout=subprocess.DEVNULL, stderr=self._err)
         end = time.monotonic() + 60
         while time.monotonic() < end and self.proc.poll() is None:
-            m = re.search(r"on http://127\.0\.0\.1:(\d+)", self.log.read_text())
-            if m:
+            text = self.log.read_text()
+            m = re.search(r"on http://127\.0\.0\.1:(\d+)", text)
+            g = re.search(r"over gRPC on 127\.0\.0\.1:(\d+)", text)
+            if m and (g or "--grpc-port" not in args):
                 self.port = int(m.group(1))
+                self.grpc_port = int(g.group(1)) if g else None
                 return
             time.sleep(0.05)
         raise RuntimeError("the server did not start: " + self.log.read_text())
@@ -107,13 +112,43 @@ def _client(port: int, body: dict, barrier, out: list, i: int, timeout: float) -
     out[i] = res
 
 
-def load_round(server: Server, clients: int, max_tokens: int, stream: bool = True, timeout: float = 120.0):
-    """One round: `clients` requests at once; (results, rows per step in the round)."""
+def _grpc_client(port: int, body: dict, barrier, out: list, i: int, timeout: float) -> None:
+    """As _client, over gRPC: a channel of its own (one connection, as each HTTP client has),
+    connected before the clock starts (gRPC clients keep their channels; the HTTP/2 set-up
+    costs about 10 ms once)."""
+    import grpc
+
+    from nn2run.proto import nn2_pb2, nn2_pb2_grpc
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = nn2_pb2_grpc.GeneratorStub(channel)
+    request = nn2_pb2.GenerateRequest(prompt=body["prompt"], max_tokens=body["max_tokens"],
+                                      temperature=body["temperature"], seed=body["seed"])
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        pass
+    barrier.wait()
+    res = Result(time.perf_counter())
+    try:
+        for reply in stub.Generate(request, timeout=timeout):
+            res.reads.append((time.perf_counter(), len(reply.text)))
+        res.status = 200
+    except grpc.RpcError:
+        res.status = -1
+    res.ended = time.perf_counter()
+    channel.close()
+    out[i] = res
+
+
+def load_round(server: Server, clients: int, max_tokens: int, stream: bool = True, timeout: float = 120.0,
+               grpc: bool = False):
+    """One round: `clients` requests at once (over gRPC when asked); (results, rows per step in the round)."""
     before = server.metrics()
     barrier = threading.Barrier(clients)
     out = [None] * clients
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "stream": stream, "temperature": 1.0}
-    threads = [threading.Thread(target=_client, args=(server.port, {**body, "seed": i}, barrier, out, i, timeout))
+    client, port = (_grpc_client, server.grpc_port) if grpc else (_client, server.port)
+    threads = [threading.Thread(target=client, args=(port, {**body, "seed": i}, barrier, out, i, timeout))
                for i in range(clients)]
     for t in threads:
         t.start()
@@ -225,7 +260,45 @@ def bench_serve(tmp: Path, quick: bool):
     over.add("p99 latency of the accepted", f"{_pct(accepted, 0.99) * 1e3:.0f} ms", f"{len(accepted)} accepted", "",
              "")
     over.notes.append("8 run, 8 wait, the rest are refused at once with Retry-After")
-    return [lat, eff, gain, over]
+    return [lat, eff, gain, over] + bench_grpc(tmp, quick)
+
+
+def bench_grpc(tmp: Path, quick: bool):
+    """gRPC streams beside HTTP streams, one server (`--grpc-port`), rounds alternating."""
+    hidden, max_tokens, reps = 256, (64 if quick else 256), (1 if quick else 3)
+    title = f"gRPC beside HTTP, one server, 2×{hidden} LSTM, {max_tokens} tokens per streaming request (loopback)"
+    table = Table(title)
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        table.notes.append('not run: needs the grpc extra (pip install "nn2[grpc]")')
+        return [table]
+    path = tmp / f"serve-2x{hidden}.nnb"
+    if not path.exists():
+        build_lstm(path, hidden)
+    server = Server(path, tmp, "--max-batch", 128, "--max-queue", 1024, "--grpc-port", 0)
+    try:
+        load_round(server, 8, 8)
+        load_round(server, 8, 8, grpc=True)
+        for n in GRPC_LEVELS:
+            best = {}
+            for _ in range(reps):
+                for over_grpc in (False, True):
+                    s = summarize(load_round(server, n, max_tokens, grpc=over_grpc)[0])
+                    if s["cps"] > best.get(over_grpc, {"cps": 0})["cps"]:
+                        best[over_grpc] = s
+            h, g = best[False], best[True]
+            table.add(f"{n} client{'s' if n > 1 else ''}: chars/s", f"{g['cps']:,.0f} gRPC", f"{h['cps']:,.0f} HTTP",
+                      verdict(g["cps"] / h["cps"], at_least=0.8), "≥ 0.8×")
+            table.add(f"{n} client{'s' if n > 1 else ''}: TTFT p50 / p99",
+                      f"{g['ttft50'] * 1e3:.1f} / {g['ttft99'] * 1e3:.1f} ms",
+                      f"{h['ttft50'] * 1e3:.1f} / {h['ttft99'] * 1e3:.1f} ms", "", "")
+            table.raw.append(f"{n} clients: gRPC {g['ok']}/{n} ok, {g['chars']} chars; HTTP {h['ok']}/{n}, "
+                             f"{h['chars']} chars")
+    finally:
+        server.close()
+    table.notes.append("a gRPC client's channel is connected before the clock starts; an HTTP client connects after")
+    return [table]
 
 
 def main() -> int:
@@ -233,10 +306,11 @@ def main() -> int:
     import tempfile
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter requests (~1 minute)")
+    ap.add_argument("--grpc-only", action="store_true", help="only gRPC beside HTTP")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="nn2-bench-serve-") as d:
         t0 = time.perf_counter()
-        for table in bench_serve(Path(d), args.quick):
+        for table in (bench_grpc if args.grpc_only else bench_serve)(Path(d), args.quick):
             print(table.render(), flush=True)
         print(f"(serve: {time.perf_counter() - t0:.1f} s)")
     return 0

@@ -108,6 +108,8 @@ def check(kernel, hidden, vocab, layers, no_opt):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--codec", default="char", show_default=True, type=click.Choice(["char", "byte"]))
+@click.option("--codec-service", default=None, metavar="HOST:PORT",
+              help="Tokenize with the codec service at HOST:PORT (instead of --codec); needs nn2[grpc].")
 @click.option("--checkpoint", "ckpt", default=None, help="Checkpoint file [default: OUTPUT.ckpt].")
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on each layer's output (training only).")
 @click.option("--max-minutes", type=float, default=None, help="Stop after this much training time (then validate and write).")
@@ -115,7 +117,8 @@ def check(kernel, hidden, vocab, layers, no_opt):
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint (same corpus).")
 @click.option("--sample", "sample_len", type=int, default=0, help="Print N generated characters when done.")
 def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs, lr, clip, eval_every,
-          val_frac, seed, device, codec, dropout, max_minutes, ckpt, checkpoint_every, resume, sample_len):
+          val_frac, seed, device, codec, codec_service, dropout, max_minutes, ckpt, checkpoint_every, resume,
+          sample_len):
     """Train a character model on CORPUS (default: a small bundled corpus, or the checkpoint's
     corpus with --resume) and write a .nnb.
 
@@ -125,20 +128,25 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
         raise Failure("give --steps or --epochs, not both")
     if sample_len < 0:
         raise Failure(f"--sample must be ≥ 0, got {sample_len}")
+    ctx = click.get_current_context()
+    if codec_service is not None:
+        if ctx.get_parameter_source("codec") != ParameterSource.DEFAULT:
+            raise Failure("give --codec or --codec-service, not both")
+        codec = "service"
     ckpt = ckpt or output + ".ckpt"
     _check_paths(corpus, output, ckpt)
-    ctx = click.get_current_context()
     options = dict(
         kernel=kernel, hidden=hidden, layers=layers, seq_len=seq_len, batch=batch,
         steps=steps if steps is not None or epochs is not None else 2000, epochs=epochs, lr=lr, clip=clip,
         eval_every=eval_every, val_frac=val_frac, seed=seed, device=device, codec=codec,
         checkpoint_every=checkpoint_every, dropout=dropout, max_minutes=max_minutes)
-    given = frozenset(name for name in options if ctx.get_parameter_source(name) != ParameterSource.DEFAULT)
+    given = frozenset(name for name in options if ctx.get_parameter_source(name) != ParameterSource.DEFAULT
+                      and not (name == "codec" and codec_service is not None))
     try:
         from .session import TrainRequest, run_training
     except KeyboardInterrupt:
         raise Failure("interrupted before training started; nothing was written", code=130) from None
-    run_training(TrainRequest(corpus, output, ckpt, resume, options, given), Failure, sample_len)
+    run_training(TrainRequest(corpus, output, ckpt, resume, options, given, codec_service), Failure, sample_len)
 
 
 @main.command()

@@ -104,17 +104,20 @@ def _encode(buf, label: str, start: int, vocab: list[str], count: int) -> np.nda
     return ids
 
 
-def read_corpus(path: str, codec: str = "char") -> Corpus:
+def read_corpus(path: str, codec: str = "char", service: str | None = None) -> Corpus:
     """Read and encode a corpus; the character set is the one the file uses. A leading
     UTF-8 byte-order mark is skipped (the char codec only: the byte codec keeps every byte);
-    '\r' of CRLF line endings is kept, and noted."""
-    if codec not in ("char", "byte"):
+    '\r' of CRLF line endings is kept, and noted. The `service` codec is the codec service
+    at the address `service` (HOST:PORT), which encodes the corpus and gives the vocabulary."""
+    if codec not in ("char", "byte", "service"):
         raise CorpusError(f"unknown codec {codec!r}: use char or byte")
     buf = _open_map(path)
     with buf:
         sha = hashlib.sha256(buf).hexdigest()
         if codec == "byte":
             return Corpus(path, ByteCodec(), np.frombuffer(buf, dtype=np.uint8).copy(), sha)
+        if codec == "service":
+            return _read_with_service(path, buf, sha, service)
         start = len(BOM) if buf[:len(BOM)] == BOM else 0
         seen, count = _survey(buf, path, start)
         if count == 0:
@@ -126,3 +129,18 @@ def read_corpus(path: str, codec: str = "char") -> Corpus:
                 "text will have it too; convert the file (e.g. dos2unix) to train without it")
         notes = (crlf,) if buf.find(b"\r\n") >= 0 else ()
     return Corpus(path, CharCodec(vocab), ids, sha, notes)
+
+
+def _read_with_service(path: str, buf, sha: str, address: str | None) -> Corpus:
+    from nn2run.codec import CodecError
+    from nn2run.grpc import needs_extra
+    if address is None:
+        raise CorpusError("this model's codec is a codec service: give its address with --codec-service HOST:PORT")
+    if needs_extra("--codec-service"):
+        raise CorpusError(needs_extra("--codec-service"))
+    from nn2run.grpc.codec import encode_corpus
+    try:
+        codec, ids = encode_corpus(address, buf, len(BOM) if buf[:len(BOM)] == BOM else 0)
+    except CodecError as e:
+        raise CorpusError(f"{path}: {e}") from None
+    return Corpus(path, codec, ids.astype(_ids_dtype(len(codec.vocab))), sha)

@@ -26,6 +26,7 @@ class TrainRequest:
     resume: bool
     options: dict
     given: frozenset | None = None   # options the user gave (None: all of them)
+    codec_service: str | None = None  # HOST:PORT of the codec service (the "service" codec)
 
 
 def default_corpus() -> str:
@@ -48,32 +49,34 @@ def _resume_state(req: TrainRequest, cfg: TrainConfig):
         elif name in req.options and mine != theirs:
             raise TrainError(f"--resume: --{name.replace('_', '-')} {mine} differs from the checkpoint's "
                              f"{theirs}; leave it out, or train afresh without --resume")
-    return saved, ts, (header.get("provenance") or {}).get("corpus")
+    return saved, ts, (header.get("provenance") or {}).get("corpus"), header.get("codec")
 
 
-def _read_recorded_corpus(path: str, ckpt: str, codec: str):
+def _read_recorded_corpus(path: str, ckpt: str, codec: str, service: str | None = None):
     """The corpus a checkpoint names; when it is not there, say where the path came from."""
     if not os.path.isfile(path):
         where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
         raise TrainError(f"--resume: the corpus {path}{where}, recorded in {ckpt}, is not there; "
                          "give the corpus on the command line: nn2c train CORPUS --resume …")
-    return read_corpus(path, codec)
+    return read_corpus(path, codec, service)
 
 
 def _prepare(req: TrainRequest):
     """The config, the resume state (or None) and the corpus, all checked."""
     cfg = TrainConfig(**req.options)
     cfg.check()
-    ts, recorded = None, None
+    ts, recorded, codec_header = None, None, None
     if req.resume:
-        cfg, ts, recorded = _resume_state(req, cfg)
+        cfg, ts, recorded, codec_header = _resume_state(req, cfg)
         cfg.check()
     if req.corpus is None and recorded:
-        corpus = _read_recorded_corpus(recorded, req.checkpoint, cfg.codec)
+        corpus = _read_recorded_corpus(recorded, req.checkpoint, cfg.codec, req.codec_service)
     else:
-        corpus = read_corpus(req.corpus or default_corpus(), cfg.codec)
+        corpus = read_corpus(req.corpus or default_corpus(), cfg.codec, req.codec_service)
     if ts is not None and corpus.sha256 != ts.corpus_sha256:
         raise TrainError(f"--resume: {corpus.path} is not the corpus this checkpoint was trained on")
+    if ts is not None and cfg.codec == "service" and corpus.codec.to_header() != codec_header:
+        raise TrainError("--resume: the codec service's vocabulary is not the one this checkpoint was trained with")
     return cfg, ts, corpus
 
 
@@ -99,7 +102,7 @@ def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -
         raise failure(f"cannot write {e.filename or req.output}: {e.strerror or e}") from None
     print(final_line(req, cfg, corpus, summary), file=out)
     if sample_len:
-        _sample(req.output, sample_len)
+        _sample(req.output, sample_len, req.codec_service)
     return summary
 
 
@@ -121,11 +124,13 @@ def final_line(req: TrainRequest, cfg: TrainConfig, corpus, summary: dict) -> st
             f"checkpoint {req.checkpoint} kept for --resume")
 
 
-def _sample(path: str, n: int) -> None:
+def _sample(path: str, n: int, codec_service: str | None = None) -> None:
     import nn2run
     from nn2run.generate import generate, start_token
     from nn2run.sample import Sampler, SamplerConfig
     m = nn2run.load(path)
+    if codec_service is not None:
+        m.codec.attach(codec_service)
     dec = m.codec.decoder()
     pieces = [dec(int(ids[0])) for _, ids in generate(m, [[start_token(m)]], n, Sampler(SamplerConfig(), 0))]
     # a byte model's sample is bytes: shown as text here, since it is a message on the console

@@ -124,13 +124,25 @@ def _guarded(body):
 
 
 # --- input ------------------------------------------------------------------------------
-def _open(path: str, verify: bool):
+def _open(path: str, verify: bool, codec_service: str | None = None):
     from .model import load
+    if codec_service is not None:
+        from .grpc import needs_extra
+        if needs_extra("--codec-service"):
+            raise Failure(needs_extra("--codec-service"))
     try:
-        return load(path, verify=verify)
+        model = load(path, verify=verify)
     except (NNBFormatError, OSError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise Failure(f"cannot load {path}: {reason}", code=2) from None
+    if codec_service is not None:
+        if not hasattr(model.codec, "attach"):
+            raise Failure(f"--codec-service: {path} has the {model.codec.name} codec, not a codec service")
+        try:
+            model.codec.attach(codec_service)
+        except CodecError as e:
+            raise Failure(str(e)) from None
+    return model
 
 
 def _read_stdin() -> bytes:
@@ -220,17 +232,18 @@ def _json_line(obj: dict, binary: bool) -> str:
 def _stream(model, data, n: int, sampler, out: Output, jsonl: bool) -> None:
     from .generate import generate
     ids = _encode(model, data)
-    decode = model.codec.decoder()
+    decode = _step_decoder(model, [ids])
     start, pieces = len(ids) - 1, []
     if not jsonl:
         out.write(data)
     try:
         for t, nxt in generate(model, [ids], n, sampler):
             if t >= start:
+                piece = decode([0], nxt, [t == start])[0]
                 if jsonl:
-                    pieces.append(decode(int(nxt[0])))
+                    pieces.append(piece)
                 else:
-                    out.write(decode(int(nxt[0])))
+                    out.write(piece)
     finally:                                     # Ctrl-C: what was made is still written
         if jsonl:
             out.write(_json_line({"prime": data, "text": _join(model, pieces)}, model.codec.binary))
@@ -248,12 +261,12 @@ def _lines(model, n: int, sampler, out: Output, jsonl: bool) -> None:
     encoded = [_encode(model, p, f"line {i}: ") for i, p in enumerate(primes, 1)]
     texts = [[] for _ in primes]
     starts = [len(e) - 1 for e in encoded]
-    decoders = [model.codec.decoder() for _ in primes]
+    decode = _step_decoder(model, encoded)
     try:
         for t, nxt in generate(model, encoded, n, sampler):
-            for i, s in enumerate(starts):
-                if s <= t < s + n:
-                    texts[i].append(decoders[i](int(nxt[i])))
+            live = [i for i, s in enumerate(starts) if s <= t < s + n]
+            for i, piece in zip(live, decode(live, nxt, [t == starts[i] for i in live])):
+                texts[i].append(piece)
     finally:                                     # Ctrl-C: every line as far as it got
         for number, (prime, text) in enumerate(zip(primes, texts), 1):
             if jsonl:
@@ -263,6 +276,23 @@ def _lines(model, n: int, sampler, out: Output, jsonl: bool) -> None:
                 out.write(_escape(prime + _join(model, text)))
                 out.write(b"\n")
         out.flush()
+
+
+def _step_decoder(model, primes):
+    """decode(streams, ids, first) -> each stream's text for this step: per-stream decoders,
+    or one call for all streams to a codec that decodes a step at once (a codec service),
+    which is told each stream's prime before its first token."""
+    if not hasattr(model.codec, "step_decoder"):
+        decoders = [model.codec.decoder() for _ in primes]
+        return lambda live, ids, first: [decoders[i](int(ids[i])) for i in live]
+    step = model.codec.step_decoder()
+
+    def decode(live, ids, first):
+        for i, new in zip(live, first):
+            if new:
+                step.start(i, primes[i])
+        return step([(i, int(ids[i])) for i in live]) if live else []
+    return decode
 
 
 def _score(model, out: Output, jsonl: bool, batch: int = 256) -> None:
@@ -300,6 +330,8 @@ def main():
 
 
 def _model_options(fn):
+    fn = click.option("--codec-service", default=None, metavar="HOST:PORT",
+                      help="The codec service of a model trained with one (needs nn2[grpc]).")(fn)
     fn = click.option("--verify/--no-verify", default=True, show_default=True,
                       help="Check the SHA-256 of the tensor data before running (the header's is always checked).")(fn)
     return click.argument("model_path", metavar="MODEL.nnb", type=click.Path(dir_okay=True))(fn)
@@ -322,13 +354,14 @@ def _model_options(fn):
 @click.option("--jsonl", is_flag=True, help="Print one JSON object per stream: {prime, text} (with --lines, also line).")
 @click.option("--info", is_flag=True, help="Print the header: equations, parameters, provenance.")
 @click.option("--dis", is_flag=True, help="Disassemble the program, one instruction a line.")
-def generate(model_path, verify, prime, length, temperature, top_k, top_p, greedy, seed, lines, jsonl, info, dis):
+def generate(model_path, verify, codec_service, prime, length, temperature, top_k, top_p, greedy, seed, lines, jsonl,
+             info, dis):
     """Generate text with an nn2 model: nn2run MODEL.nnb --prime "The" -n 500"""
     if length < 0:
         raise Failure("-n must be ≥ 0")
     if lines and prime:
         raise Failure("--prime cannot be used with --lines: each stdin line is a prime of its own")
-    model = _open(model_path, verify)
+    model = _open(model_path, verify, None if info or dis else codec_service)
     out = Output()
 
     def body():
@@ -351,12 +384,12 @@ def generate(model_path, verify, prime, length, temperature, top_k, top_p, greed
 @main.command(context_settings=CONTEXT, epilog=EXIT_HELP)
 @_model_options
 @click.option("--jsonl", is_flag=True, help="Print one JSON object per line: {line, bits_per_token, tokens, text}.")
-def score(model_path, verify, jsonl):
+def score(model_path, verify, codec_service, jsonl):
     """Score stdin lines: for each, its mean bits per character (per token), a tab, the line.
 
     A line is scored as if it followed a newline; an empty line scores nan.
     `nn2run score m.nnb < log.txt | sort -rn | head` shows the most surprising lines."""
-    model = _open(model_path, verify)
+    model = _open(model_path, verify, codec_service)
     out = Output()
     _guarded(lambda: _score(model, out, jsonl))
 

@@ -101,6 +101,9 @@ def lookup(name: str):
     """The codec class called `name`: built in, or from an installed package's entry point."""
     if name in BUILTIN:
         return BUILTIN[name]
+    if name == "service":       # a codec served over gRPC (the `grpc` extra attaches it at run time)
+        from .grpc.codec import ServiceCodec
+        return ServiceCodec
     from importlib.metadata import entry_points   # only paid for third-party codecs
     for ep in entry_points(group="nn2.codecs"):
         if ep.name == name:

@@ -12,6 +12,9 @@ from .sample import Sampler
 
 def start_token(model: Model) -> int:
     """The token fed when the prime is empty: a newline if the vocabulary has one."""
+    start = getattr(model.codec, "start", None)       # a codec service may name its own
+    if start is not None:
+        return start
     return model.vocab.index("\n") if "\n" in model.vocab else 0
 
 

@@ -17,6 +17,7 @@ Imports NumPy and the standard library only.
 from __future__ import annotations
 
 import collections
+import itertools
 import queue
 import sys
 import threading
@@ -24,6 +25,8 @@ import time
 import traceback
 
 import numpy as np
+
+from .codec import CodecError
 
 
 class QueueFull(Exception):
@@ -91,7 +94,8 @@ class Request:
 class Row:
     """One choice being generated: the prompt still to feed, the text held back for stops."""
 
-    __slots__ = ("request", "index", "prime", "pos", "last", "generated", "held", "out", "rng", "decode")
+    __slots__ = ("request", "index", "prime", "pos", "last", "generated", "held", "out", "rng", "decode", "key")
+    _keys = itertools.count()
 
     def __init__(self, request: Request, index: int):
         self.request, self.index = request, index
@@ -103,6 +107,7 @@ class Row:
         self.out = []           # released text kept for a request that is not streamed
         self.rng = request.rng(index)
         self.decode = request.decoders[index]
+        self.key = next(Row._keys)     # the row's stream for a codec that decodes a whole step at once
 
     def next_input(self) -> int:
         if self.pos < len(self.prime):
@@ -114,11 +119,12 @@ class Row:
         """Whether this step's logits are for a new token (the prompt has been fed)."""
         return self.pos >= len(self.prime)
 
-    def take(self, token: int) -> str | None:
-        """Accept a sampled token; returns the finish reason once the choice is done."""
+    def take(self, token: int, text: str | None = None) -> str | None:
+        """Accept a sampled token (and its text, when the step was decoded at once); returns
+        the finish reason once the choice is done."""
         self.last = token
         self.generated += 1
-        self.held += self.decode(token)
+        self.held += self.decode(token) if text is None else text
         stops = self.request.stops
         for s in stops:
             at = self.held.find(s)
@@ -195,6 +201,8 @@ class Scheduler:
         self._stopping = False
         self._aborting = False
         self._thread = threading.Thread(target=self._run, name="nn2-scheduler", daemon=True)
+        # a codec served elsewhere decodes every row of a step in one call (nn2run.grpc.codec)
+        self._decoder = model.codec.step_decoder() if hasattr(model.codec, "step_decoder") else None
         # figures for /metrics (written by the scheduler thread, read without a lock: ints)
         self.steps = 0
         self.tokens = 0
@@ -264,6 +272,9 @@ class Scheduler:
                 if self._rows:
                     with np.errstate(all="ignore"):
                         self._step()
+            except CodecError as e:     # the codec service failed or went away: one line, not a bug
+                print(f"nn2run: {e}", file=sys.stderr)
+                self._fail_all(pending, ("failed",))
             except Exception:       # noqa: BLE001 — a bug must end its requests, not the server
                 traceback.print_exc(file=sys.stderr)
                 self._fail_all(pending, ("failed",))
@@ -273,6 +284,9 @@ class Scheduler:
         for req in {id(r): r for r in [row.request for row in rows] + list(waiting)}.values():
             req.cancelled = True
             req.events.put(event)
+        if self._decoder is not None:
+            for row in self._rows:
+                self._decoder.end(row.key)
         self._rows.clear()
         pending.clear()
         self._vm = None
@@ -318,6 +332,8 @@ class Scheduler:
         self._vm = vm
 
     def _remove(self, i: int) -> None:
+        if self._decoder is not None:
+            self._decoder.end(self._rows[i].key)
         last = len(self._rows) - 1
         if i != last:
             for a in self._vm.state_arrays():
@@ -337,10 +353,11 @@ class Scheduler:
         if not sampling:
             return
         tokens = sample_rows(logits[sampling], [rows[i] for i in sampling])
+        texts = self._decode(rows, sampling, tokens.tolist())
         now = time.monotonic()
         self.tokens += len(sampling)
         done, first = [], []
-        for i, tok in zip(sampling, tokens.tolist()):
+        for i, tok, text in zip(sampling, tokens.tolist(), texts):
             r = rows[i]
             req = r.request
             if req.first_token_at is None:
@@ -348,7 +365,7 @@ class Scheduler:
                 self.ttft.observe(now - req.arrival)
                 first.append(req)
             req.generated += 1
-            finish = r.take(tok)
+            finish = r.take(tok, text)
             if finish:
                 r.out.append(r.held)
                 req.events.put((r.index, "".join(r.out), finish))
@@ -366,3 +383,13 @@ class Scheduler:
             self._remove(i)
         if len(rows) < (self._vm.batch >> 1):
             self._resize(len(rows))
+
+    def _decode(self, rows: list[Row], sampling: list[int], tokens: list[int]) -> list:
+        """Each sampled token's text in one call of a step decoder; None for each (the rows
+        decode their own) otherwise."""
+        if self._decoder is None:
+            return [None] * len(tokens)
+        for i in sampling:
+            if rows[i].generated == 0:
+                self._decoder.start(rows[i].key, rows[i].prime)
+        return self._decoder([(rows[i].key, t) for i, t in zip(sampling, tokens)])

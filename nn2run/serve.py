@@ -1,8 +1,9 @@
 """`nn2run serve MODEL.nnb`: the model behind an HTTP server (see `nn2run.httpd` for the
-transport, `nn2run.routes` for the API, `nn2run.scheduler` for continuous batching).
+transport, `nn2run.routes` for the API, `nn2run.scheduler` for continuous batching), and
+with --grpc-port a gRPC server beside it on the same scheduler (`nn2run.grpc.server`).
 
-SIGTERM or Ctrl-C drains: health turns 503, in-flight requests finish (up to
---drain-timeout), then the process exits 0. Imports click and the standard library
+SIGTERM or Ctrl-C drains: health turns 503 (gRPC health NOT_SERVING), in-flight requests
+finish (up to --drain-timeout), then the process exits 0. Imports click and the standard library
 only at import time (the command line stays fast to start).
 """
 
@@ -15,7 +16,7 @@ import click
 
 
 def run_server(model, name: str, host: str, port: int, max_batch: int, max_queue: int, settings,
-               drain_timeout: float, log: bool = True) -> int:
+               drain_timeout: float, log: bool = True, grpc_port: int | None = None) -> int:
     import signal
     import threading
 
@@ -25,6 +26,16 @@ def run_server(model, name: str, host: str, port: int, max_batch: int, max_queue
     scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue).start()
     app = App(model, name, scheduler, settings)
     server = Server((host, port), app, log=log)
+    rpc = None
+    if grpc_port is not None:
+        from .cli import Failure
+        from .grpc.server import GrpcServer
+        try:
+            rpc = GrpcServer(app, host, grpc_port, max_rpcs=max_batch + max_queue + 16).start()
+        except OSError as e:
+            server.server_close()
+            scheduler.stop()
+            raise Failure(str(e)) from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -33,12 +44,18 @@ def run_server(model, name: str, host: str, port: int, max_batch: int, max_queue
     bound_host, bound_port = server.server_address[:2]
     click.echo(f"nn2run: serving {name} on http://{bound_host}:{bound_port} "
                f"(max batch {max_batch}, queue {max_queue})", err=True)
+    if rpc is not None:
+        click.echo(f"nn2run: serving {name} over gRPC on {bound_host}:{rpc.port}", err=True)
     while not stop.wait(0.5):
         pass
     click.echo(f"nn2run: draining (up to {drain_timeout:g} s)", err=True)
-    clean = drain(server, drain_timeout)
+    if rpc is not None:
+        rpc.set_draining()
+    clean = drain(server, drain_timeout)       # waits for the scheduler too: gRPC's requests included
     server.shutdown()
     server.server_close()
+    if rpc is not None:
+        rpc.stop(grace=1.0)
     scheduler.stop()
     click.echo("nn2run: stopped" if clean else "nn2run: stopped with requests still running", err=True)
     return 0
@@ -67,19 +84,27 @@ def run_server(model, name: str, host: str, port: int, max_batch: int, max_queue
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the SHA-256 of the tensor data at load.")
 @click.option("--quiet", is_flag=True, help="No line per request on stderr.")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=None,
+              help="Also serve gRPC (nn2run/proto/nn2.proto) on this port; needs the grpc extra.")
+@click.option("--codec-service", default=None, metavar="HOST:PORT",
+              help="The codec service of a model trained with one; needs the grpc extra.")
 def serve_command(model_path, host, port, max_batch, max_queue, max_tokens_limit, max_tokens_default,
-                  max_body, request_timeout, drain_timeout, api_key, cors, verify, quiet):
-    """Serve a model over HTTP: OpenAI's /v1/completions, /health, /metrics, a playground at /."""
+                  max_body, request_timeout, drain_timeout, api_key, cors, verify, quiet, grpc_port, codec_service):
+    """Serve a model over HTTP: OpenAI's /v1/completions, /health, /metrics, a playground at /;
+    with --grpc-port, over gRPC too (nn2run/proto/nn2.proto)."""
     from .cli import Failure, _open
+    from .grpc import needs_extra
     from .routes import Settings
     if max_tokens_default > max_tokens_limit:
         raise Failure("--max-tokens-default is over --max-tokens-limit")
-    model = _open(model_path, verify)
+    if grpc_port is not None and needs_extra("--grpc-port"):
+        raise Failure(needs_extra("--grpc-port"))
+    model = _open(model_path, verify, codec_service)
     settings = Settings(max_tokens_default=max_tokens_default, max_tokens_limit=max_tokens_limit,
                         max_body=max_body, request_timeout=request_timeout, api_key=api_key, cors=cors)
     try:
         code = run_server(model, os.path.splitext(os.path.basename(model_path))[0], host, port, max_batch, max_queue, settings,
-                          drain_timeout, log=not quiet)
+                          drain_timeout, log=not quiet, grpc_port=grpc_port)
     except OSError as e:
         raise Failure(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sys.exit(code)
