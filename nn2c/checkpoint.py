@@ -43,6 +43,7 @@ class TrainState:
     saved_step: int = 0
     kernel_source: str | None = None  # the equations the weights were trained for
     chars_per_s: float = 0.0          # the training speed the checkpoint's run recorded
+    elapsed_s: float = 0.0            # training seconds up to this step, over every resumed run
 
     @classmethod
     def fresh(cls, tensors: dict, cfg, sha: str) -> "TrainState":
@@ -94,7 +95,7 @@ def save_checkpoint(path, compiled, codec, provenance: dict, ts: TrainState) -> 
     meta = {"step": ts.step, "config": ts.config, "corpus_sha256": ts.corpus_sha256,
             "adam_step": ts.adam_step, "best_val": ts.best_val, "best_step": ts.best_step,
             "last_train": ts.last_train, "last_val": ts.last_val,
-            "carried_layers": [len(a) for a in ts.carried]}
+            "carried_layers": [len(a) for a in ts.carried], "elapsed_s": ts.elapsed_s}
     write_model(path, compiled, ts.tensors, codec, provenance,
                 extra_tensors=extra, extra_header={"checkpoint": meta})
 
@@ -132,6 +133,7 @@ def _state(meta: dict, header: dict, t: dict) -> TrainState:
     ts.last_train, ts.last_val = meta["last_train"], meta["last_val"]
     ts.torch_rng = t.get("rng/torch")
     ts.saved_step = ts.step
+    ts.elapsed_s = float(meta.get("elapsed_s") or 0.0)     # absent in checkpoints of older builds
     ts.kernel_source = header["source"]["text"]
     ts.chars_per_s = float((header.get("provenance") or {}).get("chars_per_s") or 0)
     for group in (ts.adam_m, ts.adam_v, ts.best_tensors or {}):

@@ -53,12 +53,19 @@ def _same_file(a: str, b: str) -> bool:
         os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
-def _check_paths(corpus: str | None, output: str, ckpt: str) -> None:
+def _check_paths(corpus: str | None, output: str, ckpt: str, log: str | None = None) -> None:
     _writable(output)
     _writable(ckpt)
     if _same_file(output, ckpt):
         raise Failure(f"--checkpoint and --output are the same file ({output}); give two paths")
-    for path, flag in ((output, "--output"), (ckpt, "--checkpoint")):
+    if log is not None:
+        _writable(log)
+        for path, flag in ((output, "--output"), (ckpt, "--checkpoint")):
+            if _same_file(log, path):
+                raise Failure(f"--log and {flag} are the same file ({log}); give two paths")
+    for path, flag in ((output, "--output"), (ckpt, "--checkpoint"), (log, "--log")):
+        if path is None:
+            continue
         if corpus is not None and _same_file(corpus, path):
             raise Failure(f"{flag} {path} is the corpus; writing there would destroy it")
 
@@ -114,8 +121,9 @@ def check(kernel, hidden, vocab, layers, no_opt):
 @click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps [default: --eval-every].")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint (same corpus).")
 @click.option("--sample", "sample_len", type=int, default=0, help="Print N generated characters when done.")
+@click.option("--log", "log", default=None, help="Append one JSON line per evaluation to this file (see nn2c plot).")
 def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs, lr, clip, eval_every,
-          val_frac, seed, device, codec, dropout, max_minutes, ckpt, checkpoint_every, resume, sample_len):
+          val_frac, seed, device, codec, dropout, max_minutes, ckpt, checkpoint_every, resume, sample_len, log):
     """Train a character model on CORPUS (default: a small bundled corpus, or the checkpoint's
     corpus with --resume) and write a .nnb.
 
@@ -126,7 +134,7 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
     if sample_len < 0:
         raise Failure(f"--sample must be ≥ 0, got {sample_len}")
     ckpt = ckpt or output + ".ckpt"
-    _check_paths(corpus, output, ckpt)
+    _check_paths(corpus, output, ckpt, log)
     ctx = click.get_current_context()
     options = dict(
         kernel=kernel, hidden=hidden, layers=layers, seq_len=seq_len, batch=batch,
@@ -138,7 +146,29 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
         from .session import TrainRequest, run_training
     except KeyboardInterrupt:
         raise Failure("interrupted before training started; nothing was written", code=130) from None
-    run_training(TrainRequest(corpus, output, ckpt, resume, options, given), Failure, sample_len)
+    run_training(TrainRequest(corpus, output, ckpt, resume, options, given, log), Failure, sample_len)
+
+
+@main.command()
+@click.argument("logs", nargs=-1, required=True)
+@click.option("-o", "--output", default="loss.png", show_default=True, help="The PNG to write.")
+@click.option("--x", "x_axis", default="step", show_default=True, type=click.Choice(["step", "time"]),
+              help="Horizontal axis: optimizer steps, or training time in seconds.")
+def plot(logs, output, x_axis):
+    """Draw the loss curves of training logs (nn2c train --log) into a PNG.
+
+    Example: nn2c plot run.jsonl other.jsonl -o loss.png
+    """
+    from .plot import PlotError, plot_logs
+    _writable(output)
+    for log in logs:
+        if _same_file(log, output):
+            raise Failure(f"-o {output} is the log {log}; writing there would destroy it")
+    try:
+        plot_logs(list(logs), output, x_axis)
+    except PlotError as e:
+        raise Failure(str(e)) from None
+    click.echo(f"wrote {output}: {len(logs)} run{'' if len(logs) == 1 else 's'}", err=True)
 
 
 @main.command()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from .checkpoint import CheckpointError, load_checkpoint
 from .corpus import CorpusError, read_corpus
 from .errors import KernelError
-from .progress import fmt_value
+from .progress import LogError, fmt_value
 from .train import Interrupted, TrainConfig, Trainer, TrainError
 
 # May change when resuming; every other option is the checkpoint's, and giving it a different
@@ -26,6 +26,7 @@ class TrainRequest:
     resume: bool
     options: dict
     given: frozenset | None = None   # options the user gave (None: all of them)
+    log: str | None = None           # --log: the JSON-lines training log
 
 
 def default_corpus() -> str:
@@ -84,10 +85,10 @@ def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -
         cfg, ts, corpus = _prepare(req)
         for note in corpus.notes:
             print(f"nn2c: note: {note}", file=out)
-        summary = Trainer(cfg, corpus, req.output, req.checkpoint, ts, stream).run()
+        summary = Trainer(cfg, corpus, req.output, req.checkpoint, ts, stream, req.log).run()
     except KernelError as e:
         raise failure(str(e), raw=e.pos is not None and e.pos.line >= 1) from None
-    except (CorpusError, TrainError, CheckpointError) as e:
+    except (CorpusError, TrainError, CheckpointError, LogError) as e:
         raise failure(str(e)) from None
     except Interrupted as e:
         raise failure(str(e), code=130) from None

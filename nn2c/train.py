@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .checkpoint import TrainState, save_checkpoint
 from .compiler import compile_kernel, write_model
 from .corpus import Corpus
-from .progress import Progress
+from .progress import Progress, TrainLog
 from .torch_backend import TorchNetwork, init_tensors
 
 
@@ -222,7 +222,7 @@ class Diverged(TrainError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, corpus: Corpus, out_path: str, ckpt_path: str,
-                 resume: "TrainState | None" = None, stream=None):
+                 resume: "TrainState | None" = None, stream=None, log_path: str | None = None):
         cfg.check()
         self.cfg, self.corpus, self.out_path, self.ckpt_path = cfg, corpus, out_path, ckpt_path
         self.device = pick_device(cfg.device)
@@ -240,7 +240,9 @@ class Trainer:
         if resume is not None:
             resume.restore(self.net, self.opt, self.device)
         self.stream = stream
-        self.first_step = self.ts.step
+        self.log_path = log_path
+        self.first_step, self.resumed = self.ts.step, resume is not None
+        self.elapsed_before = self.ts.elapsed_s       # training seconds of the runs this one continues
         self._stop = False
 
     def _on_sigint(self, signum, frame):
@@ -323,9 +325,14 @@ class Trainer:
                 rate = self.ts.chars_per_s
             else:
                 limit = 60 * self.cfg.max_minutes if self.cfg.max_minutes else None
-                with Progress(self.total, self.ts.step, self.stream, seconds=limit) as progress:
-                    self._loop(progress)
-                    rate = progress.rate
+                log = TrainLog(self.log_path, self.ts.step if self.resumed else None) if self.log_path else None
+                try:
+                    with Progress(self.total, self.ts.step, self.stream, seconds=limit) as progress:
+                        self._loop(progress, log)
+                        rate = progress.rate
+                finally:
+                    if log is not None:
+                        log.close()
             best = self.ts.best_tensors if self.ts.best_tensors is not None else self.net.numpy_tensors()
             self._write(self.out_path, write_model, self.out_path, self.compiled, best, self.corpus.codec,
                         self.provenance(rate))
@@ -337,7 +344,7 @@ class Trainer:
                               f"far in {self.out_path}; continue with --resume")
         return {**self.provenance(rate), "steps_run": self.ts.step - self.first_step, "total_steps": self.total}
 
-    def _loop(self, progress: Progress) -> None:
+    def _loop(self, progress: Progress, log: "TrainLog | None") -> None:
         cfg, ts = self.cfg, self.ts
         every_ckpt = cfg.checkpoint_every or cfg.eval_every
         state = ts.carried_state(self.device)
@@ -349,16 +356,21 @@ class Trainer:
             if deadline is not None and time.monotonic() > deadline:
                 self.total = ts.step            # out of time: this step is the last one
             ts.last_train = loss
-            val = self._maybe_eval()
+            evaluating = ts.step % cfg.eval_every == 0 or ts.step == self.total
+            val = self._evaluate() if evaluating else None
             progress.update(ts.step, loss, val, chars, force=val is not None)
+            ts.elapsed_s = self.elapsed_before + progress.elapsed
+            if evaluating and log is not None:
+                log.write(step=ts.step, train_loss=loss, val_loss=val, chars_per_s=round(progress.rate),
+                          elapsed_s=round(ts.elapsed_s, 3), lr=cfg.lr)
             if ts.step % every_ckpt == 0 or ts.step == self.total or self._stop:
                 self._save_checkpoint(state, progress.rate)
 
-    def _maybe_eval(self) -> float | None:
-        """Validate on schedule only (not on Ctrl-C), so an interrupted and resumed run
-        picks the same best weights as an uninterrupted one."""
+    def _evaluate(self) -> float | None:
+        """Validate (on schedule only, not on Ctrl-C, so an interrupted and resumed run
+        picks the same best weights as an uninterrupted one); None without validation."""
         ts = self.ts
-        if self.val is None or (ts.step % self.cfg.eval_every and ts.step != self.total):
+        if self.val is None:
             return None
         ts.last_val = evaluate(self.net, self.val, self.vocab)
         if ts.best_val is None or ts.last_val < ts.best_val:
