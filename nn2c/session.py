@@ -85,7 +85,10 @@ def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -
         cfg, ts, corpus = _prepare(req)
         for note in corpus.notes:
             print(f"nn2c: note: {note}", file=out)
-        summary = Trainer(cfg, corpus, req.output, req.checkpoint, ts, stream, req.log).run()
+        trainer = Trainer(cfg, corpus, req.output, req.checkpoint, ts, stream, req.log)
+        for note in trainer.notes:
+            print(f"nn2c: warning: {note}", file=out)
+        summary = trainer.run()
     except KernelError as e:
         raise failure(str(e), raw=e.pos is not None and e.pos.line >= 1) from None
     except (CorpusError, TrainError, CheckpointError, LogError) as e:

@@ -92,13 +92,16 @@ def pick_device(name: str) -> torch.device:
 class Batches:
     """Windows of a token stream laid out as `rows` contiguous rows; batch k -> (x, y), (T, B).
 
-    The ids stay where the corpus put them (a view, 1 byte a token for most corpora); only
-    the window a step reads is widened to int64 and moved to the device."""
+    The ids are put on the device once (on the CPU a view of the corpus's array, 1 byte a
+    token for most corpora, never copied); a step slices its window there and widens it to
+    int64, so no step copies from host memory or waits for a transfer. `part` keeps only
+    the rows [start, stop) (a process's share of the batch)."""
 
-    def __init__(self, ids: np.ndarray, rows: int, seq_len: int, device):
+    def __init__(self, ids: np.ndarray, rows: int, seq_len: int, device, part: tuple[int, int] | None = None):
         per_row = len(ids) // rows
-        self.data = ids[:rows * per_row].reshape(rows, per_row)
-        self.rows, self.seq_len, self.device = rows, seq_len, device
+        start, stop = part or (0, rows)
+        self.data = _on_device(ids[:rows * per_row].reshape(rows, per_row)[start:stop], device)
+        self.rows, self.seq_len, self.device = stop - start, seq_len, device
         self.count = (per_row - 1) // seq_len
 
     def __len__(self) -> int:
@@ -106,9 +109,17 @@ class Batches:
 
     def __getitem__(self, k: int):
         a = k * self.seq_len
-        window = np.ascontiguousarray(self.data[:, a:a + self.seq_len + 1].T, dtype=np.int64)
-        w = torch.from_numpy(window).to(self.device)
+        w = self.data[:, a:a + self.seq_len + 1].to(torch.int64).t().contiguous()
         return w[:-1], w[1:]
+
+
+def _on_device(ids: np.ndarray, device) -> torch.Tensor:
+    """Token ids as a tensor on `device`: on the CPU the array itself; on a GPU uint8 when
+    they fit, else int32 (torch's uint16/uint32 support few operations on CUDA)."""
+    if device.type == "cpu":
+        return torch.from_numpy(ids)
+    dtype = np.uint8 if ids.dtype == np.uint8 else np.int32
+    return torch.from_numpy(np.ascontiguousarray(ids, dtype=dtype)).to(device)
 
 
 def split(corpus: Corpus, cfg: TrainConfig, device):
@@ -136,6 +147,8 @@ def split(corpus: Corpus, cfg: TrainConfig, device):
 # float32 weights, their gradients and Adam's two moments (16 bytes), and the copies a
 # checkpoint is written from: weights, both moments and the best weights (16 more).
 BYTES_PER_PARAMETER = 32
+READ_EVERY = 50                # steps between reads of the loss on a GPU (as often as progress lines)
+READ_EVERY_CPU = 1             # on the CPU nothing is queued: a read costs nothing
 INIT_PROBE_WINDOWS = 64        # a loss that fails this early in an epoch is checked against the initial weights
 
 
@@ -185,17 +198,46 @@ def _detach(state):
 
 @torch.no_grad()
 def evaluate(net: TorchNetwork, batches: Batches, vocab: int) -> float:
-    """Mean cross-entropy (nats/token) over a whole split, state carried across windows."""
+    """Mean cross-entropy (nats/token) over a whole split, state carried across windows; the
+    sum stays on the device (float64) and is read once, at the end."""
     state = net.initial_state(batches.rows)
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=batches.device)
+    count = 0
     net.eval()                      # no dropout
     for k in range(len(batches)):
         x, y = batches[k]
         logits, state = net(x, state)
-        total += F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1), reduction="sum").item()
+        total += F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1), reduction="sum")
         count += y.numel()
     net.train()
-    return total / count
+    return total.item() / count
+
+
+class Health:
+    """Whether training is still finite, decided on the device without waiting for it (as
+    GradScaler's found_inf is). `bad` is sticky: once a step's loss or gradient norm is not
+    finite, Adam skips that update and every later one (`found_inf`), so the weights stay
+    those before the failing step until the trainer next reads, which raises Diverged."""
+
+    def __init__(self, device):
+        self.bad = torch.zeros((), device=device)                  # 0. or 1., Adam's found_inf
+        self.step = torch.zeros((), dtype=torch.int64, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.norm = torch.zeros((), device=device)
+
+    def update(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        now = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        first = now & (self.bad == 0)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss, self.loss)
+        self.norm = torch.where(first, norm.to(self.norm.dtype), self.norm)
+        self.bad = torch.maximum(self.bad, now.to(self.bad.dtype))
+
+    def read(self, loss: torch.Tensor) -> tuple[float, tuple | None]:
+        """(the loss, None) or, after a failure, (…, (failing step, its loss, its norm)): one wait."""
+        bad, step, failed_loss, norm, value = torch.stack(
+            [t.double() for t in (self.bad, self.step, self.loss, self.norm, loss)]).tolist()
+        return value, ((int(step), failed_loss, norm) if bad else None)
 
 
 def _check_fits(ts: TrainState, compiled, ckpt_path: str) -> None:
@@ -236,9 +278,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.ts = resume or TrainState.fresh(init_tensors(self.compiled.network, cfg.seed), cfg, corpus.sha256)
         self.net = TorchNetwork(self.compiled.network, self.ts.tensors, dropout=cfg.dropout).to(self.device)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        self.params = list(self.net.parameters())
+        # fused: one kernel for the whole update, and it takes found_inf (see Health)
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, fused=True)
+        self.notes = []
         if resume is not None:
-            resume.restore(self.net, self.opt, self.device)
+            self.notes += resume.restore(self.net, self.opt, self.device)
+        self.health = Health(self.device)
+        # the loss is read (a wait for the device) only this often, and at evaluations and
+        # checkpoints; on the CPU nothing is queued, so reading every step costs nothing
+        self.read_every = READ_EVERY_CPU if self.device.type == "cpu" else READ_EVERY
         self.stream = stream
         self.log_path = log_path
         self.first_step, self.resumed = self.ts.step, resume is not None
@@ -263,29 +312,38 @@ class Trainer:
                 "torch": torch.__version__, "hyperparameters": asdict(self.cfg)}
 
     def step(self, state):
-        """One optimizer step. Raises Diverged, leaving the weights as they were, when the loss
-        or the gradient norm is not finite, so a diverged step never reaches a checkpoint."""
+        """One optimizer step, queued without waiting for the device: returns the loss (a 0-d
+        tensor) and the state. A step whose loss or gradient norm is not finite leaves the
+        weights as they were (and so does every step after it) until `read` raises Diverged,
+        so a diverged step never reaches a checkpoint."""
         k = self.ts.step % len(self.train)
         if k == 0 or state is None:
-            state = self.net.initial_state(self.cfg.batch)
+            state = self.net.initial_state(self.train.rows)
         x, y = self.train[k]
         logits, state = self.net(x, state)
         loss = F.cross_entropy(logits.reshape(-1, self.vocab), y.reshape(-1))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip)
-        value, norm = torch.stack([loss.detach(), norm]).tolist()      # one wait on the device
-        if not math.isfinite(value):
-            raise self._diverged(f"the loss became {value}")
-        if not math.isfinite(norm):
-            raise self._diverged(f"the gradients became {norm}")
+        loss = loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
+        self.health.update(self.ts.step + 1, loss, norm)
+        self.opt.found_inf = self.health.bad
         self.opt.step()
-        return value, _detach(state)
+        return loss, _detach(state)
+
+    def read(self, loss: torch.Tensor) -> float:
+        """The loss as a number (one wait for the device); Diverged if a step since the last
+        read was not finite, naming that step."""
+        value, failed = self.health.read(loss)
+        if failed is not None:
+            step, failed_loss, norm = failed
+            self.ts.step = step - 1              # the weights are those from before it
+            raise self._diverged(f"the loss became {failed_loss}" if not math.isfinite(failed_loss)
+                                 else f"the gradients became {norm}")
+        return value
 
     def _diverged(self, what: str) -> Diverged:
-        ts = self.ts
-        kept = (f"the last good checkpoint is {self.ckpt_path} (step {ts.saved_step})" if ts.saved_step
-                else "no checkpoint was written yet")
+        ts, kept = self.ts, self._kept()
         if ts.step == 0 or self._overflows_at_init():
             when = ("with the initial weights, before any update" if ts.step == 0 else
                     "and the initial weights give non-finite values on the same text too")
@@ -294,6 +352,10 @@ class Trainer:
                             "limit (e.g. exp of an unbounded sum) with σ or tanh")
         return Diverged(f"{what} at step {ts.step + 1} (--lr {self.cfg.lr:g}); stopped: {kept}; "
                         "try a lower --lr or --clip")
+
+    def _kept(self) -> str:
+        return (f"the last good checkpoint is {self.ckpt_path} (step {self.ts.saved_step})" if self.ts.saved_step
+                else "no checkpoint was written yet")
 
     def _overflows_at_init(self) -> bool:
         """Whether the initial weights, run over this epoch's windows up to the failing one,
@@ -304,7 +366,7 @@ class Trainer:
             return False
         net = TorchNetwork(self.compiled.network, init_tensors(self.compiled.network, self.cfg.seed)).to(self.device)
         net.eval()
-        state = net.initial_state(self.cfg.batch)
+        state = net.initial_state(self.train.rows)
         for j in range(k + 1):
             x, y = self.train[j]
             logits, state = net(x, state)
@@ -355,15 +417,18 @@ class Trainer:
             ts.step += 1
             if deadline is not None and time.monotonic() > deadline:
                 self.total = ts.step            # out of time: this step is the last one
-            ts.last_train = loss
             evaluating = ts.step % cfg.eval_every == 0 or ts.step == self.total
+            saving = ts.step % every_ckpt == 0 or ts.step == self.total or self._stop
+            value = None
+            if evaluating or saving or ts.step % self.read_every == 0:
+                value = ts.last_train = self.read(loss)
             val = self._evaluate() if evaluating else None
-            progress.update(ts.step, loss, val, chars, force=val is not None)
+            progress.update(ts.step, value, val, chars, force=val is not None)
             ts.elapsed_s = self.elapsed_before + progress.elapsed
             if evaluating and log is not None:
-                log.write(step=ts.step, train_loss=loss, val_loss=val, chars_per_s=round(progress.rate),
+                log.write(step=ts.step, train_loss=value, val_loss=val, chars_per_s=round(progress.rate),
                           elapsed_s=round(ts.elapsed_s, 3), lr=cfg.lr)
-            if ts.step % every_ckpt == 0 or ts.step == self.total or self._stop:
+            if saving:
                 self._save_checkpoint(state, progress.rate)
 
     def _evaluate(self) -> float | None:
@@ -373,13 +438,16 @@ class Trainer:
         if self.val is None:
             return None
         ts.last_val = evaluate(self.net, self.val, self.vocab)
+        if not math.isfinite(ts.last_val):
+            raise Diverged(f"the validation loss became {ts.last_val} at step {ts.step} (--lr {self.cfg.lr:g}); "
+                           f"stopped: {self._kept()}; try a lower --lr or --clip")
         if ts.best_val is None or ts.last_val < ts.best_val:
             ts.best_val, ts.best_step = ts.last_val, ts.step
             ts.best_tensors = self.net.numpy_tensors()
         return ts.last_val
 
     def _save_checkpoint(self, state, rate: float) -> None:
-        self.ts.capture(self.net, self.opt, state)
+        self.ts.capture(self.net, self.opt, state, self.device)
         self._write(self.ckpt_path, save_checkpoint, self.ckpt_path, self.compiled, self.corpus.codec,
                     self.provenance(rate), self.ts)
         self.ts.saved_step = self.ts.step
