@@ -122,8 +122,11 @@ def check(kernel, hidden, vocab, layers, no_opt):
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint (same corpus).")
 @click.option("--sample", "sample_len", type=int, default=0, help="Print N generated characters when done.")
 @click.option("--log", "log", default=None, help="Append one JSON line per evaluation to this file (see nn2c plot).")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Train in N processes on this machine (torch.distributed: gloo on CPU, NCCL on CUDA).")
 def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs, lr, clip, eval_every,
-          val_frac, seed, device, codec, dropout, max_minutes, ckpt, checkpoint_every, resume, sample_len, log):
+          val_frac, seed, device, codec, dropout, max_minutes, ckpt, checkpoint_every, resume, sample_len, log,
+          nproc):
     """Train a character model on CORPUS (default: a small bundled corpus, or the checkpoint's
     corpus with --resume) and write a .nnb.
 
@@ -136,6 +139,12 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
     ckpt = ckpt or output + ".ckpt"
     _check_paths(corpus, output, ckpt, log)
     ctx = click.get_current_context()
+    if _launching(ctx, nproc, batch, device):
+        from .distributed import launch
+        code, line = launch(_forwarded(ctx), nproc, ckpt)
+        if line is not None:
+            raise Failure(line, code=code)
+        ctx.exit(code)
     options = dict(
         kernel=kernel, hidden=hidden, layers=layers, seq_len=seq_len, batch=batch,
         steps=steps if steps is not None or epochs is not None else 2000, epochs=epochs, lr=lr, clip=clip,
@@ -169,6 +178,46 @@ def plot(logs, output, x_axis):
     except PlotError as e:
         raise Failure(str(e)) from None
     click.echo(f"wrote {output}: {len(logs)} run{'' if len(logs) == 1 else 's'}", err=True)
+
+
+def _launching(ctx, nproc: int, batch: int, device: str) -> bool:
+    """Whether this is `--nproc N` asking for a job to be started here; its options checked."""
+    from .distributed import World, split_error
+    if nproc < 1:
+        raise Failure(f"--nproc must be ≥ 1, got {nproc}")
+    world = World.from_env()
+    if world is not None:               # already a rank of a job (torchrun's, or ours)
+        if ctx.get_parameter_source("nproc") != ParameterSource.DEFAULT and nproc != world.size:
+            raise Failure(f"--nproc {nproc} differs from the job's WORLD_SIZE {world.size}; leave --nproc out "
+                          "under torchrun")
+        return False
+    if nproc == 1:
+        return False
+    if ctx.get_parameter_source("batch") != ParameterSource.DEFAULT and split_error(batch, nproc):
+        raise Failure(split_error(batch, nproc))
+    if device == "cuda":
+        import torch
+        if torch.cuda.device_count() < nproc:
+            raise Failure(f"--nproc {nproc} --device cuda needs {nproc} GPUs; this machine has "
+                          f"{torch.cuda.device_count()}")
+    return True
+
+
+def _forwarded(ctx) -> list[str]:
+    """The train command's arguments as the user gave them, less --nproc: each rank parses
+    them itself (so --resume sees the same given options)."""
+    args = []
+    for param in ctx.command.params:
+        if param.name == "nproc" or ctx.get_parameter_source(param.name) == ParameterSource.DEFAULT:
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif getattr(param, "is_flag", False):
+            args += [param.opts[-1]] if value else []
+        else:
+            args += [param.opts[-1], str(value)]
+    return args
 
 
 @main.command()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .corpus import CorpusError, read_corpus
+from .distributed import LAUNCHED, LOST_PEER_EXIT, PeerLost, World
 from .errors import KernelError
 from .progress import LogError, fmt_value
 from .train import Interrupted, TrainConfig, Trainer, TrainError
@@ -79,7 +80,26 @@ def _prepare(req: TrainRequest):
 
 
 def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -> dict:
-    """Train as asked; raise `failure(message, code)` for every expected error."""
+    """Train as asked; raise `failure(message, code)` for every expected error. In a job of
+    several processes only rank 0 speaks: the others fail with its status and no message
+    (every expected error happens on all of them alike)."""
+    world = World.from_env()
+    if world is not None and world.rank != 0:
+        with open(os.devnull, "w") as quiet:
+            try:
+                return _run(req, _silent(failure), 0, quiet)
+            except PeerLost:
+                raise SystemExit(LOST_PEER_EXIT) from None
+    return _run(req, failure, sample_len, stream)
+
+
+def _silent(failure):
+    def make(message, code=1, raw=False):
+        return SystemExit(code)
+    return make
+
+
+def _run(req: TrainRequest, failure, sample_len: int, stream) -> dict:
     out = stream or sys.stderr
     try:
         cfg, ts, corpus = _prepare(req)
@@ -95,6 +115,12 @@ def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -
         raise failure(str(e)) from None
     except Interrupted as e:
         raise failure(str(e), code=130) from None
+    except PeerLost as e:
+        if os.environ.get(LAUNCHED):          # the launcher says which process went and why
+            raise SystemExit(LOST_PEER_EXIT) from None
+        kept = (f"the last checkpoint is {req.checkpoint}" if os.path.exists(req.checkpoint)
+                else "no checkpoint was written")
+        raise failure(f"{e}; the job stopped; {kept}; continue with --resume") from None
     except KeyboardInterrupt:
         kept = (f"the last checkpoint is {req.checkpoint}" if os.path.exists(req.checkpoint)
                 else "no checkpoint was written")
@@ -121,7 +147,9 @@ def final_line(req: TrainRequest, cfg: TrainConfig, corpus, summary: dict) -> st
                   f"--epochs {cfg.epochs:g} ({total:,} step{'' if total == 1 else 's'})")
         return (f"nothing left to train: {req.checkpoint} is at step {summary['steps']}, {length}; "
                 f"wrote {what} (from the checkpoint)")
-    return (f"wrote {what}; {summary['chars_per_s']:,} chars/s on {summary['device']} ({summary['loop']} loop); "
+    n = summary.get("world_size", 1)
+    where = f"{summary['device']} × {n} processes" if n > 1 else summary["device"]
+    return (f"wrote {what}; {summary['chars_per_s']:,} chars/s on {where} ({summary['loop']} loop); "
             f"checkpoint {req.checkpoint} kept for --resume")
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .checkpoint import TrainState, save_checkpoint
 from .compiler import compile_kernel, write_model
 from .corpus import Corpus
+from .distributed import Collective, World, split_error
 from .progress import Progress, TrainLog
 from .torch_backend import TorchNetwork, init_tensors
 
@@ -79,13 +80,20 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, world: "World | None" = None) -> torch.device:
+    """The device to train on; in a job on GPUs, the GPU of this process's local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)")
     if name not in ("cpu", "cuda"):
         raise TrainError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and world is not None:
+        if world.local_rank >= torch.cuda.device_count():
+            raise TrainError(f"process {world.rank} needs GPU {world.local_rank}, and this machine has "
+                             f"{torch.cuda.device_count()}: run at most one process per GPU")
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
     return torch.device(name)
 
 
@@ -122,7 +130,7 @@ def _on_device(ids: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(ids, dtype=dtype)).to(device)
 
 
-def split(corpus: Corpus, cfg: TrainConfig, device):
+def split(corpus: Corpus, cfg: TrainConfig, device, part: tuple[int, int] | None = None):
     n = len(corpus.ids)
     n_val = int(n * cfg.val_frac)
     train_ids, val_ids = corpus.ids[:n - n_val], corpus.ids[n - n_val:][:cfg.max_eval_tokens]
@@ -131,7 +139,7 @@ def split(corpus: Corpus, cfg: TrainConfig, device):
         raise TrainError(f"{corpus.path} is too short: {len(train_ids):,} training tokens, one batch needs "
                          f"{need:,} (--batch {cfg.batch} × (--seq-len {cfg.seq_len} + 1)); "
                          "use a longer corpus or smaller --batch/--seq-len")
-    train = Batches(train_ids, cfg.batch, cfg.seq_len, device)
+    train = Batches(train_ids, cfg.batch, cfg.seq_len, device, part)
     if cfg.val_frac == 0:
         return train, None              # asked for: the file will hold the final weights
     window = cfg.seq_len + 1
@@ -267,15 +275,21 @@ class Trainer:
                  resume: "TrainState | None" = None, stream=None, log_path: str | None = None):
         cfg.check()
         self.cfg, self.corpus, self.out_path, self.ckpt_path = cfg, corpus, out_path, ckpt_path
-        self.device = pick_device(cfg.device)
+        self.world = World.from_env()
+        if self.world is not None and split_error(cfg.batch, self.world.size):
+            raise TrainError(split_error(cfg.batch, self.world.size))
+        self.rank = self.world.rank if self.world else 0
+        self.device = pick_device(cfg.device, self.world)
         self.vocab = len(corpus.codec.vocab)
         self.compiled = compile_kernel(cfg.kernel, cfg.hidden, cfg.layers, self.vocab)
         check_memory(self.compiled, cfg, self.device)
-        self.train, self.val = split(corpus, cfg, self.device)
+        self.train, self.val = split(corpus, cfg, self.device, self.world and self.world.rows(cfg.batch))
+        if self.rank != 0:
+            self.val = None                 # rank 0 validates (and writes everything)
         self.total = cfg.steps if cfg.steps else max(1, math.ceil((cfg.epochs or 1.0) * len(self.train)))
         if resume is not None:
             _check_fits(resume, self.compiled, ckpt_path)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + self.rank)      # each rank its own dropout masks
         self.ts = resume or TrainState.fresh(init_tensors(self.compiled.network, cfg.seed), cfg, corpus.sha256)
         self.net = TorchNetwork(self.compiled.network, self.ts.tensors, dropout=cfg.dropout).to(self.device)
         self.params = list(self.net.parameters())
@@ -283,7 +297,7 @@ class Trainer:
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, fused=True)
         self.notes = []
         if resume is not None:
-            self.notes += resume.restore(self.net, self.opt, self.device)
+            self.notes += resume.restore(self.net, self.opt, self.device, self.rank, self.world_size)
         self.health = Health(self.device)
         # the loss is read (a wait for the device) only this often, and at evaluations and
         # checkpoints; on the CPU nothing is queued, so reading every step costs nothing
@@ -292,7 +306,15 @@ class Trainer:
         self.log_path = log_path
         self.first_step, self.resumed = self.ts.step, resume is not None
         self.elapsed_before = self.ts.elapsed_s       # training seconds of the runs this one continues
-        self._stop = False
+        self._stop = False                   # Ctrl-C (or, in a job, SIGTERM) asked for a stop
+        self._halt = self._late = False      # stop now / out of time: in a job, agreed by every rank
+        self._flags = None
+        self._deadline = None
+        self.collective = Collective(self.world, self.device) if self.world else None
+
+    @property
+    def world_size(self) -> int:
+        return self.world.size if self.world else 1
 
     def _on_sigint(self, signum, frame):
         self._stop = True
@@ -307,7 +329,7 @@ class Trainer:
                            "final (no validation: --val-frac 0)" if self.val is None else "final (not validated yet)",
                 "train_loss": ts.last_train, "val_loss": ts.last_val, "best_val_loss": ts.best_val,
                 "best_step": ts.best_step if validated else None, "chars_per_s": round(rate),
-                "device": str(self.device),
+                "device": str(self.device), "world_size": self.world_size,
                 "loop": self.net.loop_kind(),
                 "torch": torch.__version__, "hyperparameters": asdict(self.cfg)}
 
@@ -325,6 +347,11 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         loss = loss.detach()
+        late = self._deadline is not None and time.monotonic() > self._deadline
+        if self.collective is not None:         # the mean gradient and loss of the whole batch
+            loss, self._flags = self.collective.average(self.params, loss, self._stop, late)
+        else:
+            self._halt, self._late = self._stop, late
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
         self.health.update(self.ts.step + 1, loss, norm)
         self.opt.found_inf = self.health.bad
@@ -335,6 +362,9 @@ class Trainer:
         """The loss as a number (one wait for the device); Diverged if a step since the last
         read was not finite, naming that step."""
         value, failed = self.health.read(loss)
+        if self._flags is not None:             # what every rank asked, the same on all of them
+            stops, lates = self._flags.tolist()
+            self._halt, self._late = stops > 0, lates > 0
         if failed is not None:
             step, failed_loss, norm = failed
             self.ts.step = step - 1              # the weights are those from before it
@@ -382,12 +412,15 @@ class Trainer:
         """Train to the last step (or until Ctrl-C), checkpointing; write the .nnb of the best weights."""
         watch = threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGINT, self._on_sigint) if watch else None
+        # in a job every rank gets the launcher's (or torchrun's) SIGTERM: stop together, saved
+        old_term = signal.signal(signal.SIGTERM, self._on_sigint) if watch and self.world else None
         try:
             if self.ts.step >= self.total:        # a resumed run already at its end: nothing to time
                 rate = self.ts.chars_per_s
             else:
                 limit = 60 * self.cfg.max_minutes if self.cfg.max_minutes else None
-                log = TrainLog(self.log_path, self.ts.step if self.resumed else None) if self.log_path else None
+                log = (TrainLog(self.log_path, self.ts.step if self.resumed else None)
+                       if self.log_path and self.rank == 0 else None)
                 try:
                     with Progress(self.total, self.ts.step, self.stream, seconds=limit) as progress:
                         self._loop(progress, log)
@@ -395,12 +428,17 @@ class Trainer:
                 finally:
                     if log is not None:
                         log.close()
-            best = self.ts.best_tensors if self.ts.best_tensors is not None else self.net.numpy_tensors()
-            self._write(self.out_path, write_model, self.out_path, self.compiled, best, self.corpus.codec,
-                        self.provenance(rate))
+            if self.rank == 0:
+                best = self.ts.best_tensors if self.ts.best_tensors is not None else self.net.numpy_tensors()
+                self._write(self.out_path, write_model, self.out_path, self.compiled, best, self.corpus.codec,
+                            self.provenance(rate))
         finally:
             if watch:
                 signal.signal(signal.SIGINT, old)
+                if old_term is not None:
+                    signal.signal(signal.SIGTERM, old_term)
+            if self.collective is not None:
+                self.collective.close()
         if self.ts.step < self.total:
             raise Interrupted(f"interrupted at step {self.ts.step}: checkpoint {self.ckpt_path}, best weights so "
                               f"far in {self.out_path}; continue with --resume")
@@ -409,18 +447,20 @@ class Trainer:
     def _loop(self, progress: Progress, log: "TrainLog | None") -> None:
         cfg, ts = self.cfg, self.ts
         every_ckpt = cfg.checkpoint_every or cfg.eval_every
-        state = ts.carried_state(self.device)
+        state = ts.carried_state(self.device, self.world and self.world.rows(cfg.batch))
         chars = cfg.batch * cfg.seq_len
-        deadline = progress.deadline         # --max-minutes, counted from the progress clock
-        while ts.step < self.total and not self._stop:
+        self._deadline = progress.deadline         # --max-minutes, counted from the progress clock
+        while ts.step < self.total and not self._halt:
             loss, state = self.step(state)
             ts.step += 1
-            if deadline is not None and time.monotonic() > deadline:
+            value = None
+            if ts.step % self.read_every == 0 or self._due(ts.step, every_ckpt):
+                value = ts.last_train = self.read(loss)     # in a job, also the ranks' stop and time
+            if self._late:
                 self.total = ts.step            # out of time: this step is the last one
             evaluating = ts.step % cfg.eval_every == 0 or ts.step == self.total
-            saving = ts.step % every_ckpt == 0 or ts.step == self.total or self._stop
-            value = None
-            if evaluating or saving or ts.step % self.read_every == 0:
+            saving = ts.step % every_ckpt == 0 or ts.step == self.total or self._halt
+            if (evaluating or saving) and value is None:
                 value = ts.last_train = self.read(loss)
             val = self._evaluate() if evaluating else None
             progress.update(ts.step, value, val, chars, force=val is not None)
@@ -430,6 +470,9 @@ class Trainer:
                           elapsed_s=round(ts.elapsed_s, 3), lr=cfg.lr)
             if saving:
                 self._save_checkpoint(state, progress.rate)
+
+    def _due(self, step: int, every_ckpt: int) -> bool:
+        return step % self.cfg.eval_every == 0 or step % every_ckpt == 0 or step == self.total
 
     def _evaluate(self) -> float | None:
         """Validate (on schedule only, not on Ctrl-C, so an interrupted and resumed run
@@ -448,6 +491,15 @@ class Trainer:
 
     def _save_checkpoint(self, state, rate: float) -> None:
         self.ts.capture(self.net, self.opt, state, self.device)
+        if self.collective is not None:
+            parts = self.collective.gather((self.ts.carried, self.ts.torch_rng, self.ts.cuda_rng))
+            self.ts.saved_step = self.ts.step
+            if self.rank != 0:
+                return
+            self.ts.carried = [[np.concatenate([p[0][layer][i] for p in parts]) for i in range(len(arrays))]
+                               for layer, arrays in enumerate(self.ts.carried)]
+            self.ts.rank_rngs = [(p[1], p[2]) for p in parts[1:]]
+        self.ts.world_size = self.world_size
         self._write(self.ckpt_path, save_checkpoint, self.ckpt_path, self.compiled, self.corpus.codec,
                     self.provenance(rate), self.ts)
         self.ts.saved_step = self.ts.step
