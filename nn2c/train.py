@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .checkpoint import TrainState, save_checkpoint
 from .compiler import compile_kernel, write_model
-from .corpus import Corpus
+from .corpus import Batches, Corpus
 from .distributed import Collective, World, split_error
 from .progress import Progress, TrainLog
 from .torch_backend import TorchNetwork, init_tensors
@@ -95,39 +95,6 @@ def pick_device(name: str, world: "World | None" = None) -> torch.device:
         torch.cuda.set_device(world.local_rank)
         return torch.device("cuda", world.local_rank)
     return torch.device(name)
-
-
-class Batches:
-    """Windows of a token stream laid out as `rows` contiguous rows; batch k -> (x, y), (T, B).
-
-    The ids are put on the device once (on the CPU a view of the corpus's array, 1 byte a
-    token for most corpora, never copied); a step slices its window there and widens it to
-    int64, so no step copies from host memory or waits for a transfer. `part` keeps only
-    the rows [start, stop) (a process's share of the batch)."""
-
-    def __init__(self, ids: np.ndarray, rows: int, seq_len: int, device, part: tuple[int, int] | None = None):
-        per_row = len(ids) // rows
-        start, stop = part or (0, rows)
-        self.data = _on_device(ids[:rows * per_row].reshape(rows, per_row)[start:stop], device)
-        self.rows, self.seq_len, self.device = stop - start, seq_len, device
-        self.count = (per_row - 1) // seq_len
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, k: int):
-        a = k * self.seq_len
-        w = self.data[:, a:a + self.seq_len + 1].to(torch.int64).t().contiguous()
-        return w[:-1], w[1:]
-
-
-def _on_device(ids: np.ndarray, device) -> torch.Tensor:
-    """Token ids as a tensor on `device`: on the CPU the array itself; on a GPU uint8 when
-    they fit, else int32 (torch's uint16/uint32 support few operations on CUDA)."""
-    if device.type == "cpu":
-        return torch.from_numpy(ids)
-    dtype = np.uint8 if ids.dtype == np.uint8 else np.int32
-    return torch.from_numpy(np.ascontiguousarray(ids, dtype=dtype)).to(device)
 
 
 def split(corpus: Corpus, cfg: TrainConfig, device, part: tuple[int, int] | None = None):

@@ -84,6 +84,24 @@ def rank_of(pid: int) -> int:
     return int(env[b"RANK"])
 
 
+def wait_gone(pids: list[int], timeout=30.0) -> None:
+    """Every process in `pids` has exited (or is a zombie waiting for its parent)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        alive.append(pid)
+            except FileNotFoundError:
+                pass
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"processes {alive} outlived the job"
+        time.sleep(0.05)
+
+
 def nn2c_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("nn2c:")]
 
@@ -149,11 +167,8 @@ def test_sigkill_of_the_job_then_resume_ends_with_the_weights_of_an_uninterrupte
     ranks = children(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)               # the launcher; its ranks die with it
     assert finish(proc)[0] == -signal.SIGKILL
-    deadline = time.monotonic() + 30
-    while any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
-              for pid in ranks):
-        assert time.monotonic() < deadline, "a rank outlived the killed job"
-        time.sleep(0.05)
+    assert len(ranks) == 2
+    wait_gone(ranks)
     killed_at = checkpoint_step(ckpt)
     assert 100 <= killed_at < LONG_STEPS and killed_at % 10 == 0
     fmt.read(ckpt, verify_data=True).close()
@@ -169,7 +184,8 @@ def test_a_killed_rank_stops_the_job_in_one_line_and_the_checkpoint_resumes(tmp_
     out, ckpt = tmp_path / "m.nnb", tmp_path / "m.nnb.ckpt"
     proc = nn2c(corpus, "-o", out, "--steps", LONG_STEPS, *LONG, "--nproc", 2)
     wait_for_checkpoint(ckpt, 100, proc)
-    rank1 = next(pid for pid in children(proc.pid) if rank_of(pid) == 1)
+    ranks = children(proc.pid)
+    rank1 = next(pid for pid in ranks if rank_of(pid) == 1)
     os.kill(rank1, signal.SIGKILL)
     rc, _, err = finish(proc)
     assert rc == 1 and "Traceback" not in err
@@ -177,7 +193,8 @@ def test_a_killed_rank_stops_the_job_in_one_line_and_the_checkpoint_resumes(tmp_
     step = checkpoint_step(ckpt)
     assert lines == [f"nn2c: process 1 of 2 was killed by SIGKILL; the job stopped; the last checkpoint is "
                      f"{ckpt} (step {step}); continue with --resume --nproc 2"], err
-    assert children(proc.pid) == [] if os.path.exists(f"/proc/{proc.pid}") else True
+    wait_gone(ranks)
+    fmt.read(ckpt, verify_data=True).close()
     rc, _, err = run(corpus, "-o", out, "--steps", LONG_STEPS, *LONG, "--nproc", 2, "--resume")
     assert rc == 0, err
     assert_same_tensors(tensors(out), reference[0])

@@ -11,7 +11,6 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 
 import nn2run.format as fmt
@@ -135,9 +134,10 @@ def test_cuda_windows_live_on_the_gpu(tmp_path):
     t = trainer(tmp_path, write_corpus(tmp_path / "c.txt"), device="cuda")
     assert t.train.data.is_cuda and t.train.data.dtype == torch.uint8
     x, y = t.train[3]
-    assert x.is_cuda and x.dtype == torch.int64
+    assert x.is_cuda and y.is_cuda and x.dtype == torch.int64
     cpu = trainer(tmp_path, write_corpus(tmp_path / "c.txt"), "cpu")
     torch.testing.assert_close(x.cpu(), cpu.train[3][0], rtol=0, atol=0)
+    torch.testing.assert_close(y.cpu(), cpu.train[3][1], rtol=0, atol=0)
 
 
 @cuda
