@@ -151,19 +151,53 @@ def bench_train_sizes(tmp, quick: bool):
     return [t]
 
 
-def bench_train_gpu(tmp, quick: bool):
+def bench_train_gpu(tmp, quick: bool, tf32: bool = False):
+    """Both sides on the GPU, the clock read only after torch.cuda.synchronize() (a step is
+    queued, not done, when it returns), and TF32 set alike for both: cuDNN's LSTM follows
+    cudnn.allow_tf32, nn2's products matmul.allow_tf32."""
     import torch
     t = Table("training 2×256, seq 100, batch 32, GPU: nn2c Trainer.step (cuda) vs cuDNN nn.LSTM")
     if not torch.cuda.is_available():
         t.add("chars/s", "skipped", "skipped", "—", "≥ 0.8×")
         t.notes.append("skipped: torch.cuda.is_available() is False on this machine")
         return [t]
+    from nn2c.train import TrainConfig
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     steps, reps = (5, 2) if quick else (20, 3)
-    rate, times, vocab = _compare(tmp, "cuda", steps, reps)
-    t.add("chars/s", f"{rate['nn2']:,.0f}", f"{rate['torch']:,.0f}",
+    hidden, layers, seq, batch = 256, 2, 100, 32
+    corpus = _corpus(tmp)
+    cfg = TrainConfig(hidden=hidden, layers=layers, seq_len=seq, batch=batch, device="cuda",
+                      val_frac=0.01, eval_every=10 ** 9)
+    trainer = _trainer(tmp, cfg, corpus, native=True)
+    peer = TorchPeer(trainer.vocab, hidden, layers, trainer.train, batch, cfg.lr, cfg.clip, trainer.device)
+    box = {"state": None}
+
+    def nn2_step():
+        _, box["state"] = trainer.step(box["state"])
+        trainer.ts.step += 1
+
+    def timed(one_step):
+        def run():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                one_step()
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+        return run
+    sides = {"nn2": timed(nn2_step), "torch": timed(peer.step)}
+    for run in sides.values():              # warm-up (allocator, cuDNN plans)
+        run()
+    times = interleaved(sides, reps)
+    chars = batch * seq * steps
+    rate = {k: chars / best(v) for k, v in times.items()}
+    trainer.read(trainer.health.loss)       # a diverged run is not a speed
+    t.add(f"chars/s ({trainer.net.loop_kind()} loop)", f"{rate['nn2']:,.0f}", f"{rate['torch']:,.0f}",
           verdict(rate["nn2"] / rate["torch"], at_least=0.8), "≥ 0.8×")
-    t.notes.append(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-                   f"cuDNN {torch.backends.cudnn.version()}; each step ends in loss.item() (a sync)")
+    t.notes.append(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; "
+                   f"torch.backends.cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+                   f"torch.backends.cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}; "
+                   "synchronized before each clock reading; the peer reads loss.item() every step, nn2 does not")
     for k, v in times.items():
         t.raw.append(f"{k}: s per rep of {steps} steps {fmt_list(v)}")
     return [t]

@@ -53,12 +53,19 @@ def _same_file(a: str, b: str) -> bool:
         os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
-def _check_paths(corpus: str | None, output: str, ckpt: str) -> None:
+def _check_paths(corpus: str | None, output: str, ckpt: str, log: str | None = None) -> None:
     _writable(output)
     _writable(ckpt)
     if _same_file(output, ckpt):
         raise Failure(f"--checkpoint and --output are the same file ({output}); give two paths")
-    for path, flag in ((output, "--output"), (ckpt, "--checkpoint")):
+    if log is not None:
+        _writable(log)
+        for path, flag in ((output, "--output"), (ckpt, "--checkpoint")):
+            if _same_file(log, path):
+                raise Failure(f"--log and {flag} are the same file ({log}); give two paths")
+    for path, flag in ((output, "--output"), (ckpt, "--checkpoint"), (log, "--log")):
+        if path is None:
+            continue
         if corpus is not None and _same_file(corpus, path):
             raise Failure(f"{flag} {path} is the corpus; writing there would destroy it")
 
@@ -116,9 +123,12 @@ def check(kernel, hidden, vocab, layers, no_opt):
 @click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps [default: --eval-every].")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint (same corpus).")
 @click.option("--sample", "sample_len", type=int, default=0, help="Print N generated characters when done.")
+@click.option("--log", "log", default=None, help="Append one JSON line per evaluation to this file (see nn2c plot).")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Train in N processes on this machine (torch.distributed: gloo on CPU, NCCL on CUDA).")
 def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs, lr, clip, eval_every,
           val_frac, seed, device, codec, codec_service, dropout, max_minutes, ckpt, checkpoint_every, resume,
-          sample_len):
+          sample_len, log, nproc):
     """Train a character model on CORPUS (default: a small bundled corpus, or the checkpoint's
     corpus with --resume) and write a .nnb.
 
@@ -134,7 +144,13 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
             raise Failure("give --codec or --codec-service, not both")
         codec = "service"
     ckpt = ckpt or output + ".ckpt"
-    _check_paths(corpus, output, ckpt)
+    _check_paths(corpus, output, ckpt, log)
+    if _launching(ctx, nproc, batch, device):
+        from .distributed import launch
+        code, line = launch(_forwarded(ctx), nproc, ckpt)
+        if line is not None:
+            raise Failure(line, code=code)
+        ctx.exit(code)
     options = dict(
         kernel=kernel, hidden=hidden, layers=layers, seq_len=seq_len, batch=batch,
         steps=steps if steps is not None or epochs is not None else 2000, epochs=epochs, lr=lr, clip=clip,
@@ -146,7 +162,8 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
         from .session import TrainRequest, run_training
     except KeyboardInterrupt:
         raise Failure("interrupted before training started; nothing was written", code=130) from None
-    run_training(TrainRequest(corpus, output, ckpt, resume, options, given, codec_service), Failure, sample_len)
+    run_training(TrainRequest(corpus, output, ckpt, resume, options, given, codec_service, log), Failure,
+                 sample_len)
 
 
 @main.command()
@@ -164,6 +181,68 @@ def quantize(model, dtype, output):
         click.echo(quantize_file(model, output, dtype))
     except QuantizeError as e:
         raise Failure(str(e)) from None
+
+
+@main.command()
+@click.argument("logs", nargs=-1, required=True)
+@click.option("-o", "--output", default="loss.png", show_default=True, help="The PNG to write.")
+@click.option("--x", "x_axis", default="step", show_default=True, type=click.Choice(["step", "time"]),
+              help="Horizontal axis: optimizer steps, or training time in seconds.")
+def plot(logs, output, x_axis):
+    """Draw the loss curves of training logs (nn2c train --log) into a PNG.
+
+    Example: nn2c plot run.jsonl other.jsonl -o loss.png
+    """
+    from .plot import PlotError, plot_logs
+    _writable(output)
+    for log in logs:
+        if _same_file(log, output):
+            raise Failure(f"-o {output} is the log {log}; writing there would destroy it")
+    try:
+        plot_logs(list(logs), output, x_axis)
+    except PlotError as e:
+        raise Failure(str(e)) from None
+    click.echo(f"wrote {output}: {len(logs)} run{'' if len(logs) == 1 else 's'}", err=True)
+
+
+def _launching(ctx, nproc: int, batch: int, device: str) -> bool:
+    """Whether this is `--nproc N` asking for a job to be started here; its options checked."""
+    from .distributed import World, split_error
+    if nproc < 1:
+        raise Failure(f"--nproc must be ≥ 1, got {nproc}")
+    world = World.from_env()
+    if world is not None:               # already a rank of a job (torchrun's, or ours)
+        if ctx.get_parameter_source("nproc") != ParameterSource.DEFAULT and nproc != world.size:
+            raise Failure(f"--nproc {nproc} differs from the job's WORLD_SIZE {world.size}; leave --nproc out "
+                          "under torchrun")
+        return False
+    if nproc == 1:
+        return False
+    if ctx.get_parameter_source("batch") != ParameterSource.DEFAULT and split_error(batch, nproc):
+        raise Failure(split_error(batch, nproc))
+    if device == "cuda":
+        import torch
+        if torch.cuda.device_count() < nproc:
+            raise Failure(f"--nproc {nproc} --device cuda needs {nproc} GPUs; this machine has "
+                          f"{torch.cuda.device_count()}")
+    return True
+
+
+def _forwarded(ctx) -> list[str]:
+    """The train command's arguments as the user gave them, less --nproc: each rank parses
+    them itself (so --resume sees the same given options)."""
+    args = []
+    for param in ctx.command.params:
+        if param.name == "nproc" or ctx.get_parameter_source(param.name) == ParameterSource.DEFAULT:
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif getattr(param, "is_flag", False):
+            args += [param.opts[-1]] if value else []
+        else:
+            args += [param.opts[-1], str(value)]
+    return args
 
 
 @main.command()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nn2run.codec import ByteCodec, CharCodec
 
@@ -144,3 +145,36 @@ def _read_with_service(path: str, buf, sha: str, address: str | None) -> Corpus:
     except CodecError as e:
         raise CorpusError(f"{path}: {e}") from None
     return Corpus(path, codec, ids.astype(_ids_dtype(len(codec.vocab))), sha)
+
+
+class Batches:
+    """Windows of a token stream laid out as `rows` contiguous rows; batch k -> (x, y), (T, B).
+
+    The ids are put on the device once (on the CPU a view of the corpus's array, 1 byte a
+    token for most corpora, never copied); a step slices its window there and widens it to
+    int64, so no step copies from host memory or waits for a transfer. `part` keeps only
+    the rows [start, stop) (a process's share of the batch)."""
+
+    def __init__(self, ids: np.ndarray, rows: int, seq_len: int, device, part: tuple[int, int] | None = None):
+        per_row = len(ids) // rows
+        start, stop = part or (0, rows)
+        self.data = _on_device(ids[:rows * per_row].reshape(rows, per_row)[start:stop], device)
+        self.rows, self.seq_len, self.device = stop - start, seq_len, device
+        self.count = (per_row - 1) // seq_len
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k: int):
+        a = k * self.seq_len
+        w = self.data[:, a:a + self.seq_len + 1].to(torch.int64).t().contiguous()
+        return w[:-1], w[1:]
+
+
+def _on_device(ids: np.ndarray, device) -> torch.Tensor:
+    """Token ids as a tensor on `device`: on the CPU the array itself; on a GPU uint8 when
+    they fit, else int32 (torch's uint16/uint32 support few operations on CUDA)."""
+    if device.type == "cpu":
+        return torch.from_numpy(ids)
+    dtype = np.uint8 if ids.dtype == np.uint8 else np.int32
+    return torch.from_numpy(np.ascontiguousarray(ids, dtype=dtype)).to(device)

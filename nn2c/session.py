@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .corpus import CorpusError, read_corpus
+from .distributed import LAUNCHED, LOST_PEER_EXIT, PeerLost, World
 from .errors import KernelError
-from .progress import fmt_value
+from .progress import LogError, fmt_value
 from .train import Interrupted, TrainConfig, Trainer, TrainError
 
 # May change when resuming; every other option is the checkpoint's, and giving it a different
@@ -27,6 +28,7 @@ class TrainRequest:
     options: dict
     given: frozenset | None = None   # options the user gave (None: all of them)
     codec_service: str | None = None  # HOST:PORT of the codec service (the "service" codec)
+    log: str | None = None           # --log: the JSON-lines training log
 
 
 def default_corpus() -> str:
@@ -81,19 +83,47 @@ def _prepare(req: TrainRequest):
 
 
 def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -> dict:
-    """Train as asked; raise `failure(message, code)` for every expected error."""
+    """Train as asked; raise `failure(message, code)` for every expected error. In a job of
+    several processes only rank 0 speaks: the others fail with its status and no message
+    (every expected error happens on all of them alike)."""
+    world = World.from_env()
+    if world is not None and world.rank != 0:
+        with open(os.devnull, "w") as quiet:
+            try:
+                return _run(req, _silent(failure), 0, quiet)
+            except PeerLost:
+                raise SystemExit(LOST_PEER_EXIT) from None
+    return _run(req, failure, sample_len, stream)
+
+
+def _silent(failure):
+    def make(message, code=1, raw=False):
+        return SystemExit(code)
+    return make
+
+
+def _run(req: TrainRequest, failure, sample_len: int, stream) -> dict:
     out = stream or sys.stderr
     try:
         cfg, ts, corpus = _prepare(req)
         for note in corpus.notes:
             print(f"nn2c: note: {note}", file=out)
-        summary = Trainer(cfg, corpus, req.output, req.checkpoint, ts, stream).run()
+        trainer = Trainer(cfg, corpus, req.output, req.checkpoint, ts, stream, req.log)
+        for note in trainer.notes:
+            print(f"nn2c: warning: {note}", file=out)
+        summary = trainer.run()
     except KernelError as e:
         raise failure(str(e), raw=e.pos is not None and e.pos.line >= 1) from None
-    except (CorpusError, TrainError, CheckpointError) as e:
+    except (CorpusError, TrainError, CheckpointError, LogError) as e:
         raise failure(str(e)) from None
     except Interrupted as e:
         raise failure(str(e), code=130) from None
+    except PeerLost as e:
+        if os.environ.get(LAUNCHED):          # the launcher says which process went and why
+            raise SystemExit(LOST_PEER_EXIT) from None
+        kept = (f"the last checkpoint is {req.checkpoint}" if os.path.exists(req.checkpoint)
+                else "no checkpoint was written")
+        raise failure(f"{e}; the job stopped; {kept}; continue with --resume") from None
     except KeyboardInterrupt:
         kept = (f"the last checkpoint is {req.checkpoint}" if os.path.exists(req.checkpoint)
                 else "no checkpoint was written")
@@ -120,7 +150,9 @@ def final_line(req: TrainRequest, cfg: TrainConfig, corpus, summary: dict) -> st
                   f"--epochs {cfg.epochs:g} ({total:,} step{'' if total == 1 else 's'})")
         return (f"nothing left to train: {req.checkpoint} is at step {summary['steps']}, {length}; "
                 f"wrote {what} (from the checkpoint)")
-    return (f"wrote {what}; {summary['chars_per_s']:,} chars/s on {summary['device']} ({summary['loop']} loop); "
+    n = summary.get("world_size", 1)
+    where = f"{summary['device']} × {n} processes" if n > 1 else summary["device"]
+    return (f"wrote {what}; {summary['chars_per_s']:,} chars/s on {where} ({summary['loop']} loop); "
             f"checkpoint {req.checkpoint} kept for --resume")
 
 

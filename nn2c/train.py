@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from .checkpoint import TrainState, save_checkpoint
 from .compiler import compile_kernel, write_model
-from .corpus import Corpus
-from .progress import Progress
+from .corpus import Batches, Corpus
+from .distributed import Collective, World, split_error
+from .progress import Progress, TrainLog
 from .torch_backend import TorchNetwork, init_tensors
 
 
@@ -79,39 +80,24 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, world: "World | None" = None) -> torch.device:
+    """The device to train on; in a job on GPUs, the GPU of this process's local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)")
     if name not in ("cpu", "cuda"):
         raise TrainError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and world is not None:
+        if world.local_rank >= torch.cuda.device_count():
+            raise TrainError(f"process {world.rank} needs GPU {world.local_rank}, and this machine has "
+                             f"{torch.cuda.device_count()}: run at most one process per GPU")
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
     return torch.device(name)
 
 
-class Batches:
-    """Windows of a token stream laid out as `rows` contiguous rows; batch k -> (x, y), (T, B).
-
-    The ids stay where the corpus put them (a view, 1 byte a token for most corpora); only
-    the window a step reads is widened to int64 and moved to the device."""
-
-    def __init__(self, ids: np.ndarray, rows: int, seq_len: int, device):
-        per_row = len(ids) // rows
-        self.data = ids[:rows * per_row].reshape(rows, per_row)
-        self.rows, self.seq_len, self.device = rows, seq_len, device
-        self.count = (per_row - 1) // seq_len
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, k: int):
-        a = k * self.seq_len
-        window = np.ascontiguousarray(self.data[:, a:a + self.seq_len + 1].T, dtype=np.int64)
-        w = torch.from_numpy(window).to(self.device)
-        return w[:-1], w[1:]
-
-
-def split(corpus: Corpus, cfg: TrainConfig, device):
+def split(corpus: Corpus, cfg: TrainConfig, device, part: tuple[int, int] | None = None):
     n = len(corpus.ids)
     n_val = int(n * cfg.val_frac)
     train_ids, val_ids = corpus.ids[:n - n_val], corpus.ids[n - n_val:][:cfg.max_eval_tokens]
@@ -120,7 +106,7 @@ def split(corpus: Corpus, cfg: TrainConfig, device):
         raise TrainError(f"{corpus.path} is too short: {len(train_ids):,} training tokens, one batch needs "
                          f"{need:,} (--batch {cfg.batch} × (--seq-len {cfg.seq_len} + 1)); "
                          "use a longer corpus or smaller --batch/--seq-len")
-    train = Batches(train_ids, cfg.batch, cfg.seq_len, device)
+    train = Batches(train_ids, cfg.batch, cfg.seq_len, device, part)
     if cfg.val_frac == 0:
         return train, None              # asked for: the file will hold the final weights
     window = cfg.seq_len + 1
@@ -136,6 +122,8 @@ def split(corpus: Corpus, cfg: TrainConfig, device):
 # float32 weights, their gradients and Adam's two moments (16 bytes), and the copies a
 # checkpoint is written from: weights, both moments and the best weights (16 more).
 BYTES_PER_PARAMETER = 32
+READ_EVERY = 50                # steps between reads of the loss on a GPU (as often as progress lines)
+READ_EVERY_CPU = 1             # on the CPU nothing is queued: a read costs nothing
 INIT_PROBE_WINDOWS = 64        # a loss that fails this early in an epoch is checked against the initial weights
 
 
@@ -185,17 +173,46 @@ def _detach(state):
 
 @torch.no_grad()
 def evaluate(net: TorchNetwork, batches: Batches, vocab: int) -> float:
-    """Mean cross-entropy (nats/token) over a whole split, state carried across windows."""
+    """Mean cross-entropy (nats/token) over a whole split, state carried across windows; the
+    sum stays on the device (float64) and is read once, at the end."""
     state = net.initial_state(batches.rows)
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=batches.device)
+    count = 0
     net.eval()                      # no dropout
     for k in range(len(batches)):
         x, y = batches[k]
         logits, state = net(x, state)
-        total += F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1), reduction="sum").item()
+        total += F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1), reduction="sum")
         count += y.numel()
     net.train()
-    return total / count
+    return total.item() / count
+
+
+class Health:
+    """Whether training is still finite, decided on the device without waiting for it (as
+    GradScaler's found_inf is). `bad` is sticky: once a step's loss or gradient norm is not
+    finite, Adam skips that update and every later one (`found_inf`), so the weights stay
+    those before the failing step until the trainer next reads, which raises Diverged."""
+
+    def __init__(self, device):
+        self.bad = torch.zeros((), device=device)                  # 0. or 1., Adam's found_inf
+        self.step = torch.zeros((), dtype=torch.int64, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.norm = torch.zeros((), device=device)
+
+    def update(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        now = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        first = now & (self.bad == 0)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss, self.loss)
+        self.norm = torch.where(first, norm.to(self.norm.dtype), self.norm)
+        self.bad = torch.maximum(self.bad, now.to(self.bad.dtype))
+
+    def read(self, loss: torch.Tensor) -> tuple[float, tuple | None]:
+        """(the loss, None) or, after a failure, (…, (failing step, its loss, its norm)): one wait."""
+        bad, step, failed_loss, norm, value = torch.stack(
+            [t.double() for t in (self.bad, self.step, self.loss, self.norm, loss)]).tolist()
+        return value, ((int(step), failed_loss, norm) if bad else None)
 
 
 def _check_fits(ts: TrainState, compiled, ckpt_path: str) -> None:
@@ -222,26 +239,49 @@ class Diverged(TrainError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, corpus: Corpus, out_path: str, ckpt_path: str,
-                 resume: "TrainState | None" = None, stream=None):
+                 resume: "TrainState | None" = None, stream=None, log_path: str | None = None):
         cfg.check()
         self.cfg, self.corpus, self.out_path, self.ckpt_path = cfg, corpus, out_path, ckpt_path
-        self.device = pick_device(cfg.device)
+        self.world = World.from_env()
+        if self.world is not None and split_error(cfg.batch, self.world.size):
+            raise TrainError(split_error(cfg.batch, self.world.size))
+        self.rank = self.world.rank if self.world else 0
+        self.device = pick_device(cfg.device, self.world)
         self.vocab = len(corpus.codec.vocab)
         self.compiled = compile_kernel(cfg.kernel, cfg.hidden, cfg.layers, self.vocab)
         check_memory(self.compiled, cfg, self.device)
-        self.train, self.val = split(corpus, cfg, self.device)
+        self.train, self.val = split(corpus, cfg, self.device, self.world and self.world.rows(cfg.batch))
+        if self.rank != 0:
+            self.val = None                 # rank 0 validates (and writes everything)
         self.total = cfg.steps if cfg.steps else max(1, math.ceil((cfg.epochs or 1.0) * len(self.train)))
         if resume is not None:
             _check_fits(resume, self.compiled, ckpt_path)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + self.rank)      # each rank its own dropout masks
         self.ts = resume or TrainState.fresh(init_tensors(self.compiled.network, cfg.seed), cfg, corpus.sha256)
         self.net = TorchNetwork(self.compiled.network, self.ts.tensors, dropout=cfg.dropout).to(self.device)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        self.params = list(self.net.parameters())
+        # fused: one kernel for the whole update, and it takes found_inf (see Health)
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, fused=True)
+        self.notes = []
         if resume is not None:
-            resume.restore(self.net, self.opt, self.device)
+            self.notes += resume.restore(self.net, self.opt, self.device, self.rank, self.world_size)
+        self.health = Health(self.device)
+        # the loss is read (a wait for the device) only this often, and at evaluations and
+        # checkpoints; on the CPU nothing is queued, so reading every step costs nothing
+        self.read_every = READ_EVERY_CPU if self.device.type == "cpu" else READ_EVERY
         self.stream = stream
-        self.first_step = self.ts.step
-        self._stop = False
+        self.log_path = log_path
+        self.first_step, self.resumed = self.ts.step, resume is not None
+        self.elapsed_before = self.ts.elapsed_s       # training seconds of the runs this one continues
+        self._stop = False                   # Ctrl-C (or, in a job, SIGTERM) asked for a stop
+        self._halt = self._late = False      # stop now / out of time: in a job, agreed by every rank
+        self._flags = None
+        self._deadline = None
+        self.collective = Collective(self.world, self.device) if self.world else None
+
+    @property
+    def world_size(self) -> int:
+        return self.world.size if self.world else 1
 
     def _on_sigint(self, signum, frame):
         self._stop = True
@@ -256,34 +296,51 @@ class Trainer:
                            "final (no validation: --val-frac 0)" if self.val is None else "final (not validated yet)",
                 "train_loss": ts.last_train, "val_loss": ts.last_val, "best_val_loss": ts.best_val,
                 "best_step": ts.best_step if validated else None, "chars_per_s": round(rate),
-                "device": str(self.device),
+                "device": str(self.device), "world_size": self.world_size,
                 "loop": self.net.loop_kind(),
                 "torch": torch.__version__, "hyperparameters": asdict(self.cfg)}
 
     def step(self, state):
-        """One optimizer step. Raises Diverged, leaving the weights as they were, when the loss
-        or the gradient norm is not finite, so a diverged step never reaches a checkpoint."""
+        """One optimizer step, queued without waiting for the device: returns the loss (a 0-d
+        tensor) and the state. A step whose loss or gradient norm is not finite leaves the
+        weights as they were (and so does every step after it) until `read` raises Diverged,
+        so a diverged step never reaches a checkpoint."""
         k = self.ts.step % len(self.train)
         if k == 0 or state is None:
-            state = self.net.initial_state(self.cfg.batch)
+            state = self.net.initial_state(self.train.rows)
         x, y = self.train[k]
         logits, state = self.net(x, state)
         loss = F.cross_entropy(logits.reshape(-1, self.vocab), y.reshape(-1))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip)
-        value, norm = torch.stack([loss.detach(), norm]).tolist()      # one wait on the device
-        if not math.isfinite(value):
-            raise self._diverged(f"the loss became {value}")
-        if not math.isfinite(norm):
-            raise self._diverged(f"the gradients became {norm}")
+        loss = loss.detach()
+        late = self._deadline is not None and time.monotonic() > self._deadline
+        if self.collective is not None:         # the mean gradient and loss of the whole batch
+            loss, self._flags = self.collective.average(self.params, loss, self._stop, late)
+        else:
+            self._halt, self._late = self._stop, late
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
+        self.health.update(self.ts.step + 1, loss, norm)
+        self.opt.found_inf = self.health.bad
         self.opt.step()
-        return value, _detach(state)
+        return loss, _detach(state)
+
+    def read(self, loss: torch.Tensor) -> float:
+        """The loss as a number (one wait for the device); Diverged if a step since the last
+        read was not finite, naming that step."""
+        value, failed = self.health.read(loss)
+        if self._flags is not None:             # what every rank asked, the same on all of them
+            stops, lates = self._flags.tolist()
+            self._halt, self._late = stops > 0, lates > 0
+        if failed is not None:
+            step, failed_loss, norm = failed
+            self.ts.step = step - 1              # the weights are those from before it
+            raise self._diverged(f"the loss became {failed_loss}" if not math.isfinite(failed_loss)
+                                 else f"the gradients became {norm}")
+        return value
 
     def _diverged(self, what: str) -> Diverged:
-        ts = self.ts
-        kept = (f"the last good checkpoint is {self.ckpt_path} (step {ts.saved_step})" if ts.saved_step
-                else "no checkpoint was written yet")
+        ts, kept = self.ts, self._kept()
         if ts.step == 0 or self._overflows_at_init():
             when = ("with the initial weights, before any update" if ts.step == 0 else
                     "and the initial weights give non-finite values on the same text too")
@@ -292,6 +349,10 @@ class Trainer:
                             "limit (e.g. exp of an unbounded sum) with σ or tanh")
         return Diverged(f"{what} at step {ts.step + 1} (--lr {self.cfg.lr:g}); stopped: {kept}; "
                         "try a lower --lr or --clip")
+
+    def _kept(self) -> str:
+        return (f"the last good checkpoint is {self.ckpt_path} (step {self.ts.saved_step})" if self.ts.saved_step
+                else "no checkpoint was written yet")
 
     def _overflows_at_init(self) -> bool:
         """Whether the initial weights, run over this epoch's windows up to the failing one,
@@ -302,7 +363,7 @@ class Trainer:
             return False
         net = TorchNetwork(self.compiled.network, init_tensors(self.compiled.network, self.cfg.seed)).to(self.device)
         net.eval()
-        state = net.initial_state(self.cfg.batch)
+        state = net.initial_state(self.train.rows)
         for j in range(k + 1):
             x, y = self.train[j]
             logits, state = net(x, state)
@@ -318,56 +379,94 @@ class Trainer:
         """Train to the last step (or until Ctrl-C), checkpointing; write the .nnb of the best weights."""
         watch = threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGINT, self._on_sigint) if watch else None
+        # in a job every rank gets the launcher's (or torchrun's) SIGTERM: stop together, saved
+        old_term = signal.signal(signal.SIGTERM, self._on_sigint) if watch and self.world else None
         try:
             if self.ts.step >= self.total:        # a resumed run already at its end: nothing to time
                 rate = self.ts.chars_per_s
             else:
                 limit = 60 * self.cfg.max_minutes if self.cfg.max_minutes else None
-                with Progress(self.total, self.ts.step, self.stream, seconds=limit) as progress:
-                    self._loop(progress)
-                    rate = progress.rate
-            best = self.ts.best_tensors if self.ts.best_tensors is not None else self.net.numpy_tensors()
-            self._write(self.out_path, write_model, self.out_path, self.compiled, best, self.corpus.codec,
-                        self.provenance(rate))
+                log = (TrainLog(self.log_path, self.ts.step if self.resumed else None)
+                       if self.log_path and self.rank == 0 else None)
+                try:
+                    with Progress(self.total, self.ts.step, self.stream, seconds=limit) as progress:
+                        self._loop(progress, log)
+                        rate = progress.rate
+                finally:
+                    if log is not None:
+                        log.close()
+            if self.rank == 0:
+                best = self.ts.best_tensors if self.ts.best_tensors is not None else self.net.numpy_tensors()
+                self._write(self.out_path, write_model, self.out_path, self.compiled, best, self.corpus.codec,
+                            self.provenance(rate))
         finally:
             if watch:
                 signal.signal(signal.SIGINT, old)
+                if old_term is not None:
+                    signal.signal(signal.SIGTERM, old_term)
+            if self.collective is not None:
+                self.collective.close()
         if self.ts.step < self.total:
             raise Interrupted(f"interrupted at step {self.ts.step}: checkpoint {self.ckpt_path}, best weights so "
                               f"far in {self.out_path}; continue with --resume")
         return {**self.provenance(rate), "steps_run": self.ts.step - self.first_step, "total_steps": self.total}
 
-    def _loop(self, progress: Progress) -> None:
+    def _loop(self, progress: Progress, log: "TrainLog | None") -> None:
         cfg, ts = self.cfg, self.ts
         every_ckpt = cfg.checkpoint_every or cfg.eval_every
-        state = ts.carried_state(self.device)
+        state = ts.carried_state(self.device, self.world and self.world.rows(cfg.batch))
         chars = cfg.batch * cfg.seq_len
-        deadline = progress.deadline         # --max-minutes, counted from the progress clock
-        while ts.step < self.total and not self._stop:
+        self._deadline = progress.deadline         # --max-minutes, counted from the progress clock
+        while ts.step < self.total and not self._halt:
             loss, state = self.step(state)
             ts.step += 1
-            if deadline is not None and time.monotonic() > deadline:
+            value = None
+            if ts.step % self.read_every == 0 or self._due(ts.step, every_ckpt):
+                value = ts.last_train = self.read(loss)     # in a job, also the ranks' stop and time
+            if self._late:
                 self.total = ts.step            # out of time: this step is the last one
-            ts.last_train = loss
-            val = self._maybe_eval()
-            progress.update(ts.step, loss, val, chars, force=val is not None)
-            if ts.step % every_ckpt == 0 or ts.step == self.total or self._stop:
+            evaluating = ts.step % cfg.eval_every == 0 or ts.step == self.total
+            saving = ts.step % every_ckpt == 0 or ts.step == self.total or self._halt
+            if (evaluating or saving) and value is None:
+                value = ts.last_train = self.read(loss)
+            val = self._evaluate() if evaluating else None
+            progress.update(ts.step, value, val, chars, force=val is not None)
+            ts.elapsed_s = self.elapsed_before + progress.elapsed
+            if evaluating and log is not None:
+                log.write(step=ts.step, train_loss=value, val_loss=val, chars_per_s=round(progress.rate),
+                          elapsed_s=round(ts.elapsed_s, 3), lr=cfg.lr)
+            if saving:
                 self._save_checkpoint(state, progress.rate)
 
-    def _maybe_eval(self) -> float | None:
-        """Validate on schedule only (not on Ctrl-C), so an interrupted and resumed run
-        picks the same best weights as an uninterrupted one."""
+    def _due(self, step: int, every_ckpt: int) -> bool:
+        return step % self.cfg.eval_every == 0 or step % every_ckpt == 0 or step == self.total
+
+    def _evaluate(self) -> float | None:
+        """Validate (on schedule only, not on Ctrl-C, so an interrupted and resumed run
+        picks the same best weights as an uninterrupted one); None without validation."""
         ts = self.ts
-        if self.val is None or (ts.step % self.cfg.eval_every and ts.step != self.total):
+        if self.val is None:
             return None
         ts.last_val = evaluate(self.net, self.val, self.vocab)
+        if not math.isfinite(ts.last_val):
+            raise Diverged(f"the validation loss became {ts.last_val} at step {ts.step} (--lr {self.cfg.lr:g}); "
+                           f"stopped: {self._kept()}; try a lower --lr or --clip")
         if ts.best_val is None or ts.last_val < ts.best_val:
             ts.best_val, ts.best_step = ts.last_val, ts.step
             ts.best_tensors = self.net.numpy_tensors()
         return ts.last_val
 
     def _save_checkpoint(self, state, rate: float) -> None:
-        self.ts.capture(self.net, self.opt, state)
+        self.ts.capture(self.net, self.opt, state, self.device)
+        if self.collective is not None:
+            parts = self.collective.gather((self.ts.carried, self.ts.torch_rng, self.ts.cuda_rng))
+            self.ts.saved_step = self.ts.step
+            if self.rank != 0:
+                return
+            self.ts.carried = [[np.concatenate([p[0][layer][i] for p in parts]) for i in range(len(arrays))]
+                               for layer, arrays in enumerate(self.ts.carried)]
+            self.ts.rank_rngs = [(p[1], p[2]) for p in parts[1:]]
+        self.ts.world_size = self.world_size
         self._write(self.ckpt_path, save_checkpoint, self.ckpt_path, self.compiled, self.corpus.codec,
                     self.provenance(rate), self.ts)
         self.ts.saved_step = self.ts.step

@@ -33,7 +33,7 @@ def _unigram_entropy(text: str) -> float:
 def test_training_reaches_a_loss_far_below_the_unigram_entropy(tmp_path, kernel):
     text = _corpus(tmp_path / "words.txt")
     cfg = TrainConfig(kernel=kernel, hidden=32, layers=1, seq_len=32, batch=16, steps=250, lr=1e-2,
-                      eval_every=50, val_frac=0.1)
+                      eval_every=50, val_frac=0.1, device="cpu")
     trainer = Trainer(cfg, read_corpus(str(tmp_path / "words.txt")), str(tmp_path / "m.nnb"),
                       str(tmp_path / "m.ckpt"), stream=io.StringIO())
     summary = trainer.run()
@@ -49,7 +49,7 @@ def test_cpu_runs_with_the_same_seed_give_the_same_weights(tmp_path):
     _corpus(tmp_path / "w.txt", 1500)
     outs = []
     for run in range(2):
-        cfg = TrainConfig(hidden=16, layers=2, seq_len=16, batch=8, steps=20, eval_every=10, seed=3)
+        cfg = TrainConfig(hidden=16, layers=2, seq_len=16, batch=8, steps=20, eval_every=10, seed=3, device="cpu")
         out = tmp_path / f"m{run}.nnb"
         Trainer(cfg, read_corpus(str(tmp_path / "w.txt")), str(out), str(out) + ".ckpt", stream=io.StringIO()).run()
         outs.append(nn2run.load(out))
