@@ -28,9 +28,14 @@ class Failure(click.ClickException):
         click.echo(self.format_message() if self.raw else f"nn2c: {self.format_message()}", err=True)
 
 
-def kernel_failure(e) -> Failure:
-    """A kernel error: with its caret when it points into the source, else one `nn2c:` line."""
-    return Failure(str(e), raw=e.pos is not None and e.pos.line >= 1)
+def failure_of(e: Exception) -> Failure:
+    """The one place where a typed error of nn2c becomes what the user sees: a kernel error
+    with its caret when it points into the source, every other one a `nn2c:` line; the
+    status is the error class's `exit_status` (130 for an interruption), else 1."""
+    from .errors import KernelError
+    if isinstance(e, KernelError):
+        return Failure(str(e), raw=e.pos is not None and e.pos.line >= 1)
+    return Failure(str(e), code=getattr(e, "exit_status", 1))
 
 
 def _writable(path: str) -> None:
@@ -95,7 +100,7 @@ def check(kernel, hidden, vocab, layers, no_opt):
     try:
         click.echo(describe_kernel(kernel, hidden, vocab, layers, optimized=not no_opt))
     except KernelError as e:
-        raise kernel_failure(e) from None
+        raise failure_of(e) from None
 
 
 @main.command()
@@ -159,11 +164,17 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
     given = frozenset(name for name in options if ctx.get_parameter_source(name) != ParameterSource.DEFAULT
                       and not (name == "codec" and codec_service is not None))
     try:
-        from .session import TrainRequest, run_training
+        from .session import EXPECTED, TrainRequest, run_training
     except KeyboardInterrupt:
         raise Failure("interrupted before training started; nothing was written", code=130) from None
-    run_training(TrainRequest(corpus, output, ckpt, resume, options, given, codec_service, log), Failure,
-                 sample_len)
+    try:
+        run_training(TrainRequest(corpus, output, ckpt, resume, options, given, codec_service, log), sample_len)
+    except EXPECTED as e:
+        from .distributed import World
+        world = World.from_env()
+        if world is not None and world.rank != 0:    # in a job only rank 0 speaks; all fail alike
+            raise SystemExit(failure_of(e).exit_code) from None
+        raise failure_of(e) from None
 
 
 @main.command()
@@ -180,7 +191,7 @@ def quantize(model, dtype, output):
     try:
         click.echo(quantize_file(model, output, dtype))
     except QuantizeError as e:
-        raise Failure(str(e)) from None
+        raise failure_of(e) from None
 
 
 @main.command()
@@ -201,7 +212,7 @@ def plot(logs, output, x_axis):
     try:
         plot_logs(list(logs), output, x_axis)
     except PlotError as e:
-        raise Failure(str(e)) from None
+        raise failure_of(e) from None
     click.echo(f"wrote {output}: {len(logs)} run{'' if len(logs) == 1 else 's'}", err=True)
 
 
@@ -271,7 +282,7 @@ def export(model, onnx_path):
     try:
         click.echo(export_onnx(model, onnx_path))
     except ExportError as e:
-        raise Failure(str(e)) from None
+        raise failure_of(e) from None
 
 
 if __name__ == "__main__":      # pragma: no cover

@@ -1,5 +1,6 @@
-"""`nn2c train` as a session: corpus, resume, training, and every expected failure turned
-into one clear line. The CLI calls `run_training`; tests can call it too."""
+"""`nn2c train` as a session: corpus, resume, training, and every expected failure raised
+as a typed error (EXPECTED) for the command line to report. The CLI calls `run_training`;
+tests can call it too."""
 
 from __future__ import annotations
 
@@ -82,27 +83,31 @@ def _prepare(req: TrainRequest):
     return cfg, ts, corpus
 
 
-def run_training(req: TrainRequest, failure, sample_len: int = 0, stream=None) -> dict:
-    """Train as asked; raise `failure(message, code)` for every expected error. In a job of
-    several processes only rank 0 speaks: the others fail with its status and no message
-    (every expected error happens on all of them alike)."""
+# Every error a session expects. The command line turns each into one line and an exit
+# status (nn2c.cli); nothing here prints a failure or picks a status.
+EXPECTED = (KernelError, CorpusError, TrainError, CheckpointError, LogError, Interrupted)
+
+
+def run_training(req: TrainRequest, sample_len: int = 0, stream=None) -> dict:
+    """Train as asked and return the summary; an expected failure raises one of EXPECTED.
+    In a job of several processes only rank 0 speaks: the others train with their output
+    going nowhere, and a lost peer ends them with the launcher's status."""
     world = World.from_env()
     if world is not None and world.rank != 0:
         with open(os.devnull, "w") as quiet:
             try:
-                return _run(req, _silent(failure), 0, quiet)
+                return _run(req, 0, quiet)
             except PeerLost:
                 raise SystemExit(LOST_PEER_EXIT) from None
-    return _run(req, failure, sample_len, stream)
+    return _run(req, sample_len, stream)
 
 
-def _silent(failure):
-    def make(message, code=1, raw=False):
-        return SystemExit(code)
-    return make
+def _kept(req: TrainRequest) -> str:
+    return (f"the last checkpoint is {req.checkpoint}" if os.path.exists(req.checkpoint)
+            else "no checkpoint was written")
 
 
-def _run(req: TrainRequest, failure, sample_len: int, stream) -> dict:
+def _run(req: TrainRequest, sample_len: int, stream) -> dict:
     out = stream or sys.stderr
     try:
         cfg, ts, corpus = _prepare(req)
@@ -112,24 +117,14 @@ def _run(req: TrainRequest, failure, sample_len: int, stream) -> dict:
         for note in trainer.notes:
             print(f"nn2c: warning: {note}", file=out)
         summary = trainer.run()
-    except KernelError as e:
-        raise failure(str(e), raw=e.pos is not None and e.pos.line >= 1) from None
-    except (CorpusError, TrainError, CheckpointError, LogError) as e:
-        raise failure(str(e)) from None
-    except Interrupted as e:
-        raise failure(str(e), code=130) from None
     except PeerLost as e:
         if os.environ.get(LAUNCHED):          # the launcher says which process went and why
             raise SystemExit(LOST_PEER_EXIT) from None
-        kept = (f"the last checkpoint is {req.checkpoint}" if os.path.exists(req.checkpoint)
-                else "no checkpoint was written")
-        raise failure(f"{e}; the job stopped; {kept}; continue with --resume") from None
+        raise TrainError(f"{e}; the job stopped; {_kept(req)}; continue with --resume") from None
     except KeyboardInterrupt:
-        kept = (f"the last checkpoint is {req.checkpoint}" if os.path.exists(req.checkpoint)
-                else "no checkpoint was written")
-        raise failure(f"interrupted; {kept}", code=130) from None
+        raise Interrupted(f"interrupted; {_kept(req)}") from None
     except OSError as e:
-        raise failure(f"cannot write {e.filename or req.output}: {e.strerror or e}") from None
+        raise TrainError(f"cannot write {e.filename or req.output}: {e.strerror or e}") from None
     print(final_line(req, cfg, corpus, summary), file=out)
     if sample_len:
         _sample(req.output, sample_len, req.codec_service)

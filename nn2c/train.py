@@ -232,6 +232,8 @@ def _check_fits(ts: TrainState, compiled, ckpt_path: str) -> None:
 class Interrupted(Exception):
     """Training stopped by Ctrl-C after saving; the message says where things are."""
 
+    exit_status = 130
+
 
 class Diverged(TrainError):
     """The loss or the gradients stopped being finite; the weights were not updated."""
