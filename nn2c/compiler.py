@@ -15,7 +15,7 @@ import nn2run.format as fmt
 
 from . import __version__
 from .ast import Kernel
-from .check import CheckedKernel, check
+from .check import CheckedKernel, check, check_layers
 from .emit import emit
 from .ir import Network
 from .kernels import load_kernel
@@ -41,6 +41,7 @@ def compile_kernel(spec: "str | Kernel", hidden: int, layers: int, vocab: int,
     """Compile a kernel (a sample name, a path or a parsed Kernel) for the given sizes."""
     kernel = load_kernel(spec) if isinstance(spec, str) else spec
     checked = check(kernel)
+    check_layers(checked, layers)
     network = optimize(lower(checked, hidden, vocab, layers), passes)
     program, params = emit(network)
     name = spec if isinstance(spec, str) and "/" not in spec and not spec.endswith(".eq") else kernel.filename
