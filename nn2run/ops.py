@@ -176,6 +176,7 @@ def named(*kinds: str) -> tuple[str, ...]:
 # element-wise renderer (the trainer's C loop) writes, less the row-wise ones.
 POINTWISE = tuple(op.name for op in _OPS if op.kind in ("elementwise", "activation") and not op.rowwise)
 REDUCTIONS = named("reduction")
+ROWWISE = tuple(op.name for op in _OPS if op.kind == "activation" and op.rowwise)     # softmax, logsoftmax
 
 
 def check_table(owner: str, table, needed, unsupported=()) -> None:

@@ -241,18 +241,19 @@ mₜ = aₜ ⊘ sqrt(mean(aₜ ⊙ aₜ) + 1) + sum(hₜ₋₁) ⊘ 4 − max(a�
 hₜ = tanh(mₜ ⊘ (2 + exp(W_b xₜ + U_b hₜ₋₁)) + hₜ₋₁ / (3 + max(hₜ₋₁ ⊙ hₜ₋₁)))
 """
 FEEDBACK = "hₜ = tanh(W_h xₜ + U_h yₜ₋₁ + b_h)\nyₜ = W_y hₜ + b_y\n"
+ROWWISE = "hₜ = tanh(W xₜ + U softmax(hₜ₋₁) + log_softmax(V hₜ₋₁))\n"
 
 
 @pytest.mark.parametrize("loop", ["fused", "native"])
-@pytest.mark.parametrize("kernel", ["every-new-op", "lnlstm", "elman", "jordan", "feedback"])
+@pytest.mark.parametrize("kernel", ["every-new-op", "lnlstm", "elman", "jordan", "feedback", "rowwise"])
 def test_new_operations_train_in_both_loops_as_autograd_says(kernel, loop, monkeypatch):
     if loop == "native" and (not shutil.which("cc") or not native.enabled()):
         pytest.skip("no C compiler")
     monkeypatch.setenv("NN2_NATIVE", "1" if loop == "native" else "0")
-    spec = {"every-new-op": parse(EVERY_NEW_OP, "new.eq"), "feedback": parse(FEEDBACK, "fb.eq")}.get(kernel, kernel)
+    spec = {"every-new-op": parse(EVERY_NEW_OP, "new.eq"), "feedback": parse(FEEDBACK, "fb.eq"),
+            "rowwise": parse(ROWWISE, "rw.eq")}.get(kernel, kernel)
     layers = 1 if kernel in ("jordan", "feedback") else 2
     compiled = compile_kernel(spec, 6, layers, 5)
     ids = torch.randint(0, 5, (9, 3), generator=torch.Generator().manual_seed(0))
     net = assert_matches_plain_program(compiled.network, random_tensors(compiled.network, 2), ids, 3)
-    # a softmax inside the loop (jordan's yₜ) is the fused loop's
-    assert net.loop_kind() == ("fused" if loop == "fused" or kernel == "jordan" else "native")
+    assert net.loop_kind() == loop

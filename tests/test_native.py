@@ -118,11 +118,12 @@ def test_fallbacks_keep_the_fused_loop(monkeypatch):
     assert loop.kind == "fused"
 
 
-def test_a_softmax_inside_the_loop_is_left_to_the_fused_loop():
-    kernel = parse("aₜ = softmax(W·xₜ + U·hₜ₋₁ + b)\nhₜ = aₜ ⊙ hₜ₋₁\n", "attn.eq")
-    cell = compile_kernel(kernel, 6, 1, 4).network.cells[0]
-    assert native.supported(cell) == "softmax inside the loop"
-    assert FusedLoop(cell).kind == "fused"
+def test_a_softmax_inside_the_loop_runs_native_too():
+    kernel = parse("aₜ = softmax(W·xₜ + U·hₜ₋₁ + b)\nhₜ = aₜ ⊙ hₜ₋₁ + W_h xₜ\n", "attn.eq")
+    compiled = compile_kernel(kernel, 6, 1, 4)
+    assert native.supported(compiled.network.cells[0]) is None
+    ids = torch.randint(0, 4, (7, 3), generator=torch.Generator().manual_seed(0))
+    _assert_native(assert_matches_plain_program(compiled.network, random_tensors(compiled.network, 5), ids, 3))
 
 
 def test_a_built_loop_is_cached_and_reused(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nn2run.ops import OPS, POINTWISE, REDUCTIONS, check_table
+from nn2run.ops import OPS, POINTWISE, REDUCTIONS, ROWWISE, check_table
 
 from ..backward import Deriv, Grad
 from .plan import BackwardGroup, Buffer, Group, Plan, Rows, Seed, Slot, SlotKind, Where
@@ -28,10 +28,23 @@ C_DERIV = {"sigmoid": "{g} * {v} * (1.0f - {v})", "tanh": "{g} * (1.0f - {v} * {
 C_REDUCE = {"sum": ("0.0f", "acc += {a}", "acc"), "mean": ("0.0f", "acc += {a}", "acc * (1.0f / {w})"),
             "max": ("-INFINITY", "acc = {a} > acc ? {a} : acc", "acc")}
 # (ties share max's gradient equally, as torch's amax does: n counts them)
+# softmax and log_softmax over a row: C statements from the row's maximum m (dst the result,
+# a the operand); their derivatives read one sum over the row (`dot`): Σ g·v, Σ g
+C_ROWWISE = {"softmax": ["float s = 0.0f;",
+                         "for (int64_t j = 0; j < {w}; j++) {{ {dst}[j] = nn2_exp({a}[j] - m); s += {dst}[j]; }}",
+                         "for (int64_t j = 0; j < {w}; j++) {dst}[j] /= s;"],
+             "logsoftmax": ["float s = 0.0f;",
+                            "for (int64_t j = 0; j < {w}; j++) s += nn2_exp({a}[j] - m);",
+                            "float l = m + logf(s);",
+                            "for (int64_t j = 0; j < {w}; j++) {dst}[j] = {a}[j] - l;"]}
+C_ROWWISE_DERIV = {"softmax": ("{g} * {v}", "{v} * ({g} - {dot})"),
+                   "logsoftmax": ("{g}", "({g} - nn2_exp({v}) * {dot})")}
 C_REDUCE_DERIV = {"sum": "{g}", "mean": "({g} * (1.0f / {w}))", "max": "({a} == {v} ? {g} / {n} : 0.0f)"}
 check_table("nn2c.native C_OPS", C_OPS, POINTWISE)
 check_table("nn2c.native C_DERIV", C_DERIV, [n for n in POINTWISE if OPS[n].kind == "activation"])
 check_table("nn2c.native C_REDUCE", C_REDUCE, REDUCTIONS)
+check_table("nn2c.native C_ROWWISE", C_ROWWISE, ROWWISE)
+check_table("nn2c.native C_ROWWISE_DERIV", C_ROWWISE_DERIV, ROWWISE)
 check_table("nn2c.native C_REDUCE_DERIV", C_REDUCE_DERIV, REDUCTIONS)
 
 PRELUDE = (Path(__file__).with_name("prelude.c")).read_text(encoding="utf-8")
@@ -107,9 +120,20 @@ class _Renderer:
                 return C_REDUCE_DERIV[x.op].format(g=a[0], a=a[1] if len(a) > 1 else "",
                                                    v=a[2] if len(a) > 2 else "", w=x.width,
                                                    n=self.ties(x) if x.op == "max" else "")
+            if x.op in ROWWISE:
+                return C_ROWWISE_DERIV[x.op][1].format(g=a[0], v=a[1], dot=self.row_sum(x))
             return C_DERIV[x.op].format(g=a[0], v=a[1])
         return self.elem(x, j)
 
+
+    def row_sum(self, x: Deriv) -> str:
+        """A C variable holding the row sum softmax's or log_softmax's derivative reads."""
+        name = f"dot{len(self.before)}"
+        term = C_ROWWISE_DERIV[x.op][0].format(g=self.at_col(x.args[0], "k"), v=self.at_col(x.args[1], "k"))
+        width = x.args[1].width
+        self.before += [f"        float {name} = 0.0f;",
+                        f"        for (int64_t k = 0; k < {width}; k++) {name} += {term};"]
+        return name
 
     def ties(self, x: Deriv) -> str:
         """A C variable counting the columns equal to max's result in this row."""
@@ -144,6 +168,12 @@ def _forward(r: _Renderer, group: Group) -> str:
             for a in n.args:
                 lines.append(f"        for (int64_t j = 0; j < {a.width}; j++) {dst}[{col} + j] = {r.value(a)}[j];")
                 col += a.width
+            continue
+        if n.op in ROWWISE:
+            a, w = r.value(n.args[0]), n.width
+            lines += ["        {", "        float m = -INFINITY;",
+                      f"        for (int64_t j = 0; j < {w}; j++) m = {a}[j] > m ? {a}[j] : m;"]
+            lines += [f"        {line.format(w=w, dst=dst, a=a)}" for line in C_ROWWISE[n.op]] + ["        }"]
             continue
         if n.op in REDUCTIONS:
             start, fold, finish = C_REDUCE[n.op]
