@@ -11,7 +11,7 @@ Lowering is literal: one node per operation of the equations. Speed is the optim
 from __future__ import annotations
 
 from . import ast
-from .check import CheckedKernel, show as ast_show
+from .check import CheckedKernel, show
 from .errors import KernelError
 from .ir import Cell, Network, Node, Part, TensorSpec
 
@@ -103,7 +103,7 @@ class _Lowerer:
 
 
 def _zero(e) -> float:
-    raise KernelError(f"{ast_show(e)} divides by zero", pos=e.pos)
+    raise KernelError(f"{show(e)} divides by zero", pos=e.pos)
 
 
 def readout_logits(lw: _Lowerer, expr) -> Node:

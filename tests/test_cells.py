@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import assert_matches_plain_program, assert_points_at, build_model, random_tensors
 
 import nn2run
+from conftest import assert_matches_plain_program, assert_points_at, build_model, random_tensors
 from nn2c import native
 from nn2c.check import check
 from nn2c.compiler import compile_kernel
@@ -186,7 +186,7 @@ def _lnlstm64(m, ids, layers):
 def test_vm_matches_float64_numpy(tmp_path, kernel, layers, reference):
     path, _, _ = build_model(tmp_path / "m.nnb", kernel, H, layers, V, seed=7)
     ids = np.random.default_rng(1).integers(0, V, size=(STEPS, BATCH))
-    got, m = _run(path, ids)
+    got, _ = _run(path, ids)
     with nn2run.load(path) as m:
         want = reference(m, ids, layers)
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
@@ -201,6 +201,10 @@ def test_feedback_is_a_state_the_vm_hands_out_and_resets(tmp_path):
         assert [a.shape for a in state.arrays] == [(BATCH, V)]
         logits, state = m.step(np.array([1, 2, 3]), state)
         np.testing.assert_allclose(state.arrays[0], np.exp(logits), atol=1e-6)   # yₜ, the softmax
+        from nn2run.vm import VM
+        vm = VM(m.program, m.tensors, BATCH)         # what the server's scheduler moves between rows
+        vm.advance(np.array([1, 2, 3]))
+        np.testing.assert_allclose(vm.state_arrays()[0], state.arrays[0], atol=1e-7)
 
 
 @pytest.mark.parametrize("op, shapes", [
@@ -257,3 +261,10 @@ def test_new_operations_train_in_both_loops_as_autograd_says(kernel, loop, monke
     ids = torch.randint(0, 5, (9, 3), generator=torch.Generator().manual_seed(0))
     net = assert_matches_plain_program(compiled.network, random_tensors(compiled.network, 2), ids, 3)
     assert net.loop_kind() == loop
+
+
+def test_a_constant_divided_by_zero_is_reported_where_it_is():
+    with pytest.raises(KernelError) as info:
+        compile_kernel(parse("hₜ = tanh(W xₜ + U hₜ₋₁ ⊘ (2 / 0))\n", "k.eq"), 4, 1, 3)
+    assert "2 ⊘ 0 divides by zero" in str(info.value)
+    assert_points_at(str(info.value), 1, 30, "/")
