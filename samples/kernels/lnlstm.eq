@@ -1,11 +1,10 @@
-# Layer-normalized LSTM (Ba, Kiros & Hinton 2016, "Layer Normalization", section 3.1 and
-# the LSTM of its supplementary material): the input and the recurrent term of every gate
-# are normalized separately, each with its own gain α and bias β, and so is the cell
-# before its tanh:
+# Layer-normalized LSTM (Ba, Kiros & Hinton 2016, "Layer Normalization"). The input
+# term and the recurrent term of every gate are normalized separately, each with its own
+# gain α and bias β, and so is the cell before its tanh:
 #     LN(z; α, β) = α ⊙ (z − μ) ⊘ sqrt(σ² + ε) + β,   μ = mean(z),  σ² = mean((z − μ)²)
-# The paper normalizes the four gates' terms jointly; here each gate's term is normalized
-# on its own (the language has no slices), as most implementations do. a is a centred
-# input term, r a centred recurrent term; ε = 10⁻⁵.
+# The paper normalizes the four gates' terms together; here each gate's term is
+# normalized on its own (the language has no slices), as many implementations do.
+# a is a centred input term, r a centred recurrent term; ε = 10⁻⁵.
 
 a_fₜ = W_f xₜ − mean(W_f xₜ)
 a_iₜ = W_i xₜ − mean(W_i xₜ)
