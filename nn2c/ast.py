@@ -11,9 +11,11 @@ from typing import Union
 
 from nn2run.ops import OPS, named
 
-# The functions the language knows, by canonical name: the activations of the operator
-# registry. Aliases (`σ`, `where σ_g = σ`) are resolved by the parser/checker to one of these.
-FUNCTIONS = named("activation")
+# The functions the language knows, by canonical name: the activations and the reductions
+# of the operator registry. Aliases (`σ`, `where σ_g = σ`) are resolved by the parser/checker
+# to one of these. A reduction (mean, sum, max) gives a scalar.
+FUNCTIONS = named("activation", "reduction")
+REDUCTIONS = named("reduction")
 BUILTIN_ALIASES = {spelled: name for name in FUNCTIONS for spelled in (name, *OPS[name].spellings)}
 
 
@@ -54,7 +56,7 @@ class Call:
 
 @dataclass(frozen=True)
 class BinOp:
-    op: str         # "add" | "sub" | "mul" (element-wise) | "matmul"
+    op: str         # "add" | "sub" | "mul" | "div" (element-wise) | "matmul"
     left: "Expr"
     right: "Expr"
     pos: Pos = field(compare=False)

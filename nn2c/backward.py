@@ -119,6 +119,8 @@ def _terms(n: Node, body) -> tuple[list[Term], WeightGrad | None]:
     def give(x, value, width=n.width):
         if x.op != "const":
             base, off = base_of(x, body)
+            if x.width == 1 and width > 1:          # a scalar broadcast over the row
+                value, width = Deriv("rsum", (value,), width=width), 1
             out.append(Term(base, off, width, value))
     if n.op == "add":
         for x in a:
@@ -129,6 +131,9 @@ def _terms(n: Node, body) -> tuple[list[Term], WeightGrad | None]:
     elif n.op == "mul":
         give(a[0], Deriv("mul", (g, a[1])))
         give(a[1], Deriv("mul", (g, a[0])))
+    elif n.op == "div":
+        give(a[0], Deriv("div", (g, a[1])))
+        give(a[1], Deriv("neg", (Deriv("div", (Deriv("mul", (g, n)), a[1])),)))     # −g·(a/b)/b
     elif n.op == "neg":
         give(a[0], Deriv("neg", (g,)))
     elif n.op == "matmul":
@@ -139,6 +144,9 @@ def _terms(n: Node, body) -> tuple[list[Term], WeightGrad | None]:
         for x in a:
             give(x, Deriv("cols", (g,), at, x.width), x.width)
             at += x.width
+    elif OPS[n.op].kind == "reduction":
+        reads = (a[0], n) if OPS[n.op].needs == "both" else ()
+        give(a[0], Deriv(n.op, (g, *reads), width=a[0].width), a[0].width)
     elif OPS[n.op].kind == "activation":
         give(a[0], Deriv(n.op, (g, n if OPS[n.op].needs == "output" else a[0])))
     else:

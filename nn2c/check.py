@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nn2c import typos
-from nn2c.ast import (FUNCTIONS, BinOp, Call, Concat, Equation, Expr, Kernel, Neg, Num, Pos,
+from nn2c.ast import (FUNCTIONS, REDUCTIONS, BinOp, Call, Concat, Equation, Expr, Kernel, Neg, Num, Pos,
                       Var, walk)
 from nn2c.errors import KernelError
 
@@ -77,6 +77,7 @@ class CheckedKernel:
     params: dict[str, Param]   # cell parameters, in order of first use
     readout_params: dict[str, Param]
     sizes: dict[str, Dim]      # every vector by base name: input, states, step values, "y"
+    feedback: Var | None = None   # the first use of yₜ₋₁ (output feedback: the previous readout)
 
 
 def check(kernel: Kernel) -> CheckedKernel:
@@ -89,8 +90,8 @@ def check(kernel: Kernel) -> CheckedKernel:
 
 # --- showing expressions in messages -------------------------------------------------
 
-_PREC = {"add": 1, "sub": 1, "mul": 2, "matmul": 4}
-_SYMBOL = {"add": " + ", "sub": " − ", "mul": " ⊙ ", "matmul": "·"}
+_PREC = {"add": 1, "sub": 1, "mul": 2, "div": 2, "matmul": 4}
+_SYMBOL = {"add": " + ", "sub": " − ", "mul": " ⊙ ", "div": " ⊘ ", "matmul": "·"}
 
 
 def show(expr: Expr, outer: int = 0) -> str:
@@ -133,8 +134,11 @@ def _classify(cell, defs) -> tuple[list[str], dict[str, Var], dict[str, Var]]:
     """States, undefined ₜ names (input candidates) and parameters, each by first use."""
     states, undefined, params = [], {}, {}
     for v in _vars(cell):
+        if v.name == "y" and v.time == -1:
+            continue                    # output feedback: the previous step's readout
         if v.name == "y" and "y" in defs:
-            raise KernelError(f"{v} is the readout; the cell cannot use it", pos=v.pos)
+            raise KernelError(f"{v} is this step's readout; the cell can use the previous "
+                              "one, yₜ₋₁", pos=v.pos)
         if v.time == -1:
             if v.name not in defs or defs[v.name].target.time != 0:
                 raise KernelError(f"undefined name: {v} is state, but no equation defines "
@@ -224,6 +228,11 @@ def _missing_operator(left: Expr) -> None:
                               pos=_start(after))
 
 
+def _scalar(expr: Expr) -> str:
+    """What a vector-less expression is called in a message: a reduction's value is a scalar."""
+    return "scalar" if any(isinstance(n, Call) and n.func in REDUCTIONS for n in walk(expr)) else "number"
+
+
 def _start(expr: Expr) -> Pos:
     while isinstance(expr, BinOp):
         expr = expr.left
@@ -280,8 +289,19 @@ def _check(kernel: Kernel) -> CheckedKernel:
                    if n not in shapes.matrix and shapes.dim(shapes.names.get(n)) is None]
         raise (typos.glued_input(kernel, input_var) or typos.unknown_vector(kernel, unsized)
                or e) from None
+    feedback = next((v for v in _vars(cell) if v.name == "y" and v.time == -1), None)
     return CheckedKernel(kernel, input_name, output, tuple(states), tuple(order), readout,
-                         shapes.params(params), shapes.params(readout_vars), sizes)
+                         shapes.params(params), shapes.params(readout_vars), sizes, feedback)
+
+
+def check_layers(checked: CheckedKernel, layers: int) -> None:
+    """Output feedback needs one layer: the readout runs on the top layer, and a cell reading
+    it would be a loop through every layer of the step."""
+    if checked.feedback is not None and layers > 1:
+        k = checked.kernel
+        raise KernelError(f"{checked.feedback} feeds the readout back into the cell, which needs "
+                          f"one layer, not {layers} (--layers 1)",
+                          pos=checked.feedback.pos).with_source(k.filename, k.source)
 
 
 def _check_varying(order: list[Equation], input_name: str, output: str, states) -> None:
@@ -389,6 +409,11 @@ class _Shapes:
             return None
         if isinstance(e, Var):
             return self.var(e.name)
+        if isinstance(e, Call) and e.func in REDUCTIONS:
+            if self.size(e.arg, depth + 1) is None:
+                raise KernelError(f"{show(e)} reduces a number; {e.spelled or e.func}(…) takes "
+                                  "a vector", pos=e.pos)
+            return None                 # a scalar: it broadcasts like a number
         if isinstance(e, (Neg, Call)):
             return self.size(e.operand if isinstance(e, Neg) else e.arg, depth + 1)
         if isinstance(e, Concat):
@@ -398,7 +423,7 @@ class _Shapes:
             right = self.size(e.right, depth + 1)
             if right is None:
                 raise KernelError(f"the right operand of {show(e)} must be a vector, not a "
-                                  "number", pos=e.right.pos)
+                                  f"{_scalar(e.right)}", pos=_start(e.right))
             self.require(depth, cols, right, e.left, e.right, e.pos)
             return rows
         left, right = self.size(e.left, depth + 1), self.size(e.right, depth + 1)
@@ -412,8 +437,8 @@ class _Shapes:
         for p in e.parts:
             v = self.size(p, depth + 1)
             if v is None:
-                raise KernelError(f"cannot concatenate the number {show(p)}; "
-                                  "[…] joins vectors", pos=p.pos)
+                raise KernelError(f"cannot concatenate the {_scalar(p)} {show(p)}; "
+                                  "[…] joins vectors", pos=_start(p))
             parts.append(v)
         result = self.new()
         self.concats.append((result, parts, e))
@@ -425,7 +450,7 @@ class _Shapes:
         for self.equation, eq in enumerate(list(order) + [readout]):
             value = self.size(eq.expr)
             if value is None:
-                raise KernelError(f"{eq.target} = {show(eq.expr)} is a number; "
+                raise KernelError(f"{eq.target} = {show(eq.expr)} is a {_scalar(eq.expr)}; "
                                   "a step value must be a vector", pos=eq.target.pos)
             self.require(0, self.var(eq.target.name), value, eq.target, eq.expr, eq.target.pos)
         self._propagate()

@@ -15,8 +15,9 @@ import nn2run.format as fmt
 
 from . import __version__
 from .ast import Kernel
-from .check import CheckedKernel, check
+from .check import CheckedKernel, check, check_layers
 from .emit import emit
+from .errors import KernelError
 from .ir import Network
 from .kernels import load_kernel
 from .lower import lower
@@ -41,7 +42,12 @@ def compile_kernel(spec: "str | Kernel", hidden: int, layers: int, vocab: int,
     """Compile a kernel (a sample name, a path or a parsed Kernel) for the given sizes."""
     kernel = load_kernel(spec) if isinstance(spec, str) else spec
     checked = check(kernel)
-    network = optimize(lower(checked, hidden, vocab, layers), passes)
+    check_layers(checked, layers)
+    try:
+        lowered = lower(checked, hidden, vocab, layers)
+    except KernelError as e:            # a constant divided by zero
+        raise e.with_source(kernel.filename, kernel.source) from None
+    network = optimize(lowered, passes)
     program, params = emit(network)
     name = spec if isinstance(spec, str) and "/" not in spec and not spec.endswith(".eq") else kernel.filename
     return Compiled(kernel, checked, network, program, params, layers, hidden, vocab, str(name))

@@ -87,13 +87,40 @@ def logical_shapes(specs: dict[str, TensorSpec]) -> dict[str, tuple]:
     return out
 
 
-def init_logical(specs: dict[str, TensorSpec], hidden: int, seed: int) -> dict[str, np.ndarray]:
+def param_roles(network: Network) -> dict[str, str]:
+    """What each vector parameter does, by key: "gain" when every use multiplies a value
+    element-wise (a normalization's γ), "bias" when every use adds to (or is subtracted from)
+    one; parameters with other uses, and matrices, have no role."""
+    uses: dict[str, set] = {}
+    for cell in network.all_cells:
+        for node in cell.nodes():
+            for a in node.args:
+                if a.op == "param":
+                    role = {"mul": "gain", "add": "bias", "sub": "bias"}.get(node.op, "other")
+                    uses.setdefault(a.attrs["tensor"], set()).add(role)
+    roles = {}
+    for name, spec in network.tensors().items():
+        found = uses.get(name, {"other"})
+        if len(spec.shape) == 1 and len(found) == 1 and found != {"other"}:
+            roles.update({p.key: next(iter(found)) for p in spec.parts})
+    return roles
+
+
+def init_logical(specs: dict[str, TensorSpec], hidden: int, seed: int,
+                 roles: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """Initial kernel parameters, drawn per parameter (so the layout the optimizer picks does
-    not change them): uniform in ±1/√hidden, as torch initializes its recurrent layers."""
+    not change them): uniform in ±1/√hidden, as torch initializes its recurrent layers; with
+    `roles` (`param_roles`), a gain starts at 1 and a bias at 0, so that a normalized cell
+    starts as the plain cell. Every parameter draws, so roles do not change the others."""
     rng = np.random.default_rng(seed)
     k = 1.0 / np.sqrt(hidden)
-    return {key: rng.uniform(-k, k, size=shape).astype(np.float32)
-            for key, shape in sorted(logical_shapes(specs).items())}
+    start = {"gain": 1.0, "bias": 0.0}
+    out = {}
+    for key, shape in sorted(logical_shapes(specs).items()):
+        out[key] = rng.uniform(-k, k, size=shape).astype(np.float32)
+        if (roles or {}).get(key) in start:
+            out[key] = np.full(shape, start[roles[key]], np.float32)
+    return out
 
 
 def pack(specs: dict[str, TensorSpec], logical: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

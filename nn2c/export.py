@@ -37,7 +37,8 @@ class ExportError(Exception):
 
 # opcode -> ONNX operator for the element-wise instructions, operands in program order
 ELEMENTWISE = {"add": "Add", "sub": "Sub", "mul": "Mul", "neg": "Neg", "sigmoid": "Sigmoid",
-               "tanh": "Tanh", "relu": "Relu", "exp": "Exp", "log": "Log", "copy": "Identity"}
+               "tanh": "Tanh", "relu": "Relu", "exp": "Exp", "log": "Log", "copy": "Identity",
+               "div": "Div", "sqrt": "Sqrt"}
 
 
 class _Graph:
@@ -136,6 +137,22 @@ def _softmax(g: _Graph, pc, dst, args):
     g.node("Softmax", [g.operand(args[0], pc)], dst, pc, "softmax", axis=1)
 
 
+def _log_softmax(g: _Graph, pc, dst, args):
+    g.node("LogSoftmax", [g.operand(args[0], pc)], dst, pc, "logsoftmax", axis=1)
+
+
+def _reduce(opcode, op_type):
+    """A row's reduction into one column (keepdims). At opset 17 ReduceSum reads its axes
+    as an input, ReduceMean and ReduceMax as an attribute."""
+    def emit(g: _Graph, pc, dst, args):
+        x = g.operand(args[0], pc)
+        if op_type == "ReduceSum":
+            g.node(op_type, [x, g.constant("axis:1", np.array([1], np.int64))], dst, pc, opcode, keepdims=1)
+        else:
+            g.node(op_type, [x], dst, pc, opcode, axes=[1], keepdims=1)
+    return emit
+
+
 def _elementwise(opcode):
     def emit(g: _Graph, pc, dst, args):
         g.node(ELEMENTWISE[opcode], [g.operand(a, pc) for a in args], dst, pc, opcode)
@@ -144,7 +161,9 @@ def _elementwise(opcode):
 
 # opcode -> emitter; an opcode missing here is refused by name
 EMITTERS = {"onehot": _onehot, "gather": _gather, "matmul": _matmul, "slice": _slice,
-            "concat": _concat, "softmax": _softmax, **{op: _elementwise(op) for op in ELEMENTWISE}}
+            "concat": _concat, "softmax": _softmax, "logsoftmax": _log_softmax,
+            "mean": _reduce("mean", "ReduceMean"), "sum": _reduce("sum", "ReduceSum"),
+            "max": _reduce("max", "ReduceMax"), **{op: _elementwise(op) for op in ELEMENTWISE}}
 
 
 def _import_onnx():

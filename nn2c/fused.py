@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from nn2run.ops import check_table, named
+from nn2run.ops import REDUCTIONS, check_table, named
 
 from . import native
 from .backward import Backward, Deriv, Grad, derive
@@ -26,15 +26,23 @@ from .ir import Cell, Node, addmm_pairs, consumers
 TORCH_OPS = {"add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "neg": "(-{})",
              "sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "relu": "torch.relu({})",
              "softmax": "torch.softmax({}, -1)", "exp": "torch.exp({})", "log": "torch.log({})",
-             "matmul": "({} @ {})"}
+             "matmul": "({} @ {})", "div": "({} / {})", "sqrt": "torch.sqrt({})",
+             "logsoftmax": "torch.log_softmax({}, -1)", "mean": "{}.mean(-1, keepdim=True)",
+             "sum": "{}.sum(-1, keepdim=True)", "max": "{}.amax(-1, keepdim=True)"}
 # an activation's derivative: g the upstream gradient, v what the derivative reads (nn2run.ops)
 TORCH_DERIV = {"sigmoid": "torch.ops.aten.sigmoid_backward({g}, {v})",
                "tanh": "torch.ops.aten.tanh_backward({g}, {v})",
                "relu": "torch.ops.aten.threshold_backward({g}, {v}, 0)",
                "softmax": "({v} * ({g} - ({g} * {v}).sum(-1, keepdim=True)))",
-               "exp": "({g} * {v})", "log": "({g} / {v})"}
-check_table("nn2c.fused TORCH_OPS", TORCH_OPS, named("elementwise", "activation", "product"))
+               "exp": "({g} * {v})", "log": "({g} / {v})", "sqrt": "({g} / (2 * {v}))",
+               "logsoftmax": "({g} - torch.exp({v}) * {g}.sum(-1, keepdim=True))"}
+# a reduction's derivative over the w columns of its operand a (result v, upstream gradient g)
+# (ties share max's gradient equally, as torch's amax does)
+TORCH_REDUCE = {"sum": "{g}.expand(-1, {w})", "mean": "({g} / {w}).expand(-1, {w})",
+                "max": "({g} * ({a} == {v}) / ({a} == {v}).sum(-1, keepdim=True))"}
+check_table("nn2c.fused TORCH_OPS", TORCH_OPS, named("elementwise", "activation", "reduction", "product"))
 check_table("nn2c.fused TORCH_DERIV", TORCH_DERIV, named("activation"))
+check_table("nn2c.fused TORCH_REDUCE", TORCH_REDUCE, REDUCTIONS)
 
 
 def torch_expr(node, args: list[str]) -> str:
@@ -114,6 +122,13 @@ class _Backward:
                 return f"(-{a[0]})"
             if x.op == "mul":
                 return f"({a[0]} * {a[1]})"
+            if x.op == "div":
+                return f"({a[0]} / {a[1]})"
+            if x.op == "rsum":
+                return f"{a[0]}.sum(-1, keepdim=True)"
+            if x.op in REDUCTIONS:
+                return TORCH_REDUCE[x.op].format(g=a[0], a=a[1] if len(a) > 1 else "",
+                                                 v=a[2] if len(a) > 2 else "", w=x.width)
             if x.op == "cols":
                 return f"{a[0]}[:, {x.start}:{x.start + x.width}]"
             if x.op == "matmul_t":

@@ -280,6 +280,8 @@ def _known(passes) -> None:
 
 def optimize_cell(cell: Cell, passes=tuple(PASSES)) -> Cell:
     _known(passes)
+    if "cse" in passes:         # first too: a value written twice (W·x − mean(W·x)) is one
+        cell = cse(cell)        # product, so that fuse-products sees each matrix used once
     for name in PASSES:
         if name in passes:
             cell = PASSES[name](cell)

@@ -157,7 +157,7 @@ class _ToAst(Transformer):
         return BinOp("sub", left, right, _pos(op))
 
     def mul(self, left, op, right):
-        return BinOp("mul", left, right, _pos(op))
+        return BinOp("div" if str(op) in "⊘/" else "mul", left, right, _pos(op))
 
     def matmul(self, left, op, right):
         # A number times a vector (2·x, 2 x) is a scalar product, not a matrix product.

@@ -34,10 +34,14 @@ def describe_kernel(spec: str, hidden: int | None, vocab: int | None, layers: in
            f"  shapes for --hidden {hidden} --vocab {vocab} (layer 0: X = V; layers above: X = H)", "",
            f"input    {c.input}ₜ   X",
            f"output   {c.output}ₜ   H",
-           "states   " + ", ".join(f"{s}ₜ₋₁ ({c.sizes[s]})" for s in c.states), "",
+           "states   " + ", ".join([f"{s}ₜ₋₁ ({c.sizes[s]})" for s in c.states]
+                                    + ["yₜ₋₁ (V, the previous readout; zero at first)"] * bool(c.feedback)), "",
            "parameters (each layer):"]
     out += [f"  {p.name:<8} {_shape(p, sizes)}" for p in c.params.values()]
     out += ["readout:", f"  yₜ = {show(c.readout.expr)}"]
+    if full.network.readout.output.op == "logsoftmax" or any(
+            cell.output.op == "logsoftmax" for cell in full.network.cells):
+        out.append("  (a distribution: the logits are its log-probabilities, log_softmax of the pre-activation)")
     out += [f"  {p.name:<8} {_shape(p, sizes)}" for p in c.readout_params.values()]
     out += ["", "equations in evaluation order:"]
     out += [f"  {i + 1:2d}. {eq.target} = {show(eq.expr)}" for i, eq in enumerate(c.order)]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .emit import init_logical, pack
+from .emit import init_logical, pack, param_roles
 from .fused import FusedLoop, supported as fused_supported, torch_expr
 from .ir import Cell, Network, addmm_pairs, consumers, depends_on_state
 
@@ -229,7 +229,8 @@ class TorchNetwork(torch.nn.Module):
         for run, s in zip(self._cells, state):
             x, s = run(x, s, P)
             new_state.append(s)
-            if self.dropout and self.training:
+            if self.dropout and self.training and self.network.readout.output.op != "input":
+                # (a cell with output feedback computes the readout itself: no dropout)
                 x = F.dropout(x, self.dropout)
         logits, _ = self._readout(x, [], P)
         return logits, new_state
@@ -239,6 +240,6 @@ class TorchNetwork(torch.nn.Module):
 
 
 def init_tensors(network: Network, seed: int) -> dict[str, np.ndarray]:
-    """Initial stored tensors (see `emit.init_logical`)."""
+    """Initial stored tensors (see `emit.init_logical`): gains 1, biases 0, the rest uniform."""
     specs = network.tensors()
-    return pack(specs, init_logical(specs, network.hidden, seed))
+    return pack(specs, init_logical(specs, network.hidden, seed, param_roles(network)))

@@ -16,8 +16,10 @@ float constant. Instructions (dst is always a register index):
     onehot  dst               dst = one-hot(ids)              width(dst) is the vocabulary size
     gather  dst  table        dst = table[ids]               table (V, width(dst)); ids is the step's input
     matmul  dst  src  weight  dst = src @ weight             src a register, weight (width(src), width(dst))
-    add|sub|mul  dst  a  b    element-wise; a, b registers of width(dst), vectors (width(dst),) or constants
-    neg|sigmoid|tanh|relu|exp|log|softmax|copy  dst  a
+    add|sub|mul|div  dst  a  b    element-wise; a, b registers of width(dst), vectors (width(dst),)
+                              or constants; a register of width 1 (a scalar) broadcasts
+    neg|sigmoid|tanh|relu|exp|log|sqrt|softmax|logsoftmax|copy  dst  a    (a as above)
+    mean|sum|max  dst  a      dst (width 1) = the mean, sum or maximum of each row of register a
     slice   dst  src  start   dst = src[:, start:start+width(dst)] — a view, costs nothing at run time
     concat  dst  a  b ...     dst = [a; b; ...] along the feature axis
 
@@ -72,7 +74,7 @@ def _operand(op, nregs: int, written: set, tensors: dict, what: str):
 
 
 def _check_elementwise(tag, val, width: int, regs: list, what: str) -> None:
-    if tag == "r" and regs[val] != width:
+    if tag == "r" and regs[val] != width and regs[val] != 1:
         raise ProgramError(f"{what}: register {val} has width {regs[val]}, expected {width}")
     if tag == "t" and val != (width,):
         raise ProgramError(f"{what}: tensor of shape {list(val)} is not a vector of {width}")
@@ -164,6 +166,10 @@ def _validate_instruction(pc, ins, regs, written, tensors, vocab_size) -> None:
             total += regs[src]
         if total != width:
             raise ProgramError(f"{what}: concat of width {total} into a register of width {width}")
+    elif OPS[op].kind == "reduction":
+        tag, src = _operand(args[0], len(regs), written, tensors, what)
+        if tag != "r" or width != 1:
+            raise ProgramError(f"{what}: {op} reduces a register into a register of width 1")
     else:
         for a in args:
             tag, val = _operand(a, len(regs), written, tensors, what)

@@ -3,14 +3,20 @@
 Each operator has a name (its opcode in a program and its op in the compiler's IR), an
 arity, a kind, its NumPy implementation and what its derivative reads:
 
-    kind          elementwise   add sub mul neg: one value per column, a scalar broadcasts
+    kind          elementwise   add sub mul div neg: one value per column; a scalar (a constant,
+                                or a register of width 1 such as a reduction's) broadcasts
                   activation    a function of the kernel language, applied to one vector
+                  reduction     mean sum max: a function of the kernel language, one vector's
+                                elements -> a scalar (a register of width 1)
                   product       matmul: a vector times a stored matrix
                   structural    onehot gather slice concat copy: moves values, computes none
-    needs         "input"       the derivative reads the operator's operand(s) (log, mul, matmul)
-                  "output"      it reads the operator's result (sigmoid, tanh, relu, exp, softmax)
-                  "nothing"     it reads neither (add, sub, neg, the structural operators)
-    rowwise       the result at one column depends on the whole row (softmax)
+    needs         "input"       the derivative reads the operator's operand(s) (log, mul, div, matmul)
+                  "output"      it reads the operator's result (sigmoid, tanh, relu, exp, sqrt,
+                                softmax, logsoftmax)
+                  "both"        it reads both (max: the gradient goes to the maximal elements)
+                  "nothing"     it reads neither (add, sub, neg, sum, mean, the structural operators)
+    rowwise       the result at one column depends on the whole row (softmax, logsoftmax, the
+                  reductions)
 
 The NumPy implementation is a *binder*: `numpy(out, *operands)` returns the calls — (function,
 arguments) pairs — that compute the operator into `out` in place, so the VM binds each
@@ -29,6 +35,7 @@ Imports NumPy and the standard library only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -40,9 +47,9 @@ VARIADIC = -1
 class Op:
     name: str
     arity: int                  # operands in a program (VARIADIC: one or more)
-    kind: str                   # "elementwise" | "activation" | "product" | "structural"
+    kind: str                   # "elementwise" | "activation" | "reduction" | "product" | "structural"
     numpy: Callable | None      # binder: numpy(out, *operands) -> [(function, arguments), ...]
-    needs: str = "nothing"      # what the derivative reads: "input" | "output" | "nothing"
+    needs: str = "nothing"      # what the derivative reads: "input" | "output" | "both" | "nothing"
     rowwise: bool = False
     spellings: tuple = ()       # other names the kernel language accepts for an activation
 
@@ -60,16 +67,59 @@ def _sigmoid(a, out):
     np.add(out, 0.5, out)
 
 
-def _softmax(a, out, tmp):
-    np.max(a, axis=1, keepdims=True, out=tmp)
-    np.subtract(a, tmp, out)
+# A register of width 1 (a scalar per row) read by a wider operation is first copied across
+# the row with np.copyto: a ufunc broadcasting it would allocate an iteration buffer per call.
+
+def _binary(fn):
+    """The binder of an element-wise ufunc `fn(a, b, out)`; a scalar column is spread into
+    `out` first, and `fn` then reads `out` in its place (the same column, so in place is safe)."""
+    def bind(out, a, b):
+        if out.ndim == 2 and out.shape[1] > 1:
+            if _column(a):
+                return [(np.copyto, (out, a)), (fn, (out, b, out))]
+            if _column(b):
+                return [(np.copyto, (out, b)), (fn, (a, out, out))]
+        return [(fn, (a, b, out))]
+    return bind
+
+
+def _column(x) -> bool:
+    return isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == 1
+
+
+def _softmax(a, out, tmp, row):
+    np.maximum.reduce(a, 1, None, row, True)
+    np.copyto(out, row)
+    np.subtract(a, out, out)
     np.exp(out, out)
-    np.sum(out, axis=1, keepdims=True, out=tmp)
+    np.add.reduce(out, 1, None, row, True)
+    np.copyto(tmp, row)
     np.divide(out, tmp, out)
 
 
-def _bind_softmax(out, a):
-    return [(_softmax, (a, out, np.zeros((out.shape[0], 1), np.float32)))]
+def _log_softmax(a, out, tmp, row):
+    np.maximum.reduce(a, 1, None, row, True)
+    np.copyto(out, row)
+    np.subtract(a, out, out)
+    np.exp(out, tmp)
+    np.add.reduce(tmp, 1, None, row, True)
+    np.log(row, row)
+    np.copyto(tmp, row)
+    np.subtract(out, tmp, out)
+
+
+def _rowwise(fn):
+    """The binder of softmax or log_softmax: a (batch, width) and a (batch, 1) scratch array."""
+    return lambda out, a: [(fn, (a, out, np.zeros_like(out), np.zeros((out.shape[0], 1), np.float32)))]
+
+
+def _reduce(ufunc):
+    """The binder of a reduction of each row into a (batch, 1) register, by `ufunc.reduce`."""
+    return lambda out, a: [(ufunc.reduce, (a, 1, None, out, True))]
+
+
+def _bind_mean(out, a):
+    return [(np.add.reduce, (a, 1, None, out, True)), (np.multiply, (out, np.float32(1.0 / a.shape[1]), out))]
 
 
 def _bind_onehot(out, ids):
@@ -91,16 +141,23 @@ def _bind_concat(out, *parts):
 
 
 _OPS = (
-    Op("add", 2, "elementwise", _call(np.add)),
-    Op("sub", 2, "elementwise", _call(np.subtract)),
-    Op("mul", 2, "elementwise", _call(np.multiply), needs="input"),
+    Op("add", 2, "elementwise", _binary(np.add)),
+    Op("sub", 2, "elementwise", _binary(np.subtract)),
+    Op("mul", 2, "elementwise", _binary(np.multiply), needs="input"),
+    Op("div", 2, "elementwise", _binary(np.divide), needs="input"),
     Op("neg", 1, "elementwise", _call(np.negative)),
     Op("sigmoid", 1, "activation", _call(_sigmoid), needs="output", spellings=("σ",)),
     Op("tanh", 1, "activation", _call(np.tanh), needs="output"),
-    Op("relu", 1, "activation", lambda out, a: [(np.maximum, (a, 0.0, out))], needs="output"),
-    Op("softmax", 1, "activation", _bind_softmax, needs="output", rowwise=True),
+    Op("relu", 1, "activation", lambda out, a: [(partial(np.maximum, out=out), (a, 0.0))], needs="output"),
+    Op("softmax", 1, "activation", _rowwise(_softmax), needs="output", rowwise=True),
     Op("exp", 1, "activation", _call(np.exp), needs="output"),
     Op("log", 1, "activation", _call(np.log), needs="input", spellings=("ln",)),
+    Op("sqrt", 1, "activation", _call(np.sqrt), needs="output"),
+    Op("logsoftmax", 1, "activation", _rowwise(_log_softmax), needs="output", rowwise=True,
+       spellings=("log_softmax",)),
+    Op("mean", 1, "reduction", _bind_mean, rowwise=True),
+    Op("sum", 1, "reduction", _reduce(np.add), rowwise=True),
+    Op("max", 1, "reduction", _reduce(np.maximum), needs="both", rowwise=True),
     Op("matmul", 2, "product", _call(np.matmul), needs="input"),
     Op("onehot", 0, "structural", _bind_onehot),
     Op("gather", 1, "structural", _bind_gather),
@@ -119,6 +176,8 @@ def named(*kinds: str) -> tuple[str, ...]:
 # The operators computed one column at a time from columns of their operands: what an
 # element-wise renderer (the trainer's C loop) writes, less the row-wise ones.
 POINTWISE = tuple(op.name for op in _OPS if op.kind in ("elementwise", "activation") and not op.rowwise)
+REDUCTIONS = named("reduction")
+ROWWISE = tuple(op.name for op in _OPS if op.kind == "activation" and op.rowwise)     # softmax, logsoftmax
 
 
 def check_table(owner: str, table, needed, unsupported=()) -> None:

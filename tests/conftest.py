@@ -33,6 +33,14 @@ def build_model(path, kernel: str, hidden: int, layers: int, vocab_size: int, lo
     return path, compiled, logical
 
 
+def random_tensors(network, seed: int) -> dict:
+    """Stored tensors with every parameter uniform in ±1/√hidden (no gain at 1, no bias at 0:
+    a gradient test wants every value generic)."""
+    from nn2c.emit import init_logical, pack
+    specs = network.tensors()
+    return pack(specs, init_logical(specs, network.hidden, seed))
+
+
 def autograd_grads(net, ids, batch: int):
     """Logits, parameter gradients and initial-state gradients of a loss that reaches every
     output and final state of a TorchNetwork."""

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_matches_nn_lstm, assert_matches_plain_program
+from conftest import assert_matches_nn_lstm, assert_matches_plain_program, random_tensors
 
 import nn2c
 from nn2c.compiler import compile_kernel
 from nn2c.fused import FusedLoop, supported
 from nn2c.parse import parse
-from nn2c.torch_backend import init_tensors
 
 
 @pytest.fixture
@@ -26,7 +25,7 @@ def fused_loop(monkeypatch):
 def test_fused_backward_matches_autograd_of_the_plain_program(kernel, fused_loop):
     compiled = compile_kernel(kernel, 12, 2, 7)
     assert all(supported(c) for c in compiled.network.cells)
-    tensors = init_tensors(compiled.network, 1)
+    tensors = random_tensors(compiled.network, 1)
     ids = torch.randint(0, 7, (15, 3), generator=torch.Generator().manual_seed(0))
     net = assert_matches_plain_program(compiled.network, tensors, ids, 3, hoist=True, fused=True)
     assert net.loop_kind() == "fused"
@@ -38,7 +37,7 @@ def test_a_term_made_of_parameters_alone_is_the_same_at_every_step(hoist, fused,
     monkeypatch.setenv("NN2_NATIVE", native)
     kernel = parse("hₜ = tanh(W xₜ + U hₜ₋₁ + b) ⊙ exp(a)\n", "scaled.eq")
     compiled = compile_kernel(kernel, 6, 2, 5)
-    tensors = init_tensors(compiled.network, 3)
+    tensors = random_tensors(compiled.network, 3)
     ids = torch.randint(0, 5, (9, 4), generator=torch.Generator().manual_seed(0))
     assert_matches_plain_program(compiled.network, tensors, ids, 4, hoist=hoist, fused=fused)
 

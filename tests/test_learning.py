@@ -55,3 +55,29 @@ def test_cpu_runs_with_the_same_seed_give_the_same_weights(tmp_path):
         outs.append(nn2run.load(out))
     for name, t in outs[0].tensors.items():
         np.testing.assert_array_equal(t, outs[1].tensors[name])
+
+
+def _train(tmp_path, kernel, steps=250, hidden=32, name="m"):
+    cfg = TrainConfig(kernel=kernel, hidden=hidden, layers=1, seq_len=32, batch=16, steps=steps, lr=1e-2,
+                      eval_every=50, val_frac=0.1)
+    trainer = Trainer(cfg, read_corpus(str(tmp_path / "words.txt")), str(tmp_path / f"{name}.nnb"),
+                      str(tmp_path / f"{name}.ckpt"), stream=io.StringIO())
+    return trainer.run()["best_val_loss"]
+
+
+@pytest.mark.slow
+def test_a_softmax_readout_trains_to_the_loss_of_the_same_cell_without_it(tmp_path):
+    """Wikipedia's Elman network verbatim (σ_y = softmax) against rnn.eq, the same cell with
+    the readout left to the compiler: the softmax is the distribution, not more logits."""
+    text = _corpus(tmp_path / "words.txt")
+    with_softmax, without = _train(tmp_path, "elman", name="e"), _train(tmp_path, "rnn", name="r")
+    assert abs(with_softmax - without) < 0.05, (with_softmax, without)
+    assert with_softmax < 0.6 * _unigram_entropy(text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["lnlstm", "jordan"])
+def test_the_normalized_lstm_and_the_jordan_network_learn(tmp_path, kernel):
+    text = _corpus(tmp_path / "words.txt")
+    loss = _train(tmp_path, kernel)
+    assert loss < (0.5 if kernel == "lnlstm" else 0.8) * _unigram_entropy(text), loss

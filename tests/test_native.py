@@ -10,14 +10,13 @@ import tempfile
 
 import pytest
 import torch
-from conftest import assert_matches_nn_lstm, assert_matches_plain_program
+from conftest import assert_matches_nn_lstm, assert_matches_plain_program, random_tensors
 
 from nn2c import native
 from nn2c.compiler import compile_kernel
 from nn2c.fused import FusedLoop
 from nn2c.ir import Cell, Node, TensorSpec, depends_on_state
 from nn2c.parse import parse
-from nn2c.torch_backend import init_tensors
 
 pytestmark = pytest.mark.skipif(not shutil.which("cc") or not native.enabled(),
                                 reason="no C compiler (the native loop falls back to the fused loop)")
@@ -31,7 +30,7 @@ def _assert_native(net) -> None:
 @pytest.mark.parametrize("kernel", ["lstm", "gru", "rnn", "torchgru", "mgu"])
 def test_native_loop_matches_autograd_of_the_plain_program(kernel):
     compiled = compile_kernel(kernel, 12, 2, 7)
-    tensors = init_tensors(compiled.network, 1)
+    tensors = random_tensors(compiled.network, 1)
     ids = torch.randint(0, 7, (15, 3), generator=torch.Generator().manual_seed(0))
     _assert_native(assert_matches_plain_program(compiled.network, tensors, ids, 3))
 
@@ -46,7 +45,7 @@ hₜ = tanh(aₜ − gₜ ⊙ hₜ₋₁ + 0.5 ⊙ sₜ)
 def test_every_element_wise_op_and_constants_inside_the_loop():
     compiled = compile_kernel(parse(EVERY_OP, "ops.eq"), 6, 2, 5)
     ids = torch.randint(0, 5, (7, 3), generator=torch.Generator().manual_seed(0))
-    _assert_native(assert_matches_plain_program(compiled.network, init_tensors(compiled.network, 2), ids, 3))
+    _assert_native(assert_matches_plain_program(compiled.network, random_tensors(compiled.network, 2), ids, 3))
 
 
 @pytest.mark.parametrize("text", [
@@ -60,7 +59,7 @@ def test_every_element_wise_op_and_constants_inside_the_loop():
 def test_products_at_the_edges_of_the_step(text):
     compiled = compile_kernel(parse(text, "edge.eq"), 6, 2, 5)
     ids = torch.randint(0, 5, (6, 3), generator=torch.Generator().manual_seed(0))
-    _assert_native(assert_matches_plain_program(compiled.network, init_tensors(compiled.network, 4), ids, 3))
+    _assert_native(assert_matches_plain_program(compiled.network, random_tensors(compiled.network, 4), ids, 3))
 
 
 def test_native_lstm_matches_torch_nn_lstm_at_training_sizes():
@@ -119,11 +118,12 @@ def test_fallbacks_keep_the_fused_loop(monkeypatch):
     assert loop.kind == "fused"
 
 
-def test_a_softmax_inside_the_loop_is_left_to_the_fused_loop():
-    kernel = parse("aₜ = softmax(W·xₜ + U·hₜ₋₁ + b)\nhₜ = aₜ ⊙ hₜ₋₁\n", "attn.eq")
-    cell = compile_kernel(kernel, 6, 1, 4).network.cells[0]
-    assert native.supported(cell) == "softmax inside the loop"
-    assert FusedLoop(cell).kind == "fused"
+def test_a_softmax_inside_the_loop_runs_native_too():
+    kernel = parse("aₜ = softmax(W·xₜ + U·hₜ₋₁ + b)\nhₜ = aₜ ⊙ hₜ₋₁ + W_h xₜ\n", "attn.eq")
+    compiled = compile_kernel(kernel, 6, 1, 4)
+    assert native.supported(compiled.network.cells[0]) is None
+    ids = torch.randint(0, 4, (7, 3), generator=torch.Generator().manual_seed(0))
+    _assert_native(assert_matches_plain_program(compiled.network, random_tensors(compiled.network, 5), ids, 3))
 
 
 def test_a_built_loop_is_cached_and_reused(tmp_path, monkeypatch):

@@ -16,8 +16,8 @@ product over all steps after the loop.
     driver.py    the Plan -> the Python that allocates the buffers and calls the C and the products
 
 Float32 on the CPU only; `NN2_NATIVE=0` turns it off. What the plan does not support
-(a row-wise op such as softmax in the loop, a product of a product, a root that is a
-product or a slice) or the absence of a compiler leaves the fused loop in charge.
+(a product of a product, a root that is a product or a slice) or the absence of a
+compiler leaves the fused loop in charge.
 """
 
 from __future__ import annotations

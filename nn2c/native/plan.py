@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nn2run.ops import POINTWISE
+from nn2run.ops import POINTWISE, REDUCTIONS, ROWWISE
 
 from ..backward import Backward, Deriv, Grad, base_of
 from ..ir import Node, addmm_pairs, consumers
@@ -172,7 +172,7 @@ def unsupported(bw: Backward) -> str | None:
     lp = bw.loop
     products = {n for n in lp.body if n.op == "matmul"}
     for n in lp.body:
-        if n.op not in POINTWISE and n.op not in ("matmul", "slice", "concat"):
+        if n.op not in (*POINTWISE, *REDUCTIONS, *ROWWISE, "matmul", "slice", "concat"):
             return f"{n.op} inside the loop"
         if n.op == "matmul" and n.args[0] in products:
             return "a product whose operand is a product"

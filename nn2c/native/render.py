@@ -10,19 +10,42 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nn2run.ops import OPS, POINTWISE, check_table
+from nn2run.ops import OPS, POINTWISE, REDUCTIONS, ROWWISE, check_table
 
 from ..backward import Deriv, Grad
 from .plan import BackwardGroup, Buffer, Group, Plan, Rows, Seed, Slot, SlotKind, Where
 
 C_OPS = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "neg": "-{0}",
          "sigmoid": "nn2_sigmoid({0})", "tanh": "nn2_tanh({0})", "relu": "({0} < 0.0f ? 0.0f : {0})",
-         "exp": "nn2_exp({0})", "log": "logf({0})"}
+         "exp": "nn2_exp({0})", "log": "logf({0})", "div": "{0} / {1}", "sqrt": "sqrtf({0})"}
 # an activation's derivative: g the upstream gradient, v what it reads (nn2run.ops)
 C_DERIV = {"sigmoid": "{g} * {v} * (1.0f - {v})", "tanh": "{g} * (1.0f - {v} * {v})",
-           "relu": "({v} > 0.0f ? {g} : 0.0f)", "exp": "{g} * {v}", "log": "{g} / {v}"}
+           "relu": "({v} > 0.0f ? {g} : 0.0f)", "exp": "{g} * {v}", "log": "{g} / {v}",
+           "sqrt": "{g} / (2.0f * {v})"}
+# a reduction of a row into its one column: (initial value, C statement folding a[j] into acc,
+# statement finishing acc over width w); and its derivative at column j of its operand a
+# (g the upstream gradient, v the result)
+C_REDUCE = {"sum": ("0.0f", "acc += {a}", "acc"), "mean": ("0.0f", "acc += {a}", "acc * (1.0f / {w})"),
+            "max": ("-INFINITY", "acc = {a} > acc ? {a} : acc", "acc")}
+# (ties share max's gradient equally, as torch's amax does: n counts them)
+# softmax and log_softmax over a row: C statements from the row's maximum m (dst the result,
+# a the operand); their derivatives read one sum over the row (`dot`): Σ g·v, Σ g
+C_ROWWISE = {"softmax": ["float s = 0.0f;",
+                         "for (int64_t j = 0; j < {w}; j++) {{ {dst}[j] = nn2_exp({a}[j] - m); s += {dst}[j]; }}",
+                         "for (int64_t j = 0; j < {w}; j++) {dst}[j] /= s;"],
+             "logsoftmax": ["float s = 0.0f;",
+                            "for (int64_t j = 0; j < {w}; j++) s += nn2_exp({a}[j] - m);",
+                            "float l = m + logf(s);",
+                            "for (int64_t j = 0; j < {w}; j++) {dst}[j] = {a}[j] - l;"]}
+C_ROWWISE_DERIV = {"softmax": ("{g} * {v}", "{v} * ({g} - {dot})"),
+                   "logsoftmax": ("{g}", "({g} - nn2_exp({v}) * {dot})")}
+C_REDUCE_DERIV = {"sum": "{g}", "mean": "({g} * (1.0f / {w}))", "max": "({a} == {v} ? {g} / {n} : 0.0f)"}
 check_table("nn2c.native C_OPS", C_OPS, POINTWISE)
 check_table("nn2c.native C_DERIV", C_DERIV, [n for n in POINTWISE if OPS[n].kind == "activation"])
+check_table("nn2c.native C_REDUCE", C_REDUCE, REDUCTIONS)
+check_table("nn2c.native C_ROWWISE", C_ROWWISE, ROWWISE)
+check_table("nn2c.native C_ROWWISE_DERIV", C_ROWWISE_DERIV, ROWWISE)
+check_table("nn2c.native C_REDUCE_DERIV", C_REDUCE_DERIV, REDUCTIONS)
 
 PRELUDE = (Path(__file__).with_name("prelude.c")).read_text(encoding="utf-8")
 
@@ -36,6 +59,7 @@ class _Renderer:
         self.plan, self.at = plan, {name: i for i, (name, _) in enumerate(table)}
         self.local: dict = {}           # node -> C name of its scratch row (this function)
         self.grad_local: dict = {}
+        self.before: list = []          # statements a write's loop needs first (max's tie counts)
 
     def row(self, buf: Buffer, t: str = "t") -> str:
         if buf.rows is Rows.ONE:
@@ -57,7 +81,10 @@ class _Renderer:
         return f"({self.local[what]} + {off})"
 
     def elem(self, node, j: str = "j") -> str:
-        return _literal(node) if node.op == "const" else f"{self.value(node)}[{j}]"
+        """node at column j; a width-1 value (a scalar) broadcasts: its column 0."""
+        if node.op == "const":
+            return _literal(node)
+        return f"{self.value(node)}[{'0' if node.width == 1 else j}]"
 
     def slot(self, slot: Slot) -> str:
         if slot.kind is SlotKind.PARAM:
@@ -78,7 +105,7 @@ class _Renderer:
                 return f"{self.row(Buffer('GOUT', self.plan.loop.cell.output.width, Rows.STEP))}[{j}]"
             return f"{self.row(self.plan.gs_bufs[x.state], 't + 1')}[{j}]"
         if isinstance(x, Grad):
-            return f"({self.grad(x.of)} + 0)[{j}]"
+            return f"({self.grad(x.of)} + 0)[{'0' if x.of.width == 1 else j}]"
         if isinstance(x, Deriv):
             if x.op == "cols":
                 return self.at_col(x.args[0], f"{x.start} + {j}")
@@ -87,8 +114,34 @@ class _Renderer:
                 return f"-{a[0]}"
             if x.op == "mul":
                 return f"{a[0]} * {a[1]}"
+            if x.op == "div":
+                return f"({a[0]} / {a[1]})"
+            if x.op in REDUCTIONS:
+                return C_REDUCE_DERIV[x.op].format(g=a[0], a=a[1] if len(a) > 1 else "",
+                                                   v=a[2] if len(a) > 2 else "", w=x.width,
+                                                   n=self.ties(x) if x.op == "max" else "")
+            if x.op in ROWWISE:
+                return C_ROWWISE_DERIV[x.op][1].format(g=a[0], v=a[1], dot=self.row_sum(x))
             return C_DERIV[x.op].format(g=a[0], v=a[1])
         return self.elem(x, j)
+
+
+    def row_sum(self, x: Deriv) -> str:
+        """A C variable holding the row sum softmax's or log_softmax's derivative reads."""
+        name = f"dot{len(self.before)}"
+        term = C_ROWWISE_DERIV[x.op][0].format(g=self.at_col(x.args[0], "k"), v=self.at_col(x.args[1], "k"))
+        width = x.args[1].width
+        self.before += [f"        float {name} = 0.0f;",
+                        f"        for (int64_t k = 0; k < {width}; k++) {name} += {term};"]
+        return name
+
+    def ties(self, x: Deriv) -> str:
+        """A C variable counting the columns equal to max's result in this row."""
+        name = f"ties{len(self.before)}"
+        self.before += [f"        float {name} = 0.0f;",
+                        f"        for (int64_t k = 0; k < {x.width}; k++) {name} += "
+                        f"{self.at_col(x.args[1], 'k')} == {self.at_col(x.args[2], 'k')};"]
+        return name
 
 
 def _function(name: str, lines: list[str]) -> str:
@@ -116,6 +169,19 @@ def _forward(r: _Renderer, group: Group) -> str:
                 lines.append(f"        for (int64_t j = 0; j < {a.width}; j++) {dst}[{col} + j] = {r.value(a)}[j];")
                 col += a.width
             continue
+        if n.op in ROWWISE:
+            a, w = r.value(n.args[0]), n.width
+            lines += ["        {", "        float m = -INFINITY;",
+                      f"        for (int64_t j = 0; j < {w}; j++) m = {a}[j] > m ? {a}[j] : m;"]
+            lines += [f"        {line.format(w=w, dst=dst, a=a)}" for line in C_ROWWISE[n.op]] + ["        }"]
+            continue
+        if n.op in REDUCTIONS:
+            start, fold, finish = C_REDUCE[n.op]
+            a = n.args[0]
+            lines += [f"        {{ float acc = {start};",
+                      f"        for (int64_t j = 0; j < {a.width}; j++) {fold.format(a=r.elem(a))};",
+                      f"        {dst}[0] = {finish.format(w=a.width)}; }}"]
+            continue
         lines += _loop(n.width, f"{dst}[j] = {C_OPS[n.op].format(*[r.elem(a) for a in n.args])}")
     return _function(f"nn2_f{group.index}", lines)
 
@@ -129,7 +195,16 @@ def _backward(r: _Renderer, bg: BackwardGroup) -> str:
     lines += [f"        memset({s.name}, 0, {s.width} * sizeof(float));" for s in bg.zero]
     for w in bg.writes:
         op = "+=" if w.add else "="
-        lines += _loop(w.width, f"{r.slot(w.slot)}[{w.start} + j] {op} {r.at_col(w.value, 'j')}")
+        r.before = []
+        if isinstance(w.value, Deriv) and w.value.op == "rsum":    # a broadcast scalar's gradient
+            value = r.at_col(w.value.args[0], 'j')
+            lines += ["        {", *r.before, "        float acc = 0.0f;",
+                      f"        for (int64_t j = 0; j < {w.value.width}; j++) acc += {value};",
+                      f"        {r.slot(w.slot)}[{w.start}] {op} acc; }}"]
+            continue
+        value = r.at_col(w.value, 'j')
+        loop = _loop(w.width, f"{r.slot(w.slot)}[{w.start} + j] {op} {value}")
+        lines += ["        {", *r.before, *loop, "        }"] if r.before else loop
     return _function(f"nn2_b{bg.index}", lines)
 
 
