@@ -26,7 +26,8 @@ from . import codec as codecs
 from . import format as fmt
 from .format import NNBFormatError
 from .isa import ProgramError, validate
-from .vm import VM, fold_bias_into_gathers
+from . import rewrite
+from .vm import VM
 
 MAX_LAYERS = 1024
 
@@ -183,7 +184,7 @@ class Model:
         _check_batch(batch)
         if batch not in self._vms:
             if self._bound is None:
-                self._bound = fold_bias_into_gathers(self.program, self.tensors)
+                self._bound = rewrite.bind(self.program, self.tensors)
             self._vms[batch] = VM(*self._bound, batch)
         return self._vms[batch]
 

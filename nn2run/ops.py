@@ -29,6 +29,7 @@ Imports NumPy and the standard library only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -97,7 +98,7 @@ _OPS = (
     Op("neg", 1, "elementwise", _call(np.negative)),
     Op("sigmoid", 1, "activation", _call(_sigmoid), needs="output", spellings=("σ",)),
     Op("tanh", 1, "activation", _call(np.tanh), needs="output"),
-    Op("relu", 1, "activation", lambda out, a: [(np.maximum, (a, 0.0, out))], needs="output"),
+    Op("relu", 1, "activation", lambda out, a: [(partial(np.maximum, out=out), (a, 0.0))], needs="output"),
     Op("softmax", 1, "activation", _bind_softmax, needs="output", rowwise=True),
     Op("exp", 1, "activation", _call(np.exp), needs="output"),
     Op("log", 1, "activation", _call(np.log), needs="input", spellings=("ln",)),
