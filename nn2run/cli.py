@@ -337,7 +337,7 @@ def generate(model_path, verify, prime, length, temperature, top_k, top_p, greed
             if info:
                 out.write(describe(model) + "\n")
             if dis:
-                out.write(disassemble(model.program, model.tensors) + "\n")
+                out.write(disassemble(*model.bound_program(), bound=True) + "\n")
             out.flush()
             return
         sampler = _sampler(model, temperature, top_k, top_p, greedy, seed)

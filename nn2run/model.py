@@ -185,10 +185,16 @@ class Model:
         self._check_open()
         _check_batch(batch)
         if batch not in self._vms:
-            if self._bound is None:
-                self._bound = rewrite.bind(self.program, self.tensors)
-            self._vms[batch] = VM(*self._bound, batch)
+            self._vms[batch] = VM(*self.bound_program(), batch)
         return self._vms[batch]
+
+    def bound_program(self) -> tuple[dict, dict]:
+        """(program, tensors) as the VMs run them: the file's after the load-time rewrites
+        of `nn2run.rewrite` (made once; `nn2run --dis` lists this program)."""
+        self._check_open()
+        if self._bound is None:
+            self._bound = rewrite.bind(self.program, self.tensors)
+        return self._bound
 
     @property
     def state_names(self) -> list[tuple[str, int]]:

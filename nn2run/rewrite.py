@@ -8,6 +8,9 @@ name). Each rewrite removes element-wise passes over the batch:
 - `fold_bias_into_products`: `matmul d x W; add e d b` is `matmul1 e x [W; b]`, where
   `matmul1` multiplies `[x, 1]` (the VM keeps a column of ones after x) by W with b as
   one more row: the bias add happens inside the product.
+- `fold_bias_into_sliced_producers`: `add e s b`, s a slice of what a gather or a product
+  wrote (columns read by nothing else), adds b to those columns of the table (a `matmul`
+  becomes a `matmul1` with a bias row of zeros elsewhere) and e becomes s.
 - `halve_sigmoid_inputs`: σ(v) = ½·tanh(½v) + ½. When v is a linear function of stored
   weights (products, gathers, bias adds, slices of them, each read by nothing else),
   the ½ is folded into those weights' columns, and `sigmoid` becomes `sigmoid½`: one
@@ -46,6 +49,7 @@ def bind(program: dict, tensors: dict) -> tuple[dict, dict]:
     """Every rewrite, in order: returns the program and the tensors the VM binds."""
     program, tensors = fold_bias_into_gathers(program, tensors)
     program, tensors = fold_bias_into_products(program, tensors)
+    program, tensors = fold_bias_into_sliced_producers(program, tensors)
     return halve_sigmoid_inputs(program, tensors)
 
 
@@ -112,6 +116,57 @@ def fold_bias_into_products(program: dict, tensors: dict) -> tuple[dict, dict]:
     return _fold_adds(program, tensors, "matmul", fold)
 
 
+def fold_bias_into_sliced_producers(program: dict, tensors: dict) -> tuple[dict, dict]:
+    """`P p …; slice s p[a]; add e s b` -> P with b added to columns [a, a+width) of its
+    table, and every read of e reading s (see the module's docstring)."""
+    code, tensors = [list(ins) for ins in program["code"]], dict(tensors)
+    pc = 0
+    while pc < len(code):
+        folded = _fold_one(code, pc, program, tensors)
+        if folded is None:
+            pc += 1
+            continue
+        e, s = folded         # the add is gone: its readers read the slice
+        code = [[i[0], i[1]] + [["r", s] if isinstance(a, list) and a == ["r", e] else a for a in i[2:]]
+                for i in code[:pc] + code[pc + 1:]]
+    return {**program, "code": code}, tensors
+
+
+def _fold_one(code, pc, program, tensors):
+    """Fold the bias of the add at `pc` into its producer's table; (e, s) when done."""
+    ins = code[pc]
+    if ins[0] != "add":
+        return None
+    regs = [a for a in ins[2:] if a[0] == "r"]
+    bias = [a for a in ins[2:] if a[0] == "t"]
+    if len(regs) != 1 or len(bias) != 1:
+        return None
+    plan = _ScalePlan(code, program)
+    if regs[0][1] not in plan.slices or ins[1] in plan.outside \
+            or any(code[r][0] in ("matmul", "matmul1") for r in plan.readers.get(ins[1], [])):
+        return None       # e must stay a register of its own: a state, the logits, a product's source
+    found = plan.producer(regs[0][1], 0, program["registers"][ins[1]], pc)
+    if found is None or not plan.closed():
+        return None
+    ppc, lo, hi = found
+    code[ppc] = _add_to_columns(code[ppc], tensors, bias[0][1], lo, hi)
+    return ins[1], regs[0][1]
+
+
+def _add_to_columns(ins, tensors, bias: str, lo: int, hi: int) -> list:
+    op = ins[0]
+    table = ins[3][1] if op in ("matmul", "matmul1") else ins[2][1]
+    t = np.array(tensors[table], dtype=np.float32, copy=True)
+    if op == "matmul":
+        t = np.vstack([t, np.zeros((1, t.shape[1]), np.float32)])
+    t[-1 if op != "gather" else slice(None), lo:hi] += tensors[bias]
+    name = f"{table}+{bias}"
+    tensors[name] = t
+    if op == "gather":
+        return ["gather", ins[1], ["t", name]]
+    return ["matmul1", ins[1], ins[2], ["t", name]]
+
+
 def halve_sigmoid_inputs(program: dict, tensors: dict) -> tuple[dict, dict]:
     """`sigmoid d v` -> `sigmoid½ d v` with ½ folded into the weights v is made of."""
     code = [list(ins) for ins in program["code"]]
@@ -141,6 +196,7 @@ class _ScalePlan:
                     self.readers.setdefault(a[1], []).append(pc)
         self.outside = {s["next"] for s in program["states"]} | {program["logits"]}
         self.widths = program["registers"]
+        self.slices = {ins[1] for ins in code if ins[0] == "slice"}
         self.cols: dict[str, tuple] = {}      # tensor -> (lo, hi) to halve
         self.visited: set[int] = set()        # instructions whose values change
 
@@ -171,6 +227,23 @@ class _ScalePlan:
                     return False              # a constant: ½ of it would be another constant
             return ok
         return False
+
+    def producer(self, reg: int, lo: int, hi: int, via: int):
+        """(pc, lo, hi) of the gather or product whose columns [lo, hi) a chain of slices
+        ending at `reg` reads, when nothing else reads those columns; else None."""
+        if reg in self.outside or reg not in self.writer:
+            return None
+        if any(pc != via and not self._disjoint(self.code[pc], lo, hi) for pc in self.readers.get(reg, [])):
+            return None
+        pc = self.writer[reg]
+        ins = self.code[pc]
+        self.visited.add(pc)
+        if ins[0] == "slice":
+            return self.producer(ins[2][1], lo + ins[3], hi + ins[3], pc)
+        if ins[0] == "gather" or ins[0] == "matmul1" or ins[0] == "matmul" and ins[2][1] not in self.slices:
+            self._halve(ins[3][1] if ins[0] != "gather" else ins[2][1], lo, hi)    # marks the table as changed
+            return pc, lo, hi
+        return None
 
     def _disjoint(self, ins, lo: int, hi: int) -> bool:
         """A reader of the register that sees none of the halved columns (a slice outside them)."""

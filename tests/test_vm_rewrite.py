@@ -80,6 +80,7 @@ REWRITES = {
     "bias into gathers": rewrite.fold_bias_into_gathers,
     "bias into products": rewrite.fold_bias_into_products,
     "sigmoid's ½": rewrite.halve_sigmoid_inputs,
+    "bias into sliced producers": rewrite.fold_bias_into_sliced_producers,
 }
 
 
