@@ -259,7 +259,8 @@ def bench_onnx(tmp, sizes, quick: bool):
                       ["measure", "nn2run", "ORT, torch.onnx", "ratio", "target", "ORT, nn2c export", "ratio"])
     split = WideTable(f"batch {BATCHES[-1]}: an nn2run step (greedy generation), its products alone "
                       "and everything else",
-                      ["measure", "step µs (best)", "products µs (best)", "outside the products (median of reps)", "target"])
+                      ["measure", "step µs (best)", "products µs (best)", "outside the products (median of reps)",
+                       "target"])
     try:
         import onnx  # noqa: F401
         import onnxruntime

@@ -24,9 +24,9 @@ import numpy as np
 
 from . import codec as codecs
 from . import format as fmt
+from . import rewrite
 from .format import NNBFormatError
 from .isa import ProgramError, validate
-from . import rewrite
 from .vm import VM
 
 MAX_LAYERS = 1024

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ops import OPS, Op
+from .ops import Op
 
 FOLD_LIMIT = 1 << 22      # bytes: bias-folded gather tables larger than this are not made
 HALF = "·½"               # suffix of a tensor whose columns a sigmoid's ½ was folded into

@@ -11,9 +11,9 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import build_model
 
 import nn2run
+from conftest import build_model
 from nn2run import rewrite
 from nn2run.vm import VM
 

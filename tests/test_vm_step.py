@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import build_model
 
 import nn2run
+from conftest import build_model
 from nn2run.sample import Sampler, SamplerConfig
 
 
