@@ -2,7 +2,7 @@
 
 Two loops are timed for each, like with like:
 - *step only*: a fixed sequence of token ids fed one at a time (nn2: `Model.vm(1).advance`,
-  the call `nn2run.generate` makes);
+  the call `nn2run.generate` makes; and the public functional `Model.step`, against that loop);
 - *step + sampling*: each step's logits sampled to give the next token (nn2: the public
   `nn2run.generate.generate` with a `Sampler`, as the CLI does; the NumPy peer calls the
   very same `Sampler`; the torch peer samples with softmax + torch.multinomial).
@@ -51,6 +51,11 @@ def _loops(model, np_peer, torch_peer, tokens, n, n_torch):
         for row in ids:
             vm.advance(row)
 
+    def nn2_public_step():
+        state = model.initial_state(1)
+        for row in ids:
+            _, state = model.step(row, state)
+
     def np_step():
         np_peer.reset()
         for t in toks:
@@ -91,7 +96,7 @@ def _loops(model, np_peer, torch_peer, tokens, n, n_torch):
                 with torch.backends.mkldnn.flags(enabled=False):
                     fn()
         return run
-    return {"nn2 step": nn2_step, "numpy step": np_step, "torch step": torch_step,
+    return {"nn2 step": nn2_step, "nn2 public step": nn2_public_step, "numpy step": np_step, "torch step": torch_step,
             "torch-native step": no_onednn(torch_step),
             "nn2 gen": nn2_gen, "numpy gen": np_gen, "torch gen": torch_gen,
             "torch-native gen": no_onednn(torch_gen)}
@@ -135,6 +140,9 @@ def bench_batch1(tmp, sizes, quick: bool):
             nn2 = rate[f"nn2 {kind}"]
             t_np.add(f"{size}, {label} (steps/s)", f"{nn2:,.0f}", f"{rate[f'numpy {kind}']:,.0f}",
                      verdict(nn2 / rate[f"numpy {kind}"], at_least=0.90), "≥ 0.90×")
+            if kind == "step":
+                t_np.add(f"{size}, `Model.step` vs the VM's own loop (steps/s)", f"{rate['nn2 public step']:,.0f}",
+                         f"{nn2:,.0f}", verdict(rate["nn2 public step"] / nn2, at_least=0.95), "≥ 0.95×")
             for peer, how in (("torch", "default"), ("torch-native", "oneDNN off")):
                 t_torch.add(f"{size}, {label}, torch {how} (steps/s)", f"{nn2:,.0f}",
                             f"{rate[f'{peer} {kind}']:,.0f}", verdict(nn2 / rate[f"{peer} {kind}"], at_least=10.0),

@@ -163,13 +163,14 @@ def _nn2_loop(model, batch: int, n: int):
 
 
 def _products_loop(model, batch: int, n: int):
-    """The step's products alone: each matmul of the program, same shapes, in NumPy."""
-    regs, rng = model.program["registers"], np.random.default_rng(0)
+    """The step's products alone: each product of the program the VM runs, same shapes, in NumPy."""
+    program, tensors = model.bound_program() if hasattr(model, "bound_program") else (model.program, model.tensors)
+    regs, rng = program["registers"], np.random.default_rng(0)
     work = []
-    for ins in model.program["code"]:
-        if ins[0] == "matmul":
-            w = np.ascontiguousarray(model.tensors[ins[3][1]])
-            work.append((rng.standard_normal((batch, regs[ins[2][1]])).astype(np.float32), w,
+    for ins in program["code"]:
+        if ins[0] in ("matmul", "matmul1"):
+            w = np.ascontiguousarray(tensors[ins[3][1]])
+            work.append((rng.standard_normal((batch, w.shape[0])).astype(np.float32), w,
                          np.empty((batch, regs[ins[1]]), np.float32)))
 
     def run():
@@ -258,7 +259,8 @@ def bench_onnx(tmp, sizes, quick: bool):
                       ["measure", "nn2run", "ORT, torch.onnx", "ratio", "target", "ORT, nn2c export", "ratio"])
     split = WideTable(f"batch {BATCHES[-1]}: an nn2run step (greedy generation), its products alone "
                       "and everything else",
-                      ["measure", "step µs (best)", "products µs (best)", "outside the products (median of reps)", "target"])
+                      ["measure", "step µs (best)", "products µs (best)", "outside the products (median of reps)",
+                       "target"])
     try:
         import onnx  # noqa: F401
         import onnxruntime

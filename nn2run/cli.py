@@ -370,7 +370,7 @@ def generate(model_path, verify, codec_service, prime, length, temperature, top_
             if info:
                 out.write(describe(model) + "\n")
             if dis:
-                out.write(disassemble(model.program, model.tensors) + "\n")
+                out.write(disassemble(*model.bound_program(), bound=True) + "\n")
             out.flush()
             return
         sampler = _sampler(model, temperature, top_k, top_p, greedy, seed)

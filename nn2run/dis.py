@@ -14,10 +14,15 @@ def _operand(op) -> str:
     return f"{val:g}"
 
 
-def disassemble(program: dict, tensors: dict | None = None) -> str:
-    """The program, one instruction a line: index, opcode, destination ← operands ; widths."""
+def disassemble(program: dict, tensors: dict | None = None, bound: bool = False) -> str:
+    """The program, one instruction a line: index, opcode, destination ← operands ; widths.
+
+    bound: the program is the VM's (`Model.bound_program`), which the first line says."""
     widths = program["registers"]
     lines = [f"; {len(program['code'])} instructions, {len(widths)} registers"]
+    if bound:
+        lines[:0] = ["; as the VM runs it: the file's program after the load-time rewrites (nn2run/rewrite.py)",
+                     "; matmul1: [x, 1] times a table whose last row is the bias; sigmoid½ v = ½·tanh(v) + ½"]
     for s in program["states"]:
         lines.append(f"; state {s['name']}@{s['layer']}: prev r{s['prev']}, next r{s['next']} "
                      f"(width {widths[s['prev']]})")
@@ -28,6 +33,8 @@ def disassemble(program: dict, tensors: dict | None = None) -> str:
             text = f"r{args[0][1]}[{args[1]}:{args[1] + widths[dst]}]"
         elif op == "gather":
             text = f"{_operand(args[0])}[ids]"
+        elif op == "matmul1":
+            text = f"[{_operand(args[0])}, 1], {_operand(args[1])}"
         else:
             text = ", ".join(_operand(a) for a in args)
         note = ""

@@ -24,9 +24,10 @@ import numpy as np
 
 from . import codec as codecs
 from . import format as fmt
+from . import rewrite
 from .format import NNBFormatError
 from .isa import ProgramError, validate
-from .vm import VM, fold_bias_into_gathers
+from .vm import VM
 
 MAX_LAYERS = 1024
 
@@ -108,6 +109,8 @@ class Model:
         validate(h.get("program"), shapes, len(self.vocab))
         self.program = h["program"]
         self._state_names = tuple((st["name"], st["layer"]) for st in self.program["states"])
+        self._names_list = list(self._state_names)
+        self._shapes: dict[int, list] = {}      # batch -> [(np.ndarray, shape)] of a valid state
         self._check_params(h.get("params"), shapes)
         self.sampling = self._check_sampling(h.get("sampling", {}))
 
@@ -182,10 +185,16 @@ class Model:
         self._check_open()
         _check_batch(batch)
         if batch not in self._vms:
-            if self._bound is None:
-                self._bound = fold_bias_into_gathers(self.program, self.tensors)
-            self._vms[batch] = VM(*self._bound, batch)
+            self._vms[batch] = VM(*self.bound_program(), batch)
         return self._vms[batch]
+
+    def bound_program(self) -> tuple[dict, dict]:
+        """(program, tensors) as the VMs run them: the file's after the load-time rewrites
+        of `nn2run.rewrite` (made once; `nn2run --dis` lists this program)."""
+        self._check_open()
+        if self._bound is None:
+            self._bound = rewrite.bind(self.program, self.tensors)
+        return self._bound
 
     @property
     def state_names(self) -> list[tuple[str, int]]:
@@ -200,14 +209,31 @@ class Model:
                      [np.zeros((batch, widths[s["prev"]]), np.float32) for s in self.program["states"]])
 
     def _check_state(self, state) -> None:
+        if type(state) is State and state.names == self._names_list:
+            # the common case in one comparison: this model's state, as step() made it
+            shapes = [(type(a), getattr(a, "shape", None)) for a in state.arrays]
+            if shapes and shapes[0][1] and shapes == self._state_shapes(shapes[0][1][0]):
+                return
+        self._explain_state(state)
+
+    def _state_shapes(self, batch: int) -> list:
+        if batch not in self._shapes:
+            widths = self.program["registers"]
+            self._shapes[batch] = [(np.ndarray, (batch, widths[s["prev"]])) for s in self.program["states"]]
+        return self._shapes[batch]
+
+    def _explain_state(self, state) -> None:
+        """ValueError naming what is wrong with a state that failed the quick check."""
         if not isinstance(state, State):
             raise ValueError(f"state must be a State (from initial_state() or step()), got {type(state).__name__}")
         if state.names != list(self._state_names):
             raise ValueError(f"state is not this model's: it holds {_names(state.names)}, "
                              f"this model's is {_names(self._state_names)}")
         widths = self.program["registers"]
+        first = state.arrays[0] if state.arrays else None
+        batch = first.shape[0] if isinstance(first, np.ndarray) and first.ndim else "batch"
         for (name, layer), a, st in zip(state.names, state.arrays, self.program["states"]):
-            want = (state.batch, widths[st["prev"]])
+            want = (batch, widths[st["prev"]])
             if not isinstance(a, np.ndarray) or a.shape != want:
                 got = a.shape if isinstance(a, np.ndarray) else type(a).__name__
                 raise ValueError(f"state is not this model's: {name}@{layer} is {got}, this model's is {want}")
@@ -216,12 +242,22 @@ class Model:
         """Advance every stream one token: ids (batch,) ints -> (logits (batch, vocab), new state)."""
         self._check_open()
         self._check_state(state)
-        ids = self.check_ids(ids, (state.batch,))
-        vm = self.vm(state.batch)
+        batch = state.batch
+        ids = self._step_ids(ids, batch)
+        vm = self._vms.get(batch) or self.vm(batch)
         for buf, a in zip(vm.state_arrays(), state.arrays):
-            np.copyto(buf, a)
+            buf[...] = a
         logits = vm.advance(ids)
-        return logits.copy(), State(self.state_names, [a.copy() for a in vm.state_arrays()])
+        return logits.copy(), State(self._names_list, [a.copy() for a in vm.state_arrays()])
+
+    def _step_ids(self, ids, batch: int) -> np.ndarray:
+        """check_ids, with a quick path for an intp array of the right shape (what step()'s
+        callers usually pass): its values as Python ints are cheaper to bound than a reduction."""
+        if type(ids) is np.ndarray and ids.dtype == np.intp and ids.shape == (batch,):
+            vals = ids.tolist()
+            if vals and 0 <= min(vals) and max(vals) < len(self.vocab):
+                return ids
+        return self.check_ids(ids, (batch,))
 
     def close(self) -> None:
         """Release the file: the map closes unless the caller still holds arrays from it."""

@@ -26,29 +26,46 @@ class SamplerConfig:
 
 
 class Sampler:
-    """Draws one token per stream from (batch, vocab) logits."""
+    """Draws one token per stream from (batch, vocab) logits.
+
+    Works in float32 in one scratch array per shape, reused from step to step: the logits
+    (owned by the VM, overwritten by the next step) are read once and never upcast.
+    """
 
     def __init__(self, config: SamplerConfig, seed: int | None = None):
         config.check()
         self.config = config
         self.rng = np.random.default_rng(seed)
+        self._scratch: dict[tuple, tuple] = {}
+
+    def _buffers(self, shape: tuple) -> tuple:
+        if shape not in self._scratch:
+            rows = shape[0]
+            self._scratch[shape] = (np.empty(shape, np.float32), np.empty(shape, np.float32),
+                                    np.empty((rows, 1), np.float32), np.empty(shape, bool))
+        return self._scratch[shape]
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         cfg = self.config
         if cfg.greedy:
             return logits.argmax(axis=1)
-        z = logits.astype(np.float64) / cfg.temperature
-        z -= z.max(axis=1, keepdims=True)
+        z, cdf, col, mask = self._buffers(logits.shape)
+        np.multiply(logits, np.float32(1.0 / cfg.temperature), out=z)
+        np.max(z, axis=1, keepdims=True, out=col)
+        np.subtract(z, col, out=z)
         if cfg.top_k is not None and cfg.top_k < z.shape[1]:
             kth = np.partition(z, -cfg.top_k, axis=1)[:, -cfg.top_k][:, None]
-            z = np.where(z < kth, -np.inf, z)
-        p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
+            np.less(z, kth, out=mask)
+            np.copyto(z, -np.inf, where=mask)
+        np.exp(z, out=z)
         if cfg.top_p is not None and cfg.top_p < 1:
-            p = _nucleus(p, cfg.top_p)
-        cdf = np.cumsum(p, axis=1)
-        u = self.rng.random((p.shape[0], 1)) * cdf[:, -1:]
-        return np.minimum((cdf <= u).sum(axis=1), p.shape[1] - 1)
+            np.sum(z, axis=1, keepdims=True, out=col)
+            np.divide(z, col, out=z)
+            z = _nucleus(z, cfg.top_p)
+        np.cumsum(z, axis=1, out=cdf)
+        u = (self.rng.random((z.shape[0], 1)) * cdf[:, -1:]).astype(np.float32)
+        np.less_equal(cdf, u, out=mask)
+        return np.minimum(mask.sum(axis=1), z.shape[1] - 1)
 
 
 def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:

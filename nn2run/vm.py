@@ -8,6 +8,10 @@ double-buffered: the program is bound twice, with the `prev` and `next` buffers 
 state swapped, and steps alternate between the two bindings, so carrying state from one
 step to the next copies nothing.
 
+The program bound is the file's after the load-time rewrites of `nn2run.rewrite`; a
+register that a `matmul1` reads is allocated with one more column, of ones, after it
+(for a state, both of its buffers), so the product adds its bias row itself.
+
 Imports NumPy and the standard library only.
 """
 
@@ -16,38 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ops import OPS
-
-FOLD_LIMIT = 1 << 22      # bytes: bias-folded gather tables larger than this are not made
-
-
-def fold_bias_into_gathers(program: dict, tensors: dict) -> tuple[dict, dict]:
-    """Peephole, done once per model (not per batch size): `gather d T; add e d b` (d read
-    once, b a vector) is `gather e (T + b)` — a one-hot row plus a bias is a row of the table
-    plus the bias. Returns the program and tensors to bind."""
-    code = program["code"]
-    reads: dict[int, int] = {}
-    for ins in code:
-        for a in ins[2:]:
-            if isinstance(a, list) and a[0] == "r":
-                reads[a[1]] = reads.get(a[1], 0) + 1
-    for r in [s["next"] for s in program["states"]] + [program["logits"]]:
-        reads[r] = reads.get(r, 0) + 1
-    gathers = {ins[1]: ins[2][1] for ins in code if ins[0] == "gather"}
-    out, extra, dropped = [], dict(tensors), set()
-    for ins in code:
-        if ins[0] == "add":
-            pair = [a for a in ins[2:] if a[0] == "r" and a[1] in gathers and reads[a[1]] == 1]
-            bias = [a for a in ins[2:] if a[0] == "t"]
-            table = tensors[gathers[pair[0][1]]] if pair else None
-            if pair and bias and table.nbytes <= FOLD_LIMIT:
-                name = f"{gathers[pair[0][1]]}+{bias[0][1]}"
-                extra[name] = table + tensors[bias[0][1]]
-                out.append(["gather", ins[1], ["t", name]])
-                dropped.add(pair[0][1])
-                continue
-        out.append(ins)
-    code = [ins for ins in out if not (ins[0] == "gather" and ins[1] in dropped)]
-    return {**program, "code": code}, extra
+from .rewrite import LOADTIME, fold_bias_into_gathers, padded_registers  # noqa: F401 (re-exported)
 
 
 class VM:
@@ -58,16 +31,27 @@ class VM:
         self.ids = np.zeros(batch, dtype=np.intp)
         widths = program["registers"]
         self._states = program["states"]
-        written_by_code = {ins[1] for ins in program["code"] if ins[0] != "slice"}
-        base = {}
-        for r in written_by_code:
-            base[r] = np.zeros((batch, widths[r]), dtype=np.float32)
-        self._buffers = []      # per state: (buffer A, buffer B)
+        padded = padded_registers(program)
         for s in self._states:
-            base[s["prev"]] = np.zeros((batch, widths[s["prev"]]), dtype=np.float32)
-            self._buffers.append((base[s["prev"]], base[s["next"]]))
+            if s["prev"] in padded or s["next"] in padded:
+                padded |= {s["prev"], s["next"]}
+        self._with_ones = {}    # id(register array) -> that array with its column of ones
+        base = {}
+        written = {ins[1] for ins in program["code"] if ins[0] != "slice"} | {s["prev"] for s in self._states}
+        for r in written:
+            base[r] = self._register(batch, widths[r], r in padded)
+        self._buffers = [(base[s["prev"]], base[s["next"]]) for s in self._states]  # per state: (A, B)
         self._bindings = [self._bind(program, tensors, base, swap) for swap in (False, True)]
         self.parity = 0
+
+    def _register(self, batch: int, width: int, ones: bool) -> np.ndarray:
+        if not ones:
+            return np.zeros((batch, width), dtype=np.float32)
+        full = np.zeros((batch, width + 1), dtype=np.float32)
+        full[:, width] = 1.0
+        view = full[:, :width]
+        self._with_ones[id(view)] = full
+        return view
 
     def _bind(self, program, tensors, base, swap: bool):
         regs = dict(base)
@@ -96,7 +80,9 @@ class VM:
     def _compile(self, op, out, args):
         if op in ("onehot", "gather"):          # they read the step's token ids
             args = [self.ids, *args]
-        return OPS[op].numpy(out, *args)
+        if op == "matmul1":
+            args = [self._with_ones[id(args[0])], *args[1:]]
+        return (OPS.get(op) or LOADTIME[op]).numpy(out, *args)
 
     def advance(self, ids) -> np.ndarray:
         """One step for every stream: ids (batch,) -> logits (batch, vocab).

@@ -1,0 +1,276 @@
+"""Load-time rewrites: the file's program as the VM runs it.
+
+Done once per model (not per batch size), on the validated program; the file, its
+tensors and `Model.param` are untouched (a rewritten tensor is a new array with a new
+name). Each rewrite removes element-wise passes over the batch:
+
+- `fold_bias_into_gathers`: `gather d T; add e d b` is `gather e (T + b)`.
+- `fold_bias_into_products`: `matmul d x W; add e d b` is `matmul1 e x [W; b]`, where
+  `matmul1` multiplies `[x, 1]` (the VM keeps a column of ones after x) by W with b as
+  one more row: the bias add happens inside the product.
+- `fold_bias_into_sliced_producers`: `add e s b`, s a slice of what a gather or a product
+  wrote (columns read by nothing else), adds b to those columns of the table (a `matmul`
+  becomes a `matmul1` with a bias row of zeros elsewhere) and e becomes s.
+- `halve_sigmoid_inputs`: σ(v) = ½·tanh(½v) + ½. When v is a linear function of stored
+  weights (products, gathers, bias adds, slices of them, each read by nothing else),
+  the ½ is folded into those weights' columns, and `sigmoid` becomes `sigmoid½`: one
+  tanh and the affine step (two passes, NumPy has no fused multiply-add) instead of
+  four passes.
+
+`LOADTIME` holds the two opcodes these rewrites add, in the registry's form (`nn2run.ops`).
+
+Imports NumPy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .ops import Op
+
+FOLD_LIMIT = 1 << 22      # bytes: bias-folded gather tables larger than this are not made
+HALF = "·½"               # suffix of a tensor whose columns a sigmoid's ½ was folded into
+
+
+def _half_sigmoid(a, out):
+    np.tanh(a, out)
+    np.multiply(out, 0.5, out)
+    np.add(out, 0.5, out)
+
+
+LOADTIME = {
+    # operands: the source register (the VM passes it with its column of ones), the (K+1, N) table
+    "matmul1": Op("matmul1", 2, "product", lambda out, x1, t: [(np.matmul, (x1, t, out))]),
+    "sigmoid½": Op("sigmoid½", 1, "activation", lambda out, a: [(_half_sigmoid, (a, out))]),
+}
+
+
+def bind(program: dict, tensors: dict) -> tuple[dict, dict]:
+    """Every rewrite, in order: returns the program and the tensors the VM binds."""
+    program, tensors = fold_bias_into_gathers(program, tensors)
+    program, tensors = fold_bias_into_products(program, tensors)
+    program, tensors = fold_bias_into_sliced_producers(program, tensors)
+    return halve_sigmoid_inputs(program, tensors)
+
+
+def padded_registers(program: dict) -> set:
+    """Registers read by `matmul1`: the VM allocates each with a column of ones after it."""
+    return {ins[2][1] for ins in program["code"] if ins[0] == "matmul1"}
+
+
+def _reads(program: dict) -> dict:
+    """register -> number of reads (state next and logits registers count as read)."""
+    reads: dict[int, int] = {}
+    for ins in program["code"]:
+        for a in ins[2:]:
+            if isinstance(a, list) and a[0] == "r":
+                reads[a[1]] = reads.get(a[1], 0) + 1
+    for r in [s["next"] for s in program["states"]] + [program["logits"]]:
+        reads[r] = reads.get(r, 0) + 1
+    return reads
+
+
+def _fold_adds(program, tensors, producer: str, fold):
+    """`PRODUCER d …; add e d b` (d read once, b a vector) -> fold(ins, b) writing e."""
+    code, reads = program["code"], _reads(program)
+    made = {ins[1]: ins for ins in code if ins[0] == producer}
+    out, extra, dropped = [], dict(tensors), set()
+    for ins in code:
+        if ins[0] == "add":
+            regs = [a for a in ins[2:] if a[0] == "r" and a[1] in made and reads[a[1]] == 1]
+            bias = [a for a in ins[2:] if a[0] == "t"]
+            new = fold(made[regs[0][1]], bias[0][1], ins[1], extra) if regs and bias else None
+            if new is not None:
+                out.append(new)
+                dropped.add(regs[0][1])
+                continue
+        out.append(ins)
+    code = [ins for ins in out if not (ins[0] == producer and ins[1] in dropped)]
+    return {**program, "code": code}, extra
+
+
+def fold_bias_into_gathers(program: dict, tensors: dict) -> tuple[dict, dict]:
+    """`gather d T; add e d b` -> `gather e (T + b)` (tables up to FOLD_LIMIT bytes)."""
+    def fold(gather, bias, dst, extra):
+        table = gather[2][1]
+        if extra[table].nbytes > FOLD_LIMIT:
+            return None
+        name = f"{table}+{bias}"
+        extra[name] = extra[table] + extra[bias]
+        return ["gather", dst, ["t", name]]
+    return _fold_adds(program, tensors, "gather", fold)
+
+
+def fold_bias_into_products(program: dict, tensors: dict) -> tuple[dict, dict]:
+    """`matmul d x W; add e d b` -> `matmul1 e x [W; b]` when x is a whole register
+    (not a slice: the VM must be able to give it a column of ones)."""
+    slices = {ins[1] for ins in program["code"] if ins[0] == "slice"}
+
+    def fold(matmul, bias, dst, extra):
+        src, weight = matmul[2], matmul[3][1]
+        if src[1] in slices:
+            return None
+        name = f"{weight}+{bias}"
+        extra[name] = np.vstack([extra[weight], extra[bias][None, :]]).astype(np.float32)
+        return ["matmul1", dst, src, ["t", name]]
+    return _fold_adds(program, tensors, "matmul", fold)
+
+
+def fold_bias_into_sliced_producers(program: dict, tensors: dict) -> tuple[dict, dict]:
+    """`P p …; slice s p[a]; add e s b` -> P with b added to columns [a, a+width) of its
+    table, and every read of e reading s (see the module's docstring)."""
+    code, tensors = [list(ins) for ins in program["code"]], dict(tensors)
+    pc = 0
+    while pc < len(code):
+        folded = _fold_one(code, pc, program, tensors)
+        if folded is None:
+            pc += 1
+            continue
+        e, s = folded         # the add is gone: its readers read the slice
+        code = [[i[0], i[1]] + [["r", s] if isinstance(a, list) and a == ["r", e] else a for a in i[2:]]
+                for i in code[:pc] + code[pc + 1:]]
+    return {**program, "code": code}, tensors
+
+
+def _fold_one(code, pc, program, tensors):
+    """Fold the bias of the add at `pc` into its producer's table; (e, s) when done."""
+    ins = code[pc]
+    if ins[0] != "add":
+        return None
+    regs = [a for a in ins[2:] if a[0] == "r"]
+    bias = [a for a in ins[2:] if a[0] == "t"]
+    if len(regs) != 1 or len(bias) != 1:
+        return None
+    plan = _ScalePlan(code, program)
+    if regs[0][1] not in plan.slices or ins[1] in plan.outside \
+            or any(code[r][0] in ("matmul", "matmul1") for r in plan.readers.get(ins[1], [])):
+        return None       # e must stay a register of its own: a state, the logits, a product's source
+    found = plan.producer(regs[0][1], 0, program["registers"][ins[1]], pc)
+    if found is None or not plan.closed():
+        return None
+    ppc, lo, hi = found
+    code[ppc] = _add_to_columns(code[ppc], tensors, bias[0][1], lo, hi)
+    return ins[1], regs[0][1]
+
+
+def _add_to_columns(ins, tensors, bias: str, lo: int, hi: int) -> list:
+    op = ins[0]
+    table = ins[3][1] if op in ("matmul", "matmul1") else ins[2][1]
+    t = np.array(tensors[table], dtype=np.float32, copy=True)
+    if op == "matmul":
+        t = np.vstack([t, np.zeros((1, t.shape[1]), np.float32)])
+    t[-1 if op != "gather" else slice(None), lo:hi] += tensors[bias]
+    name = f"{table}+{bias}"
+    tensors[name] = t
+    if op == "gather":
+        return ["gather", ins[1], ["t", name]]
+    return ["matmul1", ins[1], ins[2], ["t", name]]
+
+
+def halve_sigmoid_inputs(program: dict, tensors: dict) -> tuple[dict, dict]:
+    """`sigmoid d v` -> `sigmoid½ d v` with ½ folded into the weights v is made of."""
+    code = [list(ins) for ins in program["code"]]
+    tensors = dict(tensors)
+    for pc, ins in enumerate(code):
+        if ins[0] != "sigmoid":
+            continue
+        plan = _ScalePlan(code, program)
+        if plan.trace(ins[2][1], 0, program["registers"][ins[2][1]], pc) and plan.closed():
+            plan.apply(code, tensors)
+            code[pc] = ["sigmoid½", *ins[1:]]
+    return {**program, "code": code}, tensors
+
+
+class _ScalePlan:
+    """Which tensor columns to halve so that columns [lo, hi) of a register come out halved."""
+
+    LINEAR = ("add", "sub", "neg")
+
+    def __init__(self, code, program):
+        self.code = code
+        self.writer = {ins[1]: pc for pc, ins in enumerate(code)}
+        self.readers: dict[int, list] = {}
+        for pc, ins in enumerate(code):
+            for a in ins[2:]:
+                if isinstance(a, list) and a[0] == "r":
+                    self.readers.setdefault(a[1], []).append(pc)
+        self.outside = {s["next"] for s in program["states"]} | {program["logits"]}
+        self.widths = program["registers"]
+        self.slices = {ins[1] for ins in code if ins[0] == "slice"}
+        self.cols: dict[str, tuple] = {}      # tensor -> (lo, hi) to halve
+        self.visited: set[int] = set()        # instructions whose values change
+
+    def trace(self, reg: int, lo: int, hi: int, via: int) -> bool:
+        if reg in self.outside or reg not in self.writer:
+            return False                      # a state or the logits must keep its value
+        for pc in self.readers.get(reg, []):
+            if pc != via and not self._disjoint(self.code[pc], lo, hi):
+                return False
+        pc = self.writer[reg]
+        ins = self.code[pc]
+        self.visited.add(pc)
+        op, args = ins[0], ins[2:]
+        if op == "slice":
+            return self.trace(args[0][1], lo + args[1], hi + args[1], pc)
+        if op in ("matmul", "matmul1"):
+            return self._halve(args[1][1], lo, hi)
+        if op == "gather":
+            return self._halve(args[0][1], lo, hi)
+        if op in self.LINEAR:
+            ok = True
+            for a in args:
+                if a[0] == "r":
+                    ok = ok and self.trace(a[1], lo, hi, pc)
+                elif a[0] == "t":
+                    ok = ok and self._halve(a[1], lo, hi)
+                else:
+                    return False              # a constant: ½ of it would be another constant
+            return ok
+        return False
+
+    def producer(self, reg: int, lo: int, hi: int, via: int):
+        """(pc, lo, hi) of the gather or product whose columns [lo, hi) a chain of slices
+        ending at `reg` reads, when nothing else reads those columns; else None."""
+        if reg in self.outside or reg not in self.writer:
+            return None
+        if any(pc != via and not self._disjoint(self.code[pc], lo, hi) for pc in self.readers.get(reg, [])):
+            return None
+        pc = self.writer[reg]
+        ins = self.code[pc]
+        self.visited.add(pc)
+        if ins[0] == "slice":
+            return self.producer(ins[2][1], lo + ins[3], hi + ins[3], pc)
+        if ins[0] == "gather" or ins[0] == "matmul1" or ins[0] == "matmul" and ins[2][1] not in self.slices:
+            self._halve(ins[3][1] if ins[0] != "gather" else ins[2][1], lo, hi)    # marks the table as changed
+            return pc, lo, hi
+        return None
+
+    def _disjoint(self, ins, lo: int, hi: int) -> bool:
+        """A reader of the register that sees none of the halved columns (a slice outside them)."""
+        return ins[0] == "slice" and (ins[3] + self.widths[ins[1]] <= lo or ins[3] >= hi)
+
+    def _halve(self, name: str, lo: int, hi: int) -> bool:
+        if self.cols.get(name, (lo, hi)) != (lo, hi):
+            return False
+        self.cols[name] = (lo, hi)
+        return True
+
+    def closed(self) -> bool:
+        """Every instruction reading a halved tensor is one whose value is meant to change."""
+        for pc, ins in enumerate(self.code):
+            if pc not in self.visited and any(a[0] == "t" and a[1] in self.cols for a in ins[2:]
+                                              if isinstance(a, list)):
+                return False
+        return True
+
+    def apply(self, code, tensors) -> None:
+        renamed = {}
+        for name, (lo, hi) in self.cols.items():
+            new = name if name.endswith(HALF) else name + HALF     # else a copy made by an earlier sigmoid
+            if new != name:
+                tensors[new] = np.array(tensors[name], dtype=np.float32, copy=True)
+            tensors[new][..., lo:hi] *= np.float32(0.5)
+            renamed[name] = new
+        for pc in self.visited:
+            code[pc] = [code[pc][0], code[pc][1]] + [["t", renamed[a[1]]] if isinstance(a, list) and a[0] == "t"
+                                                      and a[1] in renamed else a for a in code[pc][2:]]

@@ -1,0 +1,169 @@
+"""The VM's load-time rewrites against float64 NumPy references of the cells, written here.
+
+Each rewrite (`nn2run.rewrite`) is checked on its own and all together: the VM must compute
+the kernel's function, `Model.param` must still return the logical weights, and a rewrite
+must leave alone a program it cannot apply to.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import nn2run
+from conftest import build_model
+from nn2run import rewrite
+from nn2run.vm import VM
+
+H, LAYERS, V, BATCH, STEPS = 6, 2, 7, 3, 12
+
+
+def _sig(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _lstm64(p, x, state, layer):
+    c, h = state
+    g = {k: x @ p[f"W_{k}@{layer}"].T + h @ p[f"U_{k}@{layer}"].T + p[f"b_{k}@{layer}"] for k in "fioc"}
+    c = _sig(g["f"]) * c + _sig(g["i"]) * np.tanh(g["c"])
+    h = _sig(g["o"]) * np.tanh(c)
+    return [c, h], h
+
+
+def _torchgru64(p, x, state, layer):
+    (h,) = state
+    q = {k: p[f"{k}@{layer}"] for k in ("W_ir", "W_iz", "W_in", "W_hr", "W_hz", "W_hn",
+                                          "b_ir", "b_iz", "b_in", "b_hr", "b_hz", "b_hn")}
+    r = _sig(x @ q["W_ir"].T + q["b_ir"] + h @ q["W_hr"].T + q["b_hr"])
+    z = _sig(x @ q["W_iz"].T + q["b_iz"] + h @ q["W_hz"].T + q["b_hz"])
+    n = np.tanh(x @ q["W_in"].T + q["b_in"] + r * (h @ q["W_hn"].T + q["b_hn"]))
+    h = (1 - z) * n + z * h
+    return [h], h
+
+
+def _rnn64(p, x, state, layer, act=np.tanh):
+    (h,) = state
+    h = act(x @ p[f"W_h@{layer}"].T + h @ p[f"U_h@{layer}"].T + p[f"b_h@{layer}"])
+    return [h], h
+
+
+CELLS = {"lstm": (_lstm64, 2), "torchgru": (_torchgru64, 1), "rnn": (_rnn64, 1)}
+
+
+def _reference(cell, logical, ids):
+    """Logits of every step and the final state per layer, all in float64."""
+    fn, nstates = CELLS[cell]
+    p = {k: v.astype(np.float64) for k, v in logical.items()}
+    state = [[np.zeros((BATCH, H)) for _ in range(nstates)] for _ in range(LAYERS)]
+    out = []
+    for t in range(ids.shape[0]):
+        x = np.eye(V)[ids[t]]
+        for layer in range(LAYERS):
+            state[layer], x = fn(p, x, state[layer], layer)
+        out.append(x @ p["W_y"].T + p["b_y"])
+    return np.stack(out), state
+
+
+def _run(vm, ids):
+    vm.reset()
+    return np.stack([vm.advance(row).copy() for row in ids]), [a.copy() for a in vm.state_arrays()]
+
+
+def _ids(seed=0):
+    return np.random.default_rng(seed).integers(0, V, (STEPS, BATCH))
+
+
+REWRITES = {
+    "all": rewrite.bind,
+    "bias into gathers": rewrite.fold_bias_into_gathers,
+    "bias into products": rewrite.fold_bias_into_products,
+    "sigmoid's ½": rewrite.halve_sigmoid_inputs,
+    "bias into sliced producers": rewrite.fold_bias_into_sliced_producers,
+}
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("which", sorted(REWRITES))
+def test_each_rewrite_keeps_the_cell_function(tmp_path, cell, which):
+    path, _, logical = build_model(tmp_path / "m.nnb", cell, H, LAYERS, V, seed=1)
+    ids = _ids()
+    want, want_state = _reference(cell, logical, ids)
+    with nn2run.load(path) as m:
+        program, tensors = REWRITES[which](m.program, m.tensors)
+        got, got_state = _run(VM(program, tensors, BATCH), ids)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    flat = [s for layer in want_state for s in layer]
+    for g, w in zip(got_state, flat):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "torchgru"])
+def test_the_model_runs_the_rewritten_program_and_keeps_logical_params(tmp_path, cell):
+    path, _, logical = build_model(tmp_path / "m.nnb", cell, H, LAYERS, V, seed=2)
+    with nn2run.load(path) as m:
+        m.vm(BATCH)
+        program, tensors = m._bound
+        ops = [ins[0] for ins in program["code"]]
+        assert "sigmoid" not in ops and "sigmoid½" in ops      # every gate's ½ was folded
+        assert ops.count("matmul1") >= 2                       # layer 1's input product, the readout
+        assert ops.count("add") < [ins[0] for ins in m.program["code"]].count("add")
+        for key, value in logical.items():                     # param: the kernel's values, untouched
+            name, _, layer = key.partition("@")
+            np.testing.assert_array_equal(m.param(name, int(layer) if layer else 0), value)
+        got, _ = _run(m.vm(BATCH), _ids(3))
+    np.testing.assert_allclose(got, _reference(cell, logical, _ids(3))[0], atol=2e-5, rtol=1e-4)
+
+
+def test_a_sigmoid_whose_input_is_read_elsewhere_is_left_as_it_is(tmp_path):
+    kernel = tmp_path / "gate.eq"
+    kernel.write_text("aₜ = W_h xₜ + U_h hₜ₋₁ + b_h\nhₜ = σ(aₜ) ⊙ aₜ\n", encoding="utf-8")
+    path, _, logical = build_model(tmp_path / "m.nnb", str(kernel), H, LAYERS, V, seed=4)
+    swish = lambda v: _sig(v) * v                                      # noqa: E731
+    want, _ = _reference_with(lambda p, x, s, layer: _rnn64(p, x, s, layer, swish), logical, _ids(5))
+    with nn2run.load(path) as m:
+        program, tensors = rewrite.halve_sigmoid_inputs(*rewrite.fold_bias_into_products(m.program, m.tensors))
+        assert "sigmoid" in [ins[0] for ins in program["code"]]
+        assert not any(name.endswith(rewrite.HALF) for name in tensors)
+        got, _ = _run(VM(program, tensors, BATCH), _ids(5))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def _reference_with(fn, logical, ids):
+    CELLS["custom"] = (fn, 1)
+    try:
+        return _reference("custom", logical, ids)
+    finally:
+        del CELLS["custom"]
+
+
+def test_relu_runs_without_numpy_deprecation_warnings(tmp_path):
+    kernel = tmp_path / "relu.eq"
+    kernel.write_text("hₜ = relu(W_h xₜ + U_h hₜ₋₁ + b_h)\n", encoding="utf-8")
+    path, _, logical = build_model(tmp_path / "m.nnb", str(kernel), H, LAYERS, V, seed=6)
+    relu = lambda v: np.maximum(v, 0.0)                                 # noqa: E731
+    want, _ = _reference_with(lambda p, x, s, layer: _rnn64(p, x, s, layer, relu), logical, _ids(7))
+    with nn2run.load(path) as m, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, _ = _run(m.vm(BATCH), _ids(7))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_state_arrays_are_the_live_buffers_of_a_padded_state(tmp_path):
+    # h of the top layer feeds the readout's matmul1, so its buffers carry a column of ones
+    path, _, logical = build_model(tmp_path / "m.nnb", "lstm", H, LAYERS, V, seed=8)
+    ids = _ids(9)
+    with nn2run.load(path) as m:
+        vm = m.vm(BATCH)
+        vm.reset()
+        for row in ids[:-1]:
+            vm.advance(row)
+        for a in vm.state_arrays():     # what the server does when a stream joins: zero its row
+            a[1] = 0.0
+        got = vm.advance(ids[-1])[1].copy()
+        vm.reset()
+        one = m.vm(1)
+        one.reset()
+        want = one.advance(ids[-1][1:2])[0]
+    np.testing.assert_allclose(got, want, atol=1e-6)

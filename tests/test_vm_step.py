@@ -1,0 +1,90 @@
+"""The float32 sampler against a float64 reference, and the quick paths of Model.step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nn2run
+from conftest import build_model
+from nn2run.sample import Sampler, SamplerConfig
+
+
+def _sample64(logits, cfg: SamplerConfig, rng):
+    """The sampler's arithmetic in float64: softmax at the temperature, top-k, top-p, one
+    uniform draw scaled by the last cumulative value."""
+    z = logits.astype(np.float64) / cfg.temperature
+    z -= z.max(axis=1, keepdims=True)
+    if cfg.top_k is not None:
+        kth = np.sort(z, axis=1)[:, -cfg.top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    if cfg.top_p is not None:
+        out = np.zeros_like(p)
+        for i, row in enumerate(p):
+            order = np.argsort(-row, kind="stable")
+            mass_before = np.cumsum(row[order]) - row[order]
+            keep = order[mass_before < cfg.top_p]
+            out[i, keep] = row[keep]
+        p = out
+    cdf = np.cumsum(p, axis=1)
+    u = rng.random((p.shape[0], 1)) * cdf[:, -1:]
+    return np.minimum((cdf <= u).sum(axis=1), p.shape[1] - 1)
+
+
+@pytest.mark.parametrize("cfg", [SamplerConfig(), SamplerConfig(temperature=0.7), SamplerConfig(top_k=5),
+                                 SamplerConfig(top_p=0.8), SamplerConfig(temperature=1.3, top_k=20, top_p=0.9)])
+def test_float32_sampler_draws_what_the_float64_arithmetic_draws(cfg):
+    logits = (np.random.default_rng(1).standard_normal((400, 65)) * 3).astype(np.float32)
+    before = logits.copy()
+    sampler, rng = Sampler(cfg, seed=11), np.random.default_rng(11)
+    got = np.concatenate([sampler(logits[i:i + 50]) for i in range(0, 400, 50)])
+    want = np.concatenate([_sample64(logits[i:i + 50], cfg, rng) for i in range(0, 400, 50)])
+    # a float32 cumulative sum can move a boundary by an ulp: a draw that lands within it differs
+    assert (got != want).sum() <= 1
+    np.testing.assert_array_equal(logits, before)        # the logits are read, never written
+
+
+def test_sampler_follows_the_distribution():
+    logits = np.log(np.array([[0.5, 0.3, 0.2, 1e-9]], np.float32)).repeat(20000, axis=0)
+    freq = np.bincount(Sampler(SamplerConfig(), seed=0)(logits), minlength=4) / 20000
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.2, 0.0], atol=0.015)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path, _, _ = build_model(tmp_path_factory.mktemp("step") / "m.nnb", "lstm", 6, 2, 7, seed=3)
+    with nn2run.load(path) as m:
+        yield m
+
+
+@pytest.mark.parametrize("bad", [np.array([0, 7]), np.array([-1, 2]), np.array([0, 2**40])])
+def test_step_refuses_an_intp_array_with_an_id_outside_the_vocabulary(model, bad):
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        model.step(bad.astype(np.intp), model.initial_state(2))
+
+
+def test_step_refuses_a_state_of_another_batch_or_kind(model):
+    with pytest.raises(ValueError, match="state is not this model's"):
+        model.step(np.array([1, 2]), model.initial_state(3).__class__(
+            model.state_names, [np.zeros((2, 5), np.float32)] * 4))
+    s = model.initial_state(2)
+    s.arrays[0] = s.arrays[0].tolist()
+    with pytest.raises(ValueError, match="state is not this model's"):
+        model.step(np.array([1, 2]), s)
+
+
+def test_step_agrees_with_the_vm_loop_and_returns_states_it_does_not_reuse(model):
+    ids = np.random.default_rng(4).integers(0, 7, (6, 2))
+    vm = model.vm(2)
+    vm.reset()
+    state, kept = model.initial_state(2), []
+    for row in ids:
+        logits, state = model.step(row, state)
+        kept.append((logits, [a.copy() for a in state.arrays], state))
+    vm.reset()
+    for row, (logits, arrays, st) in zip(ids, kept):
+        np.testing.assert_array_equal(vm.advance(row), logits)
+        for a, b in zip(st.arrays, arrays):        # later steps left earlier results alone
+            np.testing.assert_array_equal(a, b)
