@@ -85,8 +85,8 @@ demo: $(TRAIN_STAMP)
 fuzz: $(TRAIN_STAMP)
 	$(BIN)/nn2c train --kernel lstm --hidden 8 --layers 2 --seq-len 8 --batch 4 --steps 2 \
 	    --eval-every 1 -o build/fuzz-seed.nnb 2>/dev/null
-	$(BIN)/python tests/fuzz_loader.py --inputs $(FUZZ_INPUTS) --model build/fuzz-seed.nnb --loader model
-	$(BIN)/python tests/fuzz_loader.py --inputs $(FUZZ_INPUTS) --loader format
+	$(BIN)/python tests/support/fuzz_loader.py --inputs $(FUZZ_INPUTS) --model build/fuzz-seed.nnb --loader model
+	$(BIN)/python tests/support/fuzz_loader.py --inputs $(FUZZ_INPUTS) --loader format
 
 lambda: $(RUN_STAMP)
 	@test -n "$(MODEL)" || { echo "make lambda: give the model, e.g. make lambda MODEL=build/demo.nnb ARCH=arm64" >&2; exit 2; }

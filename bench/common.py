@@ -25,8 +25,8 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 def build_lstm(path, hidden: int, layers: int = 2, vocab: int = len(VOCAB), seed: int = 0):
     """Write a .nnb LSTM with random weights of a trained-like scale (uniform ±1/√hidden,
     as torch initializes nn.LSTM); returns (path, logical weights by key, e.g. "W_f@0")."""
-    from nn2c.compiler import compile_kernel, write_model
-    from nn2c.emit import init_logical, pack
+    from nn2c.compiler.emit import init_logical, pack
+    from nn2c.compiler.pipeline import compile_kernel, write_model
     from nn2run.codec import CharCodec
     compiled = compile_kernel("lstm", hidden, layers, vocab)
     specs = compiled.network.tensors()

@@ -53,8 +53,8 @@ class WideTable:
 
 def build_nn2(path, cell: str, hidden: int, layers: int, vocab: int, seed: int = 0):
     """A .nnb of nn2's sample `CELLS[cell]`, random weights; returns its logical weights."""
-    from nn2c.compiler import compile_kernel, write_model
-    from nn2c.emit import init_logical, pack
+    from nn2c.compiler.emit import init_logical, pack
+    from nn2c.compiler.pipeline import compile_kernel, write_model
     from nn2run.codec import CharCodec
     compiled = compile_kernel(CELLS[cell], hidden, layers, vocab)
     specs = compiled.network.tensors()
@@ -221,7 +221,7 @@ def _steps_a_rep(fn_of_n, seconds: float) -> int:
 
 
 def _bench_cell(tmp, cell, hidden, thread_counts, blas, reps, seconds, speed, split):
-    from nn2c.export import export_onnx
+    from nn2c.compiler.export import export_onnx
     from nn2run import load
     nnb, t_onnx, n_onnx = (tmp / f"ort-{cell}-{hidden}.{ext}" for ext in ("nnb", "torch.onnx", "nn2.onnx"))
     logical = build_nn2(nnb, cell, hidden, 2, 65)

@@ -63,7 +63,7 @@ def _rss(path) -> tuple[int, int]:
 
 
 def bench_quantize(tmp, quick: bool):
-    from nn2c.quantize import quantize_file
+    from nn2c.compiler.quantize import quantize_file
     from nn2run import load
     t = Table("quantized files (2×256 LSTM, tinyshakespeare): f16 / int8 vs float32")
     if not SHAKESPEARE.exists():

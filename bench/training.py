@@ -19,7 +19,7 @@ from .common import SHAKESPEARE, VOCAB, Table, best, fmt_list, interleaved, verd
 
 
 def _corpus(tmp):
-    from nn2c.corpus import read_corpus
+    from nn2c.train.corpus import read_corpus
     path = SHAKESPEARE
     if not path.exists():
         path = tmp / "random-corpus.txt"
@@ -61,7 +61,7 @@ def _trainer(tmp, cfg, corpus, native: bool):
     """A Trainer whose loops are native (when this machine can build them) or fused (torch)."""
     import os
 
-    from nn2c.train import Trainer
+    from nn2c.train.trainer import Trainer
     old = os.environ.get("NN2_NATIVE")
     os.environ["NN2_NATIVE"] = "1" if native else "0"
     try:
@@ -88,7 +88,7 @@ def _steps(trainer, steps: int):
 
 def _compare(tmp, device: str, steps: int, reps: int, hidden=256, layers=2, seq=100, batch=32,
              fused: bool = False, kernel: str = "lstm"):
-    from nn2c.train import TrainConfig
+    from nn2c.train.trainer import TrainConfig
     corpus = _corpus(tmp)
     cfg = TrainConfig(kernel=kernel, hidden=hidden, layers=layers, seq_len=seq, batch=batch, device=device,
                       val_frac=0.01, eval_every=10 ** 9)
@@ -161,7 +161,7 @@ def bench_train_gpu(tmp, quick: bool, tf32: bool = False):
         t.add("chars/s", "skipped", "skipped", "—", "≥ 0.8×")
         t.notes.append("skipped: torch.cuda.is_available() is False on this machine")
         return [t]
-    from nn2c.train import TrainConfig
+    from nn2c.train.trainer import TrainConfig
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     steps, reps = (5, 2) if quick else (20, 3)
     hidden, layers, seq, batch = 256, 2, 100, 32

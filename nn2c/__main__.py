@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from nn2c.cli import main
 
 sys.exit(main(prog_name="nn2c"))

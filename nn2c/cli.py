@@ -1,5 +1,5 @@
 """`nn2c`: the command line of the compiler. Argument handling only; the work is in
-`nn2c.compiler`, `nn2c.train` and `nn2c.report`.
+`nn2c.compiler.pipeline`, `nn2c.train.trainer` and `nn2c.compiler.report`.
 
 Exit status: 0 success, 1 an error the user can fix (kernel, corpus, options, disk),
 2 usage error, 130 interrupted (a checkpoint and the best model so far are kept).
@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from . import __version__
+from nn2c import __version__
 
 
 class Failure(click.ClickException):
@@ -32,7 +32,7 @@ def failure_of(e: Exception) -> Failure:
     """The one place where a typed error of nn2c becomes what the user sees: a kernel error
     with its caret when it points into the source, every other one a `nn2c:` line; the
     status is the error class's `exit_status` (130 for an interruption), else 1."""
-    from .errors import KernelError
+    from nn2c.lang.errors import KernelError
     if isinstance(e, KernelError):
         return Failure(str(e), raw=e.pos is not None and e.pos.line >= 1)
     return Failure(str(e), code=getattr(e, "exit_status", 1))
@@ -92,8 +92,8 @@ def check(kernel, hidden, vocab, layers, no_opt):
 
     Example: nn2c check samples/kernels/lstm.eq --hidden 128 --vocab 65
     """
-    from .errors import KernelError
-    from .report import describe_kernel
+    from nn2c.compiler.report import describe_kernel
+    from nn2c.lang.errors import KernelError
     for name, v in (("--hidden", hidden), ("--vocab", vocab), ("--layers", layers)):
         if v is not None and v <= 0:
             raise Failure(f"{name} must be > 0")
@@ -151,7 +151,7 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
     ckpt = ckpt or output + ".ckpt"
     _check_paths(corpus, output, ckpt, log)
     if _launching(ctx, nproc, batch, device):
-        from .distributed import launch
+        from nn2c.train.distributed import launch
         code, line = launch(_forwarded(ctx), nproc, ckpt)
         if line is not None:
             raise Failure(line, code=code)
@@ -164,13 +164,13 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
     given = frozenset(name for name in options if ctx.get_parameter_source(name) != ParameterSource.DEFAULT
                       and not (name == "codec" and codec_service is not None))
     try:
-        from .session import EXPECTED, TrainRequest, run_training
+        from nn2c.train.session import EXPECTED, TrainRequest, run_training
     except KeyboardInterrupt:
         raise Failure("interrupted before training started; nothing was written", code=130) from None
     try:
         run_training(TrainRequest(corpus, output, ckpt, resume, options, given, codec_service, log), sample_len)
     except EXPECTED as e:
-        from .distributed import World
+        from nn2c.train.distributed import World
         world = World.from_env()
         if world is not None and world.rank != 0:    # in a job only rank 0 speaks; all fail alike
             raise SystemExit(failure_of(e).exit_code) from None
@@ -187,7 +187,7 @@ def quantize(model, dtype, output):
 
     Example: nn2c quantize model.nnb --dtype int8 -o model.int8.nnb
     """
-    from .quantize import QuantizeError, quantize_file
+    from nn2c.compiler.quantize import QuantizeError, quantize_file
     try:
         click.echo(quantize_file(model, output, dtype))
     except QuantizeError as e:
@@ -204,7 +204,7 @@ def plot(logs, output, x_axis):
 
     Example: nn2c plot run.jsonl other.jsonl -o loss.png
     """
-    from .plot import PlotError, plot_logs
+    from nn2c.train.plot import PlotError, plot_logs
     _writable(output)
     for log in logs:
         if _same_file(log, output):
@@ -218,7 +218,7 @@ def plot(logs, output, x_axis):
 
 def _launching(ctx, nproc: int, batch: int, device: str) -> bool:
     """Whether this is `--nproc N` asking for a job to be started here; its options checked."""
-    from .distributed import World, split_error
+    from nn2c.train.distributed import World, split_error
     if nproc < 1:
         raise Failure(f"--nproc must be ≥ 1, got {nproc}")
     world = World.from_env()
@@ -262,7 +262,7 @@ def samples():
     import shutil
     import textwrap
 
-    from .kernels import description, sample_names, samples_dir
+    from nn2c.lang.kernels import description, sample_names, samples_dir
     width = max(60, shutil.get_terminal_size((88, 24)).columns)
     for name in sample_names():
         text = description((samples_dir() / f"{name}.eq").read_text(encoding="utf-8"))
@@ -277,7 +277,7 @@ def export(model, onnx_path):
 
     Example: nn2c export model.nnb --onnx model.onnx
     """
-    from .export import ExportError, export_onnx
+    from nn2c.compiler.export import ExportError, export_onnx
     _writable(onnx_path)
     try:
         click.echo(export_onnx(model, onnx_path))

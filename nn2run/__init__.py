@@ -6,8 +6,8 @@ torch, lark, rich or nn2c: the compiler depends on the runtime, not the reverse.
 
 __version__ = "0.1.0"
 
+from . import generate, sample  # noqa: E402  (modules: nn2run.generate.generate, nn2run.sample.Sampler)
 from .format import NNBFormatError  # noqa: E402
 from .model import ClosedModelError, Model, State, load  # noqa: E402
-from . import generate, sample  # noqa: E402  (modules: nn2run.generate.generate, nn2run.sample.Sampler)
 
 __all__ = ["load", "Model", "State", "NNBFormatError", "ClosedModelError", "generate", "sample", "__version__"]

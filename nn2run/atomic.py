@@ -89,7 +89,7 @@ def _prefix(name: str) -> str:
 
 
 def _locked_temp(folder: str, name: str) -> tuple[int, str]:
-    import tempfile             # here, not at the top: loading a model should not pay for it
+    import tempfile  # here, not at the top: loading a model should not pay for it
     while True:
         fd, tmp = tempfile.mkstemp(prefix=_prefix(name), suffix=".tmp", dir=folder)
         fcntl.flock(fd, fcntl.LOCK_EX)       # a cleaner holds it for a moment at most

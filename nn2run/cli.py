@@ -79,7 +79,7 @@ class Output:
         self.tty = sys.stdout.isatty()
         self.last = time.monotonic()
 
-    def write(self, piece: "str | bytes") -> None:
+    def write(self, piece: str | bytes) -> None:
         try:
             self.stream.write(piece.encode("utf-8") if isinstance(piece, str) else piece)
             now = time.monotonic()
@@ -170,7 +170,7 @@ def _stdin_lines(binary: bool):
         raise Failure(f"cannot read stdin: {e.strerror or e}") from None
 
 
-def _prime_data(model, prime: str) -> "str | bytes":
+def _prime_data(model, prime: str) -> str | bytes:
     """The prime as the codec takes it. From stdin (`-`): raw bytes for a binary codec; UTF-8
     text for a text codec, without one trailing line terminator (`echo "The" | ...`)."""
     binary = model.codec.binary
@@ -209,11 +209,11 @@ def _sampler(model, temperature, top_k, top_p, greedy, seed):
 
 
 # --- output -----------------------------------------------------------------------------
-def _join(model, pieces) -> "str | bytes":
+def _join(model, pieces) -> str | bytes:
     return b"".join(pieces) if model.codec.binary else "".join(pieces)
 
 
-def _escape(line: "str | bytes") -> "str | bytes":
+def _escape(line: str | bytes) -> str | bytes:
     """One output line per input line: backslash, LF and CR escaped as \\\\, \\n and \\r."""
     if isinstance(line, bytes):
         return line.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")

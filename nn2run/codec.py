@@ -30,7 +30,7 @@ class CharCodec:
         self._index = {ch: i for i, ch in enumerate(self.vocab)}
 
     @classmethod
-    def from_header(cls, header: dict) -> "CharCodec":
+    def from_header(cls, header: dict) -> CharCodec:
         vocab = header.get("vocab")
         if not isinstance(vocab, list) or not 1 <= len(vocab) <= MAX_VOCAB:
             raise CodecError("char codec needs a non-empty vocabulary")
@@ -70,13 +70,13 @@ class ByteCodec:
     vocab = [bytes([b]).decode("latin-1") for b in range(256)]
 
     @classmethod
-    def from_header(cls, header: dict) -> "ByteCodec":
+    def from_header(cls, header: dict) -> ByteCodec:
         return cls()
 
     def to_header(self) -> dict:
         return {"name": self.name}
 
-    def encode(self, data: "bytes | str") -> list[int]:
+    def encode(self, data: bytes | str) -> list[int]:
         return list(data.encode("utf-8") if isinstance(data, str) else bytes(data))
 
     def decoder(self):
@@ -104,14 +104,14 @@ def lookup(name: str):
     if name == "service":       # a codec served over gRPC (the `grpc` extra attaches it at run time)
         from .grpc.codec import ServiceCodec
         return ServiceCodec
-    from importlib.metadata import entry_points   # only paid for third-party codecs
+    from importlib.metadata import entry_points  # only paid for third-party codecs
     for ep in entry_points(group="nn2.codecs"):
         if ep.name == name:
             return ep.load()
     raise CodecError(f"unknown codec {name!r} (built in: {', '.join(BUILTIN)})")
 
 
-def from_header(header) -> "CharCodec | ByteCodec":
+def from_header(header) -> CharCodec | ByteCodec:
     if not isinstance(header, dict) or not isinstance(header.get("name"), str):
         raise CodecError("codec must be an object with a name")
     return lookup(header["name"]).from_header(header)

@@ -184,7 +184,7 @@ def write(path, header: dict, tensors: dict) -> None:
     Only a failure to fsync the directory comes after the new file is in place.
     """
     head, chunks = _layout(header, tensors)
-    from .atomic import write_atomic     # here, not at the top: loading a model should not pay for it
+    from .atomic import write_atomic  # here, not at the top: loading a model should not pay for it
     write_atomic(path, [head, *chunks])
 
 

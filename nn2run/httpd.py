@@ -149,7 +149,7 @@ class Handler(BaseHTTPRequestHandler):
             headers = {k.lower(): v for k, v in self.headers.items()}
             resp = app.handle(self.command, self.path, headers, body, alive=self._alive)
             self._send(resp)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except (TimeoutError, BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
             self.server.track(-1)

@@ -83,7 +83,7 @@ class State:
 class Model:
     """A validated .nnb file, ready to run."""
 
-    def __init__(self, nnb: "fmt.NNBFile"):
+    def __init__(self, nnb: fmt.NNBFile):
         self._file = nnb
         self.header = nnb.header
         self.tensors = fmt.logical(nnb)     # float32 values; the f32 ones stay views of the map

@@ -210,7 +210,7 @@ class Scheduler:
         self.ttft = Histogram([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
 
     # --- any thread ----------------------------------------------------------------
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         self._thread.start()
         return self
 

@@ -49,6 +49,7 @@ def run_server(model, name: str, host: str, port: int, max_batch: int, max_queue
     while not stop.wait(0.5):
         pass
     click.echo(f"nn2run: draining (up to {drain_timeout:g} s)", err=True)
+    server.app.draining = True                 # before gRPC health says so: no call slips in between
     if rpc is not None:
         rpc.set_draining()
     clean = drain(server, drain_timeout)       # waits for the scheduler too: gRPC's requests included

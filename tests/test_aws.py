@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import ROOT, build_model
+from support.models import ROOT, build_model
 from test_serve import cli_text, parse_sse, texts_of
 
 pytest.importorskip("awslambdaric")

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 import nn2run.atomic as atomic
 import nn2run.format as fmt
-from conftest import BIN, build_model
 from nn2c.cli import main as nn2c_main
-from nn2c.corpus import read_corpus
+from nn2c.train.corpus import read_corpus
+from support.models import BIN, build_model
 
 SMALL = ["--hidden", "8", "--layers", "1", "--seq-len", "8", "--batch", "4", "--device", "cpu",
          "--eval-every", "10"]
@@ -230,15 +230,15 @@ def test_a_full_disk_leaves_no_partial_file_and_says_so_in_one_line(tmp_path, co
 def test_a_full_disk_at_a_later_checkpoint_keeps_the_previous_one_whole(tmp_path, corpus, monkeypatch):
     disk = FullDisk(room=10 ** 9)
     monkeypatch.setattr(atomic, "os", disk)
-    import nn2c.train
-    real = nn2c.train.save_checkpoint
+    import nn2c.train.trainer
+    real = nn2c.train.trainer.save_checkpoint
 
     def save(path, *args):                   # the disk fills up just before the second checkpoint
         if args[-1].step == 20:
             disk.room = 5000
         real(path, *args)
 
-    monkeypatch.setattr(nn2c.train, "save_checkpoint", save)
+    monkeypatch.setattr(nn2c.train.trainer, "save_checkpoint", save)
     result = train(corpus, "-o", tmp_path / "m.nnb", "--steps", 30, "--checkpoint-every", 10, *SMALL)
     assert result.exit_code == 1
     ckpt = tmp_path / "m.nnb.ckpt"
@@ -255,14 +255,14 @@ def test_a_full_disk_when_writing_the_model_keeps_the_previous_model_whole(tmp_p
     before = out.read_bytes()
     disk = FullDisk(room=10 ** 9)
     monkeypatch.setattr(atomic, "os", disk)
-    import nn2c.train
-    real = nn2c.train.write_model
+    import nn2c.train.trainer
+    real = nn2c.train.trainer.write_model
 
     def write(path, *args, **kwargs):        # the disk fills up after the last checkpoint
         disk.room = 3000
         real(path, *args, **kwargs)
 
-    monkeypatch.setattr(nn2c.train, "write_model", write)
+    monkeypatch.setattr(nn2c.train.trainer, "write_model", write)
     result = train(corpus, "-o", out, "--steps", 20, *SMALL)
     assert result.exit_code == 1
     assert said(result.stderr) == [f"nn2c: cannot write {out}: No space left on device; the last good "

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 import nn2run
-from conftest import assert_matches_plain_program, assert_points_at, build_model, random_tensors
-from nn2c import native
-from nn2c.check import check
-from nn2c.compiler import compile_kernel
-from nn2c.emit import param_roles
-from nn2c.errors import KernelError
-from nn2c.parse import parse
-from nn2c.torch_backend import init_tensors
+from nn2c.backend import native
+from nn2c.backend.network import init_tensors
+from nn2c.compiler.emit import param_roles
+from nn2c.compiler.pipeline import compile_kernel
+from nn2c.lang.check import check
+from nn2c.lang.errors import KernelError
+from nn2c.lang.parse import parse
+from support.messages import assert_points_at
+from support.models import assert_matches_plain_program, build_model, random_tensors
 
 H, V, BATCH, STEPS = 8, 7, 3, 60
 TOL = 1e-5
@@ -78,7 +79,7 @@ def test_output_feedback_through_two_layers_is_one_line_at_check_time(run_cli):
 
 
 def test_nn2c_check_shows_the_distribution_the_feedback_and_the_new_opcodes():
-    from nn2c.report import describe_kernel
+    from nn2c.compiler.report import describe_kernel
     text = describe_kernel("jordan", 8, 5)
     assert "yₜ₋₁ (V, the previous readout" in text and "log-probabilities" in text
     assert " logsoftmax " in text and " softmax " in text
@@ -104,7 +105,7 @@ def test_gains_start_at_one_and_additive_biases_at_zero():
 def build_model_from(compiled, tensors, path=None):
     import tempfile
 
-    from nn2c.compiler import write_model
+    from nn2c.compiler.pipeline import write_model
     from nn2run.codec import CharCodec
     path = path or tempfile.mktemp(suffix=".nnb")
     write_model(path, compiled, tensors, CharCodec([chr(97 + i) for i in range(compiled.vocab)]), {})

@@ -1,13 +1,13 @@
-"""nn2c.check: names, order, output, readout and shapes of kernels; every error's position."""
+"""nn2c.lang.check: names, order, output, readout and shapes of kernels; every error's position."""
 
 import pytest
-from conftest import assert_points_at
 
-from nn2c.check import Dim, H, V, X, check, shape_text
-from nn2c.errors import KernelError
-from nn2c.kernels import load_kernel, sample_names
-from nn2c.parse import parse
-from nn2c.report import describe_kernel
+from nn2c.compiler.report import describe_kernel
+from nn2c.lang.check import Dim, H, V, X, check, shape_text
+from nn2c.lang.errors import KernelError
+from nn2c.lang.kernels import load_kernel, sample_names
+from nn2c.lang.parse import parse
+from support.messages import assert_points_at
 
 HX = H + X
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import build_model
+from support.models import build_model
 
 
 @pytest.fixture
@@ -72,7 +72,8 @@ def test_nn2run_refuses_a_bad_file_with_one_line_and_exit_2(run_cli, tmp_path, c
 
 def test_nn2run_output_into_a_closed_pipe_ends_quietly(model):
     import subprocess
-    from conftest import BIN
+
+    from support.models import BIN
     r = subprocess.run(["bash", "-c", f"{BIN}/nn2run {model} -n 200000 | head -c 20"],
                        capture_output=True, text=True, timeout=60)
     assert len(r.stdout) == 20 and r.stderr == ""
@@ -123,7 +124,8 @@ def test_nn2c_samples_lists_the_bundled_kernels(run_cli):
 
 def test_nn2run_prime_from_stdin_that_is_not_utf8_is_one_line(run_cli, model):
     import subprocess
-    from conftest import BIN
+
+    from support.models import BIN
     r = subprocess.run([str(BIN / "nn2run"), str(model), "--prime", "-", "-n", "3"], input=b"\xff\xfeab",
                        capture_output=True, timeout=60)
     assert r.returncode == 1 and r.stderr.decode() == "nn2run: the prime is not UTF-8 text\n"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import nn2run.format as fmt
-from conftest import BIN
+from support.models import BIN
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SMALL = ["--hidden", "16", "--layers", "2", "--seq-len", "8", "--batch", "8", "--device", "cpu",

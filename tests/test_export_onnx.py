@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, build_model
+
+from support.models import ROOT, build_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import nn2run
-from nn2c import export
+from nn2c.compiler import export
 
 KERNELS = sorted(p.stem for p in (ROOT / "samples" / "kernels").glob("*.eq"))
 VOCAB = 11

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import hostile
 from nn2run import format as nnb
 from nn2run.format import NNBFormatError
+from support import hostile
 
 HEADER = {"program": [["matmul", 0, 1, 2], ["tanh", 2, 3]], "codec": {"kind": "char",
           "vocab": "abc é\n"}, "provenance": {"steps": 300, "loss": 1.25}}
@@ -356,7 +356,7 @@ def test_format_imports_only_numpy_and_the_standard_library():
 
 
 def test_fuzz_script_runs_clean_on_a_short_run(capsys):
-    import fuzz_loader
+    from support import fuzz_loader
     assert fuzz_loader.main(["--inputs", "3000", "--seed", "7", "--loader", "format",
                              "--mem-mb", "0"]) == 0
     assert ", 0 crashes in " in capsys.readouterr().out

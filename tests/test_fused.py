@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_matches_nn_lstm, assert_matches_plain_program, random_tensors
 
 import nn2c
-from nn2c.compiler import compile_kernel
-from nn2c.fused import FusedLoop, supported
-from nn2c.parse import parse
+from nn2c.backend.fused import FusedLoop, supported
+from nn2c.compiler.pipeline import compile_kernel
+from nn2c.lang.parse import parse
+from support.models import assert_matches_nn_lstm, assert_matches_plain_program, random_tensors
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, build_model
+from support.models import ROOT, build_model
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SAMPLES = sorted(p.stem for p in (ROOT / "samples" / "kernels").glob("*.eq"))
@@ -53,7 +53,7 @@ def test_there_is_a_golden_listing_for_every_sample_kernel():
 
 @pytest.mark.parametrize("kernel", SAMPLES)
 def test_nn2c_check_listing_is_the_golden_one(kernel):
-    from nn2c.report import describe_kernel
+    from nn2c.compiler.report import describe_kernel
     text = describe_kernel(kernel, HIDDEN, VOCAB, _layers(kernel), optimized=True)
     _compare(f"{kernel}.check.txt", text.replace(str(ROOT) + os.sep, "") + "\n")
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import BIN, ROOT, build_model
+from support.models import BIN, ROOT, build_model
 
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("grpc_tools")

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import BIN, ROOT
+from support.models import BIN, ROOT
 
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("grpc_tools")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from support.models import ROOT
 
 pytest.importorskip("grpc_tools")
 pytest.importorskip("google.protobuf")

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import build_model
+from support.models import build_model
 
 BLOCKER = textwrap.dedent("""
     import sys

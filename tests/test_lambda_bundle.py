@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT, build_model
+from support.models import ROOT, build_model
 
 TOOL = ROOT / "tools" / "lambda_bundle.py"
 ELF_MACHINE = {"x86_64": 0x3E, "arm64": 0xB7}     # e_machine: EM_X86_64, EM_AARCH64

@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 
 import nn2run
-from nn2c.corpus import read_corpus
-from nn2c.train import TrainConfig, Trainer
+from nn2c.train.corpus import read_corpus
+from nn2c.train.trainer import TrainConfig, Trainer
 
 
 def _corpus(path, n_words=6000, seed=0):

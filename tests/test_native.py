@@ -10,13 +10,13 @@ import tempfile
 
 import pytest
 import torch
-from conftest import assert_matches_nn_lstm, assert_matches_plain_program, random_tensors
 
-from nn2c import native
-from nn2c.compiler import compile_kernel
-from nn2c.fused import FusedLoop
-from nn2c.ir import Cell, Node, TensorSpec, depends_on_state
-from nn2c.parse import parse
+from nn2c.backend import native
+from nn2c.backend.fused import FusedLoop
+from nn2c.compiler.ir import Cell, Node, TensorSpec, depends_on_state
+from nn2c.compiler.pipeline import compile_kernel
+from nn2c.lang.parse import parse
+from support.models import assert_matches_nn_lstm, assert_matches_plain_program, random_tensors
 
 pytestmark = pytest.mark.skipif(not shutil.which("cc") or not native.enabled(),
                                 reason="no C compiler (the native loop falls back to the fused loop)")
@@ -230,7 +230,7 @@ def _random_cell(rng: random.Random) -> Cell:
 
 
 def _reference(cell, loop, E, S, P, T, gouts, gS):
-    from nn2c.fused import TORCH_OPS
+    from nn2c.backend.fused import TORCH_OPS
     E = [e.clone().requires_grad_() for e in E]
     S0 = [s.clone().requires_grad_() for s in S]
     P = [p.clone().requires_grad_() for p in P]

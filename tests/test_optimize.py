@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import build_model
-from nn2c.check import check
-from nn2c.compiler import compile_kernel
-from nn2c.lower import lower
-from nn2c.optimize import PASSES, cse, fuse_elementwise, fuse_products, onehot_to_gather, reassociate
-from nn2c.parse import parse
-from nn2c.kernels import load_kernel
 import nn2run
+from nn2c.compiler.lower import lower
+from nn2c.compiler.optimize import PASSES, cse, fuse_elementwise, fuse_products, onehot_to_gather, reassociate
+from nn2c.compiler.pipeline import compile_kernel
+from nn2c.lang.check import check
+from nn2c.lang.kernels import load_kernel
+from nn2c.lang.parse import parse
+from support.models import build_model
 
 H, V = 8, 6
 

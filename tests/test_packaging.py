@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT, build_model
+from support.models import ROOT, build_model
 
 HINT = 'install with: pip install "nn2[train]"'
 
@@ -77,8 +77,8 @@ def test_wheel_contains_grammar_and_samples_and_works_outside_the_source_tree(wh
     subprocess.run([bin_ / "pip", "install", "-q", "--no-deps", "--force-reinstall", wheel],
                    check=True, capture_output=True, timeout=300)
     r = subprocess.run([bin_ / "python", "-c",
-                        "import nn2c.parse, nn2c.kernels; print(nn2c.parse.grammar_path()); "
-                        "print(nn2c.kernels.samples_dir())"],
+                        "import nn2c.lang.parse, nn2c.lang.kernels; print(nn2c.lang.parse.grammar_path()); "
+                        "print(nn2c.lang.kernels.samples_dir())"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=60,
                        env={"PYTHONPATH": site.getsitepackages()[0]})   # lark & co, but not the editable nn2
     assert r.returncode == 0, r.stderr

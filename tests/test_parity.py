@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nn2run
-from conftest import build_model, lstm_logical
+from support.models import build_model, lstm_logical
 
 H, V, LAYERS, BATCH, STEPS = 16, 11, 2, 3, 60
 TOL = 1e-5
@@ -105,7 +105,7 @@ def test_gru_kernel_matches_float64_numpy_gru(tmp_path):
 @pytest.mark.parametrize("kernel", ["lstm", "gru", "rnn", "torchgru", "mgu"])
 def test_torch_backend_and_vm_agree_on_the_same_file(tmp_path, kernel):
     """Trainer <-> runtime: the torch backend reading the .nnb's tensors gives the VM's logits."""
-    from nn2c.torch_backend import TorchNetwork
+    from nn2c.backend.network import TorchNetwork
     path, compiled, _ = build_model(tmp_path / "m.nnb", kernel, H, LAYERS, V, seed=4)
     m = nn2run.load(path)
     net = TorchNetwork(compiled.network, {k: np.array(v) for k, v in m.tensors.items()})

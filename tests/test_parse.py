@@ -1,12 +1,12 @@
-"""nn2c.parse (and nn2c.errors, nn2c.kernels): notations, precedence, aliases, errors."""
+"""nn2c.lang.parse (and nn2c.lang.errors, nn2c.lang.kernels): notations, precedence, aliases, errors."""
 
 import pytest
-from conftest import assert_points_at
 
-from nn2c.ast import BinOp, Call, Concat, Neg, Num, Var
-from nn2c.errors import KernelError
-from nn2c.kernels import load_kernel, sample_names
-from nn2c.parse import parse
+from nn2c.lang.ast import BinOp, Call, Concat, Neg, Num, Var
+from nn2c.lang.errors import KernelError
+from nn2c.lang.kernels import load_kernel, sample_names
+from nn2c.lang.parse import parse
+from support.messages import assert_points_at
 
 
 def rhs(text: str):
@@ -184,7 +184,7 @@ def test_unsupported_time_index_is_reported():
 
 
 def test_the_grammar_is_loaded_once():
-    from nn2c import parse as module
+    from nn2c.lang import parse as module
     parse("hₜ = xₜ\n")
     first = module._parser()
     parse("hₜ = xₜ\n")

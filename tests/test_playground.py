@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import build_model
+from support.models import build_model
 from test_serve import Served
 
 

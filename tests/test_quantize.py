@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import ROOT, build_model
 
 import nn2run
-from nn2c.quantize import QuantizeError, quantize_file
+from nn2c.compiler.quantize import QuantizeError, quantize_file
 from nn2run import format as fmt
+from support.models import ROOT, build_model
 
 F16_REL, F16_SUBNORMAL = 2.0 ** -11, 2.0 ** -25   # half an ulp of binary16, relative / absolute
 
@@ -174,7 +174,7 @@ def run_cli_module():
     import os
     import subprocess
 
-    from conftest import BIN
+    from support.models import BIN
 
     def run(tool, *args, timeout=120):
         return subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True,
@@ -260,7 +260,7 @@ def test_checkpoints_and_unquantizable_weights_are_refused(tmp_path):
 
 
 def test_fuzzer_runs_clean_on_a_quantized_model(lstm, capsys):
-    import fuzz_loader
+    from support import fuzz_loader
     d, _ = lstm
     assert fuzz_loader.main(["--inputs", "1500", "--seed", "11", "--model", str(d / "int8.nnb"),
                              "--loader", "model", "--mem-mb", "0"]) == 0

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import nn2run
-from conftest import build_model
 from nn2run.generate import generate
 from nn2run.sample import Sampler, SamplerConfig
+from support.models import build_model
 
 
 @pytest.fixture

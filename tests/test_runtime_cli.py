@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, build_model
+from support.models import BIN, build_model
 
 
 def write_model(path, codec, kernel="rnn", hidden=8, seed=0):
     """A random-weight model with the given codec (build_model's vocabulary is fixed)."""
-    from nn2c.compiler import compile_kernel
-    from nn2c.compiler import write_model as write
-    from nn2c.emit import logical_shapes, pack
+    from nn2c.compiler.emit import logical_shapes, pack
+    from nn2c.compiler.pipeline import compile_kernel
+    from nn2c.compiler.pipeline import write_model as write
     compiled = compile_kernel(kernel, hidden, 1, len(codec.vocab))
     specs = compiled.network.tensors()
     rng = np.random.default_rng(seed)
@@ -130,7 +130,7 @@ def test_cr_inside_a_line_is_escaped_in_lines_output(lf_model):
 
 
 def test_an_unknown_character_in_lines_names_the_line_and_the_characters(model):
-    r = run(model, "--lines", "-n", "3", input="ab\ncab\nbZ!\n".encode())
+    r = run(model, "--lines", "-n", "3", input=b"ab\ncab\nbZ!\n")
     assert r.returncode == 1 and r.stdout == b""
     err = one_line(r.stderr)
     assert "line 3" in err and "'Z'" in err and "'!'" in err

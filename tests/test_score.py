@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import nn2run
-from conftest import BIN, build_model
 from nn2run.score import score
+from support.models import BIN, build_model
 
 VOCAB = "abcde"                      # build_model's first five characters; no newline, so start is id 0
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import BIN, build_model
+from support.models import BIN, build_model
 
 VOCAB = "abcde"
 
@@ -451,8 +451,8 @@ def test_a_model_that_cannot_be_loaded_is_one_line_and_exit_2(tmp_path):
 def test_a_byte_codec_model_counts_utf8_bytes_as_tokens(serve, tmp_path):
     import numpy as np
 
-    from nn2c.compiler import compile_kernel, write_model
-    from nn2c.emit import logical_shapes, pack
+    from nn2c.compiler.emit import logical_shapes, pack
+    from nn2c.compiler.pipeline import compile_kernel, write_model
     from nn2run.codec import ByteCodec
     compiled = compile_kernel("lstm", 8, 1, 256)
     specs = compiled.network.tensors()

@@ -18,7 +18,7 @@ def served(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from conftest import build_model
+    from support.models import build_model
     path, _, _ = build_model(tmp_path_factory.mktemp("oa") / "m.nnb", "lstm", 16, 2, 5)
     return path
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import build_model
 from nn2run.sample import Sampler, SamplerConfig
 from nn2run.scheduler import Request, Row, Scheduler, sample_rows
+from support.models import build_model
 
 CONFIGS = [(1.0, None, None), (0.5, 3, None), (1.3, None, 0.8), (0.9, 4, 0.6), (0.0, None, None), (2.0, 1, None)]
 

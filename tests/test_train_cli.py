@@ -19,9 +19,9 @@ from click.testing import CliRunner
 
 import nn2run
 import nn2run.format as fmt
-from conftest import build_model
 from nn2c.cli import main as nn2c_main
-from nn2c.corpus import CorpusError, read_corpus
+from nn2c.train.corpus import CorpusError, read_corpus
+from support.models import build_model
 
 SMALL = ["--hidden", "8", "--layers", "1", "--seq-len", "8", "--batch", "4", "--device", "cpu",
          "--eval-every", "10"]
@@ -68,11 +68,11 @@ def corpus(tmp_path):
 @pytest.fixture
 def no_training(monkeypatch):
     """Training must not start: reaching the trainer is an error of the test."""
-    import nn2c.session
+    import nn2c.train.session
 
     def refuse(*args, **kwargs):
         raise AssertionError("training started")
-    monkeypatch.setattr(nn2c.session, "Trainer", refuse)
+    monkeypatch.setattr(nn2c.train.session, "Trainer", refuse)
 
 
 def tensors(path) -> dict:
@@ -218,11 +218,11 @@ def lstm_parameters(hidden: int, layers: int, vocab: int) -> int:
 
 
 def test_a_model_too_big_for_memory_is_one_line_before_anything_is_allocated(tmp_path, corpus, monkeypatch):
-    import nn2c.train
+    import nn2c.train.trainer
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights were allocated")
-    monkeypatch.setattr(nn2c.train, "init_tensors", refuse)
+    monkeypatch.setattr(nn2c.train.trainer, "init_tensors", refuse)
     vocab = len(set(corpus.read_text(encoding="utf-8")))
     result = train(corpus, "-o", tmp_path / "m.nnb", "--hidden", 1_000_000, "--layers", 2, "--device", "cpu")
     params = lstm_parameters(1_000_000, 2, vocab)
@@ -234,11 +234,11 @@ def test_a_model_too_big_for_memory_is_one_line_before_anything_is_allocated(tmp
 
 
 def test_the_memory_limit_is_what_the_machine_has(tmp_path, corpus, monkeypatch):
-    import nn2c.train
-    monkeypatch.setattr(nn2c.train, "available_memory", lambda: 2 ** 20)
+    import nn2c.train.trainer
+    monkeypatch.setattr(nn2c.train.trainer, "available_memory", lambda: 2 ** 20)
     result = train(corpus, "-o", tmp_path / "m.nnb", "--steps", 2, *SMALL, "--hidden", 64)
     one_line(result, "a 1×64 lstm needs about", "1.0 MiB of memory is available")
-    monkeypatch.setattr(nn2c.train, "available_memory", lambda: 2 ** 30)
+    monkeypatch.setattr(nn2c.train.trainer, "available_memory", lambda: 2 ** 30)
     assert train(corpus, "-o", tmp_path / "m.nnb", "--steps", 2, *SMALL, "--hidden", 64).exit_code == 0
 
 
@@ -393,7 +393,7 @@ def test_a_crlf_corpus_is_noted_once_at_training_time(tmp_path):
 
 # ---------------------------------------------------------------- nn2c samples
 def test_samples_shows_each_description_to_the_end_of_its_first_sentence():
-    from nn2c.kernels import sample_names, samples_dir
+    from nn2c.lang.kernels import sample_names, samples_dir
     result = invoke("samples")
     assert result.exit_code == 0
     entries = re.split(r"\n(?=\S)", result.stdout.strip())
@@ -417,5 +417,5 @@ def test_samples_shows_each_description_to_the_end_of_its_first_sentence():
     ("hₜ = tanh(W xₜ)\n", ""),
 ])
 def test_description_is_the_first_sentence_of_the_leading_comment(source, first):
-    from nn2c.kernels import description
+    from nn2c.lang.kernels import description
     assert description(source) == first

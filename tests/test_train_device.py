@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 import nn2run.format as fmt
 from nn2c.cli import main as nn2c_main
-from nn2c.corpus import read_corpus
-from nn2c.train import Batches, Diverged, TrainConfig, Trainer, evaluate
+from nn2c.train.corpus import read_corpus
+from nn2c.train.trainer import Batches, Diverged, TrainConfig, Trainer, evaluate
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BLOWS_UP = "hₜ = tanh(W xₜ + U hₜ₋₁ + b) ⊙ exp(a)\n"   # Adam's first step moves `a` by ±lr
@@ -92,8 +92,8 @@ def test_a_divergence_read_late_names_its_step_and_keeps_the_weights_from_before
                                                                                    read_every):
     """As a GPU run does, read the loss only every 7 steps: the loss becomes NaN at step 2,
     so steps 2-7 must leave the weights and Adam's state as step 1 left them."""
-    import nn2c.train
-    monkeypatch.setattr(nn2c.train, "READ_EVERY_CPU", read_every)
+    import nn2c.train.trainer
+    monkeypatch.setattr(nn2c.train.trainer, "READ_EVERY_CPU", read_every)
     corpus = write_corpus(tmp_path / "c.txt")
     kernel = tmp_path / "blow.eq"
     kernel.write_text(BLOWS_UP, encoding="utf-8")

@@ -17,8 +17,7 @@ from click.testing import CliRunner
 import nn2run
 import nn2run.format as fmt
 from nn2c.cli import main as nn2c_main
-
-from conftest import BIN
+from support.models import BIN
 
 STEPS = 600
 # A tiny model, checkpointed often: ~1-2 ms a step on one core, so a run lasts about a second.
@@ -164,9 +163,9 @@ def test_cpu_runs_with_the_same_seed_give_the_same_weights_and_another_seed_does
 
 
 def test_checkpoints_are_written_every_n_steps_and_at_the_end(tmp_path, corpus, monkeypatch):
-    import nn2c.train
-    saved, real = [], nn2c.train.save_checkpoint
-    monkeypatch.setattr(nn2c.train, "save_checkpoint", lambda path, *a: (saved.append(a[-1].step), real(path, *a)))
+    import nn2c.train.trainer
+    saved, real = [], nn2c.train.trainer.save_checkpoint
+    monkeypatch.setattr(nn2c.train.trainer, "save_checkpoint", lambda path, *a: (saved.append(a[-1].step), real(path, *a)))
     result = train(corpus, "-o", tmp_path / "m.nnb", "--steps", 25, "--checkpoint-every", 10, *SMALL)
     assert result.exit_code == 0, result.stderr
     assert saved == [10, 20, 25]
@@ -257,11 +256,11 @@ def test_resume_from_a_damaged_checkpoint_or_a_plain_model_is_one_line(tmp_path,
 
 
 def test_ctrl_c_before_training_starts_exits_130_in_one_line(tmp_path, corpus, monkeypatch):
-    import nn2c.session
+    import nn2c.train.session
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(nn2c.session, "Trainer", interrupted)
+    monkeypatch.setattr(nn2c.train.session, "Trainer", interrupted)
     result = train(corpus, "-o", tmp_path / "m.nnb", "--steps", 10, *SMALL)
     assert result.exit_code == 130
     assert said(result.stderr) == ["nn2c: interrupted; no checkpoint was written"]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import nn2run
-from conftest import build_model
 from nn2run import rewrite
 from nn2run.vm import VM
+from support.models import build_model
 
 H, LAYERS, V, BATCH, STEPS = 6, 2, 7, 3, 12
 

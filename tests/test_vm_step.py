@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import nn2run
-from conftest import build_model
 from nn2run.sample import Sampler, SamplerConfig
+from support.models import build_model
 
 
 def _sample64(logits, cfg: SamplerConfig, rng):

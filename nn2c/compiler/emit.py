@@ -1,0 +1,148 @@
+"""Emit: the optimized IR -> a VM program (`nn2run.isa`), the parameter map and the
+stored tensors; and the inverse bookkeeping between kernel parameters and tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nn2c.compiler.ir import Network, Node, TensorSpec
+
+
+class _Emitter:
+    def __init__(self):
+        self.widths: list[int] = []
+        self.code: list[list] = []
+        self.reg: dict[Node, int] = {}
+
+    def new(self, width: int) -> int:
+        self.widths.append(width)
+        return len(self.widths) - 1
+
+    def operand(self, node: Node) -> list:
+        if node.op == "param":
+            return ["t", node.attrs["tensor"]]
+        if node.op == "const":
+            return ["k", node.attrs["value"]]
+        return ["r", self.reg[node]]
+
+    def owned(self, node: Node, taken: set) -> int:
+        """A register holding `node` that no other state uses as its next value: copy if needed."""
+        r = self.reg.get(node)
+        if r is None or node.op in ("slice", "state", "input") or r in taken:
+            src = self.operand(node)
+            r = self.new(node.width)
+            self.code.append(["copy", r, src])
+        taken.add(r)
+        return r
+
+    def node(self, node: Node) -> None:
+        if node in self.reg or node.op in ("param", "const", "state", "input"):
+            return
+        r = self.new(node.width)
+        self.reg[node] = r
+        if node.op == "onehot":
+            self.code.append(["onehot", r])
+        elif node.op == "gather":
+            self.code.append(["gather", r, self.operand(node.args[0])])
+        elif node.op == "slice":
+            self.code.append(["slice", r, self.operand(node.args[0]), node.attrs["start"]])
+        else:
+            self.code.append([node.op, r] + [self.operand(a) for a in node.args])
+
+
+def emit(network: Network) -> tuple[dict, dict]:
+    """Returns (program, parameter map) for the whole step of `network`."""
+    e = _Emitter()
+    states, taken, below = [], set(), None
+    for cell in network.all_cells:
+        for _, prev, _ in cell.states:
+            e.reg[prev] = e.new(prev.width)
+        if cell.input.op == "input":
+            e.reg[cell.input] = below
+        for node in cell.nodes():
+            e.node(node)
+        for name, prev, nxt in cell.states:
+            states.append({"name": name, "layer": cell.layer, "prev": e.reg[prev],
+                           "next": e.owned(nxt, taken)})
+        below = e.reg[cell.output]
+    program = {"registers": e.widths, "states": states, "logits": below, "code": e.code}
+    return program, param_map(network.tensors())
+
+
+def param_map(specs: dict[str, TensorSpec]) -> dict:
+    out = {}
+    for spec in specs.values():
+        for p in spec.parts:
+            out[p.key] = {"tensor": spec.name, "kind": p.kind, "start": p.start, "stop": p.stop}
+    return out
+
+
+def logical_shapes(specs: dict[str, TensorSpec]) -> dict[str, tuple]:
+    """Each kernel parameter's shape as the equations use it."""
+    out = {}
+    for spec in specs.values():
+        for p in spec.parts:
+            out[p.key] = (p.stop - p.start, spec.shape[0]) if p.kind == "matrix" else (p.stop - p.start,)
+    return out
+
+
+def param_roles(network: Network) -> dict[str, str]:
+    """What each vector parameter does, by key: "gain" when every use multiplies a value
+    element-wise (a normalization's γ), "bias" when every use adds to (or is subtracted from)
+    one; parameters with other uses, and matrices, have no role."""
+    uses: dict[str, set] = {}
+    for cell in network.all_cells:
+        for node in cell.nodes():
+            for a in node.args:
+                if a.op == "param":
+                    role = {"mul": "gain", "add": "bias", "sub": "bias"}.get(node.op, "other")
+                    uses.setdefault(a.attrs["tensor"], set()).add(role)
+    roles = {}
+    for name, spec in network.tensors().items():
+        found = uses.get(name, {"other"})
+        if len(spec.shape) == 1 and len(found) == 1 and found != {"other"}:
+            roles.update({p.key: next(iter(found)) for p in spec.parts})
+    return roles
+
+
+def init_logical(specs: dict[str, TensorSpec], hidden: int, seed: int,
+                 roles: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Initial kernel parameters, drawn per parameter (so the layout the optimizer picks does
+    not change them): uniform in ±1/√hidden, as torch initializes its recurrent layers; with
+    `roles` (`param_roles`), a gain starts at 1 and a bias at 0, so that a normalized cell
+    starts as the plain cell. Every parameter draws, so roles do not change the others."""
+    rng = np.random.default_rng(seed)
+    k = 1.0 / np.sqrt(hidden)
+    start = {"gain": 1.0, "bias": 0.0}
+    out = {}
+    for key, shape in sorted(logical_shapes(specs).items()):
+        out[key] = rng.uniform(-k, k, size=shape).astype(np.float32)
+        if (roles or {}).get(key) in start:
+            out[key] = np.full(shape, start[roles[key]], np.float32)
+    return out
+
+
+def pack(specs: dict[str, TensorSpec], logical: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Kernel parameters (by key, shaped as the equations use them) -> stored tensors."""
+    out = {}
+    for spec in specs.values():
+        arr = np.zeros(spec.shape, dtype=np.float32)
+        for p in spec.parts:
+            value = np.asarray(logical[p.key], dtype=np.float32)
+            if p.kind == "matrix":
+                arr[:, p.start:p.stop] = value.T
+            else:
+                arr[p.start:p.stop] = value
+        out[spec.name] = arr
+    return out
+
+
+def unpack(specs: dict[str, TensorSpec], tensors: dict) -> dict[str, np.ndarray]:
+    """Stored tensors -> kernel parameters by key (the inverse of `pack`)."""
+    out = {}
+    for spec in specs.values():
+        t = np.asarray(tensors[spec.name])
+        for p in spec.parts:
+            out[p.key] = t[:, p.start:p.stop].T.copy() if p.kind == "matrix" else t[p.start:p.stop].copy()
+    return out

@@ -1,0 +1,110 @@
+"""The kernel AST: plain dataclasses, produced by `nn2c.lang.parse`, consumed by `nn2c.lang.check`.
+
+No lark object crosses this boundary. Every node carries a `Pos` so that any later
+pass can point at the source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from nn2run.ops import OPS, named
+
+# The functions the language knows, by canonical name: the activations and the reductions
+# of the operator registry. Aliases (`σ`, `where σ_g = σ`) are resolved by the parser/checker
+# to one of these. A reduction (mean, sum, max) gives a scalar.
+FUNCTIONS = named("activation", "reduction")
+REDUCTIONS = named("reduction")
+BUILTIN_ALIASES = {spelled: name for name in FUNCTIONS for spelled in (name, *OPS[name].spellings)}
+
+
+@dataclass(frozen=True)
+class Pos:
+    line: int       # 1-based
+    column: int     # 1-based, in characters
+    end_column: int | None = None   # exclusive; None = one character
+
+    def __str__(self) -> str:
+        return f"{self.line}:{self.column}"
+
+
+@dataclass(frozen=True)
+class Num:
+    value: float
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Var:
+    """A name with an optional time index: time 0 is `xₜ`, -1 is `hₜ₋₁`, None is no subscript."""
+    name: str
+    time: int | None
+    pos: Pos = field(compare=False)
+
+    def __str__(self) -> str:
+        return self.name + {None: "", 0: "ₜ", -1: "ₜ₋₁"}[self.time]
+
+
+@dataclass(frozen=True)
+class Call:
+    func: str       # canonical name from FUNCTIONS (after alias resolution)
+    arg: Expr
+    pos: Pos = field(compare=False)
+    spelled: str = field(default="", compare=False)   # as written, for messages
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str         # "add" | "sub" | "mul" | "div" (element-wise) | "matmul"
+    left: Expr
+    right: Expr
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Neg:
+    operand: Expr
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Concat:
+    parts: tuple[Expr, ...]
+    pos: Pos = field(compare=False)
+
+
+Expr = Union[Num, Var, Call, BinOp, Neg, Concat]
+
+
+@dataclass(frozen=True)
+class Equation:
+    target: Var
+    expr: Expr
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A parsed kernel file, before any checking."""
+    equations: tuple[Equation, ...]
+    source: str
+    filename: str
+    aliases: dict = field(default_factory=dict)        # spelled name -> canonical function
+    declared_input: Var | None = None                   # from `input xₜ`
+    declared_output: Var | None = None                  # from `output hₜ`
+
+
+def walk(expr: Expr):
+    """Yield every node of an expression, parents before children."""
+    yield expr
+    if isinstance(expr, BinOp):
+        yield from walk(expr.left)
+        yield from walk(expr.right)
+    elif isinstance(expr, (Call,)):
+        yield from walk(expr.arg)
+    elif isinstance(expr, Neg):
+        yield from walk(expr.operand)
+    elif isinstance(expr, Concat):
+        for p in expr.parts:
+            yield from walk(p)
