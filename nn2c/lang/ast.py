@@ -7,7 +7,6 @@ pass can point at the source.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 from nn2run.ops import OPS, named
 
@@ -74,7 +73,7 @@ class Concat:
     pos: Pos = field(compare=False)
 
 
-Expr = Union[Num, Var, Call, BinOp, Neg, Concat]
+Expr = Num | Var | Call | BinOp | Neg | Concat
 
 
 @dataclass(frozen=True)
