@@ -194,7 +194,8 @@ def bench_train_gpu(tmp, quick: bool, tf32: bool = False):
     trainer.read(trainer.health.loss)       # a diverged run is not a speed
     t.add(f"chars/s ({trainer.net.loop_kind()} loop)", f"{rate['nn2']:,.0f}", f"{rate['torch']:,.0f}",
           verdict(rate["nn2"] / rate["torch"], at_least=0.8), "≥ 0.8×")
-    t.notes.append(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; "
+    t.notes.append(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                   f"cuDNN {torch.backends.cudnn.version()}; "
                    f"torch.backends.cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
                    f"torch.backends.cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}; "
                    "synchronized before each clock reading; the peer reads loss.item() every step, nn2 does not")

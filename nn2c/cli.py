@@ -106,7 +106,8 @@ def check(kernel, hidden, vocab, layers, no_opt):
 @main.command()
 @click.argument("corpus", required=False)
 @click.option("-o", "--output", default="model.nnb", show_default=True, help="The .nnb file to write.")
-@click.option("--kernel", "-k", default="lstm", show_default=True, help="Sample name (lstm, gru, rnn, …) or a .eq file.")
+@click.option("--kernel", "-k", default="lstm", show_default=True,
+              help="Sample name (lstm, gru, rnn, …) or a .eq file.")
 @click.option("--hidden", type=int, default=128, show_default=True)
 @click.option("--layers", type=int, default=2, show_default=True)
 @click.option("--seq-len", type=int, default=64, show_default=True, help="Truncated-BPTT window.")
@@ -123,8 +124,10 @@ def check(kernel, hidden, vocab, layers, no_opt):
 @click.option("--codec-service", default=None, metavar="HOST:PORT",
               help="Tokenize with the codec service at HOST:PORT (instead of --codec); needs nn2[grpc].")
 @click.option("--checkpoint", "ckpt", default=None, help="Checkpoint file [default: OUTPUT.ckpt].")
-@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on each layer's output (training only).")
-@click.option("--max-minutes", type=float, default=None, help="Stop after this much training time (then validate and write).")
+@click.option("--dropout", type=float, default=0.0, show_default=True,
+              help="Dropout on each layer's output (training only).")
+@click.option("--max-minutes", type=float, default=None,
+              help="Stop after this much training time (then validate and write).")
 @click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps [default: --eval-every].")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint (same corpus).")
 @click.option("--sample", "sample_len", type=int, default=0, help="Print N generated characters when done.")

@@ -343,7 +343,8 @@ def _model_options(fn):
               help="Text to start from; '-' reads it from stdin (a text model drops one trailing newline; "
                    "a byte model takes the bytes exactly).")
 @click.option("-n", "length", type=int, default=500, show_default=True, help="Tokens to generate (per stream).")
-@click.option("--temperature", "-t", type=float, default=None, help="Sampling temperature (default: the model's, else 1.0).")
+@click.option("--temperature", "-t", type=float, default=None,
+              help="Sampling temperature (default: the model's, else 1.0).")
 @click.option("--top-k", type=int, default=None, help="Sample from the K most likely tokens.")
 @click.option("--top-p", type=float, default=None, help="Sample from the smallest set with probability ≥ P.")
 @click.option("--greedy", is_flag=True, help="Always take the most likely token (not with -t, --top-k, --top-p).")
@@ -351,7 +352,8 @@ def _model_options(fn):
 @click.option("--lines", is_flag=True,
               help="Continue every stdin line at once; one output line each (\\, LF and CR escaped as \\\\, \\n, "
                    "\\r). Each line is its own prime: --prime is refused with --lines.")
-@click.option("--jsonl", is_flag=True, help="Print one JSON object per stream: {prime, text} (with --lines, also line).")
+@click.option("--jsonl", is_flag=True,
+              help="Print one JSON object per stream: {prime, text} (with --lines, also line).")
 @click.option("--info", is_flag=True, help="Print the header: equations, parameters, provenance.")
 @click.option("--dis", is_flag=True, help="Disassemble the program, one instruction a line.")
 def generate(model_path, verify, codec_service, prime, length, temperature, top_k, top_p, greedy, seed, lines, jsonl,

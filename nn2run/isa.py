@@ -105,7 +105,8 @@ def validate(program, tensors: dict, vocab_size: int) -> None:
         prev = _int(s.get("prev"), "state prev", 0, len(regs) - 1)
         nxt = _int(s.get("next"), "state next", 0, len(regs) - 1)
         _int(s.get("layer"), "state layer", 0, MAX_STATES)
-        if prev in written or prev in targets or nxt in targets or nxt in written or prev == nxt or regs[prev] != regs[nxt]:
+        if (prev in written or prev in targets or nxt in targets or nxt in written
+                or prev == nxt or regs[prev] != regs[nxt]):
             raise ProgramError(f"state {s['name']!r}: bad prev/next registers")
         written.add(prev)
         targets.add(nxt)
@@ -151,7 +152,8 @@ def _validate_instruction(pc, ins, regs, written, tensors, vocab_size) -> None:
         tag, src = _operand(args[0], len(regs), written, tensors, what)
         wtag, shape = _operand(args[1], len(regs), written, tensors, what)
         if tag != "r" or wtag != "t" or shape != (regs[src], width):
-            raise ProgramError(f"{what}: matmul needs a register and a ({'?' if tag != 'r' else regs[src]}, {width}) tensor")
+            rows = "?" if tag != "r" else regs[src]
+            raise ProgramError(f"{what}: matmul needs a register and a ({rows}, {width}) tensor")
     elif op == "slice":
         tag, src = _operand(args[0], len(regs), written, tensors, what)
         start = _int(args[1], what + " start", 0, MAX_WIDTH)

@@ -65,7 +65,8 @@ class Request:
     The scheduler puts events on `events`: (index, text, finish) with finish None while
     the choice goes on, "stop" or "length" when it ends; ("timeout",) when the deadline
     passed, ("failed",) when the step raised (a bug: logged, the request ends),
-    ("shutdown",) when the server stopped before the request finished. Setting `cancelled` makes its rows leave at the next step.
+    ("shutdown",) when the server stopped before the request finished. Setting `cancelled`
+    makes its rows leave at the next step.
     """
 
     def __init__(self, primes, max_tokens: int, temperature: float, top_k, top_p, seed, stops,

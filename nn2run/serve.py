@@ -104,7 +104,8 @@ def serve_command(model_path, host, port, max_batch, max_queue, max_tokens_limit
     settings = Settings(max_tokens_default=max_tokens_default, max_tokens_limit=max_tokens_limit,
                         max_body=max_body, request_timeout=request_timeout, api_key=api_key, cors=cors)
     try:
-        code = run_server(model, os.path.splitext(os.path.basename(model_path))[0], host, port, max_batch, max_queue, settings,
+        name = os.path.splitext(os.path.basename(model_path))[0]
+        code = run_server(model, name, host, port, max_batch, max_queue, settings,
                           drain_timeout, log=not quiet, grpc_port=grpc_port)
     except OSError as e:
         raise Failure(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -128,7 +128,8 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lam(model, tmp_path_factory):
     api = RuntimeAPI()
-    proc, log = start_client(api, {"NN2_MODEL": str(model), "NN2_MAX_BATCH": "8", "NN2_MAX_TOKENS_LIMIT": "100000000"}, tmp_path_factory.mktemp("ric"))
+    env = {"NN2_MODEL": str(model), "NN2_MAX_BATCH": "8", "NN2_MAX_TOKENS_LIMIT": "100000000"}
+    proc, log = start_client(api, env, tmp_path_factory.mktemp("ric"))
     yield api
     proc.kill()
     proc.wait()

@@ -3,10 +3,11 @@
 import pytest
 
 from nn2c.compiler.report import describe_kernel
-from nn2c.lang.check import Dim, H, V, X, check, shape_text
+from nn2c.lang.check import check
 from nn2c.lang.errors import KernelError
 from nn2c.lang.kernels import load_kernel, sample_names
 from nn2c.lang.parse import parse
+from nn2c.lang.shapes import Dim, H, V, X, shape_text
 from support.messages import assert_points_at
 
 HX = H + X

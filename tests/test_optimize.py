@@ -70,7 +70,8 @@ def test_dead_equations_are_not_in_the_program():
     compiled = compile_kernel(k, H, 1, V)
     used = {a[1] for ins in compiled.program["code"] for a in ins[2:] if isinstance(a, list) and a[0] == "t"}
     assert not any("D" in t for t in used)
-    assert len(compiled.program["code"]) == len(compile_kernel(parse("hₜ = tanh(W xₜ + U hₜ₋₁)\n"), H, 1, V).program["code"])
+    plain = compile_kernel(parse("hₜ = tanh(W xₜ + U hₜ₋₁)\n"), H, 1, V)
+    assert len(compiled.program["code"]) == len(plain.program["code"])
 
 
 def test_the_fused_lstm_step_is_the_hand_written_one():

@@ -287,7 +287,8 @@ def test_an_option_out_of_range_is_one_line_naming_it(tmp_path, corpus, no_train
 
 def test_an_unknown_kernel_is_one_nn2c_line(tmp_path, corpus):
     for result in (train(corpus, "-o", tmp_path / "m.nnb", "-k", "nonexist", *SMALL), invoke("check", "nonexist")):
-        one_line(result, "nn2c: nonexist: no kernel file or sample by this name; samples: elman, gru, jordan, lnlstm, lstm")
+        one_line(result, "nn2c: nonexist: no kernel file or sample by this name; "
+                         "samples: elman, gru, jordan, lnlstm, lstm")
 
 
 def test_check_on_a_model_file_says_so_and_points_to_nn2run_info(tmp_path):

@@ -165,7 +165,8 @@ def test_cpu_runs_with_the_same_seed_give_the_same_weights_and_another_seed_does
 def test_checkpoints_are_written_every_n_steps_and_at_the_end(tmp_path, corpus, monkeypatch):
     import nn2c.train.trainer
     saved, real = [], nn2c.train.trainer.save_checkpoint
-    monkeypatch.setattr(nn2c.train.trainer, "save_checkpoint", lambda path, *a: (saved.append(a[-1].step), real(path, *a)))
+    monkeypatch.setattr(nn2c.train.trainer, "save_checkpoint",
+                        lambda path, *a: (saved.append(a[-1].step), real(path, *a)))
     result = train(corpus, "-o", tmp_path / "m.nnb", "--steps", 25, "--checkpoint-every", 10, *SMALL)
     assert result.exit_code == 0, result.stderr
     assert saved == [10, 20, 25]
@@ -177,7 +178,8 @@ BLOWS_UP = "hₜ = tanh(W xₜ + U hₜ₋₁ + b) ⊙ exp(a)\n"   # Adam's firs
 
 
 @pytest.mark.parametrize("lr, diverges", [(1e3, True), (1e-3, False)])
-def test_a_loss_that_stops_being_finite_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus, lr, diverges):
+def test_a_loss_that_stops_being_finite_stops_the_run_and_keeps_the_last_good_checkpoint(
+        tmp_path, corpus, lr, diverges):
     (tmp_path / "blow.eq").write_text(BLOWS_UP, encoding="utf-8")
     out, ckpt = tmp_path / "m.nnb", tmp_path / "m.nnb.ckpt"
     result = train(corpus, "-o", out, "--kernel", tmp_path / "blow.eq", "--lr", lr, "--steps", 20,

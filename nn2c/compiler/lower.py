@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from nn2c.compiler.ir import Cell, Network, Node, Part, TensorSpec
 from nn2c.lang import ast
-from nn2c.lang.check import CheckedKernel, show
+from nn2c.lang.ast import show
+from nn2c.lang.check import CheckedKernel
 from nn2c.lang.errors import KernelError
 
 

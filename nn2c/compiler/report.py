@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from nn2c.compiler.optimize import PASSES
 from nn2c.compiler.pipeline import compile_kernel
-from nn2c.lang.check import shape_text, show
+from nn2c.lang.ast import show
 from nn2c.lang.kernels import load_kernel
+from nn2c.lang.shapes import shape_text
 from nn2run.dis import disassemble
 
 DEFAULT_HIDDEN, DEFAULT_VOCAB = 128, 65

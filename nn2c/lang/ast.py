@@ -1,13 +1,13 @@
 """The kernel AST: plain dataclasses, produced by `nn2c.lang.parse`, consumed by `nn2c.lang.check`.
 
 No lark object crosses this boundary. Every node carries a `Pos` so that any later
-pass can point at the source.
+pass can point at the source; `show` writes an expression back in the kernel's notation
+for messages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 from nn2run.ops import OPS, named
 
@@ -74,7 +74,7 @@ class Concat:
     pos: Pos = field(compare=False)
 
 
-Expr = Union[Num, Var, Call, BinOp, Neg, Concat]
+Expr = Num | Var | Call | BinOp | Neg | Concat
 
 
 @dataclass(frozen=True)
@@ -108,3 +108,37 @@ def walk(expr: Expr):
     elif isinstance(expr, Concat):
         for p in expr.parts:
             yield from walk(p)
+
+
+def variables(equations) -> list[Var]:
+    """Every name used on the right of the equations, in source order."""
+    return [n for eq in equations for n in walk(eq.expr) if isinstance(n, Var)]
+
+
+# --- showing expressions in messages -------------------------------------------------
+
+_PREC = {"add": 1, "sub": 1, "mul": 2, "div": 2, "matmul": 4}
+_SYMBOL = {"add": " + ", "sub": " − ", "mul": " ⊙ ", "div": " ⊘ ", "matmul": "·"}
+
+
+def show(expr: Expr, outer: int = 0) -> str:
+    """An expression in the kernel's notation, with only the parentheses it needs."""
+    if isinstance(expr, Num):
+        return f"{expr.value:g}"
+    if isinstance(expr, Var):
+        return str(expr)
+    if isinstance(expr, Call):
+        return f"{expr.spelled or expr.func}({show(expr.arg)})"
+    if isinstance(expr, Concat):
+        return "[" + "; ".join(show(p) for p in expr.parts) + "]"
+    prec = 3 if isinstance(expr, Neg) else _PREC[expr.op]
+    text = ("−" + show(expr.operand, 3) if isinstance(expr, Neg) else
+            show(expr.left, prec) + _SYMBOL[expr.op] + show(expr.right, prec + 1))
+    return f"({text})" if prec < outer else text
+
+
+def start(expr: Expr) -> Pos:
+    """Where an expression begins in the source: its leftmost operand."""
+    while isinstance(expr, BinOp):
+        expr = expr.left
+    return expr.pos

@@ -266,7 +266,7 @@ def main(argv=None):
     cap_memory(args.mem_mb)
     REASONS = {} if args.reasons else None
     counts, crashes, start = {"loaded": 0, "rejected": 0}, [], time.perf_counter()
-    for i in range(args.inputs):
+    for _ in range(args.inputs):
         data = make_input(rng, seed_file, hostile_files)
         outcome = run_one(loader, data, args.slow)
         if outcome in counts:
