@@ -17,6 +17,7 @@ import torch
 
 import nn2run.format as fmt
 from nn2c.compiler.pipeline import write_model
+from nn2run import params
 
 
 class CheckpointError(Exception):
@@ -154,7 +155,8 @@ def load_checkpoint(path) -> tuple[dict, TrainState]:
 
 
 def _state(meta: dict, header: dict, t: dict) -> TrainState:
-    names = sorted({p["tensor"] for p in header["params"].values()})
+    shapes = {n: a.shape for n, a in t.items()}
+    names = params.stored_tensors(params.read_map(header["params"], shapes))
     ts = TrainState(int(meta["step"]), {n: t[n] for n in names}, meta["config"], str(meta["corpus_sha256"]))
     ts.adam_m = {n: t[f"adam.m/{n}"] for n in names if f"adam.m/{n}" in t}
     ts.adam_v = {n: t[f"adam.v/{n}"] for n in names if f"adam.v/{n}" in t}
