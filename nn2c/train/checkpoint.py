@@ -3,9 +3,10 @@
 Besides the model's own tensors a checkpoint holds, as more tensors of the same file,
 Adam's moments (`adam.m/NAME`, `adam.v/NAME`), the best weights so far (`best/NAME`),
 the recurrent state carried into the next step (`carried/LAYER/I`) and torch's RNG
-states (`rng/torch`, and `rng/cuda` when it trained on a GPU); its header has a `checkpoint` object with the step, the config and
-the loss history. It is written atomically like any .nnb, so a crash at any moment
-leaves the previous checkpoint whole. No pickle is involved anywhere.
+states (`rng/torch`, and `rng/cuda` when it trained on a GPU); its header has a
+`checkpoint` object with the step, the config and the loss history. Which tensors are the
+model's comes from the parameter map (`nn2run.params`). It is written atomically like
+any .nnb, so a crash at any moment leaves the previous checkpoint whole. No pickle is involved anywhere.
 """
 
 from __future__ import annotations
