@@ -57,12 +57,11 @@ def describe(model) -> str:
         out.extend("    " + line for line in str(src.get("text", "")).rstrip().splitlines())
     out.append("\nparameters:")
     total = 0
-    for key in model.param_names():
-        name, _, layer = key.partition("@")
-        arr = model.param(name, int(layer) if layer else 0)
+    for slot in model.param_slots():
+        arr = model.param(slot.name, slot.layer or 0)
         total += arr.size
-        p = model._params[key]
-        out.append(f"    {key:<16} {'×'.join(map(str, arr.shape)):<12} in {p['tensor']}[{p['start']}:{p['stop']}]")
+        out.append(f"    {slot.key:<16} {'×'.join(map(str, arr.shape)):<12} "
+                   f"in {slot.tensor}[{slot.start}:{slot.stop}]")
     out.append(f"    {total:,} weights")
     if isinstance(h.get("sampling"), dict):
         out.append("\nsampling defaults: " + json.dumps(h["sampling"], ensure_ascii=False))

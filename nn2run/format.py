@@ -73,53 +73,37 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import mmap
 import os
 import stat
 import struct
-from typing import NamedTuple
 
 import numpy as np
+
+from . import header as header_mod
+from .header import (  # noqa: F401 (the format's names, used by callers as format.NAME)
+    ALIGN,
+    DTYPES,
+    MAX_CONTAINERS,
+    MAX_DEPTH,
+    MAX_ELEMENTS,
+    MAX_INT_DIGITS,
+    MAX_NAME_CHARS,
+    MAX_RANK,
+    MAX_TENSORS,
+    SCALE_SUFFIX,
+    NNBFormatError,
+    TensorEntry,
+    align,
+    short,
+)
 
 FORMAT_MAJOR, FORMAT_MINOR = 1, 0
 MAGIC = b"\x89NNB\r\n\x1a\n"
 PREFIX_SIZE = 128
-ALIGN = 64
 MAX_HEADER_BYTES = 4 << 20  # parsing the largest header costs ~120 MB, < 0.5 s
-MAX_CONTAINERS = 1 << 16  # "[" and "{" in the header: bounds parse memory
-MAX_TENSORS = 4096
-MAX_NAME_CHARS = 256
-MAX_RANK = 4
-MAX_ELEMENTS = 1 << 40
-MAX_DEPTH = 64
-MAX_INT_DIGITS = 100
-DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i32": np.dtype("<i4"),
-          "i64": np.dtype("<i8"), "u8": np.dtype("u1"), "i8": np.dtype("i1")}
-SCALE_SUFFIX = "#scale"  # NAME#scale holds the per-column scales of the i8 tensor NAME
 _DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
 _FIELDS = struct.Struct("<8sHHIQQ32s32s32s")  # the 128-byte prefix
-_ENTRY_KEYS = ("dtype", "shape", "offset", "nbytes")
-
-
-class NNBFormatError(ValueError):
-    """A file, or bytes, that is not a valid .nnb; str() is one line, no path."""
-
-
-class TensorEntry(NamedTuple):
-    dtype: str
-    shape: tuple
-    offset: int
-    nbytes: int
-
-
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def _short(value, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ----------------------------------------------------------------- writing
@@ -130,7 +114,7 @@ def _layout(header: dict, tensors: dict) -> tuple[bytes, list]:
     table, chunks, end = {}, [], 0
     for name, value in tensors.items():
         array = _storable(name, value)
-        offset = _align(end)
+        offset = align(end)
         if offset > end:
             chunks.append(bytes(offset - end))
         table[name] = {"dtype": _DTYPE_NAMES[array.dtype], "shape": list(array.shape),
@@ -140,7 +124,7 @@ def _layout(header: dict, tensors: dict) -> tuple[bytes, list]:
     text = json.dumps({**header, "tensors": table}, allow_nan=False,
                       ensure_ascii=False, separators=(",", ":"))
     body = text.encode("utf-8")
-    body += b" " * (_align(len(body)) - len(body))
+    body += b" " * (align(len(body)) - len(body))
     digest = hashlib.sha256()
     for chunk in chunks:
         digest.update(chunk)
@@ -149,7 +133,7 @@ def _layout(header: dict, tensors: dict) -> tuple[bytes, list]:
     prefix = fixed + hashlib.sha256(fixed + body).digest() + digest.digest()
     try:  # the writer never makes a file its own reader would refuse
         _check_header_len(len(body))
-        _check_table(_parse_header(body), end)
+        header_mod.check_table(header_mod.parse(body), end)
     except NNBFormatError as exc:
         raise ValueError(f"refusing to write: {exc}") from None
     return prefix + body, chunks
@@ -157,7 +141,7 @@ def _layout(header: dict, tensors: dict) -> tuple[bytes, list]:
 
 def _storable(name, value) -> np.ndarray:
     if not isinstance(name, str):
-        raise TypeError(f"tensor name {_short(name)} is not a str")
+        raise TypeError(f"tensor name {short(name)} is not a str")
     array = np.asarray(value)
     dtype = array.dtype.newbyteorder("<")
     if dtype not in _DTYPE_NAMES:
@@ -295,8 +279,8 @@ def _open(buf, path, verify: bool) -> NNBFile:
     size = len(buf)
     major, minor, header_len, data_len, data_digest, body = _check_prefix(buf, size)
     start = PREFIX_SIZE + header_len
-    header = _parse_header(body)
-    table = _check_table(header, data_len)
+    header = header_mod.parse(body)
+    table = header_mod.check_table(header, data_len)
     _check_padding(buf, start, table)
     nnb = NNBFile(buf, path, (major, minor), header, table,
                   (start, start + data_len), data_digest)
@@ -352,130 +336,6 @@ def _check_header_len(header_len: int) -> None:
                              f"multiple of {ALIGN}")
 
 
-# ----------------------------------------------------------------- the header
-def _pairs(pairs):
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise NNBFormatError(f"duplicate key {_short(dup)} in header")
-    return obj
-
-
-def _constant(name):
-    raise NNBFormatError(f"header contains {name} (NaN/Infinity are not JSON)")
-
-
-def _float(text):
-    value = float(text)
-    if not math.isfinite(value):
-        raise NNBFormatError(f"header number {_short(text)} is not finite")
-    return value
-
-
-def _int(text):
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise NNBFormatError(f"header integer has more than {MAX_INT_DIGITS} digits")
-    return int(text)
-
-
-def _parse_header(body: bytes) -> dict:
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise NNBFormatError(f"header is not valid UTF-8 (byte {exc.start})") from None
-    containers = body.count(b"[") + body.count(b"{")
-    if containers > MAX_CONTAINERS:
-        raise NNBFormatError(f"header has too many arrays/objects ({containers}; "
-                             f"limit {MAX_CONTAINERS})")
-    try:
-        header = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant,
-                            parse_float=_float, parse_int=_int)
-    except NNBFormatError:
-        raise
-    except RecursionError:
-        raise NNBFormatError(f"header nested more than {MAX_DEPTH} deep") from None
-    except ValueError as exc:
-        raise NNBFormatError(f"header is not valid JSON ({str(exc)[:80]})") from None
-    if not isinstance(header, dict):
-        raise NNBFormatError("header is not a JSON object")
-    _check_tree(header)
-    return header
-
-
-def _check_tree(header: dict) -> None:
-    """Depth cap and well-formed Unicode everywhere, without recursion."""
-    stack = [(header, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise NNBFormatError(f"header nested more than {MAX_DEPTH} deep")
-        if isinstance(node, dict):
-            for key in node:
-                _check_str(key)
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
-        elif isinstance(node, str):
-            _check_str(node)
-
-
-def _check_str(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise NNBFormatError("header string has a lone surrogate (not Unicode)") from None
-
-
-def _check_table(header: dict, data_len: int) -> dict:
-    """Validate header["tensors"] against data_len; return name -> TensorEntry."""
-    raw = header.pop("tensors", None)
-    if not isinstance(raw, dict):
-        raise NNBFormatError("header has no tensor table (\"tensors\" object)")
-    if len(raw) > MAX_TENSORS:
-        raise NNBFormatError(f"too many tensors ({len(raw)}; limit {MAX_TENSORS})")
-    table = {name: _check_entry(name, item) for name, item in raw.items()}
-    offsets = [entry.offset for entry in table.values()]
-    if offsets != sorted(offsets):
-        raise NNBFormatError("tensors are not listed in offset order")
-    end = 0
-    for name, entry in table.items():
-        where = f"tensor {_short(name)}"
-        if entry.offset + entry.nbytes > data_len:
-            raise NNBFormatError(f"{where}: bytes {entry.offset}..{entry.offset + entry.nbytes}"
-                                 f" run past the end of the data section ({data_len})")
-        if entry.offset < end:
-            raise NNBFormatError(f"{where}: offset {entry.offset} overlaps the previous tensor")
-        if entry.offset != _align(end):
-            raise NNBFormatError(f"{where}: gap of {entry.offset - end} bytes before it "
-                                 f"(expected offset {_align(end)})")
-        end = entry.offset + entry.nbytes
-    if end != data_len:
-        raise NNBFormatError(f"data section has {data_len - end} unused bytes at its end")
-    _check_scales(table)
-    return table
-
-
-def _check_scales(table: dict) -> None:
-    """Each i8 tensor has its NAME#scale (f32, one per column); no scale without one."""
-    for name, entry in table.items():
-        if name.endswith(SCALE_SUFFIX):
-            base = table.get(name[:-len(SCALE_SUFFIX)])
-            if base is None or base.dtype != "i8":
-                raise NNBFormatError(f"tensor {_short(name)}: a scale tensor without an "
-                                     "i8 tensor to scale (orphan scale)")
-            if entry.dtype != "f32":
-                raise NNBFormatError(f"tensor {_short(name)}: scales must be f32, "
-                                     f"not {entry.dtype}")
-            if entry.shape != base.shape[-1:]:
-                raise NNBFormatError(f"tensor {_short(name)}: scale shape "
-                                     f"{list(entry.shape)} should be {list(base.shape[-1:])}"
-                                     " (one per column)")
-        elif entry.dtype == "i8" and name + SCALE_SUFFIX not in table:
-            raise NNBFormatError(f"tensor {_short(name)}: i8 tensor has no scale tensor "
-                                 f"{_short(name + SCALE_SUFFIX)}")
-
-
 def _check_scale_values(buf, start: int, table: dict) -> None:
     """Finite and >= 0; read from a copy, so that a refusal holds no view of buf."""
     for name, entry in table.items():
@@ -483,9 +343,9 @@ def _check_scale_values(buf, start: int, table: dict) -> None:
             at = start + entry.offset
             array = np.frombuffer(bytes(buf[at:at + entry.nbytes]), DTYPES["f32"])
             if not np.isfinite(array).all():
-                raise NNBFormatError(f"tensor {_short(name)}: a scale is not finite")
+                raise NNBFormatError(f"tensor {short(name)}: a scale is not finite")
             if (array < 0).any():
-                raise NNBFormatError(f"tensor {_short(name)}: a scale is negative")
+                raise NNBFormatError(f"tensor {short(name)}: a scale is negative")
 
 
 def logical(nnb: NNBFile) -> dict:
@@ -507,53 +367,9 @@ def logical(nnb: NNBFile) -> dict:
     return out
 
 
-def _check_entry(name, item) -> TensorEntry:
-    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS \
-            or not name.isprintable():
-        raise NNBFormatError(f"bad tensor name {_short(name)} (1..{MAX_NAME_CHARS} "
-                             "printable characters)")
-    where = f"tensor {_short(name)}"
-    if not isinstance(item, dict):
-        raise NNBFormatError(f"{where}: entry is not an object")
-    if set(item) != set(_ENTRY_KEYS):
-        odd = sorted(set(item) ^ set(_ENTRY_KEYS))
-        raise NNBFormatError(f"{where}: missing or unknown keys {_short(odd, 60)}")
-    dtype, shape = item["dtype"], item["shape"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise NNBFormatError(f"{where}: unknown dtype {_short(dtype)}")
-    if not isinstance(shape, list):
-        raise NNBFormatError(f"{where}: shape is not a list")
-    if len(shape) > MAX_RANK:
-        raise NNBFormatError(f"{where}: rank {len(shape)} exceeds {MAX_RANK}")
-    if dtype == "i8" and not shape:
-        raise NNBFormatError(f"{where}: an i8 tensor needs rank 1 or more (scaled per column)")
-    for dim in shape:
-        if not _is_int(dim):
-            raise NNBFormatError(f"{where}: dimension {_short(dim)} is not an integer")
-        if dim < 0:
-            raise NNBFormatError(f"{where}: negative dimension {dim}")
-    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
-        raise NNBFormatError(f"{where}: dimensions too large {_short(shape, 80)}")
-    nbytes, offset = item["nbytes"], item["offset"]
-    for key, value in (("nbytes", nbytes), ("offset", offset)):
-        if not _is_int(value) or value < 0:
-            raise NNBFormatError(f"{where}: {key} {_short(value)} is not an integer >= 0")
-    expected = math.prod(shape) * DTYPES[dtype].itemsize
-    if nbytes != expected:
-        raise NNBFormatError(f"{where}: nbytes {nbytes} does not match shape "
-                             f"{_short(shape, 80)} of {dtype} ({expected})")
-    if offset % ALIGN:
-        raise NNBFormatError(f"{where}: offset {offset} is not aligned to {ALIGN}")
-    return TensorEntry(dtype, tuple(shape), offset, nbytes)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_padding(buf, start: int, table: dict) -> None:
     end = 0
     for name, entry in table.items():
         if entry.offset > end and any(buf[start + end:start + entry.offset]):
-            raise NNBFormatError(f"tensor {_short(name)}: padding before it is not zero")
+            raise NNBFormatError(f"tensor {short(name)}: padding before it is not zero")
         end = entry.offset + entry.nbytes

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import codec as codecs
 from . import format as fmt
-from . import rewrite
+from . import params, rewrite
 from .format import NNBFormatError
 from .isa import ProgramError, validate
 from .vm import VM
@@ -111,7 +111,10 @@ class Model:
         self._state_names = tuple((st["name"], st["layer"]) for st in self.program["states"])
         self._names_list = list(self._state_names)
         self._shapes: dict[int, list] = {}      # batch -> [(np.ndarray, shape)] of a valid state
-        self._check_params(h.get("params"), shapes)
+        try:
+            self._slots = params.read_map(h.get("params"), shapes)
+        except params.LayoutError as e:
+            raise NNBFormatError(str(e)) from None
         self.sampling = self._check_sampling(h.get("sampling", {}))
 
     @staticmethod
@@ -124,25 +127,15 @@ class Model:
             raise NNBFormatError("sampling defaults: temperature must be a positive number")
         return {"temperature": float(t)}
 
-    def _check_params(self, params, shapes) -> None:
-        if not isinstance(params, dict):
-            raise NNBFormatError("missing parameter map")
-        for key, p in params.items():
-            if not isinstance(p, dict) or not isinstance(p.get("tensor"), str) or p["tensor"] not in shapes \
-                    or p.get("kind") not in ("matrix", "vector"):
-                raise NNBFormatError(f"parameter {key!r}: bad entry")
-            shape = shapes[p["tensor"]]
-            rank = 2 if p["kind"] == "matrix" else 1
-            start, stop = p.get("start"), p.get("stop")
-            if len(shape) != rank or type(start) is not int or type(stop) is not int \
-                    or not 0 <= start < stop <= shape[-1]:
-                raise NNBFormatError(f"parameter {key!r}: range outside tensor {p['tensor']!r}")
-        self._params = params
-
     # --- parameters -------------------------------------------------------------
     def param_names(self) -> list[str]:
         """Parameter keys: `name@layer` for cell parameters, `name` for the readout's."""
-        return list(self._params)
+        return list(self._slots)
+
+    def param_slots(self) -> list[params.Slot]:
+        """Where each parameter lives (name, layer, tensor, kind, column or element range),
+        in the order of `param_names`; the layout's rule is `nn2run.params`."""
+        return list(self._slots.values())
 
     def param(self, name: str, layer: int = 0) -> np.ndarray:
         """A parameter as the equations use it: (rows, cols) for a matrix, (n,) for a vector.
@@ -151,13 +144,10 @@ class Model:
         layout is the optimizer's choice); this returns a read-only view either way.
         """
         self._check_open()
-        p = self._params.get(f"{name}@{layer}") or self._params.get(name)
-        if p is None:
-            raise KeyError(f"no parameter {name!r} (layer {layer}); have {', '.join(self._params)}")
-        t = self.tensors[p["tensor"]]
-        if p["kind"] == "matrix":
-            return t[:, p["start"]:p["stop"]].T
-        return t[p["start"]:p["stop"]]
+        slot = params.find(self._slots, name, layer)
+        if slot is None:
+            raise KeyError(f"no parameter {name!r} (layer {layer}); have {', '.join(self._slots)}")
+        return slot.view(self.tensors[slot.tensor])
 
     def storage(self) -> str:
         """How the file stores the tensors, and its size (`nn2run --info` shows it)."""

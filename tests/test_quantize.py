@@ -37,19 +37,17 @@ def test_int8_weights_are_within_half_a_scale_of_the_original(lstm):
     d, logical = lstm
     f32, q8 = nn2run.load(d / "f32.nnb"), nn2run.load(d / "int8.nnb")
     nnb = stored(d / "int8.nnb")
-    for key in f32.param_names():
-        name, _, layer = key.partition("@")
-        p = f32._params[key]
-        w = logical[key]
-        got = q8.param(name, int(layer or 0))
+    for p in f32.param_slots():
+        w = logical[p.key]
+        got = q8.param(p.name, p.layer or 0)
         assert got.dtype == np.float32 and got.shape == w.shape
-        if p["kind"] == "vector":           # biases are stored as they are
-            assert nnb.table[p["tensor"]].dtype == "f32"
+        if p.kind == "vector":           # biases are stored as they are
+            assert nnb.table[p.tensor].dtype == "f32"
             np.testing.assert_array_equal(got, w)
             continue
-        assert nnb.table[p["tensor"]].dtype == "i8"
-        q = nnb.tensors[p["tensor"]][:, p["start"]:p["stop"]].T.astype(np.float64)
-        s = nnb.tensors[p["tensor"] + "#scale"][p["start"]:p["stop"]].astype(np.float64)
+        assert nnb.table[p.tensor].dtype == "i8"
+        q = nnb.tensors[p.tensor][:, p.start:p.stop].T.astype(np.float64)
+        s = nnb.tensors[p.tensor + "#scale"][p.start:p.stop].astype(np.float64)
         # one scale per output row, the smallest that reaches the row's largest weight
         np.testing.assert_allclose(s, np.abs(w).max(axis=1) / 127, rtol=2.0 ** -23, atol=0)
         assert np.all(np.abs(w - q * s[:, None]) <= s[:, None] / 2 * (1 + 1e-12))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from nn2c.compiler.ir import Network, Node, TensorSpec
+from nn2run import params
 
 
 class _Emitter:
@@ -70,21 +71,20 @@ def emit(network: Network) -> tuple[dict, dict]:
     return program, param_map(network.tensors())
 
 
+def slots(specs: dict[str, TensorSpec]) -> list[params.Slot]:
+    """Where each kernel parameter lives in the stored tensors (the layout's rule: `nn2run.params`)."""
+    return [params.Slot(p.name, p.layer, spec.name, p.kind, p.start, p.stop)
+            for spec in specs.values() for p in spec.parts]
+
+
 def param_map(specs: dict[str, TensorSpec]) -> dict:
-    out = {}
-    for spec in specs.values():
-        for p in spec.parts:
-            out[p.key] = {"tensor": spec.name, "kind": p.kind, "start": p.start, "stop": p.stop}
-    return out
+    """The header's parameter map."""
+    return params.write_map(slots(specs))
 
 
 def logical_shapes(specs: dict[str, TensorSpec]) -> dict[str, tuple]:
     """Each kernel parameter's shape as the equations use it."""
-    out = {}
-    for spec in specs.values():
-        for p in spec.parts:
-            out[p.key] = (p.stop - p.start, spec.shape[0]) if p.kind == "matrix" else (p.stop - p.start,)
-    return out
+    return {s.key: s.shape(specs[s.tensor].shape) for s in slots(specs)}
 
 
 def param_roles(network: Network) -> dict[str, str]:
@@ -125,24 +125,12 @@ def init_logical(specs: dict[str, TensorSpec], hidden: int, seed: int,
 
 def pack(specs: dict[str, TensorSpec], logical: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Kernel parameters (by key, shaped as the equations use them) -> stored tensors."""
-    out = {}
-    for spec in specs.values():
-        arr = np.zeros(spec.shape, dtype=np.float32)
-        for p in spec.parts:
-            value = np.asarray(logical[p.key], dtype=np.float32)
-            if p.kind == "matrix":
-                arr[:, p.start:p.stop] = value.T
-            else:
-                arr[p.start:p.stop] = value
-        out[spec.name] = arr
+    out = {name: np.zeros(spec.shape, dtype=np.float32) for name, spec in specs.items()}
+    for s in slots(specs):
+        s.put(out[s.tensor], logical[s.key])
     return out
 
 
 def unpack(specs: dict[str, TensorSpec], tensors: dict) -> dict[str, np.ndarray]:
     """Stored tensors -> kernel parameters by key (the inverse of `pack`)."""
-    out = {}
-    for spec in specs.values():
-        t = np.asarray(tensors[spec.name])
-        for p in spec.parts:
-            out[p.key] = t[:, p.start:p.stop].T.copy() if p.kind == "matrix" else t[p.start:p.stop].copy()
-    return out
+    return {s.key: s.view(np.asarray(tensors[s.tensor])).copy() for s in slots(specs)}

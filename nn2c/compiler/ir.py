@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nn2run import params
 from nn2run.ops import OPS, named
 
 # The operators come from the registry (`nn2run.ops`); the IR adds its leaves.
@@ -49,12 +50,18 @@ class Node:
 
 @dataclass(frozen=True)
 class Part:
-    """Where kernel parameter `key` lives: columns [start, stop) of a matrix tensor
-    (the parameter is that block transposed) or elements [start, stop) of a vector."""
-    key: str
+    """Where kernel parameter `name` of `layer` (None: the readout) lives: columns
+    [start, stop) of a matrix tensor (the parameter is that block transposed) or elements
+    [start, stop) of a vector; the rule is `nn2run.params`."""
+    name: str
+    layer: int | None
     kind: str           # "matrix" | "vector"
     start: int
     stop: int
+
+    @property
+    def key(self) -> str:
+        return params.key(self.name, self.layer)
 
 
 @dataclass

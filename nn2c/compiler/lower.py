@@ -15,15 +15,7 @@ from nn2c.lang import ast
 from nn2c.lang.ast import show
 from nn2c.lang.check import CheckedKernel
 from nn2c.lang.errors import KernelError
-
-
-def param_key(name: str, layer: int | None) -> str:
-    """The name a parameter has in the .nnb parameter map: `W_f@0`, or `W_y` for the readout."""
-    return name if layer is None else f"{name}@{layer}"
-
-
-def tensor_name(name: str, layer: int | None) -> str:
-    return f"readout.{name}" if layer is None else f"l{layer}.{name}"
+from nn2run import params
 
 
 class _Lowerer:
@@ -42,12 +34,11 @@ class _Lowerer:
     def param(self, name: str) -> Node:
         if name not in self.param_nodes:
             shape = self.shape(name)
-            tname = tensor_name(name, self.layer)
-            key = param_key(name, self.layer)
+            tname = params.tensor_name(self.layer, [name])
             if len(shape) == 2:
-                spec = TensorSpec(tname, (shape[1], shape[0]), [Part(key, "matrix", 0, shape[0])])
+                spec = TensorSpec(tname, (shape[1], shape[0]), [Part(name, self.layer, "matrix", 0, shape[0])])
             else:
-                spec = TensorSpec(tname, shape, [Part(key, "vector", 0, shape[0])])
+                spec = TensorSpec(tname, shape, [Part(name, self.layer, "vector", 0, shape[0])])
             self.tensors[tname] = spec
             self.param_nodes[name] = Node("param", (), shape[0], {"tensor": tname})
         return self.param_nodes[name]

@@ -18,7 +18,10 @@ and the element-wise fusion can merge them.
 
 from __future__ import annotations
 
-from nn2c.compiler.ir import ELEMENTWISE, UNARY, Cell, Node, Part, TensorSpec, consumers, depends_on_state, rewrite
+from dataclasses import replace
+
+from nn2c.compiler.ir import ELEMENTWISE, UNARY, Cell, Node, TensorSpec, consumers, depends_on_state, rewrite
+from nn2run import params
 from nn2run.ops import OPS
 
 
@@ -87,16 +90,20 @@ def _single_use_params(cell: Cell) -> set[str]:
     return {t for t, c in count.items() if c == 1}
 
 
+def _layer(cell: Cell, param: Node) -> int | None:
+    """The layer whose parameters a param node's tensor holds (None: the readout's)."""
+    return cell.tensors[param.attrs["tensor"]].parts[0].layer
+
+
 def _stack(cell: Cell, members: list[Node], kind: str) -> Node:
     """Stack the parameters of `members` (ordered) into one tensor; return its param node."""
     specs = [cell.tensors.pop(m.attrs["tensor"]) for m in members]
-    prefix = specs[0].name.split(".")[0]
-    name = prefix + "." + "|".join(s.name.split(".", 1)[1] for s in specs)
     parts, at = [], 0
     for s in specs:
         width = s.shape[-1]
-        parts.extend(Part(p.key, p.kind, p.start + at, p.stop + at) for p in s.parts)
+        parts.extend(replace(p, start=p.start + at, stop=p.stop + at) for p in s.parts)
         at += width
+    name = params.tensor_name(parts[0].layer, [p.name for p in parts])
     shape = (specs[0].shape[0], at) if kind == "matrix" else (at,)
     cell.tensors[name] = TensorSpec(name, shape, parts)
     return Node("param", (), at, {"tensor": name})
@@ -116,7 +123,7 @@ def fuse_products(cell: Cell) -> Cell:
     plan: dict[Node, tuple] = {}         # member -> (group, stacked parameter, first column)
     cell = Cell(cell.layer, cell.input, cell.states, cell.output, dict(cell.tensors))
     for key, members in groups.items():
-        if len(members) < 2 or len({m.args[-1].attrs["tensor"].split(".")[0] for m in members}) != 1:
+        if len(members) < 2 or len({_layer(cell, m.args[-1]) for m in members}) != 1:
             continue
         members.sort(key=lambda m: _gate_key(m, uses, index))
         stacked = _stack(cell, [m.args[-1] for m in members], "matrix")

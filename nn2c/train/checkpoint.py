@@ -3,9 +3,10 @@
 Besides the model's own tensors a checkpoint holds, as more tensors of the same file,
 Adam's moments (`adam.m/NAME`, `adam.v/NAME`), the best weights so far (`best/NAME`),
 the recurrent state carried into the next step (`carried/LAYER/I`) and torch's RNG
-states (`rng/torch`, and `rng/cuda` when it trained on a GPU); its header has a `checkpoint` object with the step, the config and
-the loss history. It is written atomically like any .nnb, so a crash at any moment
-leaves the previous checkpoint whole. No pickle is involved anywhere.
+states (`rng/torch`, and `rng/cuda` when it trained on a GPU); its header has a
+`checkpoint` object with the step, the config and the loss history. Which tensors are the
+model's comes from the parameter map (`nn2run.params`). It is written atomically like
+any .nnb, so a crash at any moment leaves the previous checkpoint whole. No pickle is involved anywhere.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 import nn2run.format as fmt
 from nn2c.compiler.pipeline import write_model
+from nn2run import params
 
 
 class CheckpointError(Exception):
@@ -154,7 +156,8 @@ def load_checkpoint(path) -> tuple[dict, TrainState]:
 
 
 def _state(meta: dict, header: dict, t: dict) -> TrainState:
-    names = sorted({p["tensor"] for p in header["params"].values()})
+    shapes = {n: a.shape for n, a in t.items()}
+    names = params.stored_tensors(params.read_map(header["params"], shapes))
     ts = TrainState(int(meta["step"]), {n: t[n] for n in names}, meta["config"], str(meta["corpus_sha256"]))
     ts.adam_m = {n: t[f"adam.m/{n}"] for n in names if f"adam.m/{n}" in t}
     ts.adam_v = {n: t[f"adam.v/{n}"] for n in names if f"adam.v/{n}" in t}
