@@ -18,6 +18,7 @@ import pytest
 
 import nn2run.format as fmt
 from support.models import BIN
+from support.runs import checkpoint_step, wait_for_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SMALL = ["--hidden", "16", "--layers", "2", "--seq-len", "8", "--batch", "8", "--device", "cpu",
@@ -53,24 +54,6 @@ def tensors(path) -> dict:
         return {name: np.array(t) for name, t in f.tensors.items()}
 
 
-def checkpoint_step(path) -> int | None:
-    try:
-        with fmt.read(path) as f:
-            return f.header["checkpoint"]["step"]
-    except fmt.NNBFormatError:
-        return None
-
-
-def wait_for_checkpoint(path, step: int, proc, timeout=120.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        seen = checkpoint_step(path)
-        if seen is not None and seen >= step:
-            return seen
-        assert proc.poll() is None, f"training ended early: {proc.communicate()[1][-800:]}"
-        time.sleep(0.01)
-    proc.kill()
-    pytest.fail(f"no checkpoint with step ≥ {step} after {timeout}s")
 
 
 def children(pid: int) -> list[int]:

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from nn2c.cli import main as nn2c_main
+from support.runs import one_line
 
 SMALL = ["--hidden", "8", "--layers", "1", "--seq-len", "8", "--batch", "4", "--device", "cpu",
          "--eval-every", "10", "--lr", "0.01"]
@@ -29,13 +30,6 @@ def ok(result):
     assert result.exit_code == 0, result.stderr
     return result
 
-
-def one_line(result, *words) -> str:
-    lines = result.stderr.splitlines()
-    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("nn2c: "), result.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 def records(path) -> list[dict]:

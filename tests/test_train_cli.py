@@ -22,6 +22,7 @@ import nn2run.format as fmt
 from nn2c.cli import main as nn2c_main
 from nn2c.train.corpus import CorpusError, read_corpus
 from support.models import build_model
+from support.runs import one_line
 
 SMALL = ["--hidden", "8", "--layers", "1", "--seq-len", "8", "--batch", "4", "--device", "cpu",
          "--eval-every", "10"]
@@ -37,14 +38,6 @@ def invoke(*args):
 def train(*args):
     return invoke("train", *args)
 
-
-def one_line(result, *words) -> str:
-    """The single `nn2c:` line of a failure (exit 1), holding every word."""
-    lines = result.stderr.splitlines()
-    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("nn2c: "), result.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 def last_line(result) -> str:

@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ import nn2run
 import nn2run.format as fmt
 from nn2c.cli import main as nn2c_main
 from support.models import BIN
+from support.runs import checkpoint_step, wait_for_checkpoint
 
 STEPS = 600
 # A tiny model, checkpointed often: ~1-2 ms a step on one core, so a run lasts about a second.
@@ -44,25 +44,6 @@ def finish(proc, timeout=120):
     return proc.returncode, out, err
 
 
-def checkpoint_step(path) -> int | None:
-    try:
-        with fmt.read(path) as f:
-            return f.header["checkpoint"]["step"]
-    except fmt.NNBFormatError:
-        return None
-
-
-def wait_for_checkpoint(path, step: int, proc, timeout=60.0) -> int:
-    """Poll the checkpoint's header until it reaches `step`; the run must still be going."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        seen = checkpoint_step(path)
-        if seen is not None and seen >= step:
-            return seen
-        assert proc.poll() is None, f"training ended early: {proc.communicate()[1][-500:]}"
-        time.sleep(0.005)
-    proc.kill()
-    pytest.fail(f"no checkpoint with step ≥ {step} after {timeout}s")
 
 
 def tensors(path) -> dict:
