@@ -137,6 +137,14 @@ def _ln(z, gain, bias):
     return gain * d / np.sqrt((d * d).mean(axis=1, keepdims=True) + 1e-5) + bias
 
 
+def _ln_gates(terms, gains, biases):
+    """Layer normalization over the concatenation of the gates' terms, then split back."""
+    z = np.concatenate(terms, axis=1)
+    d = z - z.mean(axis=1, keepdims=True)
+    n = d / np.sqrt((d * d).mean(axis=1, keepdims=True) + 1e-5)
+    return [g * part + b for part, g, b in zip(np.split(n, len(terms), axis=1), gains, biases)]
+
+
 def _elman64(m, ids, layers):
     p = _params(m, ["W_h", "U_h", "b_h"], layers)
     hs = [np.zeros((BATCH, H)) for _ in range(layers)]
@@ -173,9 +181,12 @@ def _lnlstm64(m, ids, layers):
     for t in range(len(ids)):
         x = np.eye(V)[ids[t]]
         for k in range(layers):
-            pre = {g: _ln(x @ p[f"W_{g}", k].T, p[f"α_x{g}", k], p[f"β_x{g}", k])
-                   + _ln(hs[k] @ p[f"U_{g}", k].T, p[f"α_h{g}", k], p[f"β_h{g}", k]) + p[f"b_{g}", k]
-                   for g in gates}
+            # the paper's form: each of the two terms normalized over all four gates (4H values)
+            nx = _ln_gates([x @ p[f"W_{g}", k].T for g in gates], [p[f"α_x{g}", k] for g in gates],
+                           [p[f"β_x{g}", k] for g in gates])
+            nh = _ln_gates([hs[k] @ p[f"U_{g}", k].T for g in gates], [p[f"α_h{g}", k] for g in gates],
+                           [p[f"β_h{g}", k] for g in gates])
+            pre = {g: nx[j] + nh[j] + p[f"b_{g}", k] for j, g in enumerate(gates)}
             cs[k] = sig(pre["f"]) * cs[k] + sig(pre["i"]) * np.tanh(pre["g"])
             hs[k] = x = sig(pre["o"]) * np.tanh(_ln(cs[k], p["α_c", k], p["β_c", k]))
         out.append(x @ m.param("W_y").astype(np.float64).T + m.param("b_y"))
