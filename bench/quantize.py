@@ -17,6 +17,8 @@ from time import perf_counter
 
 import numpy as np
 
+from nn2run.score import stream_loss
+
 from .common import BIN, ROOT, SHAKESPEARE, Table, interleaved, median, verdict
 
 TARGETS = {"f16": 0.002, "int8": 0.02}      # nats/char of validation-loss cost
@@ -30,20 +32,8 @@ print(int(rss["RssAnon"].split()[0]), int(rss["RssFile"].split()[0]))
 """
 
 
-def validation_loss(model, ids, streams: int = 16) -> float:
-    """Mean -ln p(next char) over ids cut into `streams` contiguous pieces run side by side."""
-    n = (len(ids) - 1) // streams
-    x = np.asarray(ids[:streams * n + 1])
-    inputs = np.stack([x[i * n:(i + 1) * n] for i in range(streams)], axis=1)
-    targets = np.stack([x[i * n + 1:(i + 1) * n + 1] for i in range(streams)], axis=1)
-    vm = model.vm(streams)
-    vm.reset()
-    total, rows = 0.0, np.arange(streams)
-    for t in range(n):
-        z = vm.advance(inputs[t]).astype(np.float64)
-        top = z.max(axis=1)
-        total += float((top + np.log(np.exp(z - top[:, None]).sum(axis=1)) - z[rows, targets[t]]).sum())
-    return total / (n * streams)
+def validation_loss(model, ids) -> float:
+    return stream_loss(model, ids, streams=16)
 
 
 def _train(tmp, quick: bool):

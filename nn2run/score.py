@@ -44,3 +44,23 @@ def score(model: Model, lines: list[list[int]]) -> list[tuple[float, int]]:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = bits / lens
     return [(float(m), int(n)) for m, n in zip(mean, lens)]
+
+
+def stream_loss(model: Model, ids, streams: int = 8) -> float:
+    """Mean -ln p(next token) over a token stream, in float64: the stream cut into `streams`
+    contiguous pieces stepped side by side from the zero state (a held-out loss)."""
+    ids = np.asarray(model.check_ids(list(ids)))
+    n = (len(ids) - 1) // streams
+    if n < 1:
+        raise ValueError(f"a stream of {len(ids)} tokens is too short for {streams} streams")
+    inputs = np.stack([ids[i * n:(i + 1) * n] for i in range(streams)], axis=1)
+    targets = np.stack([ids[i * n + 1:(i + 1) * n + 1] for i in range(streams)], axis=1)
+    vm = model.vm(streams)
+    vm.reset()
+    total, rows = 0.0, np.arange(streams)
+    for t in range(n):
+        z = vm.advance(inputs[t]).astype(np.float64)
+        top = z.max(axis=1)
+        log_norm = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+        total += float((log_norm - z[rows, targets[t]]).sum())
+    return total / (n * streams)

@@ -6,7 +6,6 @@ rank or Ctrl-C stops the job in one line with the last checkpoint whole."""
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -18,9 +17,9 @@ import pytest
 
 import nn2run.format as fmt
 from support.models import BIN
-from support.runs import checkpoint_step, wait_for_checkpoint
+from support.runs import ONE_THREAD as ENV
+from support.runs import checkpoint_step, finish, nn2c, wait_for_checkpoint, write_corpus
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SMALL = ["--hidden", "16", "--layers", "2", "--seq-len", "8", "--batch", "8", "--device", "cpu",
          "--eval-every", "10"]
 LONG = ["--hidden", "12", "--layers", "1", "--seq-len", "8", "--batch", "4", "--device", "cpu",
@@ -28,21 +27,7 @@ LONG = ["--hidden", "12", "--layers", "1", "--seq-len", "8", "--batch", "4", "--
 LONG_STEPS = 1500
 
 
-def write_corpus(path, n_words=3000, seed=1):
-    rng = random.Random(seed)
-    words = "the cat sat on a mat and dog ran far away to see its friend".split()
-    path.write_text(" ".join(rng.choice(words) for _ in range(n_words)), encoding="utf-8")
-    return path
 
-
-def nn2c(*args, **popen):
-    return subprocess.Popen([str(BIN / "nn2c"), "train", *map(str, args)], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
-
-
-def finish(proc, timeout=300):
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
 
 
 def run(*args, timeout=300):

@@ -8,6 +8,7 @@ import pytest
 import nn2run
 from nn2c.compiler.quantize import QuantizeError, quantize_file
 from nn2run import format as fmt
+from nn2run.score import stream_loss
 from support.models import ROOT, build_model
 
 F16_REL, F16_SUBNORMAL = 2.0 ** -11, 2.0 ** -25   # half an ulp of binary16, relative / absolute
@@ -136,22 +137,8 @@ def test_elman_logits_stay_within_the_bound_the_weight_errors_give(tmp_path, dty
 
 
 # ----------------------------------------------------------------- learning quality
-def validation_loss(model, ids, streams=8):
-    """Mean -ln p(next char) over held-out ids, in float64: the text cut into `streams`
-    contiguous pieces stepped side by side from the zero state."""
-    n = (len(ids) - 1) // streams
-    x = np.asarray(ids[:streams * n + 1])
-    inputs = np.stack([x[i * n:(i + 1) * n] for i in range(streams)], axis=1)
-    targets = np.stack([x[i * n + 1:(i + 1) * n + 1] for i in range(streams)], axis=1)
-    vm = model.vm(streams)
-    vm.reset()
-    total, rows = 0.0, np.arange(streams)
-    for t in range(n):
-        z = vm.advance(inputs[t]).astype(np.float64)
-        top = z.max(axis=1)
-        log_norm = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-        total += float((log_norm - z[rows, targets[t]]).sum())
-    return total / (n * streams)
+def validation_loss(model, ids) -> float:
+    return stream_loss(model, ids, streams=8)
 
 
 @pytest.fixture(scope="module")

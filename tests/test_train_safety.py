@@ -5,9 +5,7 @@ loss that stops being finite stops the run without spoiling the last good checkp
 from __future__ import annotations
 
 import os
-import random
 import signal
-import subprocess
 
 import numpy as np
 import pytest
@@ -16,32 +14,15 @@ from click.testing import CliRunner
 import nn2run
 import nn2run.format as fmt
 from nn2c.cli import main as nn2c_main
-from support.models import BIN
-from support.runs import checkpoint_step, wait_for_checkpoint
+from support.runs import checkpoint_step, finish, nn2c, wait_for_checkpoint, write_corpus
 
 STEPS = 600
 # A tiny model, checkpointed often: ~1-2 ms a step on one core, so a run lasts about a second.
 TINY = ["--hidden", "12", "--layers", "1", "--seq-len", "8", "--batch", "4", "--device", "cpu",
         "--eval-every", "50", "--checkpoint-every", "10", "--seed", "7"]
-# One thread: the same reduction order in every process, and no fight for the two cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def write_corpus(path, n_words=3000, seed=1):
-    rng = random.Random(seed)
-    words = "the cat sat on a mat and dog ran far away to see its friend".split()
-    path.write_text(" ".join(rng.choice(words) for _ in range(n_words)), encoding="utf-8")
-    return path
 
-
-def nn2c(*args, **popen):
-    return subprocess.Popen([str(BIN / "nn2c"), "train", *map(str, args)], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
-
-
-def finish(proc, timeout=120):
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
 
 
 

@@ -1,13 +1,40 @@
-"""Watching training runs from a test: a checkpoint's step as it is written, and the one
-line a failed `nn2c` command prints."""
+"""Training runs from a test: starting `nn2c train`, watching its checkpoint's step as it is
+written, and the one line a failed `nn2c` command prints."""
 
 from __future__ import annotations
 
+import os
+import random
+import subprocess
 import time
 
 import pytest
 
 import nn2run.format as fmt
+from support.models import BIN
+
+# One thread: the same reduction order in every process, and no fight for the two cores.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def write_corpus(path, n_words=3000, seed=1):
+    """A small corpus of random words from a fixed list."""
+    rng = random.Random(seed)
+    words = "the cat sat on a mat and dog ran far away to see its friend".split()
+    path.write_text(" ".join(rng.choice(words) for _ in range(n_words)), encoding="utf-8")
+    return path
+
+
+def nn2c(*args, **popen):
+    """`nn2c train ARGS…` started as a user would, on one thread; returns the Popen."""
+    return subprocess.Popen([str(BIN / "nn2c"), "train", *map(str, args)], env=ONE_THREAD, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def finish(proc, timeout=300):
+    """(exit status, stdout, stderr) once the run ends."""
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
 
 
 def checkpoint_step(path) -> int | None:
