@@ -102,6 +102,8 @@ def test_a_bad_prompt_shows_the_server_message(browser, served):
     browser.get(f"http://127.0.0.1:{served.port}/")
     _fill(browser, prompt="aQ", max_tokens=5)
     browser.find_element("id", "go").click()
-    text = _wait(lambda: browser.find_element("id", "status").text)
+    # the status reads "generating…" until the server's answer arrives; wait for the error line
+    text = _wait(lambda: "error" in browser.find_element("id", "status").get_attribute("class") and
+                 browser.find_element("id", "status").text)
     assert "'Q'" in text and "vocabulary" in text
     assert json.loads(served.request("POST", "/tokenize", {"prompt": "a"})[2])["count"] == 1
