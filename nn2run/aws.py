@@ -1,9 +1,11 @@
 """AWS Lambda: `nn2run.aws.handler` answers Function URL and API Gateway HTTP API events
 (payload format 2.0) with the routes of `nn2run serve`, through the same `routes.App`.
 
-The model named by the environment variable NN2_MODEL is loaded once, at the first
-invocation of a fresh execution environment, and kept with its scheduler for the
-following ones. Optional settings: NN2_API_KEY, NN2_CORS, NN2_MAX_BATCH,
+The model named by the environment variable NN2_MODEL is loaded once per execution
+environment, during its init phase (when the runtime imports this module, before the
+first invocation: the init phase is not billed and runs with a full CPU), and kept with its
+scheduler for every invocation. If it cannot be loaded there, each invocation tries again
+and answers 500 with the reason. Optional settings: NN2_API_KEY, NN2_CORS, NN2_MAX_BATCH,
 NN2_MAX_TOKENS_LIMIT, NN2_MAX_TOKENS_DEFAULT, NN2_TIMEOUT (seconds); NN2_VERIFY=0 skips
 the check of the tensor data's SHA-256 at load (on by default).
 
@@ -56,6 +58,16 @@ def _load():
         return _app
 
 
+def _init() -> None:
+    """Load the model in a Lambda execution environment's init phase; a failure is printed
+    and left to the invocations, which report it."""
+    if os.environ.get("AWS_LAMBDA_RUNTIME_API") and os.environ.get("NN2_MODEL"):
+        try:
+            _load()
+        except Exception as e:      # noqa: BLE001 — reported by every invocation instead
+            print(f"nn2run: cannot load the model: {e}", file=sys.stderr)
+
+
 def _request(event: dict):
     """(method, path, lower-case headers, body bytes) of a payload-2.0 event."""
     http = (event.get("requestContext") or {}).get("http") or {}
@@ -97,3 +109,6 @@ def handler(event, context):
         finally:
             resp.stream.close()
     return _answer(resp.status, resp.headers, resp.body)
+
+
+_init()

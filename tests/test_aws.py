@@ -32,6 +32,7 @@ class RuntimeAPI:
         self.events: queue.Queue = queue.Queue()
         self.results: dict = {}
         self.done = threading.Condition()
+        self.polled = threading.Event()      # the client asked for its first invocation: init is over
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,6 +41,7 @@ class RuntimeAPI:
             def do_GET(self):
                 if self.path != f"{PREFIX}/invocation/next":
                     return self._reply(404, b"{}")
+                api.polled.set()
                 while True:
                     try:
                         request_id, event, budget_ms = api.events.get(timeout=0.5)
@@ -193,6 +195,23 @@ def test_a_request_stops_before_the_invocation_runs_out_of_time(lam):
                            budget_ms=1500)
     assert kind == "response" and out["statusCode"] == 504 and time.monotonic() - t0 < 1.5
     assert json.loads(out["body"])["error"]["code"] == "timeout"
+
+
+def test_the_model_is_loaded_in_the_init_phase_before_the_first_invocation(model, tmp_path):
+    copy = tmp_path / "init.nnb"
+    copy.write_bytes(model.read_bytes())
+    api = RuntimeAPI()
+    proc, log = start_client(api, {"NN2_MODEL": str(copy)}, tmp_path)
+    try:
+        assert api.polled.wait(60)
+        copy.unlink()               # loaded (and mapped) already: the first request is served
+        kind, out = api.invoke(http_event("POST", "/tokenize", {"prompt": "ab"}))
+        assert kind == "response" and out["statusCode"] == 200
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+        api.close()
 
 
 def test_without_nn2_model_every_request_gets_a_500_saying_so(tmp_path):
