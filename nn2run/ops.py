@@ -152,7 +152,7 @@ def _softmaxj(a, mask, out, bias, col):
     np.exp(out, out)
     np.multiply(out, mask, out)             # exactly 0 beyond the length
     np.add.reduce(out, 1, None, col, True)
-    np.maximum(col, np.finfo(out.dtype).tiny, col)   # a row of length 0 gives zeros, not nan
+    np.maximum(col, np.finfo(out.dtype).tiny, out=col)   # a row of length 0: zeros, not nan
     np.divide(out, col, out)
 
 

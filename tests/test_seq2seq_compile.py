@@ -250,3 +250,29 @@ def test_nn2c_check_reports_a_decoder_error(tmp_path):
     r = subprocess.run([str(exe), "check", str(bad)], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert f"{bad}:" in r.stderr
+
+
+def _run(op, out, *operands):
+    from nn2run.ops import OPS
+    for fn, args in OPS[op].numpy(out, *operands):
+        fn(*args)
+    return out
+
+
+def test_softmaxj_and_sumj_binders_mask_the_positions():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(B, J, 2)).astype(np.float32) * 5
+    a[1, 2:] = 1e4                       # large scores beyond a row's length must not count
+    mask = (np.arange(J)[None, :] < LENGTHS[:, None]).astype(np.float32)[:, :, None]
+    got = _run("softmaxj", np.zeros_like(a), a, mask)
+    for b in range(B):
+        for col in range(2):
+            n = LENGTHS[b]
+            z = np.exp(a[b, :n, col].astype(np.float64) - a[b, :n, col].max())
+            np.testing.assert_allclose(got[b, :n, col], z / z.sum(), atol=1e-6)
+            assert (got[b, n:, col] == 0).all()
+    total = _run("sumj", np.zeros((B, 2), np.float32), a, mask)
+    want = [a[b, :LENGTHS[b]].astype(np.float64).sum(0) for b in range(B)]
+    np.testing.assert_allclose(total, want, rtol=1e-6)
+    empty = _run("softmaxj", np.zeros_like(a), a, np.zeros_like(mask))
+    assert (empty == 0).all()            # a row of length 0: zeros, not nan
