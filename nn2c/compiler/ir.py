@@ -133,18 +133,18 @@ class Seq2SeqNetwork:
     encoder: list[Cell]
     decoder: Cell
     bridge: dict[str, Node]
-    bridge_tensors: dict[str, TensorSpec]
     source_vocab: int
     target_vocab: int
     hidden: int
     layers: int
+    bridge_tensors: dict[str, TensorSpec] = field(default_factory=dict)   # the bridge's parameters
 
     @property
     def all_cells(self) -> list[Cell]:
         """Every cell, the bridge as one more (its values as the states' next values)."""
-        final = next(iter(self.bridge.values()), Node("final", (), self.hidden))
-        bridge = Cell(self.layers, final, [(name, None, n) for name, n in self.bridge.items()],
-                      final, self.bridge_tensors)
+        leaf = Node("final", (), self.hidden)
+        bridge = Cell(self.layers, leaf, [(name, None, n) for name, n in self.bridge.items()],
+                      leaf, self.bridge_tensors)
         return self.encoder + [self.decoder, bridge]
 
     def tensors(self) -> dict[str, TensorSpec]:

@@ -111,8 +111,8 @@ def lower_seq2seq(encoder: list[Cell], dec: CheckedDecoder, hidden: int, layers:
     bw = _Lowerer(dec, dec.bridge_params, layers, sizes)
     bw.env[dec.final] = final
     bridge = {name: bw.expr(eq.expr) for name, eq in dec.bridge.items()}
-    return Seq2SeqNetwork(encoder, optimize_cell(cell, passes), bridge, bw.tensors,
-                          source_vocab, target_vocab, hidden, layers)
+    return Seq2SeqNetwork(encoder, optimize_cell(cell, passes), bridge, source_vocab,
+                          target_vocab, hidden, layers, bw.tensors)
 
 
 # --- emitting -----------------------------------------------------------------------------
