@@ -117,3 +117,21 @@ def test_language_model_checker_refuses_a_decoder():
 
 def test_memory_cannot_be_assigned():
     assert "cannot assign to hⱼ" in error(UNICODE + "hⱼ = hₙ\n")
+
+
+def test_previous_step_per_position_is_refused_where_written():
+    with pytest.raises(KernelError) as e:
+        parse(UNICODE.replace("softmaxⱼ(eₜⱼ)", "softmaxⱼ(eₜ₋₁ⱼ)"), "dec.eq")
+    text = str(e.value)
+    assert text.startswith("dec.eq:3:16: 'eₜ₋₁ⱼ': a value per position is this step's")
+    assert text.splitlines()[2] == " " * 19 + "^" * 5
+
+
+def test_memory_declared_twice():
+    with pytest.raises(KernelError, match=r"dec.eq:2:8: memory declared twice \(first at 1:8\)"):
+        parse("memory hⱼ\n" + UNICODE, "dec.eq")
+
+
+def test_bridge_and_step_parameters_are_apart():
+    msg = error(UNICODE.replace("W_0 hₙ", "W_a hₙ"))
+    assert "W_a is a parameter of the step" in msg and "the bridge needs its own" in msg
