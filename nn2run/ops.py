@@ -10,6 +10,8 @@ arity, a kind, its NumPy implementation and what its derivative reads:
                                 elements -> a scalar (a register of width 1)
                   product       matmul: a vector times a stored matrix
                   structural    onehot gather slice concat copy: moves values, computes none
+                  positions     softmaxj sumj: over the positions j of a per-position value
+                                (a seq2seq decoder's memory), shape (batch, J, width)
     needs         "input"       the derivative reads the operator's operand(s) (log, mul, div, matmul)
                   "output"      it reads the operator's result (sigmoid, tanh, relu, exp, sqrt,
                                 softmax, logsoftmax)
@@ -17,6 +19,11 @@ arity, a kind, its NumPy implementation and what its derivative reads:
                   "nothing"     it reads neither (add, sub, neg, sum, mean, the structural operators)
     rowwise       the result at one column depends on the whole row (softmax, logsoftmax, the
                   reductions)
+
+The positions operators read one more operand than the program writes: the length mask,
+an array of shape (batch, J, 1) holding 1.0 at the positions below each row's length and
+0.0 beyond it. The VM binds it as the last operand (`numpy(out, a, mask)`); the program's
+instruction is `softmaxj dst a` or `sumj dst a`.
 
 The NumPy implementation is a *binder*: `numpy(out, *operands)` returns the calls — (function,
 arguments) pairs — that compute the operator into `out` in place, so the VM binds each
@@ -47,7 +54,7 @@ VARIADIC = -1
 class Op:
     name: str
     arity: int                  # operands in a program (VARIADIC: one or more)
-    kind: str                   # "elementwise" | "activation" | "reduction" | "product" | "structural"
+    kind: str                   # "elementwise" | "activation" | "reduction" | "positions" | "product" | "structural"
     numpy: Callable | None      # binder: numpy(out, *operands) -> [(function, arguments), ...]
     needs: str = "nothing"      # what the derivative reads: "input" | "output" | "both" | "nothing"
     rowwise: bool = False
@@ -132,6 +139,36 @@ def _bind_gather(out, ids, table):
     return [(np.take, (table, ids, 0, out, "clip"))]
 
 
+# Added to a masked position's score before the softmax over positions: exp of it is 0.
+_MASKED = np.float32(-1e30)
+
+
+def _softmaxj(a, mask, out, bias, col):
+    np.subtract(mask, 1.0, bias)
+    np.multiply(bias, -_MASKED, bias)
+    np.add(a, bias, out)
+    np.maximum.reduce(out, 1, None, col, True)
+    np.subtract(out, col, out)
+    np.exp(out, out)
+    np.multiply(out, mask, out)             # exactly 0 beyond the length
+    np.add.reduce(out, 1, None, col, True)
+    np.maximum(col, np.finfo(out.dtype).tiny, out=col)   # a row of length 0: zeros, not nan
+    np.divide(out, col, out)
+
+
+def _bind_softmaxj(out, a, mask):
+    """softmax over the positions (axis 1) for each column; masked positions weigh 0."""
+    bias = np.zeros(mask.shape, out.dtype)
+    col = np.zeros((out.shape[0], 1, out.shape[2]), out.dtype)
+    return [(_softmaxj, (a, mask, out, bias, col))]
+
+
+def _bind_sumj(out, a, mask):
+    """out (batch, width) = the sum over the positions below each row's length of a."""
+    tmp = np.zeros(a.shape, out.dtype)
+    return [(np.multiply, (a, mask, tmp)), (np.add.reduce, (tmp, 1, None, out, False))]
+
+
 def _bind_concat(out, *parts):
     calls, at = [], 0
     for p in parts:
@@ -158,6 +195,9 @@ _OPS = (
     Op("mean", 1, "reduction", _bind_mean, rowwise=True),
     Op("sum", 1, "reduction", _reduce(np.add), rowwise=True),
     Op("max", 1, "reduction", _reduce(np.maximum), needs="both", rowwise=True),
+    Op("softmaxj", 1, "positions", _bind_softmaxj, needs="output", rowwise=True,
+       spellings=("softmaxⱼ", "softmax_j")),
+    Op("sumj", 1, "positions", _bind_sumj, spellings=("Σⱼ", "sum_j", "sumⱼ")),
     Op("matmul", 2, "product", _call(np.matmul), needs="input"),
     Op("onehot", 0, "structural", _bind_onehot),
     Op("gather", 1, "structural", _bind_gather),

@@ -19,6 +19,12 @@ Node ops:
     neg and the activations (a)      see `nn2run.ops`
     slice (a)              a[start:start+width] (attrs: start)
     concat (a, b, ...)
+
+A seq2seq decoder adds two leaves, `memory` (the encoder's output at every position,
+width H) and `final` (its output at each input's last position), and the ops `softmaxj`
+and `sumj`. A node with attrs["positional"] holds one value per position, (batch, J,
+width): the memory and every node with a positional argument, except `sumj`
+(`mark_positional` sets the flag from the structure; `positional(node)` reads it).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from nn2run import params
 from nn2run.ops import OPS, named
 
 # The operators come from the registry (`nn2run.ops`); the IR adds its leaves.
-LEAVES = ("input", "state", "param", "const")
+LEAVES = ("input", "state", "param", "const", "memory", "final")
 UNARY = tuple(n for n in named("elementwise", "activation") if OPS[n].arity == 1)       # neg, σ, tanh, …
 ELEMENTWISE = tuple(n for n in named("elementwise") if OPS[n].arity == 2)              # add sub mul
 KEEPS_OUTPUT = tuple(n for n in OPS if OPS[n].needs == "output")      # their derivative reads the output
@@ -117,6 +123,55 @@ class Network:
         for cell in self.all_cells:
             out.update(cell.tensors)
         return out
+
+
+@dataclass
+class Seq2SeqNetwork:
+    """An encoder (the layers of a cell kernel over the source vocabulary), a decoder cell of
+    layer `layers` whose output is the logits over the target vocabulary, and the bridge:
+    state name -> its initial value, a DAG over the `final` leaf and parameters."""
+    encoder: list[Cell]
+    decoder: Cell
+    bridge: dict[str, Node]
+    source_vocab: int
+    target_vocab: int
+    hidden: int
+    layers: int
+    bridge_tensors: dict[str, TensorSpec] = field(default_factory=dict)   # the bridge's parameters
+
+    @property
+    def all_cells(self) -> list[Cell]:
+        """Every cell, the bridge as one more (its values as the states' next values)."""
+        leaf = Node("final", (), self.hidden)
+        bridge = Cell(self.layers, leaf, [(name, None, n) for name, n in self.bridge.items()],
+                      leaf, self.bridge_tensors)
+        return self.encoder + [self.decoder, bridge]
+
+    def tensors(self) -> dict[str, TensorSpec]:
+        out = {}
+        for cell in self.encoder + [self.decoder]:
+            out.update(cell.tensors)
+        out.update(self.bridge_tensors)
+        return out
+
+
+def positional(node: Node) -> bool:
+    """Whether a node holds one value per position of the memory: (batch, J, width)."""
+    return bool(node.attrs.get("positional"))
+
+
+def mark_positional(cell: Cell) -> Cell:
+    """Set attrs["positional"] on the memory and on every node with a positional argument
+    (but sumj, which sums the positions away), and on no other node."""
+    def fn(node, args):
+        flag = node.op == "memory" or (node.op != "sumj" and any(positional(a) for a in args))
+        if flag == positional(node) and args == node.args:
+            return None
+        attrs = {k: v for k, v in node.attrs.items() if k != "positional"}
+        if flag:
+            attrs["positional"] = True
+        return Node(node.op, args, node.width, attrs)
+    return rewrite(cell, fn)
 
 
 def rewrite(cell: Cell, fn, new: dict | None = None) -> Cell:

@@ -20,7 +20,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from nn2c.compiler.ir import ELEMENTWISE, UNARY, Cell, Node, TensorSpec, consumers, depends_on_state, rewrite
+from nn2c.compiler.ir import (
+    ELEMENTWISE,
+    UNARY,
+    Cell,
+    Node,
+    TensorSpec,
+    consumers,
+    depends_on_state,
+    mark_positional,
+    positional,
+    rewrite,
+)
 from nn2run import params
 from nn2run.ops import OPS
 
@@ -116,6 +127,8 @@ def fuse_products(cell: Cell) -> Cell:
     single = _single_use_params(cell)
     groups: dict[tuple, list[Node]] = {}
     for n in nodes:
+        if positional(n):
+            continue        # products per position stay whole: no slices of (batch, J, width)
         if n.op == "matmul" and n.args[1].attrs["tensor"] in single:
             groups.setdefault(("matmul", n.args[0]), []).append(n)
         elif n.op == "gather" and n.args[0].attrs["tensor"] in single:
@@ -184,6 +197,8 @@ def _fuse_round(cell: Cell) -> Cell | None:
     single = _single_use_params(cell)
     groups: dict[tuple, list[Node]] = {}
     for n in cell.nodes():
+        if positional(n):
+            continue
         if n.op in _UNARY_ELEMENTWISE or (n.op in ELEMENTWISE and n.width == n.args[0].width):
             key = _fusion_key(n, single)
             if key is not None:
@@ -286,11 +301,18 @@ def _known(passes) -> None:
 
 def optimize_cell(cell: Cell, passes=tuple(PASSES)) -> Cell:
     _known(passes)
+    positional_cell = any(n.op == "memory" for n in cell.nodes())
+    if positional_cell:
+        cell = mark_positional(cell)
     if "cse" in passes:         # first too: a value written twice (W·x − mean(W·x)) is one
         cell = cse(cell)        # product, so that fuse-products sees each matrix used once
+        if positional_cell:
+            cell = mark_positional(cell)
     for name in PASSES:
         if name in passes:
             cell = PASSES[name](cell)
+            if positional_cell:             # new nodes of a pass carry no flag yet
+                cell = mark_positional(cell)
     return cell
 
 

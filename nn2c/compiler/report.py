@@ -27,6 +27,9 @@ def describe_kernel(spec: str, hidden: int | None, vocab: int | None, layers: in
                     optimized: bool = True) -> str:
     hidden, vocab = hidden or DEFAULT_HIDDEN, vocab or DEFAULT_VOCAB
     kernel = load_kernel(spec)
+    if kernel.memory is not None:
+        from nn2c.compiler.report_seq2seq import describe_decoder
+        return describe_decoder(spec, kernel, hidden, vocab, layers, optimized)
     full = compile_kernel(kernel, hidden, layers, vocab)
     c = full.checked
     sizes = {"H": hidden, "X": vocab, "V": vocab}

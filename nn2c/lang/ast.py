@@ -14,7 +14,8 @@ from nn2run.ops import OPS, named
 # The functions the language knows, by canonical name: the activations and the reductions
 # of the operator registry. Aliases (`σ`, `where σ_g = σ`) are resolved by the parser/checker
 # to one of these. A reduction (mean, sum, max) gives a scalar.
-FUNCTIONS = named("activation", "reduction")
+FUNCTIONS = named("activation", "reduction", "positions")
+POSITIONS = named("positions")          # softmaxⱼ, Σⱼ: over a decoder's memory positions
 REDUCTIONS = named("reduction")
 BUILTIN_ALIASES = {spelled: name for name in FUNCTIONS for spelled in (name, *OPS[name].spellings)}
 
@@ -37,13 +38,19 @@ class Num:
 
 @dataclass(frozen=True)
 class Var:
-    """A name with an optional time index: time 0 is `xₜ`, -1 is `hₜ₋₁`, None is no subscript."""
+    """A name with an optional time index: time 0 is `xₜ`, -1 is `hₜ₋₁`, None is no subscript.
+
+    In a decoder kernel (one with `memory hⱼ`) `index` may be "j" (a value per position:
+    `hⱼ`, `eₜⱼ`), "n" (the memory at each input's last position: `hₙ`) or "0" (a bridge
+    equation's target: `s₀`)."""
     name: str
     time: int | None
     pos: Pos = field(compare=False)
+    index: str | None = None
 
     def __str__(self) -> str:
-        return self.name + {None: "", 0: "ₜ", -1: "ₜ₋₁"}[self.time]
+        return (self.name + {None: "", 0: "ₜ", -1: "ₜ₋₁"}[self.time]
+                + {None: "", "j": "ⱼ", "n": "ₙ", "0": "₀"}[self.index])
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,7 @@ class Kernel:
     aliases: dict = field(default_factory=dict)        # spelled name -> canonical function
     declared_input: Var | None = None                   # from `input xₜ`
     declared_output: Var | None = None                  # from `output hₜ`
+    memory: Var | None = None                           # from `memory hⱼ` (a decoder kernel)
 
 
 def walk(expr: Expr):

@@ -180,6 +180,7 @@ def _readout(kernel: Kernel, defs, output: str, cell_params) -> tuple[Equation, 
 def _check(kernel: Kernel) -> CheckedKernel:
     if not kernel.equations:
         raise KernelError("the kernel has no equations")
+    _not_a_decoder(kernel)
     defs = _definitions(kernel.equations)
     typos.check_names(kernel, defs)
     cell = [eq for eq in kernel.equations if eq.target.name != "y"]
@@ -208,6 +209,18 @@ def _check(kernel: Kernel) -> CheckedKernel:
     feedback = next((v for v in variables(cell) if v.name == "y" and v.time == -1), None)
     return CheckedKernel(kernel, input_name, output, tuple(states), tuple(order), readout,
                          shapes.params(params), shapes.params(readout_vars), sizes, feedback)
+
+
+def _not_a_decoder(kernel: Kernel) -> None:
+    """Position subscripts belong to decoder kernels, which `nn2c.lang.decoder` checks."""
+    if kernel.memory is not None:
+        raise KernelError(f"this kernel reads a memory ({kernel.memory}): it is a seq2seq "
+                          "decoder, compiled with an encoder (nn2c train --task seq2seq)",
+                          pos=kernel.memory.pos)
+    for v in [eq.target for eq in kernel.equations] + variables(kernel.equations):
+        if v.index == "j":
+            raise KernelError(f"{v} is a value per position, but the kernel declares no "
+                              f"memory; a decoder starts with `memory {v.name}ⱼ`", pos=v.pos)
 
 
 def check_layers(checked: CheckedKernel, layers: int) -> None:

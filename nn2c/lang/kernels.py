@@ -1,6 +1,7 @@
 """Finding kernels: a file path, or the name of a bundled sample (`lstm`, `gru`, …).
 
-`load_kernel(spec)` reads and parses; `sample_names()` lists the bundled samples and
+`load_kernel(spec)` reads and parses; `sample_names()` lists the bundled samples (and
+`decoder_names()` the seq2seq decoders, `seq2seq/bahdanau`, in samples/kernels/seq2seq/) and
 `description(source)` gives the one-sentence summary `nn2c samples` shows.
 Samples live in samples/kernels/*.eq: inside the package when installed (the wheel
 force-includes samples/ as nn2c/samples), else at the repository root.
@@ -28,13 +29,19 @@ def sample_names() -> list[str]:
     return sorted(p.stem for p in folder.glob("*.eq")) if folder.is_dir() else []
 
 
+def decoder_names() -> list[str]:
+    """The bundled seq2seq decoder kernels: ['seq2seq/bahdanau', …]."""
+    folder = samples_dir() / "seq2seq"
+    return sorted(f"seq2seq/{p.stem}" for p in folder.glob("*.eq")) if folder.is_dir() else []
+
+
 def load_kernel(spec: str) -> Kernel:
     """Parse the kernel at path `spec`, or the bundled sample named `spec`."""
     path = Path(spec)
     if not (path.is_file() or spec.endswith(".eq")):
-        if spec not in sample_names():
+        if spec not in sample_names() + decoder_names():
             raise KernelError("no kernel file or sample by this name; samples: "
-                              f"{', '.join(sample_names())}", filename=spec)
+                              f"{', '.join(sample_names() + decoder_names())}", filename=spec)
         path = samples_dir() / f"{spec}.eq"
     try:
         data = path.read_bytes()

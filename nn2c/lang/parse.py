@@ -27,13 +27,18 @@ _PARSER: Lark | None = None
 _TIME_SUFFIX = re.compile(r"(ₜ₋₁|ₜ|_t|_\{\s*t\s*\}|_\{\s*t\s*[-−]\s*1\s*\})$")
 _OTHER_TIME = re.compile(r"(ₜ[₊₋][₀-₉]+|_\{\s*t\s*[-−+]\s*\d+\s*\})$")
 _BRACED_WORD = re.compile(r"_\{(\w+)\}")
+# Position subscripts of a decoder kernel: ⱼ (U+2C7C) and ₜⱼ always; the ASCII forms
+# (_j, _{j}, _tj, _{tj}) only in a kernel that declares a memory, where nothing else uses them.
+_POSITION = re.compile(r"(ₜ?ⱼ)$")
+_ASCII_POSITION = re.compile(r"(_\{?\s*t?\s*j\s*\}?)$")
+_INITIAL = re.compile(r"(₀|_0|_\{\s*0\s*\})$")
 _OPENERS, _CLOSERS = {"(": ")", "[": "]"}, {")": "(", "]": "["}
 
 # How the parser's expectations read to a person, in the order they are listed.
 _WORDS = {"NAME": "a name", "NUMBER": "a number", "LPAR": "'('", "LSQB": "'['",
           "PLUS": "'+'", "MINUS": "'−'", "MUL": "'⊙'", "MATMUL": "'·'", "EQUAL": "'='",
           "RPAR": "')'", "RSQB": "']'", "SEMI": "';'", "COMMA": "','", "WHERE": "'where'",
-          "INPUT": "'input'", "OUTPUT": "'output'", "_NL": "end of line", "$END": "end of file"}
+          "INPUT": "'input'", "OUTPUT": "'output'", "MEMORY": "'memory'", "_NL": "end of line", "$END": "end of file"}
 
 
 def grammar_path() -> Path:
@@ -78,7 +83,7 @@ def parse(source: str, filename: str = "<kernel>") -> Kernel:
             raise _syntax_error(e, source) from None
         aliases = _aliases(tree)
         try:
-            statements = _ToAst(aliases).transform(tree)
+            statements = _ToAst(aliases, _memory_name(tree)).transform(tree)
         except VisitError as e:
             raise e.orig_exc from None
         return _kernel(statements, source, filename, aliases)
@@ -104,6 +109,40 @@ def split_time(text: str, pos: Pos) -> tuple[str, int | None]:
         return normalise_name(text), None
     time = -1 if m.group(1).endswith(("₁", "1}", "1 }")) else 0
     return normalise_name(text[:m.start()]), time
+
+
+def split_name(text: str, pos: Pos, memory: str | None = None,
+               target: bool = False) -> tuple[str, int | None, str | None]:
+    """A name's base, time and position index (`nn2c.lang.ast.Var`): `eₜⱼ` → ("e", 0, "j"),
+    `hⱼ` → ("h", None, "j"), with memory h: `hₙ` → ("h", None, "n"); a target `s₀` →
+    ("s", None, "0"). Without a memory only the Unicode ⱼ is a position subscript."""
+    m = _POSITION.search(text) or (memory is not None and _ASCII_POSITION.search(text)) or None
+    if m is not None and m.start() > 0:
+        base = text[:m.start()]
+        if _TIME_SUFFIX.search(base) or _OTHER_TIME.search(base):
+            raise KernelError(f"'{text}': a value per position is this step's (eₜⱼ) or the "
+                              "memory's (hⱼ); values of the previous step are kept only as states",
+                              pos=pos)
+        time = 0 if "t" in m.group(1) or "ₜ" in m.group(1) else None
+        return normalise_name(base), time, "j"
+    if memory is not None and normalise_name(text) in (memory + "ₙ", memory + "_n"):
+        return memory, None, "n"
+    init = _INITIAL.search(text) if memory is not None and target else None
+    if init is not None and init.start() > 0:
+        name, time = split_time(text[:init.start()], pos)
+        if time is None:
+            return name, None, "0"
+    name, time = split_time(text, pos)
+    return name, time, None
+
+
+def _memory_name(tree) -> str | None:
+    """The base name of the memory declared by `memory hⱼ`, or None."""
+    for decl in tree.find_data("memory_decl"):
+        text = str(decl.children[1])
+        m = _POSITION.search(text) or _ASCII_POSITION.search(text)
+        return normalise_name(text[:m.start()] if m and m.start() > 0 else text)
+    return None
 
 
 def _pos(tok_or_meta) -> Pos:
@@ -133,14 +172,15 @@ def _aliases(tree) -> dict[str, str]:
 
 @v_args(inline=True)
 class _ToAst(Transformer):
-    def __init__(self, aliases: dict[str, str]):
+    def __init__(self, aliases: dict[str, str], memory: str | None = None):
         super().__init__()
         self.functions = {**BUILTIN_ALIASES, **aliases}
+        self.memory = memory
 
-    def var(self, tok: Token) -> Var:
+    def var(self, tok: Token, target: bool = False) -> Var:
         pos = _pos(tok)
-        name, time = split_time(str(tok), pos)
-        return Var(name, time, pos)
+        name, time, index = split_name(str(tok), pos, self.memory, target)
+        return Var(name, time, pos, index)
 
     def num(self, tok: Token) -> Num:
         return Num(float(str(tok).replace("−", "-")), _pos(tok))
@@ -201,7 +241,7 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def equation(self, meta, children):
-        target = self.var(children[0])
+        target = self.var(children[0], target=True)
         return [("equation", Equation(target, children[2], _pos(meta)))]
 
     def where(self, *_children):
@@ -212,6 +252,9 @@ class _ToAst(Transformer):
 
     def output_decl(self, _kw, name):
         return [("output", self.var(name))]
+
+    def memory_decl(self, _kw, name):
+        return [("memory", Var(self.memory, None, _pos(name), "j"))]
 
     def start(self, *statements):
         return [item for s in statements for item in s]
@@ -240,7 +283,7 @@ def _close_function(spelled: str, functions) -> str | None:
 
 
 def _kernel(statements, source: str, filename: str, aliases: dict[str, str]) -> Kernel:
-    equations, decl = [], {"input": None, "output": None}
+    equations, decl = [], {"input": None, "output": None, "memory": None}
     for kind, item in statements:
         if kind == "equation":
             equations.append(item)
@@ -248,7 +291,8 @@ def _kernel(statements, source: str, filename: str, aliases: dict[str, str]) -> 
             raise KernelError(f"{kind} declared twice (first at {decl[kind].pos})", pos=item.pos)
         else:
             decl[kind] = item
-    return Kernel(tuple(equations), source, filename, aliases, decl["input"], decl["output"])
+    return Kernel(tuple(equations), source, filename, aliases, decl["input"], decl["output"],
+                  decl["memory"])
 
 
 # --- error messages ----------------------------------------------------------------
@@ -299,7 +343,7 @@ def _continues(lines: list[str], i: int) -> bool:
     for raw in lines[i + 1:]:
         code = raw.split("#", 1)[0].strip()
         if code:
-            return "=" not in code and code.split()[0] not in ("where", "input", "output")
+            return "=" not in code and code.split()[0] not in ("where", "input", "output", "memory")
     return False
 
 
@@ -360,4 +404,4 @@ def _syntax_error(e: UnexpectedInput, source: str) -> KernelError:
     return KernelError(message, pos=pos)
 
 
-__all__ = ["parse", "grammar_path", "normalise_name", "split_time"]
+__all__ = ["parse", "grammar_path", "normalise_name", "split_time", "split_name"]

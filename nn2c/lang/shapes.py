@@ -42,11 +42,12 @@ class Dim:
         return f"({self})" if len(self.terms) > 1 else str(self)
 
     def value(self, H: int, X: int, V: int) -> int:
-        sizes = {"H": H, "X": X, "V": V}
+        sizes = {"H": H, "X": X, "V": V, "1": 1}
         return sum(sizes[s] * c for s, c in self.terms)
 
 
 H, X, V = Dim((("H", 1),)), Dim((("X", 1),)), Dim((("V", 1),))
+ONE = Dim((("1", 1),))      # one column: a score per position in a decoder kernel
 
 
 def shape_text(shape) -> str:
