@@ -10,6 +10,10 @@ arity, a kind, its NumPy implementation and what its derivative reads:
                                 elements -> a scalar (a register of width 1)
                   product       matmul: a vector times a stored matrix
                   structural    onehot gather slice concat copy: moves values, computes none
+                  positions     softmaxj sumj: over the positions j of a per-position value
+                                (batch, J, width); the VM passes the length mask, (batch, J, 1)
+                                with 1.0 below each row's length and 0.0 beyond, as their
+                                last operand
     needs         "input"       the derivative reads the operator's operand(s) (log, mul, div, matmul)
                   "output"      it reads the operator's result (sigmoid, tanh, relu, exp, sqrt,
                                 softmax, logsoftmax)
@@ -140,6 +144,30 @@ def _bind_concat(out, *parts):
     return calls
 
 
+def _softmaxj(a, mask, out, pen, col):
+    # positions at or beyond a row's length get -1e30 before the max: exp gives exactly 0
+    np.subtract(mask, 1.0, pen)
+    np.multiply(pen, 1e30, pen)
+    np.add(a, pen, out)
+    np.maximum.reduce(out, 1, None, col, True)
+    np.subtract(out, col, out)
+    np.exp(out, out)
+    np.add.reduce(out, 1, None, col, True)
+    np.divide(out, col, out)
+
+
+def _bind_softmaxj(out, a, mask):
+    pen = np.zeros(mask.shape, np.float32)
+    col = np.zeros((out.shape[0], 1, out.shape[2]), np.float32)
+    return [(_softmaxj, (a, mask, out, pen, col))]
+
+
+def _bind_sumj(out, a, mask):
+    # out (batch, width) = the sum over the positions below each row's length
+    masked = np.zeros(a.shape, np.float32)
+    return [(np.multiply, (a, mask, masked)), (np.add.reduce, (masked, 1, None, out, False))]
+
+
 _OPS = (
     Op("add", 2, "elementwise", _binary(np.add)),
     Op("sub", 2, "elementwise", _binary(np.subtract)),
@@ -164,6 +192,8 @@ _OPS = (
     Op("slice", 2, "structural", None),             # operands: the source register, the start column
     Op("concat", VARIADIC, "structural", _bind_concat),
     Op("copy", 1, "structural", lambda out, a: [(np.copyto, (out, a))]),
+    Op("softmaxj", 1, "positions", _bind_softmaxj, needs="output"),
+    Op("sumj", 1, "positions", _bind_sumj),
 )
 OPS: dict[str, Op] = {op.name: op for op in _OPS}
 
