@@ -3,7 +3,8 @@
 Both drive a decoder machine (`nn2run.decoder.DecoderVM`) that has been started on the
 encoded sources: `advance(ids) -> logits` and, for beams, `reorder(parents)`. Step 0 reads
 BEGIN; each step's logits give the next token; a hypothesis ends at END (which is not part
-of its tokens but counts in its length) or after `max_len` tokens.
+of its tokens but counts in its length) or after `max_len` tokens. BEGIN is never chosen
+(a trained model does not predict it; its probability is not given to the others).
 
 Beam search keeps K rows per sentence (rows i*K .. i*K+K-1). At each step the sentence's
 candidates are every live row's score plus each token's log-probability; the best
@@ -49,9 +50,10 @@ def greedy(machine, rows: int, begin: int, end: int, max_len: int) -> list[Hypot
     ended = np.zeros(rows, dtype=bool)
     every = np.arange(rows)
     for _ in range(max_len):
-        logits = machine.advance(ids)
-        nxt = logits.argmax(axis=1)
-        lp = log_softmax(logits)[every, nxt]
+        step = log_softmax(machine.advance(ids))
+        step[:, begin] = -np.inf
+        nxt = step.argmax(axis=1)
+        lp = step[every, nxt]
         for i in np.flatnonzero(~done):
             logp[i] += lp[i]
             if nxt[i] == end:
@@ -74,6 +76,7 @@ def search(machine, sentences: int, k: int, begin: int, end: int, max_len: int,
     ids = np.full(sentences * k, begin, dtype=np.intp)
     for _ in range(max_len):
         logp = log_softmax(machine.advance(ids))
+        logp[:, begin] = -np.inf
         vocab = logp.shape[1]
         cand = (scores[:, :, None] + logp.reshape(sentences, k, vocab)).reshape(sentences, k * vocab)
         parents = np.arange(sentences * k)
