@@ -44,26 +44,27 @@ def log_softmax(logits) -> np.ndarray:
 def greedy(machine, rows: int, begin: int, end: int, max_len: int) -> list[Hypothesis]:
     """The most likely token at every step, for each of `rows` sentences."""
     ids = np.full(rows, begin, dtype=np.intp)
-    tokens = [[] for _ in range(rows)]
+    tokens = np.zeros((rows, max_len), dtype=np.intp)
+    lengths = np.zeros(rows, dtype=np.intp)
     logp = np.zeros(rows)
     done = np.zeros(rows, dtype=bool)
-    ended = np.zeros(rows, dtype=bool)
     every = np.arange(rows)
-    for _ in range(max_len):
+    for t in range(max_len):
         step = log_softmax(machine.advance(ids))
         step[:, begin] = -np.inf
         nxt = step.argmax(axis=1)
-        lp = step[every, nxt]
-        for i in np.flatnonzero(~done):
-            logp[i] += lp[i]
-            if nxt[i] == end:
-                done[i] = ended[i] = True
-            else:
-                tokens[i].append(int(nxt[i]))
+        live = ~done
+        logp[live] += step[every, nxt][live]
+        ends = live & (nxt == end)
+        grows = live & ~ends
+        tokens[grows, t] = nxt[grows]
+        lengths[grows] += 1
+        done |= ends
         if done.all():
             break
         ids[:] = nxt
-    return [Hypothesis(t, float(p), len(t) + int(e)) for t, p, e in zip(tokens, logp, ended)]
+    return [Hypothesis(tokens[i, :n].tolist(), float(logp[i]), int(n) + int(n < max_len))
+            for i, n in enumerate(lengths)]
 
 
 def search(machine, sentences: int, k: int, begin: int, end: int, max_len: int,

@@ -38,6 +38,7 @@ from .vm import VM
 MAX_LIMIT = 65536
 MAX_BATCH_FLOATS = 1 << 28        # a batch's decoder registers: 1 GiB of float32 at most
 _CACHED = 8                       # decoder machines kept, by (batch, source length)
+BUCKET = 8                        # machines are made for source lengths rounded up to this
 
 
 def is_seq2seq(header: dict) -> bool:
@@ -160,12 +161,15 @@ class Seq2SeqModel:
         self._check_open()
         if not sources or any(not s for s in sources):
             raise ValueError("sources must be a non-empty list of non-empty token lists")
-        n, positions = len(sources), max(map(len, sources))
+        n, longest = len(sources), max(map(len, sources))
         batch = n * copies
         _check_batch(batch)
-        if positions > self.limits["source"]:
-            raise ValueError(f"a source of {positions} tokens is longer than the model's limit "
+        if longest > self.limits["source"]:
+            raise ValueError(f"a source of {longest} tokens is longer than the model's limit "
                              f"of {self.limits['source']}")
+        # padding positions are masked out exactly (zero memory, zero weight), so one machine
+        # serves every batch whose longest source rounds up to the same bucket
+        positions = min(-(-longest // BUCKET) * BUCKET, self.limits["source"])
         floats = batch * (self._plain_floats + positions * self._position_floats)
         if floats > MAX_BATCH_FLOATS:
             raise ValueError(f"a batch of {batch} rows over sources of {positions} tokens needs "
@@ -176,13 +180,13 @@ class Seq2SeqModel:
                 self._decoders.pop(next(iter(self._decoders)))
             dec = DecoderVM(self.decoder, self.tensors, batch, positions)
         self._decoders[(batch, positions)] = dec
-        self._encode(sources, dec, copies)
+        self._encode(sources, dec, copies, longest)
         dec.start()
         return dec
 
-    def _encode(self, sources, dec: DecoderVM, copies: int) -> None:
+    def _encode(self, sources, dec: DecoderVM, copies: int, longest: int) -> None:
         n, positions = len(sources), dec.positions
-        ids = np.zeros((n, positions), dtype=np.intp)
+        ids = np.zeros((n, longest), dtype=np.intp)
         lengths = np.array([len(s) for s in sources])
         for i, s in enumerate(sources):
             ids[i, :len(s)] = self._checked(s)
@@ -192,7 +196,7 @@ class Seq2SeqModel:
         enc = self._encoders[n]
         enc.reset()
         memory = dec.memory.reshape(n, copies, positions, self.hidden)
-        for t in range(positions):
+        for t in range(longest):        # later positions keep old values: the mask zeroes them
             memory[:, :, t, :] = enc.advance(ids[:, t])[:, None, :]
         mask = (np.arange(positions)[None, :] < lengths[:, None]).astype(np.float32)
         dec.mask[...] = np.repeat(mask, copies, axis=0)[:, :, None]

@@ -109,9 +109,11 @@ def ref_beam(w, text, k, max_len, alpha):
 # ------------------------------------------------------------------ the tests
 def test_memory_and_final_match_the_reference_and_are_zero_beyond_each_length(built):
     model, w = built
-    texts = sources(6, seed=1)
+    texts = sources(6, seed=1, hi=7)
+    model.encode(model.encode_texts(["h" * 8] * 6))       # the same machine, longer sources first
     memory, final = model.encode(model.encode_texts(texts))
-    assert memory.dtype == np.float32 and memory.shape == (6, max(map(len, texts)), H)
+    assert memory.dtype == np.float32 and memory.shape[0] == 6 and memory.shape[2] == H
+    assert memory.shape[1] >= max(map(len, texts))
     for b, text in enumerate(texts):
         ref = ref_encode(w, text)
         np.testing.assert_allclose(memory[b, :len(text)], ref, atol=1e-5)
