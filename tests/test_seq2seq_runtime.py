@@ -218,3 +218,17 @@ def test_a_decoder_step_allocates_no_array_and_keeps_nothing(built):
     tracemalloc.stop()
     register = batch * positions * H * 4
     assert now - before < 1024 and peak - before < register / 2, (now - before, peak - before, register)
+
+
+def test_a_state_without_init_starts_at_zero(tmp_path):
+    path, w = s2s.build(tmp_path / "zero.nnb", hidden=H, seed=9,
+                        change=lambda h: h["decoder"]["states"][0].update(init=None))
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    with nn2run.load(path) as model:
+        texts, target = sources(3, seed=9), [2, 0, 1]
+        logits, _ = model.force(model.encode_texts(texts), [target] * 3)
+        for b, text in enumerate(texts):
+            mem, s = ref_encode(w, text), np.zeros(H)
+            for t, tok in enumerate([BEGIN, *target]):
+                ref_logits, s, _ = ref_step(w, mem, s, tok)
+                np.testing.assert_allclose(logits[b, t], ref_logits, atol=1e-5)
