@@ -9,5 +9,7 @@ __version__ = "0.1.0"
 from . import generate, sample  # noqa: E402  (modules: nn2run.generate.generate, nn2run.sample.Sampler)
 from .format import NNBFormatError  # noqa: E402
 from .model import ClosedModelError, Model, State, load  # noqa: E402
+from .seq2seq import Seq2SeqModel  # noqa: E402
 
-__all__ = ["load", "Model", "State", "NNBFormatError", "ClosedModelError", "generate", "sample", "__version__"]
+__all__ = ["load", "Model", "Seq2SeqModel", "State", "NNBFormatError", "ClosedModelError", "generate", "sample",
+           "__version__"]

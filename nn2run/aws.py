@@ -47,6 +47,8 @@ def _load():
             if not path:
                 raise RuntimeError("NN2_MODEL is not set: it names the .nnb file to serve")
             model = load(path, verify=os.environ.get("NN2_VERIFY", "1") != "0")
+            if hasattr(model, "translate"):
+                raise RuntimeError(f"{path} is a seq2seq model: the handler serves language models")
             settings = Settings(max_tokens_default=_env_int("NN2_MAX_TOKENS_DEFAULT", 256),
                                 max_tokens_limit=_env_int("NN2_MAX_TOKENS_LIMIT", 4096),
                                 request_timeout=float(os.environ.get("NN2_TIMEOUT") or 120),

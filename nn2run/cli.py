@@ -364,15 +364,20 @@ def generate(model_path, verify, codec_service, prime, length, temperature, top_
     if lines and prime:
         raise Failure("--prime cannot be used with --lines: each stdin line is a prime of its own")
     model = _open(model_path, verify, None if info or dis else codec_service)
+    seq2seq = hasattr(model, "translate")
+    if seq2seq and not (info or dis):
+        raise Failure(f"{model_path} is a seq2seq model: use nn2run translate {model_path}")
     out = Output()
 
     def body():
         if info or dis:
-            from .dis import describe, disassemble
+            from . import dis as views
             if info:
-                out.write(describe(model) + "\n")
+                out.write((views.describe_seq2seq if seq2seq else views.describe)(model) + "\n")
             if dis:
-                out.write(disassemble(*model.bound_program(), bound=True) + "\n")
+                out.write(views.disassemble_seq2seq(model) if seq2seq
+                          else views.disassemble(*model.bound_program(), bound=True))
+                out.write("\n")
             out.flush()
             return
         sampler = _sampler(model, temperature, top_k, top_p, greedy, seed)
@@ -392,8 +397,11 @@ def score(model_path, verify, codec_service, jsonl):
     A line is scored as if it followed a newline; an empty line scores nan.
     `nn2run score m.nnb < log.txt | sort -rn | head` shows the most surprising lines."""
     model = _open(model_path, verify, codec_service)
+    if hasattr(model, "translate"):
+        raise Failure(f"{model_path} is a seq2seq model: use nn2run translate {model_path}")
     out = Output()
     _guarded(lambda: _score(model, out, jsonl))
 
 
 main.add_lazy_command("serve", "nn2run.serve:serve_command")
+main.add_lazy_command("translate", "nn2run.translate:translate_command")

@@ -80,11 +80,7 @@ def _check_elementwise(tag, val, width: int, regs: list, what: str) -> None:
         raise ProgramError(f"{what}: tensor of shape {list(val)} is not a vector of {width}")
 
 
-def validate(program, tensors: dict, vocab_size: int) -> None:
-    """Check a program read from a file. `tensors` maps tensor name -> shape tuple.
-
-    Raises ProgramError naming the first problem. Nothing is allocated here.
-    """
+def _registers(program) -> list:
     if not isinstance(program, dict):
         raise ProgramError("program must be an object")
     regs = program.get("registers")
@@ -92,6 +88,17 @@ def validate(program, tensors: dict, vocab_size: int) -> None:
         raise ProgramError(f"registers must be a list of 1..{MAX_REGISTERS} widths")
     for i, w in enumerate(regs):
         _int(w, f"width of register {i}", 1, MAX_WIDTH)
+    return regs
+
+
+def validate(program, tensors: dict, vocab_size: int, output: str = "logits", width: int | None = None) -> None:
+    """Check a program read from a file. `tensors` maps tensor name -> shape tuple.
+
+    `output` names the key of the register the program's result is in ("logits", of width
+    `vocab_size`; a seq2seq encoder's is "output", of width `width`). Raises ProgramError
+    naming the first problem. Nothing is allocated here.
+    """
+    regs = _registers(program)
     if sum(regs) > MAX_TOTAL_WIDTH:
         raise ProgramError(f"registers total {sum(regs)} floats per stream, more than {MAX_TOTAL_WIDTH}")
     states = program.get("states")
@@ -120,15 +127,19 @@ def validate(program, tensors: dict, vocab_size: int) -> None:
     missing = targets - written
     if missing:
         raise ProgramError(f"state registers {sorted(missing)} are never written")
-    logits = _int(program.get("logits"), "logits register", 0, len(regs) - 1)
-    if logits not in written or regs[logits] != vocab_size:
-        raise ProgramError(f"logits register must be written and have width {vocab_size}")
+    want = vocab_size if width is None else width
+    result = _int(program.get(output), f"{output} register", 0, len(regs) - 1)
+    if result not in written or regs[result] != want:
+        raise ProgramError(f"{output} register must be written and have width {want}")
 
 
-def _validate_instruction(pc, ins, regs, written, tensors, vocab_size) -> None:
-    what = f"instruction {pc}"
+def _validate_instruction(pc, ins, regs, written, tensors, vocab_size, positional=frozenset(),
+                          what: str = "instruction") -> None:
+    what = f"{what} {pc}"
     if not isinstance(ins, list) or len(ins) < 2 or ins[0] not in OPCODES:
         raise ProgramError(f"{what}: unknown opcode or malformed instruction {ins!r:.60}")
+    if OPS[ins[0]].kind == "positions" and not positional:
+        raise ProgramError(f"{what}: {ins[0]} runs over a memory: only in a seq2seq decoder")
     op, dst = ins[0], _int(ins[1], what + " destination", 0, len(regs) - 1)
     if dst in written:
         raise ProgramError(f"{what}: register {dst} is written twice")
@@ -172,8 +183,110 @@ def _validate_instruction(pc, ins, regs, written, tensors, vocab_size) -> None:
         tag, src = _operand(args[0], len(regs), written, tensors, what)
         if tag != "r" or width != 1:
             raise ProgramError(f"{what}: {op} reduces a register into a register of width 1")
+    elif OPS[op].kind == "positions":
+        tag, src = _operand(args[0], len(regs), written, tensors, what)
+        if tag != "r" or regs[src] != width:
+            raise ProgramError(f"{what}: {op} needs a register of width {width}")
     else:
         for a in args:
             tag, val = _operand(a, len(regs), written, tensors, what)
             _check_elementwise(tag, val, width, regs, what)
+    if positional:
+        _check_positional(what, op, dst, args, positional)
     written.add(dst)
+
+
+def _check_positional(what, op, dst, args, positional) -> None:
+    """A per-position result (batch, J, width) exactly when a register operand is one, except
+    sumj (per-position -> plain); softmaxj and sumj take a per-position operand."""
+    reads = [a[1] for a in args if isinstance(a, list) and a[0] == "r"]
+    per = [r in positional for r in reads]
+    if op in ("softmaxj", "sumj"):
+        if not per[0]:
+            raise ProgramError(f"{what}: {op} needs a per-position register")
+        expect = op == "softmaxj"
+    elif op in ("onehot", "gather"):
+        expect = False
+    else:
+        expect = any(per)
+    if op == "concat" and any(per) and not all(per):
+        raise ProgramError(f"{what}: concat of per-position and plain registers")
+    if op in ("softmax", "logsoftmax") and expect:
+        raise ProgramError(f"{what}: {op} of a per-position register (softmaxj is the softmax over positions)")
+    if (dst in positional) != expect:
+        kind = "per-position" if expect else "plain"
+        raise ProgramError(f"{what}: register {dst} must be {kind} (its operands make it so)")
+
+
+def validate_decoder(decoder, tensors: dict, vocab_size: int, hidden: int, source: int) -> None:
+    """Check a seq2seq decoder program (see `nn2run.seq2seq`): registers, which of them are
+    per-position, memory and final, prepare, states with their initial registers, one step's
+    code and its logits. `source` is the longest source (limits.source): with it, the floats a
+    stream needs (a per-position register holds `source` rows) are bounded before anything
+    is allocated. Raises ProgramError naming the first problem."""
+    regs = _registers(decoder)
+    n = len(regs)
+    pos = decoder.get("positional")
+    if not isinstance(pos, list) or len(pos) > n or len(set(map(repr, pos))) != len(pos):
+        raise ProgramError("positional must be a list of distinct register indices")
+    positional = frozenset(_int(r, "positional register", 0, n - 1) for r in pos)
+    # per-position registers take `source` rows each, twice over (softmaxj and sumj keep a scratch copy)
+    floats = sum(w for i, w in enumerate(regs) if i not in positional) \
+        + 2 * source * sum(regs[i] for i in positional)
+    if floats > MAX_TOTAL_WIDTH:
+        raise ProgramError(f"decoder registers total {floats} floats per stream with sources of "
+                           f"{source}, more than {MAX_TOTAL_WIDTH}")
+    memory = _int(decoder.get("memory"), "memory register", 0, n - 1)
+    final = _int(decoder.get("final"), "final register", 0, n - 1)
+    if memory not in positional or regs[memory] != hidden:
+        raise ProgramError(f"memory register must be per-position and have width {hidden}")
+    if final in positional or final == memory or regs[final] != hidden:
+        raise ProgramError(f"final register must be plain, not the memory, and have width {hidden}")
+    written = {memory, final}
+    prepare = decoder.get("prepare")
+    if not isinstance(prepare, list) or len(prepare) > MAX_CODE:
+        raise ProgramError(f"prepare must be a list of 0..{MAX_CODE} instructions")
+    for pc, ins in enumerate(prepare):
+        if isinstance(ins, list) and ins and ins[0] in ("onehot", "gather"):
+            raise ProgramError(f"prepare {pc}: {ins[0]} reads a step's tokens: only in code")
+        _validate_instruction(pc, ins, regs, written, tensors, vocab_size, positional | {-1}, "prepare")
+    prepared = set(written)
+    targets = _decoder_states(decoder.get("states"), regs, positional, prepared, written)
+    code = decoder.get("code")
+    if not isinstance(code, list) or not 1 <= len(code) <= MAX_CODE:
+        raise ProgramError(f"code must be a list of 1..{MAX_CODE} instructions")
+    for pc, ins in enumerate(code):
+        _validate_instruction(pc, ins, regs, written, tensors, vocab_size, positional | {-1})
+        if ins[0] == "slice" and ins[1] in targets:
+            raise ProgramError(f"instruction {pc}: a state's next register cannot be a slice")
+    missing = targets - written
+    if missing:
+        raise ProgramError(f"state registers {sorted(missing)} are never written")
+    logits = _int(decoder.get("logits"), "logits register", 0, n - 1)
+    if logits not in written or logits in prepared or logits in positional or regs[logits] != vocab_size:
+        raise ProgramError(f"logits register must be plain, written by code and have width {vocab_size}")
+
+
+def _decoder_states(states, regs, positional, prepared, written) -> set:
+    """Check the decoder's states; marks each prev register written; returns the next registers."""
+    if not isinstance(states, list) or len(states) > MAX_STATES:
+        raise ProgramError("states must be a list")
+    targets = set()
+    for s in states:
+        if not isinstance(s, dict) or not isinstance(s.get("name"), str):
+            raise ProgramError("each state needs a name")
+        prev = _int(s.get("prev"), "state prev", 0, len(regs) - 1)
+        nxt = _int(s.get("next"), "state next", 0, len(regs) - 1)
+        _int(s.get("layer"), "state layer", 0, MAX_STATES)
+        if (prev in written or prev in targets or nxt in targets or nxt in written or prev == nxt
+                or regs[prev] != regs[nxt] or prev in positional or nxt in positional):
+            raise ProgramError(f"state {s['name']!r}: bad prev/next registers")
+        init = s.get("init")
+        if init is not None:
+            _int(init, f"state {s['name']!r} init", 0, len(regs) - 1)
+            if init not in prepared or init in positional or regs[init] != regs[prev]:
+                raise ProgramError(f"state {s['name']!r}: init register {init} must be a plain register "
+                                   f"of width {regs[prev]} written by prepare")
+        written.add(prev)
+        targets.add(nxt)
+    return targets

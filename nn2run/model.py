@@ -278,10 +278,19 @@ def load(path, verify: bool = False) -> Model:
 
     The header is always checked against its SHA-256. verify=False (the default) leaves the
     tensor data's SHA-256 unchecked, so that opening does not read the whole file (the
-    command line verifies by default); verify=True reads and checks it."""
-    return Model(fmt.read(path, verify_data=verify))
+    command line verifies by default); verify=True reads and checks it.
+
+    A file of kind "seq2seq" gives an `nn2run.seq2seq.Seq2SeqModel`."""
+    return _model(fmt.read(path, verify_data=verify))
 
 
 def loads_model(data: bytes) -> Model:
     """Validate a model from bytes (used by the fuzzer)."""
-    return Model(fmt.loads(data))
+    return _model(fmt.loads(data))
+
+
+def _model(nnb: fmt.NNBFile):
+    from . import seq2seq
+    if seq2seq.is_seq2seq(nnb.header):
+        return seq2seq.Seq2SeqModel(nnb)
+    return Model(nnb)

@@ -101,6 +101,8 @@ def serve_command(model_path, host, port, max_batch, max_queue, max_tokens_limit
     if grpc_port is not None and needs_extra("--grpc-port"):
         raise Failure(needs_extra("--grpc-port"))
     model = _open(model_path, verify, codec_service)
+    if hasattr(model, "translate"):
+        raise Failure(f"{model_path} is a seq2seq model: serve runs language models; use nn2run translate")
     settings = Settings(max_tokens_default=max_tokens_default, max_tokens_limit=max_tokens_limit,
                         max_body=max_body, request_timeout=request_timeout, api_key=api_key, cors=cors)
     try:

@@ -1,0 +1,133 @@
+"""The decoder machine of a seq2seq model: a validated decoder program (`nn2run.isa.
+validate_decoder`) bound to preallocated float32 arrays for one batch size and one source
+length J.
+
+A per-position register is a (batch, J, width) array, a plain one (batch, width); in an
+instruction whose result is per-position, a plain register operand is read as a
+(batch, 1, width) view, so it broadcasts over the positions. `memory`, `final` and the
+length mask (batch, J, 1) are filled by the model after the encoder; `prepare` then runs
+once; `advance` runs one step. As in `nn2run.vm`, the step code is bound twice with each
+state's two buffers swapped, so a step allocates nothing and copies no state; `reorder`
+(beam search) gathers the states by parent row into the other buffer.
+
+Imports NumPy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .ops import OPS
+
+
+def _reduce_positions(op, out, a):
+    """sum / mean / max of each position's row: (batch, J, w) -> (batch, J, 1)."""
+    ufunc = np.maximum if op == "max" else np.add
+    calls = [(ufunc.reduce, (a, 2, None, out, True))]
+    if op == "mean":
+        calls.append((np.multiply, (out, np.float32(1.0 / a.shape[2]), out)))
+    return calls
+
+
+def _concat_positions(out, parts):
+    calls, at = [], 0
+    for p in parts:
+        calls.append((np.copyto, (out[..., at:at + p.shape[-1]], p)))
+        at += p.shape[-1]
+    return calls
+
+
+class DecoderVM:
+    """A decoder program bound for `batch` rows and sources of `positions` tokens."""
+
+    def __init__(self, program: dict, tensors: dict, batch: int, positions: int):
+        self.batch, self.positions = batch, positions
+        self.ids = np.zeros(batch, dtype=np.intp)
+        self.mask = np.zeros((batch, positions, 1), dtype=np.float32)
+        widths, positional = program["registers"], set(program["positional"])
+        self._positional = positional
+        self._states = program["states"]
+        written = {ins[1] for ins in program["prepare"] + program["code"] if ins[0] != "slice"}
+        written |= {program["memory"], program["final"]} | {s["prev"] for s in self._states}
+        base = {r: np.zeros((batch, positions, widths[r]) if r in positional else (batch, widths[r]), np.float32)
+                for r in written}
+        self.memory, self.final = base[program["memory"]], base[program["final"]]
+        self._buffers = [(base[s["prev"]], base[s["next"]]) for s in self._states]
+        regs = dict(base)
+        self._prepare = self._bind(program["prepare"], widths, regs, tensors)
+        self._inits = [None if s.get("init") is None else regs[s["init"]] for s in self._states]
+        self._bindings, self._regs = [], []
+        for swap in (False, True):
+            step_regs = dict(regs)
+            if swap:
+                for s in self._states:
+                    step_regs[s["prev"]], step_regs[s["next"]] = regs[s["next"]], regs[s["prev"]]
+            code = self._bind(program["code"], widths, step_regs, tensors)
+            self._bindings.append((code, step_regs[program["logits"]]))
+            self._regs.append(step_regs)
+        self.parity = 0
+
+    def _bind(self, code, widths, regs, tensors) -> list:
+        calls = []
+        for ins in code:
+            op, dst, args = ins[0], ins[1], ins[2:]
+            if op == "slice":
+                regs[dst] = regs[args[0][1]][..., args[1]:args[1] + widths[dst]]
+                continue
+            per = dst in self._positional
+            values = [self._value(a, regs, tensors, per) for a in args]
+            calls.extend(self._compile(op, regs[dst], values, per))
+        return calls
+
+    def _value(self, operand, regs, tensors, per: bool):
+        tag, val = operand
+        if tag == "r":
+            a = regs[val]
+            return a[:, None, :] if per and val not in self._positional else a
+        if tag == "t":
+            return tensors[val]
+        return np.float32(val)
+
+    def _compile(self, op, out, args, per: bool) -> list:
+        if op in ("onehot", "gather"):              # they read the step's token ids
+            args = [self.ids, *args]
+        if op in ("softmaxj", "sumj"):
+            args = [*args, self.mask]
+        if per and op in ("sum", "mean", "max"):
+            return _reduce_positions(op, out, args[0])
+        if per and op == "concat":
+            return _concat_positions(out, args)
+        return OPS[op].numpy(out, *args)
+
+    def start(self) -> None:
+        """After memory, final and mask are filled: run prepare, set the initial states."""
+        for fn, args in self._prepare:
+            fn(*args)
+        self.parity = 0
+        for (prev, _), init in zip(self._buffers, self._inits):
+            if init is None:
+                prev.fill(0.0)
+            else:
+                np.copyto(prev, init)
+
+    def advance(self, ids) -> np.ndarray:
+        """One decoder step: the previous tokens (batch,) -> logits (batch, Vt), owned by the VM."""
+        self.ids[:] = ids
+        code, logits = self._bindings[self.parity]
+        for fn, args in code:
+            fn(*args)
+        self.parity ^= 1
+        return logits
+
+    def reorder(self, parents) -> None:
+        """Row i of every state becomes row parents[i] of it (written into the other buffer)."""
+        for pair in self._buffers:
+            np.take(pair[self.parity], parents, 0, pair[self.parity ^ 1])
+        self.parity ^= 1
+
+    def state_arrays(self) -> list:
+        return [pair[self.parity] for pair in self._buffers]
+
+    def register(self, r: int) -> np.ndarray:
+        """Register r as the last step left it (not a copy): a test reads attention weights."""
+        return self._regs[self.parity ^ 1][r]
