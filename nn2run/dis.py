@@ -14,7 +14,7 @@ def _operand(op) -> str:
     return f"{val:g}"
 
 
-def disassemble(program: dict, tensors: dict | None = None, bound: bool = False) -> str:
+def disassemble(program: dict, tensors: dict | None = None, bound: bool = False, result: str = "logits") -> str:
     """The program, one instruction a line: index, opcode, destination ← operands ; widths.
 
     bound: the program is the VM's (`Model.bound_program`), which the first line says."""
@@ -26,7 +26,7 @@ def disassemble(program: dict, tensors: dict | None = None, bound: bool = False)
     for s in program["states"]:
         lines.append(f"; state {s['name']}@{s['layer']}: prev r{s['prev']}, next r{s['next']} "
                      f"(width {widths[s['prev']]})")
-    lines.append(f"; input: token ids; logits: r{program['logits']} (width {widths[program['logits']]})")
+    lines.append(f"; input: token ids; {result}: r{program['logits']} (width {widths[program['logits']]})")
     lines.extend(_instruction(pc, ins, widths, tensors) for pc, ins in enumerate(program["code"]))
     return "\n".join(lines)
 
@@ -54,8 +54,8 @@ def disassemble_seq2seq(model) -> str:
     prepare (once per input) and step code; per-position registers are shown J×width."""
     dec = model.decoder
     widths, positional = dec["registers"], frozenset(dec["positional"])
-    lines = ["; encoder", disassemble(*model.bound_encoder(), bound=True),
-             f"; the output r{model.encoder['output']} at every position is the memory", "",
+    lines = ["; encoder", disassemble(*model.bound_encoder(), bound=True, result="output"),
+             "; the output at every position is the memory", "",
              f"; decoder: {len(dec['prepare'])} prepare and {len(dec['code'])} step instructions, "
              f"{len(widths)} registers; J = the source length",
              f"; memory r{dec['memory']} (J×{widths[dec['memory']]}), final r{dec['final']} "

@@ -27,6 +27,27 @@ Every register is written exactly once per step (state `prev` registers are writ
 the VM between steps, never by code), and read only after it is written. The VM owns
 these definitions; the compiler targets them. The opcodes, their operand counts and
 their kinds come from the operator registry, `nn2run.ops`.
+
+A seq2seq file's encoder is such a program with "output" (width H) in place of "logits".
+Its decoder program (`validate_decoder`, run by `nn2run.decoder`) adds:
+
+    "positional": [r, ...]   registers holding (batch, J, width) values, J the source length
+    "memory": r, "final": r  filled by the runtime: the encoder's outputs (per-position) and
+                             each row's last output (plain), both of width H
+    "prepare": [...]         once per input: reads memory, final, tensors, constants and its
+                             own registers only (no onehot/gather: no tokens yet)
+    "states": [..., "init": r | null]   the state before the first step: a plain register
+                             of its width written by prepare (or final), or zeros
+    "code", "logits"         one step, as above; it may read what prepare wrote
+
+    softmaxj dst a            softmax over the positions for each column, positions at or
+                              beyond a row's length weigh exactly 0 (a, dst per-position)
+    sumj     dst a            dst (plain) = the sum over the positions below each length
+
+An instruction's result is per-position exactly when one of its register operands is
+(except sumj); a plain register read with per-position ones broadcasts over the positions;
+a reduction (sum, mean, max) of a per-position register reduces each position's row;
+softmax and logsoftmax take plain registers only; concat does not mix the two.
 """
 
 from __future__ import annotations

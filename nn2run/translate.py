@@ -31,7 +31,8 @@ class Lines:
     it with up to n - 1 more that are already there, without waiting for them."""
 
     def __init__(self, fd: int):
-        self.fd, self.buffer, self.eof, self.number = fd, b"", False, 0
+        self.fd, self.eof, self.number = fd, False, 0
+        self.buffer, self.at = b"", 0          # unread bytes start at self.at
 
     def _fill(self, wait: bool) -> bool:
         if self.eof or not wait and not select.select([self.fd], [], [], 0)[0]:
@@ -41,22 +42,30 @@ class Lines:
         except OSError as e:
             raise Failure(f"cannot read stdin: {e.strerror or e}") from None
         self.eof = not data
-        self.buffer += data
+        self.buffer, self.at = self.buffer[self.at:] + data, 0
         return bool(data)
 
+    def _next(self) -> tuple[int, bytes] | None:
+        end = self.buffer.find(b"\n", self.at)
+        if end < 0:
+            return None
+        line, self.at = self.buffer[self.at:end], end + 1
+        return self._line(line)
+
     def take(self, n: int) -> list[tuple[int, bytes]]:
-        while b"\n" not in self.buffer and self._fill(wait=True):
+        while self.buffer.find(b"\n", self.at) < 0 and self._fill(wait=True):
             pass
         out = []
         while len(out) < n:
-            if b"\n" not in self.buffer and not self._fill(wait=False):
+            item = self._next()
+            if item is None and self._fill(wait=False):
+                continue
+            if item is None:
                 break
-            if b"\n" in self.buffer:
-                line, self.buffer = self.buffer.split(b"\n", 1)
-                out.append(self._line(line))
-        if not out and self.eof and self.buffer:
-            out.append(self._line(self.buffer))
-            self.buffer = b""
+            out.append(item)
+        if not out and self.eof and self.at < len(self.buffer):     # a last line without a newline
+            out.append(self._line(self.buffer[self.at:]))
+            self.buffer, self.at = b"", 0
         return out
 
     def _line(self, raw: bytes) -> tuple[int, bytes]:

@@ -124,3 +124,12 @@ def test_info_and_dis_show_every_program(model_path):
     assert "; encoder" in dis and "; prepare" in dis and "; step" in dis
     assert "softmaxj r24" in dis and "sumj     r44" in dis and "starts at r5" in dis
     assert "(J×8)" in dis
+
+
+def test_many_lines_across_reads_keep_their_order(model_path, model):
+    import random
+    rng = random.Random(3)
+    lines = ["".join(rng.choice(s2s.SOURCE) for _ in range(rng.randrange(0, 13))) for _ in range(3000)]
+    r = run("translate", model_path, "--batch", 16, stdin="\r\n".join(lines) + "\r\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().split("\n")[:-1] == model.translate(lines)
