@@ -7,6 +7,7 @@ must leave alone a program it cannot apply to.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 import nn2run
 from nn2run import rewrite
+from nn2run import vm as vm_module
 from nn2run.vm import VM
 from support.models import build_model
 
@@ -167,3 +169,37 @@ def test_state_arrays_are_the_live_buffers_of_a_padded_state(tmp_path):
         one.reset()
         want = one.advance(ids[-1][1:2])[0]
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 8, 16, 64])
+@pytest.mark.parametrize("k, n", [(256, 1024), (257, 768), (512, 2048), (64, 65)])
+def test_column_blocks_cover_the_product_in_small_kernel_sized_blocks(monkeypatch, batch, k, n):
+    monkeypatch.setattr(vm_module, "_OPENBLAS", True)
+    blocks = vm_module.column_blocks(batch, k, n)
+    assert blocks[0][0] == 0 and blocks[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))          # contiguous, in order
+    if len(blocks) > 1:
+        assert all(batch * k * (hi - lo) <= vm_module.SMALL_GEMM for lo, hi in blocks)
+        assert all(hi - lo >= vm_module.MIN_BLOCK for lo, hi in blocks[:-1])
+    assert (len(blocks) > 1) == ((batch, k, n) in {(2, 512, 2048), (8, 256, 1024), (8, 257, 768), (8, 512, 2048),
+                                                    (16, 256, 1024), (16, 257, 768)})
+    monkeypatch.setattr(vm_module, "_OPENBLAS", False)
+    assert vm_module.column_blocks(batch, k, n) == [(0, n)]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "torchgru"])
+def test_products_bound_in_column_blocks_keep_the_cell_function(tmp_path, monkeypatch, cell):
+    monkeypatch.setattr(vm_module, "_OPENBLAS", True)
+    hidden, batch = 128, 24                  # 24 × 129 × 384 multiply-adds and up: over SMALL_GEMM
+    path, _, logical = build_model(tmp_path / "m.nnb", cell, hidden, LAYERS, V, seed=10)
+    ids = np.random.default_rng(11).integers(0, V, (STEPS, batch))
+    monkeypatch.setattr(sys.modules[__name__], "H", hidden)
+    monkeypatch.setattr(sys.modules[__name__], "BATCH", batch)
+    want, _ = _reference(cell, logical, ids)
+    with nn2run.load(path) as m:
+        vm = m.vm(batch)
+        calls = sum(fn is np.matmul for fn, _ in vm._bindings[0][0])
+        products = sum(ins[0] in ("matmul", "matmul1") for ins in m.bound_program()[0]["code"])
+        assert calls > products                                         # some products are in blocks
+        got, _ = _run(vm, ids)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
