@@ -6,7 +6,8 @@ ufunc and arrays (each operator's NumPy implementation is in `nn2run.ops`). A st
 then a flat loop of ufunc calls writing in place (`out=`), with no allocation. State is
 double-buffered: the program is bound twice, with the `prev` and `next` buffers of each
 state swapped, and steps alternate between the two bindings, so carrying state from one
-step to the next copies nothing.
+step to the next copies nothing. `Model.step` hands the buffers out as the new State
+(`hand_out`) and the VM makes that State copy them before it writes them again.
 
 The program bound is the file's after the load-time rewrites of `nn2run.rewrite`; a
 register that a `matmul1` reads is allocated with one more column, of ones, after it
@@ -22,6 +23,8 @@ Imports NumPy and the standard library only.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 
@@ -80,6 +83,7 @@ class VM:
         self._buffers = [(base[s["prev"]], base[s["next"]]) for s in self._states]  # per state: (A, B)
         self._bindings = [self._bind(program, tensors, base, swap) for swap in (False, True)]
         self.parity = 0
+        self._holders = [None, None]    # per buffer set: a weak reference to the State it was handed out as
 
     def _register(self, batch: int, width: int, ones: bool) -> np.ndarray:
         if not ones:
@@ -130,6 +134,8 @@ class VM:
 
         The logits array is owned by the VM and overwritten by the next step.
         """
+        if self._holders[self.parity ^ 1] is not None:
+            self._release(self.parity ^ 1)       # the buffers this step writes
         self.ids[:] = ids
         code, logits = self._bindings[self.parity]
         for fn, args in code:
@@ -138,10 +144,33 @@ class VM:
         return logits
 
     def state_arrays(self) -> list:
-        """The current state buffers (the `prev` of the next step), not copies."""
+        """The current state buffers (the `prev` of the next step), not copies, to read or
+        write; a State handed out on them gets copies first."""
+        self._release(self.parity)
         return [pair[self.parity] for pair in self._buffers]
 
+    def hand_out(self, state):
+        """`state` (a `nn2run.model.State`) made of the current buffers, without a copy;
+        the VM detaches it (the State copies them) before it writes them again."""
+        state._arrays = [pair[self.parity] for pair in self._buffers]
+        state._vm = self
+        self._holders[self.parity] = weakref.ref(state)
+        return state
+
+    def holder(self):
+        """The State handed out on the current buffers, if it is still attached to them."""
+        ref = self._holders[self.parity]
+        return ref() if ref is not None else None
+
+    def _release(self, k: int) -> None:
+        ref, self._holders[k] = self._holders[k], None
+        state = ref() if ref is not None else None
+        if state is not None and state._vm is self:
+            state._detach()
+
     def reset(self) -> None:
+        self._release(0)
+        self._release(1)
         for a, b in self._buffers:
             a.fill(0.0)
             b.fill(0.0)
