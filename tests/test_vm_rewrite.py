@@ -45,13 +45,23 @@ def _torchgru64(p, x, state, layer):
     return [h], h
 
 
+def _gru64(p, x, state, layer):
+    (h,) = state
+    q = {k: p[f"{k}@{layer}"] for k in ("W_z", "U_z", "b_z", "W_r", "U_r", "b_r", "W_h", "U_h", "b_h")}
+    z = _sig(x @ q["W_z"].T + h @ q["U_z"].T + q["b_z"])
+    r = _sig(x @ q["W_r"].T + h @ q["U_r"].T + q["b_r"])
+    hat = np.tanh(x @ q["W_h"].T + (r * h) @ q["U_h"].T + q["b_h"])
+    h = (1 - z) * h + z * hat
+    return [h], h
+
+
 def _rnn64(p, x, state, layer, act=np.tanh):
     (h,) = state
     h = act(x @ p[f"W_h@{layer}"].T + h @ p[f"U_h@{layer}"].T + p[f"b_h@{layer}"])
     return [h], h
 
 
-CELLS = {"lstm": (_lstm64, 2), "torchgru": (_torchgru64, 1), "rnn": (_rnn64, 1)}
+CELLS = {"lstm": (_lstm64, 2), "torchgru": (_torchgru64, 1), "gru": (_gru64, 1), "rnn": (_rnn64, 1)}
 
 
 def _reference(cell, logical, ids):
@@ -83,6 +93,7 @@ REWRITES = {
     "bias into products": rewrite.fold_bias_into_products,
     "sigmoid's ½": rewrite.halve_sigmoid_inputs,
     "bias into sliced producers": rewrite.fold_bias_into_sliced_producers,
+    "interpolations": rewrite.fuse_interpolations,
 }
 
 
@@ -203,3 +214,25 @@ def test_products_bound_in_column_blocks_keep_the_cell_function(tmp_path, monkey
         assert calls > products                                         # some products are in blocks
         got, _ = _run(vm, ids)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cell", ["gru", "torchgru"])
+def test_a_gates_interpolation_becomes_three_passes(tmp_path, cell):
+    path, _, logical = build_model(tmp_path / "m.nnb", cell, H, LAYERS, V, seed=12)
+    with nn2run.load(path) as m:
+        program, tensors = rewrite.fuse_interpolations(m.program, m.tensors)
+        before, after = m.program["code"], program["code"]
+        assert len(after) == len(before) - LAYERS                     # one pass fewer per layer
+        assert not any(ins[0] == "sub" and ins[2] == ["k", 1.0] for ins in after)
+        got, _ = _run(VM(program, tensors, BATCH), _ids(13))
+    np.testing.assert_allclose(got, _reference(cell, logical, _ids(13))[0], atol=2e-5, rtol=1e-4)
+
+
+def test_an_interpolation_whose_parts_are_read_elsewhere_is_left_as_it_is(tmp_path):
+    kernel = tmp_path / "leak.eq"       # (1 − z) is read twice: the rewrite would lose it
+    kernel.write_text("zₜ = σ(W_z xₜ + U_z hₜ₋₁ + b_z)\naₜ = 1 − zₜ\n"
+                      "hₜ = aₜ ⊙ hₜ₋₁ + zₜ ⊙ tanh(W_h xₜ) + aₜ\n", encoding="utf-8")
+    path, _, _ = build_model(tmp_path / "m.nnb", str(kernel), H, LAYERS, V, seed=14)
+    with nn2run.load(path) as m:
+        program, _ = rewrite.fuse_interpolations(m.program, m.tensors)
+        assert program["code"] == m.program["code"]
