@@ -16,6 +16,8 @@ name). Each rewrite removes element-wise passes over the batch:
   the ½ is folded into those weights' columns, and `sigmoid` becomes `sigmoid½`: one
   tanh and the affine step (two passes, NumPy has no fused multiply-add) instead of
   four passes.
+- `concat_of_slices`: a concat of adjacent slices of one register, in order, is one
+  slice of it: a view instead of a copy per part (the layer-normalized LSTM's means).
 - `fuse_interpolations`: a gate's interpolation `(1 − z) ⊙ p + z ⊙ q` (a GRU's new
   state) is `p + z ⊙ (q − p)`: three passes instead of four.
 
@@ -49,6 +51,7 @@ LOADTIME = {
 
 def bind(program: dict, tensors: dict) -> tuple[dict, dict]:
     """Every rewrite, in order: returns the program and the tensors the VM binds."""
+    program, tensors = concat_of_slices(program, tensors)
     program, tensors = fold_bias_into_gathers(program, tensors)
     program, tensors = fold_bias_into_products(program, tensors)
     program, tensors = fold_bias_into_sliced_producers(program, tensors)
@@ -327,3 +330,26 @@ def _interpolation(code, writer, reads, widths, e, b, c):
             q = mc[1] if mc[0] == z else mc[0]
             return a, b, c, z, p, q
     return None
+
+
+def concat_of_slices(program: dict, tensors: dict) -> tuple[dict, dict]:
+    """`slice a s i; slice b s i+width(a); …; concat d a b …` -> `slice d s i` (d neither a
+    state's next register nor the logits, which must be registers of their own)."""
+    widths = program["registers"]
+    outside = {st["next"] for st in program["states"]} | {program["logits"]}
+    sliced = {ins[1]: (ins[2][1], ins[3]) for ins in program["code"] if ins[0] == "slice"}
+    code = []
+    for ins in program["code"]:
+        parts = [a[1] for a in ins[2:]] if ins[0] == "concat" and len(ins) > 3 else []
+        if parts and ins[1] not in outside and all(p in sliced for p in parts):
+            src, start = sliced[parts[0]]
+            at = start
+            for p in parts:
+                if sliced[p] != (src, at):
+                    break
+                at += widths[p]
+            else:
+                code.append(["slice", ins[1], ["r", src], start])
+                continue
+        code.append(ins)
+    return {**program, "code": code}, tensors

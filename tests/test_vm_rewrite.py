@@ -94,6 +94,7 @@ REWRITES = {
     "sigmoid's ½": rewrite.halve_sigmoid_inputs,
     "bias into sliced producers": rewrite.fold_bias_into_sliced_producers,
     "interpolations": rewrite.fuse_interpolations,
+    "concat of slices": rewrite.concat_of_slices,
 }
 
 
@@ -236,3 +237,26 @@ def test_an_interpolation_whose_parts_are_read_elsewhere_is_left_as_it_is(tmp_pa
     with nn2run.load(path) as m:
         program, _ = rewrite.fuse_interpolations(m.program, m.tensors)
         assert program["code"] == m.program["code"]
+
+
+def _centred64(p, x, state, layer, order=("h", "g")):
+    (h,) = state
+    wx = {k: x @ p[f"W_{k}@{layer}"].T for k in "hg"}
+    both = np.concatenate([wx[k] for k in order], axis=1)
+    h = np.tanh(wx["h"] + h @ p[f"U_h@{layer}"].T + wx["g"] + p[f"b_g@{layer}"] - both.mean(axis=1, keepdims=True))
+    return [h], h
+
+
+@pytest.mark.parametrize("order", [("h", "g"), ("g", "h")])
+def test_a_concat_of_adjacent_slices_becomes_one_slice(tmp_path, order):
+    kernel = tmp_path / "centred.eq"
+    kernel.write_text("gₜ = W_g xₜ + b_g\n"
+                      f"hₜ = tanh(W_h xₜ + U_h hₜ₋₁ + gₜ − mean([W_{order[0]} xₜ; W_{order[1]} xₜ]))\n", encoding="utf-8")
+    path, _, logical = build_model(tmp_path / "m.nnb", str(kernel), H, LAYERS, V, seed=15)
+    want, _ = _reference_with(lambda p, x, s, layer: _centred64(p, x, s, layer, order), logical, _ids(16))
+    with nn2run.load(path) as m:
+        program, _ = rewrite.concat_of_slices(m.program, m.tensors)
+        concats = [ins[0] for ins in program["code"]].count("concat")
+        assert concats == (0 if order == ("h", "g") else LAYERS)      # in the stacked order only
+        got, _ = _run(m.vm(BATCH), _ids(16))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
