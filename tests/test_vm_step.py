@@ -35,12 +35,13 @@ def _sample64(logits, cfg: SamplerConfig, rng):
 
 @pytest.mark.parametrize("cfg", [SamplerConfig(), SamplerConfig(temperature=0.7), SamplerConfig(top_k=5),
                                  SamplerConfig(top_p=0.8), SamplerConfig(temperature=1.3, top_k=20, top_p=0.9)])
-def test_float32_sampler_draws_what_the_float64_arithmetic_draws(cfg):
+@pytest.mark.parametrize("rows", [50, 1])          # one stream takes a path of its own
+def test_float32_sampler_draws_what_the_float64_arithmetic_draws(cfg, rows):
     logits = (np.random.default_rng(1).standard_normal((400, 65)) * 3).astype(np.float32)
     before = logits.copy()
     sampler, rng = Sampler(cfg, seed=11), np.random.default_rng(11)
-    got = np.concatenate([sampler(logits[i:i + 50]) for i in range(0, 400, 50)])
-    want = np.concatenate([_sample64(logits[i:i + 50], cfg, rng) for i in range(0, 400, 50)])
+    got = np.concatenate([sampler(logits[i:i + rows]) for i in range(0, 400, rows)])
+    want = np.concatenate([_sample64(logits[i:i + rows], cfg, rng) for i in range(0, 400, rows)])
     # a float32 cumulative sum can move a boundary by an ulp: a draw that lands within it differs
     assert (got != want).sum() <= 1
     np.testing.assert_array_equal(logits, before)        # the logits are read, never written
