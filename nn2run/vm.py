@@ -31,7 +31,6 @@ import numpy as np
 from .ops import OPS
 from .rewrite import LOADTIME, fold_bias_into_gathers, padded_registers  # noqa: F401 (re-exported)
 
-
 SMALL_GEMM = 1_000_000     # OpenBLAS's small-matrix sgemm takes M·N·K up to 100³ (no packing)
 MIN_BLOCK = 192            # narrower blocks lose more to the kernel's edges than packing costs
 

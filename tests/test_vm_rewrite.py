@@ -250,8 +250,8 @@ def _centred64(p, x, state, layer, order=("h", "g")):
 @pytest.mark.parametrize("order", [("h", "g"), ("g", "h")])
 def test_a_concat_of_adjacent_slices_becomes_one_slice(tmp_path, order):
     kernel = tmp_path / "centred.eq"
-    kernel.write_text("gₜ = W_g xₜ + b_g\n"
-                      f"hₜ = tanh(W_h xₜ + U_h hₜ₋₁ + gₜ − mean([W_{order[0]} xₜ; W_{order[1]} xₜ]))\n", encoding="utf-8")
+    both = f"[W_{order[0]} xₜ; W_{order[1]} xₜ]"
+    kernel.write_text(f"gₜ = W_g xₜ + b_g\nhₜ = tanh(W_h xₜ + U_h hₜ₋₁ + gₜ − mean({both}))\n", encoding="utf-8")
     path, _, logical = build_model(tmp_path / "m.nnb", str(kernel), H, LAYERS, V, seed=15)
     want, _ = _reference_with(lambda p, x, s, layer: _centred64(p, x, s, layer, order), logical, _ids(16))
     with nn2run.load(path) as m:
