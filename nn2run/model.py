@@ -62,15 +62,43 @@ class ClosedModelError(ValueError):
 
 
 class State:
-    """The recurrent state of a batch of streams: one (batch, width) array per state variable."""
+    """The recurrent state of a batch of streams: one (batch, width) array per state variable.
+
+    A state that `Model.step` returns lives in the VM's own buffers, so a step copies
+    nothing in or out. It owns copies of them (is detached) as soon as anything else could
+    see them change: when `arrays` or `state[name, layer]` is read, or when the VM is about
+    to overwrite the buffers (another step, `generate` or the server on the same VM).
+    """
 
     def __init__(self, names: list[tuple[str, int]], arrays: list[np.ndarray]):
         self.names = list(names)
-        self.arrays = list(arrays)
+        self._arrays = list(arrays)
+        self._vm = None             # the VM whose buffers `_arrays` are, while attached
+
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        if self._vm is not None:
+            self._detach()
+        return self._arrays
+
+    @arrays.setter
+    def arrays(self, arrays: list[np.ndarray]) -> None:
+        self._vm = None
+        self._arrays = list(arrays)
+
+    def _detach(self) -> None:
+        """Own copies of the VM's buffers from now on."""
+        self._vm = None
+        self._arrays = [a.copy() for a in self._arrays]
+
+    def __getstate__(self):
+        if self._vm is not None:    # a copy or a pickle must not share the VM's buffers
+            self._detach()
+        return self.__dict__
 
     @property
     def batch(self) -> int:
-        return self.arrays[0].shape[0] if self.arrays else 0
+        return self._arrays[0].shape[0] if self._arrays else 0
 
     def __getitem__(self, key: tuple[str, int]) -> np.ndarray:
         """state["h", 0]: the value of state h of layer 0."""
@@ -201,7 +229,7 @@ class Model:
     def _check_state(self, state) -> None:
         if type(state) is State and state.names == self._names_list:
             # the common case in one comparison: this model's state, as step() made it
-            shapes = [(type(a), getattr(a, "shape", None)) for a in state.arrays]
+            shapes = [(type(a), getattr(a, "shape", None)) for a in state._arrays]
             if shapes and shapes[0][1] and shapes == self._state_shapes(shapes[0][1][0]):
                 return
         self._explain_state(state)
@@ -229,16 +257,19 @@ class Model:
                 raise ValueError(f"state is not this model's: {name}@{layer} is {got}, this model's is {want}")
 
     def step(self, ids, state: State):
-        """Advance every stream one token: ids (batch,) ints -> (logits (batch, vocab), new state)."""
+        """Advance every stream one token: ids (batch,) ints -> (logits (batch, vocab), new state).
+
+        The new state is the VM's buffers (see `State`): stepping the state the last step
+        returned copies nothing; any other state is copied into the VM first."""
         self._check_open()
-        self._check_state(state)
-        batch = state.batch
-        ids = self._step_ids(ids, batch)
-        vm = self._vms.get(batch) or self.vm(batch)
-        for buf, a in zip(vm.state_arrays(), state.arrays):
-            buf[...] = a
-        logits = vm.advance(ids)
-        return logits.copy(), State(self._names_list, [a.copy() for a in vm.state_arrays()])
+        vm = state._vm if type(state) is State else None
+        if vm is None or vm.holder() is not state or self._vms.get(vm.batch) is not vm:
+            self._check_state(state)
+            vm = self._vms.get(state.batch) or self.vm(state.batch)
+            for buf, a in zip(vm.state_arrays(), state._arrays):
+                buf[...] = a
+        logits = vm.advance(self._step_ids(ids, vm.batch))
+        return logits.copy(), vm.hand_out(State(self._names_list, ()))
 
     def _step_ids(self, ids, batch: int) -> np.ndarray:
         """check_ids, with a quick path for an intp array of the right shape (what step()'s

@@ -16,6 +16,10 @@ name). Each rewrite removes element-wise passes over the batch:
   the ½ is folded into those weights' columns, and `sigmoid` becomes `sigmoid½`: one
   tanh and the affine step (two passes, NumPy has no fused multiply-add) instead of
   four passes.
+- `concat_of_slices`: a concat of adjacent slices of one register, in order, is one
+  slice of it: a view instead of a copy per part (the layer-normalized LSTM's means).
+- `fuse_interpolations`: a gate's interpolation `(1 − z) ⊙ p + z ⊙ q` (a GRU's new
+  state) is `p + z ⊙ (q − p)`: three passes instead of four.
 
 `LOADTIME` holds the two opcodes these rewrites add, in the registry's form (`nn2run.ops`).
 
@@ -47,10 +51,12 @@ LOADTIME = {
 
 def bind(program: dict, tensors: dict) -> tuple[dict, dict]:
     """Every rewrite, in order: returns the program and the tensors the VM binds."""
+    program, tensors = concat_of_slices(program, tensors)
     program, tensors = fold_bias_into_gathers(program, tensors)
     program, tensors = fold_bias_into_products(program, tensors)
     program, tensors = fold_bias_into_sliced_producers(program, tensors)
-    return halve_sigmoid_inputs(program, tensors)
+    program, tensors = halve_sigmoid_inputs(program, tensors)
+    return fuse_interpolations(program, tensors)
 
 
 def padded_registers(program: dict) -> set:
@@ -274,3 +280,76 @@ class _ScalePlan:
         for pc in self.visited:
             code[pc] = [code[pc][0], code[pc][1]] + [["t", renamed[a[1]]] if isinstance(a, list) and a[0] == "t"
                                                       and a[1] in renamed else a for a in code[pc][2:]]
+
+
+def fuse_interpolations(program: dict, tensors: dict) -> tuple[dict, dict]:
+    """`sub a 1 z; mul b a p; mul c z q; add e b c` (operands of mul and add in either
+    order; a, b, c read once; z, p, q registers of e's width) -> `sub a q p; mul b z a;
+    add e p b`, placed where the add was (every operand is written by then)."""
+    code = [list(ins) for ins in program["code"]]
+    reads, widths = _reads(program), program["registers"]
+    writer = {ins[1]: pc for pc, ins in enumerate(code)}
+    gone: set[int] = set()
+    for pc, ins in enumerate(code):
+        if ins[0] != "add" or not all(a[0] == "r" for a in ins[2:]):
+            continue
+        for b, c in ((ins[2][1], ins[3][1]), (ins[3][1], ins[2][1])):
+            found = _interpolation(code, writer, reads, widths, ins[1], b, c)
+            if found is not None and not {writer[r] for r in found[:3]} & gone:
+                a, b, c, z, p, q = found
+                gone |= {writer[a], writer[b], writer[c]}
+                code[pc] = [["sub", a, ["r", q], ["r", p]], ["mul", b, ["r", z], ["r", a]],
+                            ["add", ins[1], ["r", p], ["r", b]]]
+                break
+    out = []
+    for pc, ins in enumerate(code):
+        if pc not in gone:
+            out.extend(ins if isinstance(ins[0], list) else [ins])
+    return {**program, "code": out}, tensors
+
+
+def _interpolation(code, writer, reads, widths, e, b, c):
+    """(a, b, c, z, p, q) when b = (1 − z) ⊙ p and c = z ⊙ q as in `fuse_interpolations`."""
+    def mul_of(r):
+        ins = code[writer[r]] if r in writer and reads.get(r) == 1 else None
+        if ins is None or not isinstance(ins[0], str) or ins[0] != "mul":
+            return None
+        if not all(x[0] == "r" and widths[x[1]] == widths[e] for x in ins[2:]):
+            return None
+        return ins[2][1], ins[3][1]
+    mb, mc = mul_of(b), mul_of(c)
+    if mb is None or mc is None or widths[b] != widths[e] or widths[c] != widths[e]:
+        return None
+    for a, p in (mb, mb[::-1]):
+        sub = code[writer[a]] if a in writer and reads.get(a) == 1 else None
+        if sub is None or not isinstance(sub[0], str) or sub[0] != "sub" or sub[2] != ["k", 1.0] \
+                or sub[3][0] != "r" or widths[a] != widths[e]:
+            continue
+        z = sub[3][1]
+        if z in mc:
+            q = mc[1] if mc[0] == z else mc[0]
+            return a, b, c, z, p, q
+    return None
+
+
+def concat_of_slices(program: dict, tensors: dict) -> tuple[dict, dict]:
+    """`slice a s i; slice b s i+width(a); …; concat d a b …` -> `slice d s i` (d neither a
+    state's next register nor the logits, which must be registers of their own)."""
+    widths = program["registers"]
+    outside = {st["next"] for st in program["states"]} | {program["logits"]}
+    sliced = {ins[1]: (ins[2][1], ins[3]) for ins in program["code"] if ins[0] == "slice"}
+    code = []
+    for ins in program["code"]:
+        parts = [a[1] for a in ins[2:]] if ins[0] == "concat" and len(ins) > 3 else []
+        if parts and ins[1] not in outside and all(p in sliced for p in parts):
+            src, start = sliced[parts[0]]
+            at = start
+            for p in parts:
+                if sliced[p] != (src, at):
+                    break
+                at += widths[p]
+            else:
+                code.append(["slice", ins[1], ["r", src], start])
+                continue
+        code.append(ins)
+    return {**program, "code": code}, tensors

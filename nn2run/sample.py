@@ -50,9 +50,10 @@ class Sampler:
         if cfg.greedy:
             return logits.argmax(axis=1)
         z, cdf, col, mask = self._buffers(logits.shape)
-        np.multiply(logits, np.float32(1.0 / cfg.temperature), out=z)
-        np.max(z, axis=1, keepdims=True, out=col)
-        np.subtract(z, col, out=z)
+        np.max(logits, axis=1, keepdims=True, out=col)      # the max of logits / T is max(logits) / T
+        np.subtract(logits, col, out=z)
+        if cfg.temperature != 1.0:
+            np.multiply(z, np.float32(1.0 / cfg.temperature), out=z)
         if cfg.top_k is not None and cfg.top_k < z.shape[1]:
             kth = np.partition(z, -cfg.top_k, axis=1)[:, -cfg.top_k][:, None]
             np.less(z, kth, out=mask)
@@ -63,9 +64,13 @@ class Sampler:
             np.divide(z, col, out=z)
             z = _nucleus(z, cfg.top_p)
         np.cumsum(z, axis=1, out=cdf)
+        last = z.shape[1] - 1
+        if z.shape[0] == 1:     # one stream: a binary search finds the count of cdf ≤ u
+            u = np.float32(self.rng.random() * float(cdf[0, last]))
+            return np.array([min(int(cdf[0].searchsorted(u, "right")), last)], np.intp)
         u = (self.rng.random((z.shape[0], 1)) * cdf[:, -1:]).astype(np.float32)
         np.less_equal(cdf, u, out=mask)
-        return np.minimum(mask.sum(axis=1), z.shape[1] - 1)
+        return np.minimum(mask.sum(axis=1), last)
 
 
 def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:

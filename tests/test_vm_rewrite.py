@@ -7,6 +7,7 @@ must leave alone a program it cannot apply to.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 import nn2run
 from nn2run import rewrite
+from nn2run import vm as vm_module
 from nn2run.vm import VM
 from support.models import build_model
 
@@ -43,13 +45,23 @@ def _torchgru64(p, x, state, layer):
     return [h], h
 
 
+def _gru64(p, x, state, layer):
+    (h,) = state
+    q = {k: p[f"{k}@{layer}"] for k in ("W_z", "U_z", "b_z", "W_r", "U_r", "b_r", "W_h", "U_h", "b_h")}
+    z = _sig(x @ q["W_z"].T + h @ q["U_z"].T + q["b_z"])
+    r = _sig(x @ q["W_r"].T + h @ q["U_r"].T + q["b_r"])
+    hat = np.tanh(x @ q["W_h"].T + (r * h) @ q["U_h"].T + q["b_h"])
+    h = (1 - z) * h + z * hat
+    return [h], h
+
+
 def _rnn64(p, x, state, layer, act=np.tanh):
     (h,) = state
     h = act(x @ p[f"W_h@{layer}"].T + h @ p[f"U_h@{layer}"].T + p[f"b_h@{layer}"])
     return [h], h
 
 
-CELLS = {"lstm": (_lstm64, 2), "torchgru": (_torchgru64, 1), "rnn": (_rnn64, 1)}
+CELLS = {"lstm": (_lstm64, 2), "torchgru": (_torchgru64, 1), "gru": (_gru64, 1), "rnn": (_rnn64, 1)}
 
 
 def _reference(cell, logical, ids):
@@ -81,6 +93,8 @@ REWRITES = {
     "bias into products": rewrite.fold_bias_into_products,
     "sigmoid's ½": rewrite.halve_sigmoid_inputs,
     "bias into sliced producers": rewrite.fold_bias_into_sliced_producers,
+    "interpolations": rewrite.fuse_interpolations,
+    "concat of slices": rewrite.concat_of_slices,
 }
 
 
@@ -167,3 +181,82 @@ def test_state_arrays_are_the_live_buffers_of_a_padded_state(tmp_path):
         one.reset()
         want = one.advance(ids[-1][1:2])[0]
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 8, 16, 64])
+@pytest.mark.parametrize("k, n", [(256, 1024), (257, 768), (512, 2048), (64, 65)])
+def test_column_blocks_cover_the_product_in_small_kernel_sized_blocks(monkeypatch, batch, k, n):
+    monkeypatch.setattr(vm_module, "_OPENBLAS", True)
+    blocks = vm_module.column_blocks(batch, k, n)
+    assert blocks[0][0] == 0 and blocks[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))          # contiguous, in order
+    if len(blocks) > 1:
+        assert all(batch * k * (hi - lo) <= vm_module.SMALL_GEMM for lo, hi in blocks)
+        assert all(hi - lo >= vm_module.MIN_BLOCK for lo, hi in blocks[:-1])
+    assert (len(blocks) > 1) == ((batch, k, n) in {(2, 512, 2048), (8, 256, 1024), (8, 257, 768), (8, 512, 2048),
+                                                    (16, 256, 1024), (16, 257, 768)})
+    monkeypatch.setattr(vm_module, "_OPENBLAS", False)
+    assert vm_module.column_blocks(batch, k, n) == [(0, n)]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "torchgru"])
+def test_products_bound_in_column_blocks_keep_the_cell_function(tmp_path, monkeypatch, cell):
+    monkeypatch.setattr(vm_module, "_OPENBLAS", True)
+    hidden, batch = 128, 24                  # 24 × 129 × 384 multiply-adds and up: over SMALL_GEMM
+    path, _, logical = build_model(tmp_path / "m.nnb", cell, hidden, LAYERS, V, seed=10)
+    ids = np.random.default_rng(11).integers(0, V, (STEPS, batch))
+    monkeypatch.setattr(sys.modules[__name__], "H", hidden)
+    monkeypatch.setattr(sys.modules[__name__], "BATCH", batch)
+    want, _ = _reference(cell, logical, ids)
+    with nn2run.load(path) as m:
+        vm = m.vm(batch)
+        calls = sum(fn is np.matmul for fn, _ in vm._bindings[0][0])
+        products = sum(ins[0] in ("matmul", "matmul1") for ins in m.bound_program()[0]["code"])
+        assert calls > products                                         # some products are in blocks
+        got, _ = _run(vm, ids)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cell", ["gru", "torchgru"])
+def test_a_gates_interpolation_becomes_three_passes(tmp_path, cell):
+    path, _, logical = build_model(tmp_path / "m.nnb", cell, H, LAYERS, V, seed=12)
+    with nn2run.load(path) as m:
+        program, tensors = rewrite.fuse_interpolations(m.program, m.tensors)
+        before, after = m.program["code"], program["code"]
+        assert len(after) == len(before) - LAYERS                     # one pass fewer per layer
+        assert not any(ins[0] == "sub" and ins[2] == ["k", 1.0] for ins in after)
+        got, _ = _run(VM(program, tensors, BATCH), _ids(13))
+    np.testing.assert_allclose(got, _reference(cell, logical, _ids(13))[0], atol=2e-5, rtol=1e-4)
+
+
+def test_an_interpolation_whose_parts_are_read_elsewhere_is_left_as_it_is(tmp_path):
+    kernel = tmp_path / "leak.eq"       # (1 − z) is read twice: the rewrite would lose it
+    kernel.write_text("zₜ = σ(W_z xₜ + U_z hₜ₋₁ + b_z)\naₜ = 1 − zₜ\n"
+                      "hₜ = aₜ ⊙ hₜ₋₁ + zₜ ⊙ tanh(W_h xₜ) + aₜ\n", encoding="utf-8")
+    path, _, _ = build_model(tmp_path / "m.nnb", str(kernel), H, LAYERS, V, seed=14)
+    with nn2run.load(path) as m:
+        program, _ = rewrite.fuse_interpolations(m.program, m.tensors)
+        assert program["code"] == m.program["code"]
+
+
+def _centred64(p, x, state, layer, order=("h", "g")):
+    (h,) = state
+    wx = {k: x @ p[f"W_{k}@{layer}"].T for k in "hg"}
+    both = np.concatenate([wx[k] for k in order], axis=1)
+    h = np.tanh(wx["h"] + h @ p[f"U_h@{layer}"].T + wx["g"] + p[f"b_g@{layer}"] - both.mean(axis=1, keepdims=True))
+    return [h], h
+
+
+@pytest.mark.parametrize("order", [("h", "g"), ("g", "h")])
+def test_a_concat_of_adjacent_slices_becomes_one_slice(tmp_path, order):
+    kernel = tmp_path / "centred.eq"
+    both = f"[W_{order[0]} xₜ; W_{order[1]} xₜ]"
+    kernel.write_text(f"gₜ = W_g xₜ + b_g\nhₜ = tanh(W_h xₜ + U_h hₜ₋₁ + gₜ − mean({both}))\n", encoding="utf-8")
+    path, _, logical = build_model(tmp_path / "m.nnb", str(kernel), H, LAYERS, V, seed=15)
+    want, _ = _reference_with(lambda p, x, s, layer: _centred64(p, x, s, layer, order), logical, _ids(16))
+    with nn2run.load(path) as m:
+        program, _ = rewrite.concat_of_slices(m.program, m.tensors)
+        concats = [ins[0] for ins in program["code"]].count("concat")
+        assert concats == (0 if order == ("h", "g") else LAYERS)      # in the stacked order only
+        got, _ = _run(m.vm(BATCH), _ids(16))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
