@@ -96,7 +96,7 @@ def forward_source(bw: Backward, low: bool = False) -> str:
         if n in fused:
             mm = fused[n]
             other = next(a for a in n.args if a is not mm)
-            expr = (f"({val(other)} + MM({val(mm.args[0])}, {weight(mm.args[1])}))" if low else
+            expr = (f"({val(other)} + MMS({val(mm.args[0])}, {weight(mm.args[1])}))" if low else
                     f"torch.addmm({val(other)}, {val(mm.args[0])}, {val(mm.args[1])})")
         elif n.op == "matmul":
             expr = torch_expr(n, [val(n.args[0]), weight(n.args[1])], low)
@@ -223,7 +223,7 @@ class _Backward:
             p = self.names[w.param]
             # gM was filled from the last step back: flip it to line up with the forward's k
             a, g = f"torch.cat(k{self.saved[w.input]}).t()", f"torch.stack(gM{j}).flip(0).flatten(0, 1)"
-            lines.append(f"    g{p} = g{p} + MM({a}, {g})" if self.low else f"    g{p} = g{p} + {a} @ {g}")
+            lines.append(f"    g{p} = g{p} + MMS({a}, {g})" if self.low else f"    g{p} = g{p} + {a} @ {g}")
         lines.append(f"    return [{', '.join(f'torch.stack(gE{i}).flip(0)' for i in range(len(lp.ext)))}], "
                      f"[{', '.join(f'gs{i}' for i in range(len(lp.states)))}], "
                      f"[{', '.join(f'gP{i}' for i in range(len(lp.params)))}]")
@@ -253,7 +253,7 @@ class FusedLoop:
         self.ext, self.params = list(self.backward.loop.ext), list(self.backward.loop.params)
         self.forward_src = forward_source(self.backward, low)
         self.backward_src = _Backward(self.backward, low).source()
-        ns = {"torch": torch, "MM": precision_.mm, "LOW": precision_.low}
+        ns = {"torch": torch, "MM": precision_.mm, "MMS": precision_.mm_sum, "LOW": precision_.low}
         exec(compile(self.forward_src, f"<nn2 loop {cell.layer} forward>", "exec"), ns)
         exec(compile(self.backward_src, f"<nn2 loop {cell.layer} backward>", "exec"), ns)
         self.fwd, self.bwd = ns["forward"], ns["backward"]

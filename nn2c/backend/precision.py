@@ -23,6 +23,13 @@ def low(t: torch.Tensor) -> torch.Tensor:
     return t.to(LOW)
 
 
+def mm_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as mm computes it but left in bf16, for a caller that adds it straight into
+    float32 (`c + mm_sum(a, b)`, `out.add_(…)`, `out.copy_(…)`): the widening is part of that
+    one pass instead of a pass of its own."""
+    return torch.matmul(a.to(LOW), b.to(LOW))
+
+
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with bf16 operands and float32 accumulation; the result in float32. (torch on
     the CPU has no bf16 × bf16 -> float32 product: the float32 sums are rounded to bf16 once,

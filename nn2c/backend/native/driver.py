@@ -12,11 +12,11 @@ import ctypes
 import torch
 
 from nn2c.backend.native.build import build
-from nn2c.backend.precision import check, mm
-from nn2c.backend.precision import low as LOW
 from nn2c.backend.native.plan import Group, Plan, Rows, Seed, Where
 from nn2c.backend.native.plan import plan as make_plan
 from nn2c.backend.native.render import c_source
+from nn2c.backend.precision import check, mm_sum
+from nn2c.backend.precision import low as LOW
 from nn2c.compiler.backward import Backward, Deriv, Grad
 
 
@@ -52,8 +52,9 @@ def _ref(plan: Plan, node, whole: bool = False) -> str:
 
 def _into(dst: str, how: str, x: str, w: str, low: bool, added: str | None = None) -> str:
     """A product x @ w written into the float32 view dst: `how` is "set", "add" (dst +=)
-    or "plus" (dst = added + x @ w). In bf16 (`low`) the product is MM's, then copied in:
-    torch's CPU products write bf16 results only."""
+    or "plus" (dst = added + x @ w). In bf16 (`low`) the product is a bf16 result (MM,
+    `precision.mm_sum`; torch's CPU products write no float32 from bf16), widened as it is
+    written in."""
     if low:
         return {"set": f"{dst}.copy_(MM({x}, {w}))", "add": f"{dst}.add_(MM({x}, {w}))",
                 "plus": f"torch.add({added}, MM({x}, {w}), out={dst})"}[how]
@@ -144,7 +145,7 @@ def backward_source(plan: Plan, low: bool = False) -> str:
         r.append(f"    {b.name} = torch.{alloc}(T, B, {b.width}, dtype=F32)")
     r += [f"    GP{i} = torch.zeros_like(P[{i}])" for i in range(len(lp.params))]
     weights = dict.fromkeys(lp.params.index(p.weight) for p in plan.products)
-    r += [f"    WT{i} = {'LOW(P[{}])'.format(i) if low else f'P[{i}]'}.t().contiguous()" for i in sorted(weights)]
+    r += [f"    WT{i} = {f'LOW(P[{i}])' if low else f'P[{i}]'}.t().contiguous()" for i in sorted(weights)]
     r.append(f"    A = table([{_arrays(plan.backward_table())}])")
     r.append("    for t in range(T - 1, -1, -1):")
     for b in (*plan.grad_bufs, *plan.gs_bufs):
@@ -179,7 +180,7 @@ class NativeLoop:
         low = check(precision) == "bf16"
         self.forward_src, self.backward_src = forward_source(self.plan, low), backward_source(self.plan, low)
         self._lib = build(self.c_src)
-        ns = {"torch": torch, "table": _table, "F32": torch.float32, "MM": mm, "LOW": LOW}
+        ns = {"torch": torch, "table": _table, "F32": torch.float32, "MM": mm_sum, "LOW": LOW}
         for g, item in enumerate(self.plan.schedule):
             if isinstance(item, Group):
                 for prefix in ("f", "b"):
