@@ -266,6 +266,9 @@ class Trainer:
         self.ts = resume or TrainState.fresh(init_tensors(self.compiled.network, cfg.seed), cfg, corpus.sha256)
         self.net = TorchNetwork(self.compiled.network, self.ts.tensors, dropout=cfg.dropout,
                                 precision=cfg.precision).to(self.device)
+        if cfg.precision == "bf16" and self.device.type == "cuda":
+            # cuBLAS may otherwise sum a bf16 product's split parts in bf16: keep the sums float32
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         self.params = list(self.net.parameters())
         # fused: one kernel for the whole update, and it takes found_inf (see Health)
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, fused=True)
