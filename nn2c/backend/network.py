@@ -17,7 +17,6 @@ from nn2c.backend.fused import FusedLoop, torch_expr
 from nn2c.backend.fused import supported as fused_supported
 from nn2c.backend.precision import check as check_precision
 from nn2c.backend.precision import mm as low_mm
-from nn2c.backend.precision import mm_sum
 from nn2c.compiler.emit import init_logical, pack, param_roles
 from nn2c.compiler.ir import Cell, Network, addmm_pairs, consumers, depends_on_state
 
@@ -102,14 +101,15 @@ class _Codegen:
                 out.append(f"v{n} = F.embedding(xs, {w} + {bias})")
             else:
                 x = self.ref(m.args[0], False)
-                out.append(f"v{n} = ({bias} + MMS({x}, {w}))" if self.low else
+                # (widened, then the bias added in place: an add of bf16 to float32 is a slow pass)
+                out.append(f"v{n} = MM({x}, {w}).add_({bias})" if self.low else
                            f"v{n} = torch.addmm({bias}, {x}.flatten(0, -2), {w}).unflatten(0, {x}.shape[:-1])")
             return
         if node in self.addmm:
             mm = self.addmm[node]
             other = node.args[1] if node.args[0] is mm else node.args[0]
             args = [self.ref(x, looped) for x in (other, *mm.args)]
-            out.append(f"v{n} = ({args[0]} + MMS({args[1]}, {args[2]}))" if self.low else
+            out.append(f"v{n} = MM({args[1]}, {args[2]}).add_({args[0]})" if self.low else
                        f"v{n} = torch.addmm({args[0]}, {args[1]}, {args[2]})")
             return
         expr = _expr(node, [self.ref(a, looped) for a in node.args], "xs[t]" if looped else "xs", self.low)
@@ -189,7 +189,7 @@ def _seq(value: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
 def compile_cell(cell: Cell, hoist: bool = True, fused: bool = False, precision: str = "fp32"):
     loop = FusedLoop(cell, precision) if fused and hoist and fused_supported(cell) else None
     source = cell_source(cell, hoist, loop, check_precision(precision) == "bf16")
-    namespace = {"torch": torch, "F": F, "LOOP": loop, "SEQ": _seq, "MM": low_mm, "MMS": mm_sum}
+    namespace = {"torch": torch, "F": F, "LOOP": loop, "SEQ": _seq, "MM": low_mm}
     exec(compile(source, f"<nn2 cell {cell.layer}>", "exec"), namespace)
     return namespace["run"], loop
 
