@@ -30,6 +30,8 @@ MEASURES = {
     "train": ("training on CPU vs torch.nn.LSTM", "training", "bench_train"),
     "train-sizes": ("training at 2×32 and 2×256: native loop vs fused loop vs torch.nn.LSTM", "training",
                     "bench_train_sizes"),
+    "train-bf16": ("training with bf16 products vs torch.nn.LSTM under autocast, and both in float32",
+                   "training", "bench_train_bf16"),
     "gpu": ("training on CUDA vs cuDNN nn.LSTM (skipped without a GPU)", "training", "bench_train_gpu"),
     "serve": ("nn2run serve: 1-128 streaming clients vs offline batches, batch 1, overload", "serve", "bench_serve"),
     "quant": ("f16 / int8 files vs float32: size, held-out loss, speed, open", "quantize", "bench_quantize"),

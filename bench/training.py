@@ -29,7 +29,7 @@ def _corpus(tmp):
 
 
 class TorchPeer:
-    def __init__(self, vocab, hidden, layers, batches, batch, lr, clip, device):
+    def __init__(self, vocab, hidden, layers, batches, batch, lr, clip, device, autocast: bool = False):
         import torch
         import torch.nn.functional as F
         self.torch, self.F = torch, F
@@ -39,6 +39,7 @@ class TorchPeer:
         self.params = list(self.lstm.parameters()) + list(self.lin.parameters())
         self.opt = torch.optim.Adam(self.params, lr=lr)
         self.batches, self.vocab, self.clip, self.k = batches, vocab, clip, 0
+        self.device, self.autocast = torch.device(device), autocast      # autocast: bf16 products
         z = lambda: torch.zeros(layers, batch, hidden, device=device)   # noqa: E731
         self.state = (z(), z())
 
@@ -46,14 +47,15 @@ class TorchPeer:
         torch, F = self.torch, self.F
         x, y = self.batches[self.k % len(self.batches)]
         self.k += 1
-        out, state = self.lstm(F.one_hot(x, self.vocab).float(), self.state)
-        logits = self.lin(out)
-        loss = F.cross_entropy(logits.reshape(-1, self.vocab), y.reshape(-1))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out, state = self.lstm(F.one_hot(x, self.vocab).float(), self.state)
+            logits = self.lin(out)
+            loss = F.cross_entropy(logits.reshape(-1, self.vocab).float(), y.reshape(-1))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.opt.step()
-        self.state = tuple(s.detach() for s in state)
+        self.state = tuple(s.detach().float() for s in state)
         return loss.item()
 
 
@@ -202,3 +204,50 @@ def bench_train_gpu(tmp, quick: bool, tf32: bool = False):
     for k, v in times.items():
         t.raw.append(f"{k}: s per rep of {steps} steps {fmt_list(v)}")
     return [t]
+
+
+def bench_train_bf16(tmp, quick: bool):
+    """bf16 products on the CPU (AMX/AVX-512 BF16 where the CPU has them): nn2c --precision bf16
+    against torch.nn.LSTM under torch.autocast("cpu", bfloat16), and both in float32, one run."""
+    import torch
+
+    from nn2c.train.trainer import TrainConfig
+    steps, reps = (3, 2) if quick else (6, 3)
+    hidden, layers, seq, batch = 256, 2, 100, 32
+    corpus = _corpus(tmp)
+    sides, nets = {}, {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(hidden=hidden, layers=layers, seq_len=seq, batch=batch, device="cpu",
+                          val_frac=0.01, eval_every=10 ** 9, precision=precision)
+        (tmp / precision).mkdir(exist_ok=True)
+        nets[precision] = trainer = _trainer(tmp / precision, cfg, corpus, native=True)
+        sides[f"nn2 {precision}"] = _steps(trainer, steps)
+    for name, autocast in (("torch fp32", False), ("torch autocast bf16", True)):
+        peer = TorchPeer(trainer.vocab, hidden, layers, trainer.train, batch, cfg.lr, cfg.clip, "cpu", autocast)
+        sides[name] = _peer_steps(peer, steps)
+    for run in sides.values():              # warm-up (allocator, native build, oneDNN kernels)
+        run()
+    times = interleaved(sides, reps)
+    rate = {k: batch * seq * steps / best(v) for k, v in times.items()}
+    t = Table("training 2×256, seq 100, batch 32, CPU, bf16: nn2c --precision bf16 vs torch.nn.LSTM under autocast")
+    t.add(f"chars/s bf16 ({nets['bf16'].net.loop_kind()} loop)", f"{rate['nn2 bf16']:,.0f}",
+          f"{rate['torch autocast bf16']:,.0f}", verdict(rate["nn2 bf16"] / rate["torch autocast bf16"], at_least=1.0),
+          "≥ 1.0×")
+    t.add("chars/s fp32", f"{rate['nn2 fp32']:,.0f}", f"{rate['torch fp32']:,.0f}",
+          verdict(rate["nn2 fp32"] / rate["torch fp32"], at_least=1.0), "—")
+    t.notes.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads, oneDNN "
+                   f"{'on' if torch.backends.mkldnn.is_available() else 'off'}; bf16 over fp32: "
+                   f"nn2 {rate['nn2 bf16'] / rate['nn2 fp32']:.2f}×, "
+                   f"torch {rate['torch autocast bf16'] / rate['torch fp32']:.2f}×")
+    for k, v in times.items():
+        t.raw.append(f"{k}: s per rep of {steps} steps {fmt_list(v)}; {best(v) / steps * 1e3:.0f} ms/step at best")
+    return [t]
+
+
+def _peer_steps(peer, steps: int):
+    def run():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            peer.step()
+        return time.perf_counter() - t0
+    return run

@@ -132,11 +132,13 @@ def check(kernel, hidden, vocab, layers, no_opt):
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint (same corpus).")
 @click.option("--sample", "sample_len", type=int, default=0, help="Print N generated characters when done.")
 @click.option("--log", "log", default=None, help="Append one JSON line per evaluation to this file (see nn2c plot).")
+@click.option("--precision", default="fp32", show_default=True, metavar="fp32|bf16",
+              help="bf16: products in bfloat16 (float32 sums, weights and the rest float32).")
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Train in N processes on this machine (torch.distributed: gloo on CPU, NCCL on CUDA).")
 def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs, lr, clip, eval_every,
           val_frac, seed, device, codec, codec_service, dropout, max_minutes, ckpt, checkpoint_every, resume,
-          sample_len, log, nproc):
+          sample_len, log, nproc, precision):
     """Train a character model on CORPUS (default: a small bundled corpus, or the checkpoint's
     corpus with --resume) and write a .nnb.
 
@@ -163,7 +165,7 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
         kernel=kernel, hidden=hidden, layers=layers, seq_len=seq_len, batch=batch,
         steps=steps if steps is not None or epochs is not None else 2000, epochs=epochs, lr=lr, clip=clip,
         eval_every=eval_every, val_frac=val_frac, seed=seed, device=device, codec=codec,
-        checkpoint_every=checkpoint_every, dropout=dropout, max_minutes=max_minutes)
+        checkpoint_every=checkpoint_every, dropout=dropout, max_minutes=max_minutes, precision=precision)
     given = frozenset(name for name in options if ctx.get_parameter_source(name) != ParameterSource.DEFAULT
                       and not (name == "codec" and codec_service is not None))
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from nn2c.backend import native
+from nn2c.backend import precision as precision_
 from nn2c.compiler.backward import Backward, Deriv, Grad, derive
 from nn2c.compiler.ir import Cell, Node, addmm_pairs, consumers
 from nn2run.ops import REDUCTIONS, check_table, named
@@ -44,8 +45,11 @@ check_table("nn2c.backend.fused TORCH_DERIV", TORCH_DERIV, named("activation"))
 check_table("nn2c.backend.fused TORCH_REDUCE", TORCH_REDUCE, REDUCTIONS)
 
 
-def torch_expr(node, args: list[str]) -> str:
-    """torch source for an element-wise, slice, concat or product node, given its arguments'."""
+def torch_expr(node, args: list[str], low: bool = False) -> str:
+    """torch source for an element-wise, slice, concat or product node, given its arguments';
+    with `low`, a product is MM (`nn2c.backend.precision.mm`: bf16 operands)."""
+    if node.op == "matmul" and low:
+        return f"MM({args[0]}, {args[1]})"
     if node.op == "slice":
         s = node.attrs["start"]
         return f"{args[0]}[..., {s}:{s + node.width}]"
@@ -67,14 +71,23 @@ def _const(node: Node) -> str:
     return repr(float(node.attrs["value"]))
 
 
-def forward_source(bw: Backward) -> str:
-    """`forward(E, S, P, T) -> (outputs, final states, saved values)`."""
+def _weights(bw: Backward, names: dict) -> list[str]:
+    """The products' weights (each the right operand of a product), once each."""
+    return list(dict.fromkeys(names[w.param] for w in bw.weights))
+
+
+def forward_source(bw: Backward, low: bool = False) -> str:
+    """`forward(E, S, P, T) -> (outputs, final states, saved values)`; with `low` the
+    products take bf16 operands (each weight rounded once, before the loop)."""
     lp, names = bw.loop, _names(bw)
     val = lambda x: _const(x) if x.op == "const" else names[x]      # noqa: E731
+    weight = lambda x: names[x] + "L" if low else names[x]          # noqa: E731
     k = len(lp.states)
     fused = addmm_pairs(lp.body, set(lp.body), consumers(lp.cell))
     skip = set(fused.values())
     lines = ["def forward(E, S, P, T):", *_unpack(bw), "    outs = []"]
+    if low:
+        lines += [f"    {p}L = LOW({p})" for p in _weights(bw, names)]
     lines += [f"    k{j} = []" for j in range(len(bw.saved))]
     lines.append("    for t in range(T):")
     for n in lp.body:
@@ -83,7 +96,10 @@ def forward_source(bw: Backward) -> str:
         if n in fused:
             mm = fused[n]
             other = next(a for a in n.args if a is not mm)
-            expr = f"torch.addmm({val(other)}, {val(mm.args[0])}, {val(mm.args[1])})"
+            expr = (f"({val(other)} + MMS({val(mm.args[0])}, {weight(mm.args[1])}))" if low else
+                    f"torch.addmm({val(other)}, {val(mm.args[0])}, {val(mm.args[1])})")
+        elif n.op == "matmul":
+            expr = torch_expr(n, [val(n.args[0]), weight(n.args[1])], low)
         else:
             expr = torch_expr(n, [val(a) for a in n.args])
         lines.append(f"        {names[n]} = {expr}")
@@ -105,8 +121,8 @@ def _unpack(bw: Backward, states: bool = True) -> list[str]:
 class _Backward:
     """Renders `backward(K, gouts, gS, E, P, T) -> (gE, gS, gP)` from a Backward."""
 
-    def __init__(self, bw: Backward):
-        self.bw, self.names = bw, _names(bw)
+    def __init__(self, bw: Backward, low: bool = False):
+        self.bw, self.names, self.low = bw, _names(bw), low
         self.index = {n: i for i, n in enumerate(bw.loop.body)}
         self.saved = {x: j for j, x in enumerate(bw.saved)}
         self.pieces: dict = {}          # target -> [(start, width, expr)]
@@ -131,7 +147,8 @@ class _Backward:
             if x.op == "cols":
                 return f"{a[0]}[:, {x.start}:{x.start + x.width}]"
             if x.op == "matmul_t":
-                return f"({a[0]} @ {self.names[x.args[1]]}T)"
+                wt = f"{self.names[x.args[1]]}T"
+                return f"MM({a[0]}, {wt})" if self.low else f"({a[0]} @ {wt})"
             return TORCH_DERIV[x.op].format(g=a[0], v=a[1])
         if x.op == "const":
             return _const(x)
@@ -176,7 +193,8 @@ class _Backward:
         lines += [f"    gP{i} = torch.zeros_like(P{i})" for i in range(len(lp.params))]
         lines += [f"    gM{j} = []" for j in range(len(products))]
         # g @ Wᵀ with a contiguous Wᵀ made once: a transposed operand is a slower product
-        lines += [f"    {p}T = {p}.t().contiguous()" for p in dict.fromkeys(self.names[w.param] for w in bw.weights)]
+        lines += [f"    {p}T = LOW({p}).t().contiguous()" if self.low else f"    {p}T = {p}.t().contiguous()"
+                  for p in _weights(bw, self.names)]
         self.pieces = {lp.cell.output: [(0, lp.cell.output.width, "gouts[t]")]}
         for i, (_, _, nxt) in enumerate(lp.cell.states):
             self.pieces.setdefault(nxt, []).append((0, nxt.width, f"gs{i}"))
@@ -204,8 +222,8 @@ class _Backward:
         for j, w in enumerate(bw.weights):       # every weight gradient: one product over all steps
             p = self.names[w.param]
             # gM was filled from the last step back: flip it to line up with the forward's k
-            lines.append(f"    g{p} = g{p} + torch.cat(k{self.saved[w.input]}).t() @ "
-                         f"torch.stack(gM{j}).flip(0).flatten(0, 1)")
+            a, g = f"torch.cat(k{self.saved[w.input]}).t()", f"torch.stack(gM{j}).flip(0).flatten(0, 1)"
+            lines.append(f"    g{p} = g{p} + MMS({a}, {g})" if self.low else f"    g{p} = g{p} + {a} @ {g}")
         lines.append(f"    return [{', '.join(f'torch.stack(gE{i}).flip(0)' for i in range(len(lp.ext)))}], "
                      f"[{', '.join(f'gs{i}' for i in range(len(lp.states)))}], "
                      f"[{', '.join(f'gP{i}' for i in range(len(lp.params)))}]")
@@ -225,14 +243,17 @@ def supported(cell: Cell) -> bool:
 
 class FusedLoop:
     """The compiled forward and backward of one cell's time loop; on the CPU, the native
-    loop runs them where it can (`loop_kind` says which ran last)."""
+    loop runs them where it can (`loop_kind` says which ran last). `precision`: what the
+    products compute in (`nn2c.backend.precision`)."""
 
-    def __init__(self, cell: Cell):
+    def __init__(self, cell: Cell, precision: str = "fp32"):
         self.backward = derive(cell)
-        self.cell = cell
+        self.cell, self.precision = cell, precision_.check(precision)
+        low = precision == "bf16"
         self.ext, self.params = list(self.backward.loop.ext), list(self.backward.loop.params)
-        self.forward_src, self.backward_src = forward_source(self.backward), _Backward(self.backward).source()
-        ns = {"torch": torch}
+        self.forward_src = forward_source(self.backward, low)
+        self.backward_src = _Backward(self.backward, low).source()
+        ns = {"torch": torch, "MM": precision_.mm, "MMS": precision_.mm_sum, "LOW": precision_.low}
         exec(compile(self.forward_src, f"<nn2 loop {cell.layer} forward>", "exec"), ns)
         exec(compile(self.backward_src, f"<nn2 loop {cell.layer} backward>", "exec"), ns)
         self.fwd, self.bwd = ns["forward"], ns["backward"]
@@ -254,7 +275,7 @@ class FusedLoop:
         if self.kind_for(tensors) == "native":
             if self._native is None:
                 try:
-                    self._native = native.NativeLoop(self.backward)
+                    self._native = native.NativeLoop(self.backward, self.precision)
                 except native.NativeUnavailable as e:
                     self.native_error = str(e)
                     return self
@@ -266,8 +287,20 @@ class FusedLoop:
         return outs, finals
 
 
+def _own_precision(device_types=("cuda", "cpu")):
+    """The loop computes in its own precision whatever autocast region it is called in: in
+    one, its inputs arrive in float32 and it runs (forward and backward) with autocast off;
+    else the backward would multiply bf16 gradients by float32 values and fail, and the
+    final states, which go on to the next window and into `.numpy()`, would be bf16."""
+    def decorate(fwd, bwd):
+        for device_type in device_types:
+            fwd = torch.amp.custom_fwd(fwd, device_type=device_type, cast_inputs=torch.float32)
+            bwd = torch.amp.custom_bwd(bwd, device_type=device_type)
+        return staticmethod(fwd), staticmethod(bwd)
+    return decorate
+
+
 class _Loop(torch.autograd.Function):
-    @staticmethod
     def forward(ctx, loop: FusedLoop, T: int, n_e: int, n_s: int, *tensors):
         E, S, P = tensors[:n_e], tensors[n_e:n_e + n_s], tensors[n_e + n_s:]
         impl = loop.implementation(tensors)
@@ -279,7 +312,6 @@ class _Loop(torch.autograd.Function):
         ctx.out_shape = outs.shape
         return (outs, *finals)
 
-    @staticmethod
     def backward(ctx, gouts, *gS):
         saved = ctx.saved_tensors
         E, P = saved[:ctx.n_e], saved[ctx.n_e:]
@@ -288,3 +320,5 @@ class _Loop(torch.autograd.Function):
             gouts = ctx.state_like[0].new_zeros(ctx.out_shape)
         gE, gSi, gP = ctx.loop.bwd(ctx.K, gouts, gS, E, P, ctx.T)
         return (None, None, None, None, *gE, *gSi, *gP)
+
+    forward, backward = _own_precision()(forward, backward)

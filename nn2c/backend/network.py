@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from nn2c.backend.fused import FusedLoop, torch_expr
 from nn2c.backend.fused import supported as fused_supported
+from nn2c.backend.precision import check as check_precision
+from nn2c.backend.precision import mm as low_mm
 from nn2c.compiler.emit import init_logical, pack, param_roles
 from nn2c.compiler.ir import Cell, Network, addmm_pairs, consumers, depends_on_state
 
@@ -41,8 +43,8 @@ def _split_plans(nodes) -> dict:
 class _Codegen:
     """Straight-line torch source for one cell: hoisted part, then the time loop."""
 
-    def __init__(self, cell: Cell, hoist: bool, loop=None):
-        self.cell = cell
+    def __init__(self, cell: Cell, hoist: bool, loop=None, low: bool = False):
+        self.cell, self.low = cell, low     # low: products in bf16 (MM), see nn2c.backend.precision
         self.fused = loop          # a FusedLoop replacing the time loop, or None
         self.nodes = cell.nodes()
         stateful = depends_on_state(cell)
@@ -99,15 +101,18 @@ class _Codegen:
                 out.append(f"v{n} = F.embedding(xs, {w} + {bias})")
             else:
                 x = self.ref(m.args[0], False)
-                out.append(f"v{n} = torch.addmm({bias}, {x}.flatten(0, -2), {w}).unflatten(0, {x}.shape[:-1])")
+                # (widened, then the bias added in place: an add of bf16 to float32 is a slow pass)
+                out.append(f"v{n} = MM({x}, {w}).add_({bias})" if self.low else
+                           f"v{n} = torch.addmm({bias}, {x}.flatten(0, -2), {w}).unflatten(0, {x}.shape[:-1])")
             return
         if node in self.addmm:
             mm = self.addmm[node]
             other = node.args[1] if node.args[0] is mm else node.args[0]
             args = [self.ref(x, looped) for x in (other, *mm.args)]
-            out.append(f"v{n} = torch.addmm({args[0]}, {args[1]}, {args[2]})")
+            out.append(f"v{n} = MM({args[1]}, {args[2]}).add_({args[0]})" if self.low else
+                       f"v{n} = torch.addmm({args[0]}, {args[1]}, {args[2]})")
             return
-        expr = _expr(node, [self.ref(a, looped) for a in node.args], "xs[t]" if looped else "xs")
+        expr = _expr(node, [self.ref(a, looped) for a in node.args], "xs[t]" if looped else "xs", self.low)
         out.append(f"v{n} = {expr}")
 
     def _split(self, node, out, looped) -> None:
@@ -155,13 +160,14 @@ class _Codegen:
         return "\n".join(body) + "\n"
 
 
-def cell_source(cell: Cell, hoist: bool = True, loop=None) -> str:
+def cell_source(cell: Cell, hoist: bool = True, loop=None, low: bool = False) -> str:
     """Python source of `run(xs, states, P) -> (outputs over time, final states)`; with
-    `loop` (a FusedLoop) the time loop is that compiled forward/backward pair."""
-    return _Codegen(cell, hoist, loop).source()
+    `loop` (a FusedLoop) the time loop is that compiled forward/backward pair; with `low`
+    the products take bf16 operands."""
+    return _Codegen(cell, hoist, loop, low).source()
 
 
-def _expr(node, args: list[str], xs: str) -> str:
+def _expr(node, args: list[str], xs: str, low: bool = False) -> str:
     op = node.op
     if op == "onehot":
         return f"F.one_hot({xs}, {node.width}).float()"
@@ -169,7 +175,7 @@ def _expr(node, args: list[str], xs: str) -> str:
         return xs
     if op == "gather":
         return f"F.embedding({xs}, {args[0]})"
-    return torch_expr(node, args)
+    return torch_expr(node, args, low)
 
 
 def _seq(value: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
@@ -180,32 +186,33 @@ def _seq(value: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     return value.expand(xs.shape[0], xs.shape[1], value.shape[-1])
 
 
-def compile_cell(cell: Cell, hoist: bool = True, fused: bool = False):
-    loop = FusedLoop(cell) if fused and hoist and fused_supported(cell) else None
-    source = cell_source(cell, hoist, loop)
-    namespace = {"torch": torch, "F": F, "LOOP": loop, "SEQ": _seq}
+def compile_cell(cell: Cell, hoist: bool = True, fused: bool = False, precision: str = "fp32"):
+    loop = FusedLoop(cell, precision) if fused and hoist and fused_supported(cell) else None
+    source = cell_source(cell, hoist, loop, check_precision(precision) == "bf16")
+    namespace = {"torch": torch, "F": F, "LOOP": loop, "SEQ": _seq, "MM": low_mm}
     exec(compile(source, f"<nn2 cell {cell.layer}>", "exec"), namespace)
     return namespace["run"], loop
 
 
 class TorchNetwork(torch.nn.Module):
-    """A Network's parameters as torch Parameters (one per stored tensor) and its forward pass."""
+    """A Network's parameters as torch Parameters (one per stored tensor, always float32) and
+    its forward pass; `precision` says what the products compute in (nn2c.backend.precision)."""
 
     def __init__(self, network: Network, tensors: dict[str, np.ndarray], hoist: bool = True,
-                 fused: bool = True, dropout: float = 0.0):
+                 fused: bool = True, dropout: float = 0.0, precision: str = "fp32"):
         super().__init__()
-        self.network = network
+        self.network, self.precision = network, check_precision(precision)
         self.dropout = dropout      # training only, on each layer's output; the file has none
         self.names = list(network.tensors())
         for i, name in enumerate(self.names):
             self.register_parameter(f"t{i}", torch.nn.Parameter(torch.from_numpy(np.array(tensors[name]))))
         self._cells, self.loops = [], []
         for cell in network.cells:
-            run, loop = compile_cell(cell, hoist, fused)
+            run, loop = compile_cell(cell, hoist, fused, precision)
             self._cells.append(run)
             if loop is not None:
                 self.loops.append(loop)
-        self._readout, _ = compile_cell(network.readout, hoist)
+        self._readout, _ = compile_cell(network.readout, hoist, precision=precision)
 
     def loop_kind(self) -> str:
         """What runs the recurrent loops where the parameters are now: "native" (generated C,

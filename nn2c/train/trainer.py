@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nn2c.backend.network import TorchNetwork, init_tensors
+from nn2c.backend.precision import PRECISIONS
 from nn2c.compiler.pipeline import compile_kernel, write_model
 from nn2c.train.checkpoint import TrainState, save_checkpoint
 from nn2c.train.corpus import Batches, Corpus
@@ -53,6 +54,7 @@ class TrainConfig:
     dropout: float = 0.0
     max_minutes: float | None = None
     max_eval_tokens: int = 1 << 17
+    precision: str = "fp32"         # what the products compute in (nn2c.backend.precision)
 
     def check(self) -> None:
         """Every option in range, each refused in one line that names it."""
@@ -66,6 +68,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise TrainError(f"{_flag(name)} must be a finite number > 0, got {value}")
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"--precision must be {' or '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("dropout", "val_frac"):
             if not 0 <= getattr(self, name) < 1:
                 raise TrainError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
@@ -260,7 +264,11 @@ class Trainer:
             _check_fits(resume, self.compiled, ckpt_path)
         torch.manual_seed(cfg.seed + self.rank)      # each rank its own dropout masks
         self.ts = resume or TrainState.fresh(init_tensors(self.compiled.network, cfg.seed), cfg, corpus.sha256)
-        self.net = TorchNetwork(self.compiled.network, self.ts.tensors, dropout=cfg.dropout).to(self.device)
+        self.net = TorchNetwork(self.compiled.network, self.ts.tensors, dropout=cfg.dropout,
+                                precision=cfg.precision).to(self.device)
+        if cfg.precision == "bf16" and self.device.type == "cuda":
+            # cuBLAS may otherwise sum a bf16 product's split parts in bf16: keep the sums float32
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         self.params = list(self.net.parameters())
         # fused: one kernel for the whole update, and it takes found_inf (see Health)
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, fused=True)
@@ -299,7 +307,7 @@ class Trainer:
                 "train_loss": ts.last_train, "val_loss": ts.last_val, "best_val_loss": ts.best_val,
                 "best_step": ts.best_step if validated else None, "chars_per_s": round(rate),
                 "device": str(self.device), "world_size": self.world_size,
-                "loop": self.net.loop_kind(),
+                "loop": self.net.loop_kind(), "precision": self.cfg.precision,
                 "torch": torch.__version__, "hyperparameters": asdict(self.cfg)}
 
     def step(self, state):

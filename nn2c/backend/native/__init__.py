@@ -15,7 +15,8 @@ product over all steps after the loop.
     build.py     compiling (`$CC`, default `cc`) and caching (`$NN2_CACHE`) the C
     driver.py    the Plan -> the Python that allocates the buffers and calls the C and the products
 
-Float32 on the CPU only; `NN2_NATIVE=0` turns it off. What the plan does not support
+Float32 tensors on the CPU only (with precision bf16 the products take bf16 operands, see
+`nn2c.backend.precision`; every buffer stays float32); `NN2_NATIVE=0` turns it off. What the plan does not support
 (a product of a product, a root that is a product or a slice) or the absence of a
 compiler leaves the fused loop in charge.
 """

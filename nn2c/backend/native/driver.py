@@ -15,6 +15,8 @@ from nn2c.backend.native.build import build
 from nn2c.backend.native.plan import Group, Plan, Rows, Seed, Where
 from nn2c.backend.native.plan import plan as make_plan
 from nn2c.backend.native.render import c_source
+from nn2c.backend.precision import check, mm_sum
+from nn2c.backend.precision import low as LOW
 from nn2c.compiler.backward import Backward, Deriv, Grad
 
 
@@ -48,10 +50,24 @@ def _ref(plan: Plan, node, whole: bool = False) -> str:
     return f"{seq}[:, :, {off}:{off + node.width}]" if whole else f"{step}[:, {off}:{off + node.width}]"
 
 
-def forward_source(plan: Plan) -> str:
+def _into(dst: str, how: str, x: str, w: str, low: bool, added: str | None = None) -> str:
+    """A product x @ w written into the float32 view dst: `how` is "set", "add" (dst +=)
+    or "plus" (dst = added + x @ w). In bf16 (`low`) the product is a bf16 result (MM,
+    `precision.mm_sum`; torch's CPU products write no float32 from bf16), widened as it is
+    written in."""
+    if low:
+        return {"set": f"{dst}.copy_(MM({x}, {w}))", "add": f"{dst}.add_(MM({x}, {w}))",
+                "plus": f"torch.add({added}, MM({x}, {w}), out={dst})"}[how]
+    return {"set": f"torch.mm({x}, {w}, out={dst})", "add": f"{dst}.addmm_({x}, {w})",
+            "plus": f"torch.addmm({added}, {x}, {w}, out={dst})"}[how]
+
+
+def forward_source(plan: Plan, low: bool = False) -> str:
     lp = plan.loop
     f = ["def forward(E, S, P, T):", "    B = S[0].shape[0]",
          "    E = [e.contiguous() for e in E]", "    P = [p.contiguous() for p in P]"]
+    weights = dict.fromkeys(lp.params.index(p.weight) for p in plan.products)
+    f += [f"    P{i}L = LOW(P[{i}])" if low else f"    P{i}L = P[{i}]" for i in sorted(weights)]
     for i, b in enumerate(plan.state_bufs):
         f += [f"    {b.name} = torch.empty(T + 1, B, {b.width}, dtype=F32)", f"    {b.name}[0] = S[{i}]"]
     into = {plan.values[p.node].name: p.into for p in plan.products if p.into is not None}
@@ -68,13 +84,13 @@ def forward_source(plan: Plan) -> str:
         if isinstance(item, Group):
             f.append(f"        f{g}(t, B, A)")
             continue
-        dst, args = _ref(plan, item.node), f"{_ref(plan, item.input)}, P[{lp.params.index(item.weight)}]"
+        dst, x, w = _ref(plan, item.node), _ref(plan, item.input), f"P{lp.params.index(item.weight)}L"
         if item.into is not None:
-            f.append(f"        {dst}.addmm_({args})")
+            f.append(f"        {_into(dst, 'add', x, w, low)}")
         elif item.added is None:
-            f.append(f"        torch.mm({args}, out={dst})")
+            f.append(f"        {_into(dst, 'set', x, w, low)}")
         else:
-            f.append(f"        torch.addmm({_ref(plan, item.added)}, {args}, out={dst})")
+            f.append(f"        {_into(dst, 'plus', x, w, low, _ref(plan, item.added))}")
     out = plan.values[lp.cell.output]
     f.append(f"    K = [{', '.join(saved)}]")
     f.append(f"    return {out.name + '[1:]' if out.rows is Rows.STATE else out.name}, "
@@ -82,7 +98,7 @@ def forward_source(plan: Plan) -> str:
     return "\n".join(f) + "\n"
 
 
-def _product_lines(plan: Plan, bg) -> list[str]:
+def _product_lines(plan: Plan, bg, low: bool) -> list[str]:
     """A product's backward at step t: the seeds into its gradient, then its input's gradient
     (g @ Wᵀ) and its added operand's (g itself)."""
     lp, lines = plan.loop, []
@@ -100,14 +116,14 @@ def _product_lines(plan: Plan, bg) -> list[str]:
             lines.append(f"{view}.add_({src})" if w.add else f"{view}.copy_({src})")
         elif isinstance(w.value, Deriv):          # g @ Wᵀ
             wt = f"WT{lp.params.index(w.value.args[1])}"
-            lines.append(f"{view}.addmm_({g}, {wt})" if w.add else f"torch.mm({g}, {wt}, out={view})")
+            lines.append(_into(view, "add" if w.add else "set", g, wt, low))
         else:
             assert isinstance(w.value, Grad)
             lines.append(f"{view}.add_({g})" if w.add else f"{view}.copy_({g})")
     return lines
 
 
-def backward_source(plan: Plan) -> str:
+def backward_source(plan: Plan, low: bool = False) -> str:
     lp = plan.loop
     saved = [b.name for b in (*plan.state_bufs, *plan.value_bufs)]
     r = ["def backward(K, gouts, gS, E, P, T):", "    B = gouts.shape[1]",
@@ -129,7 +145,7 @@ def backward_source(plan: Plan) -> str:
         r.append(f"    {b.name} = torch.{alloc}(T, B, {b.width}, dtype=F32)")
     r += [f"    GP{i} = torch.zeros_like(P[{i}])" for i in range(len(lp.params))]
     weights = dict.fromkeys(lp.params.index(p.weight) for p in plan.products)
-    r += [f"    WT{i} = P[{i}].t().contiguous()" for i in sorted(weights)]
+    r += [f"    WT{i} = {f'LOW(P[{i}])' if low else f'P[{i}]'}.t().contiguous()" for i in sorted(weights)]
     r.append(f"    A = table([{_arrays(plan.backward_table())}])")
     r.append("    for t in range(T - 1, -1, -1):")
     for b in (*plan.grad_bufs, *plan.gs_bufs):
@@ -141,11 +157,11 @@ def backward_source(plan: Plan) -> str:
         if bg.product is None:
             r.append(f"        b{bg.index}(t, B, A)")
         else:
-            r += [f"        {line}" for line in _product_lines(plan, bg)]
+            r += [f"        {line}" for line in _product_lines(plan, bg, low)]
     for p in plan.products:
         i = lp.params.index(p.weight)
-        r.append(f"    GP{i}.addmm_({_ref(plan, p.input, whole=True)}.flatten(0, 1).t(), "
-                 f"{plan.grads[p.node].name}.flatten(0, 1))")
+        x, g = f"{_ref(plan, p.input, whole=True)}.flatten(0, 1).t()", f"{plan.grads[p.node].name}.flatten(0, 1)"
+        r.append(f"    {_into(f'GP{i}', 'add', x, g, low)}")
     r += [f"    GP{i}[{off}:{off + w}] += {gm.name}.sum((0, 1))" for i, off, w, gm in plan.param_sums]
     r += [f"    GE{i}[:, :, {off}:{off + w}] += {gm.name}" for i, off, w, gm in plan.ext_adds]
     r.append(f"    return [{', '.join(b.name for b in plan.ge_bufs)}], "
@@ -158,12 +174,13 @@ class NativeLoop:
     """fwd/bwd with the fused loop's signatures, running the generated C. The forward owns
     the sequences E it is given: a product may accumulate into one in place."""
 
-    def __init__(self, backward: Backward):
+    def __init__(self, backward: Backward, precision: str = "fp32"):
         self.plan = make_plan(backward)
         self.c_src = c_source(self.plan)
-        self.forward_src, self.backward_src = forward_source(self.plan), backward_source(self.plan)
+        low = check(precision) == "bf16"
+        self.forward_src, self.backward_src = forward_source(self.plan, low), backward_source(self.plan, low)
         self._lib = build(self.c_src)
-        ns = {"torch": torch, "table": _table, "F32": torch.float32}
+        ns = {"torch": torch, "table": _table, "F32": torch.float32, "MM": mm_sum, "LOW": LOW}
         for g, item in enumerate(self.plan.schedule):
             if isinstance(item, Group):
                 for prefix in ("f", "b"):
