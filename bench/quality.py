@@ -182,7 +182,7 @@ def train_peer(args, corpus, bf16: bool) -> dict:
     held = held_out_ids(corpus, cfg)
     peer = Peer(len(corpus.codec.vocab), args.hidden, args.layers, args.lr, args.clip, args.seed, bf16)
     best = best_step = best_weights = None
-    state, step, t0 = None, 0, time.monotonic()
+    state, step, t0, c0 = None, 0, time.monotonic(), time.process_time()
     deadline = t0 + 60 * args.minutes
     while True:
         k = step % len(train)
@@ -200,11 +200,11 @@ def train_peer(args, corpus, bf16: bool) -> dict:
                 best, best_step, best_weights = v, step, peer.weights()
         if last:
             break
-    seconds = time.monotonic() - t0
+    seconds, cpu = time.monotonic() - t0, time.process_time() - c0
     peer.load(best_weights)
     return {"steps": step, "seconds": seconds, "best_val": best, "best_step": best_step,
             "held_out": peer.stream_loss(held, args.streams), "digest": digest(train, val, held),
-            "loop": "torch.nn.LSTM" + (" (autocast bf16)" if bf16 else "")}
+            "loop": "nn.LSTM" + (", autocast bf16" if bf16 else ""), "cpu_share": cpu / seconds}
 
 
 # --- nn2 -----------------------------------------------------------------------------------
@@ -219,13 +219,14 @@ def train_nn2(args, corpus, bf16: bool, tmp: Path) -> dict:
     cfg = train_config(args, bf16)
     out = tmp / "nn2.nnb"
     trainer = Trainer(cfg, corpus, str(out), str(tmp / "nn2.ckpt"), stream=sys.stderr)
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
     summary = trainer.run()
-    seconds = time.monotonic() - t0
+    seconds, cpu = time.monotonic() - t0, time.process_time() - c0
     held = held_out_ids(corpus, cfg)
     return {"steps": summary["steps_run"], "seconds": seconds, "best_val": summary["best_val_loss"],
             "best_step": summary["best_step"], "held_out": stream_loss(nn2run.load(str(out)), held, args.streams),
-            "digest": digest(trainer.train, trainer.val, held), "loop": f"nn2 {summary['loop']} loop"}
+            "digest": digest(trainer.train, trainer.val, held), "loop": f"{summary['loop']} loop",
+            "cpu_share": cpu / seconds}
 
 
 def run_arm(args) -> dict:
@@ -270,17 +271,17 @@ def fmt_loss(x) -> str:
 
 def arms_table(args, results: dict) -> str:
     head = ["arm", "steps", "chars/s", "best val (trainer's windows)", "at step",
-            f"held-out, {args.streams} streams (nats/char)", "load avg before → after"]
+            f"held-out, {args.streams} streams (nats/char)", "CPU s / wall s", "load avg before → after"]
     rows, notes = [], []
     for arm, r in results.items():
         load = f"{r['load_before']} → {r['load_after']}"
         if "steps" not in r:
             what = "skipped" if "skipped" in r else "failed"
-            rows.append([arm, what, "", "", "", "", load])
+            rows.append([arm, what, "", "", "", "", "", load])
             notes.append(f"note: {arm} {what}: {r.get(what)}")
             continue
         rows.append([f"{arm} ({r['loop']})", f"{r['steps']:,}", f"{r['chars_per_s']:,.0f}", fmt_loss(r["best_val"]),
-                     f"{r['best_step']:,}", fmt_loss(r["held_out"]), load])
+                     f"{r['best_step']:,}", fmt_loss(r["held_out"]), f"{r['cpu_share']:.2f}", load])
     cells = [head] + rows
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     line = lambda c: "| " + " | ".join(s.ljust(w) for s, w in zip(c, widths)) + " |"   # noqa: E731
@@ -306,8 +307,9 @@ def verdict_table(args, results: dict):
             x, y = ok[a]["chars_per_s"], ok[b]["chars_per_s"]
             t.add(f"chars/s, {a} vs {b} (whole run, validation included)", f"{x:,.0f}", f"{y:,.0f}",
                   f"{x / y:.2f}×", "—")
-    t.notes.append("one wall-clock race on a shared machine: the figures move from run to run "
-                   "(see the load averages); ratios of losses below 1.00× mean nn2 is ahead")
+    t.notes.append("one wall-clock race on a shared machine: the figures move from run to run (see the "
+                   "load averages, and CPU s / wall s: the share of a core each arm had while training); "
+                   "ratios of losses below 1.00× mean nn2 is ahead")
     return t
 
 
