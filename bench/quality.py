@@ -182,6 +182,7 @@ def train_peer(args, corpus, bf16: bool) -> dict:
     held = held_out_ids(corpus, cfg)
     peer = Peer(len(corpus.codec.vocab), args.hidden, args.layers, args.lr, args.clip, args.seed, bf16)
     best = best_step = best_weights = None
+    history = []                    # (step, validation loss) of every evaluation
     state, step, t0, c0 = None, 0, time.monotonic(), time.process_time()
     deadline = t0 + 60 * args.minutes
     while True:
@@ -196,6 +197,7 @@ def train_peer(args, corpus, bf16: bool) -> dict:
         last = time.monotonic() > deadline
         if step % args.eval_every == 0 or last:
             v = peer.evaluate(val)
+            history.append((step, v))
             if best is None or v < best:
                 best, best_step, best_weights = v, step, peer.weights()
         if last:
@@ -204,7 +206,8 @@ def train_peer(args, corpus, bf16: bool) -> dict:
     peer.load(best_weights)
     return {"steps": step, "seconds": seconds, "best_val": best, "best_step": best_step,
             "held_out": peer.stream_loss(held, args.streams), "digest": digest(train, val, held),
-            "loop": "nn.LSTM" + (", autocast bf16" if bf16 else ""), "cpu_share": cpu / seconds}
+            "loop": "nn.LSTM" + (", autocast bf16" if bf16 else ""), "cpu_share": cpu / seconds,
+            "history": history}
 
 
 # --- nn2 -----------------------------------------------------------------------------------
@@ -212,13 +215,15 @@ def train_peer(args, corpus, bf16: bool) -> dict:
 def train_nn2(args, corpus, bf16: bool, tmp: Path) -> dict:
     """nn2c's trainer as `nn2c train --max-minutes` runs it; its progress goes to stderr."""
     import nn2run
+    from nn2c.train.progress import read_log
     from nn2c.train.trainer import Trainer
     from nn2run.score import stream_loss
     if bf16 and not has_precision():
         return {"skipped": "TrainConfig has no precision field in this build"}
     cfg = train_config(args, bf16)
     out = tmp / "nn2.nnb"
-    trainer = Trainer(cfg, corpus, str(out), str(tmp / "nn2.ckpt"), stream=sys.stderr)
+    log = tmp / "nn2.jsonl"           # --log: one record per evaluation
+    trainer = Trainer(cfg, corpus, str(out), str(tmp / "nn2.ckpt"), stream=sys.stderr, log_path=str(log))
     t0, c0 = time.monotonic(), time.process_time()
     summary = trainer.run()
     seconds, cpu = time.monotonic() - t0, time.process_time() - c0
@@ -226,7 +231,7 @@ def train_nn2(args, corpus, bf16: bool, tmp: Path) -> dict:
     return {"steps": summary["steps_run"], "seconds": seconds, "best_val": summary["best_val_loss"],
             "best_step": summary["best_step"], "held_out": stream_loss(nn2run.load(str(out)), held, args.streams),
             "digest": digest(trainer.train, trainer.val, held), "loop": f"{summary['loop']} loop",
-            "cpu_share": cpu / seconds}
+            "cpu_share": cpu / seconds, "history": [(r["step"], r["val_loss"]) for r in read_log(str(log))]}
 
 
 def run_arm(args) -> dict:
@@ -290,20 +295,21 @@ def arms_table(args, results: dict) -> str:
 
 
 def verdict_table(args, results: dict):
-    from bench.common import Table, verdict
+    from bench.common import Table
     t = Table(f"held-out loss after {args.minutes:g} min of training each: nn2 against torch.nn.LSTM")
     ok = {arm: r for arm, r in results.items() if "held_out" in r}
 
     def pair(label, a, b, target):
         if a in ok and b in ok:
             x, y = ok[a]["held_out"], ok[b]["held_out"]
-            t.add(label, f"{x:.4f}", f"{y:.4f}", verdict(x / y, at_most=1.0), target)
+            t.add(label, f"{x:.4f}", f"{y:.4f}", f"{x / y:.3f}× {'✓' if x <= y else '✗'}", target)
             t.notes.append(f"{label}: {a} − {b} = {x - y:+.4f} nats/char")
     pair("held-out nats/char, float32", "nn2", "torch", "≤ 1.00× (nn2 ≤ peer)")
     pair("held-out nats/char, bf16", "nn2-bf16", "torch-bf16", "≤ 1.00× (nn2 ≤ peer)")
     pair("held-out nats/char, nn2 bf16 vs nn2 float32", "nn2-bf16", "nn2", "≤ 1.00×")
     for a, b in (("nn2", "torch"), ("nn2-bf16", "torch-bf16")):
         if a in ok and b in ok:
+            same_step(t, a, ok[a]["history"], b, ok[b]["history"])
             x, y = ok[a]["chars_per_s"], ok[b]["chars_per_s"]
             t.add(f"chars/s, {a} vs {b} (whole run, validation included)", f"{x:,.0f}", f"{y:,.0f}",
                   f"{x / y:.2f}×", "—")
@@ -311,6 +317,16 @@ def verdict_table(args, results: dict):
                    "load averages, and CPU s / wall s: the share of a core each arm had while training); "
                    "ratios of losses below 1.00× mean nn2 is ahead")
     return t
+
+
+def same_step(t, a: str, ha, b: str, hb) -> None:
+    """A row for the last step both arms validated at: how much of a lead is per step, not speed."""
+    va, vb = dict(map(tuple, ha)), dict(map(tuple, hb))
+    common = sorted(set(va) & set(vb))
+    if common:
+        s = common[-1]
+        t.add(f"val loss at step {s:,} (trainer's windows), {a} vs {b}", f"{va[s]:.4f}", f"{vb[s]:.4f}",
+              f"{va[s] / vb[s]:.3f}×", "—")
 
 
 def main(argv=None) -> int:

@@ -72,5 +72,6 @@ def test_the_race_runs_end_to_end_on_the_same_data(tmp_path, shakespeare):
     assert arms["nn2"]["digest"] == arms["torch"]["digest"]
     for arm in arms.values():
         assert arm["steps"] >= 1 and arm["best_step"] <= arm["steps"]
+        assert arm["history"][-1][0] == arm["steps"]            # validated at the last step, as nn2 does
         assert 0 < arm["held_out"] < math.log(65)             # learned something in the seconds it had
-    assert "held-out nats/char, float32" in r.stdout and "nn2 ≤ peer" in r.stdout
+    assert "held-out nats/char, float32" in r.stdout and "nn2 ≤ peer" in r.stdout and "val loss at step" in r.stdout
