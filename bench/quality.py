@@ -246,7 +246,9 @@ def run_arm(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="nn2-quality-") as d:
         result = train_peer(args, corpus, bf16) if side == "torch" else train_nn2(args, corpus, bf16, Path(d))
     if "steps" in result:
-        result["chars_per_s"] = result["steps"] * args.batch * args.seq_len / result["seconds"]
+        chars = result["steps"] * args.batch * args.seq_len
+        result["chars_per_s"] = chars / result["seconds"]
+        result["chars_per_cpu_s"] = chars / (result["cpu_share"] * result["seconds"])   # what a whole core gives
     result["threads"] = torch.get_num_threads()
     return result
 
@@ -276,17 +278,19 @@ def fmt_loss(x) -> str:
 
 def arms_table(args, results: dict) -> str:
     head = ["arm", "steps", "chars/s", "best val (trainer's windows)", "at step",
-            f"held-out, {args.streams} streams (nats/char)", "CPU s / wall s", "load avg before → after"]
+            f"held-out, {args.streams} streams (nats/char)", "CPU s / wall s", "chars per CPU s",
+            "load avg before → after"]
     rows, notes = [], []
     for arm, r in results.items():
         load = f"{r['load_before']} → {r['load_after']}"
         if "steps" not in r:
             what = "skipped" if "skipped" in r else "failed"
-            rows.append([arm, what, "", "", "", "", "", load])
+            rows.append([arm, what, "", "", "", "", "", "", load])
             notes.append(f"note: {arm} {what}: {r.get(what)}")
             continue
         rows.append([f"{arm} ({r['loop']})", f"{r['steps']:,}", f"{r['chars_per_s']:,.0f}", fmt_loss(r["best_val"]),
-                     f"{r['best_step']:,}", fmt_loss(r["held_out"]), f"{r['cpu_share']:.2f}", load])
+                     f"{r['best_step']:,}", fmt_loss(r["held_out"]), f"{r['cpu_share']:.2f}",
+                     f"{r['chars_per_cpu_s']:,.0f}", load])
     cells = [head] + rows
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     line = lambda c: "| " + " | ".join(s.ljust(w) for s, w in zip(c, widths)) + " |"   # noqa: E731
