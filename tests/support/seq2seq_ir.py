@@ -82,3 +82,11 @@ def seq2seq_network(source_vocab: int, target_vocab: int, hidden: int = 16, laye
     enc = compile_kernel(encoder, hidden, layers, source_vocab).network.cells
     dec, bridge = bahdanau_decoder(hidden, target_vocab, layers, bridge_only)
     return Seq2SeqNetwork(enc, dec, bridge, source_vocab, target_vocab, hidden, layers)
+
+
+def build(cfg, source_vocab: int, target_vocab: int, bridge_only: bool = False):
+    """The trainer's `build` hook: this module's network at the config's sizes."""
+    from nn2c.train.seq2seq.trainer import Built
+    net = seq2seq_network(source_vocab, target_vocab, cfg.hidden, cfg.layers, cfg.encoder, bridge_only)
+    names = {"encoder": cfg.encoder, "decoder": "bahdanau (by hand)" if not bridge_only else "bridge (by hand)"}
+    return Built(net, names, {"encoder": cfg.encoder, "decoder": names["decoder"]})
