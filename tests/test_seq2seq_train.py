@@ -204,3 +204,57 @@ def test_a_generated_task_reaches_95_percent_greedy_exact_match(tmp_path, task):
         right += sum(g == w for g, w in zip(got, want))
         count += len(want)
     assert right / count == summary["best_exact_match"]
+
+
+# ---------------------------------------------------------------- resume
+
+RUN = """
+import sys, torch
+torch.set_num_threads(1)
+from nn2c.train.seq2seq.session import Seq2SeqRequest, run_seq2seq
+from tests.support.seq2seq_ir import build
+pairs, out, ckpt, resume = sys.argv[1:5]
+options = dict(encoder="torchgru", hidden=16, layers=1, batch=16, steps=120, eval_every=30, checkpoint_every=10,
+               val_frac=0.1, lr=5e-3, device="cpu")
+run_seq2seq(Seq2SeqRequest(pairs, out, ckpt, resume == "1", options, frozenset(), build))
+"""
+
+
+def _run(tmp_path, pairs, name, resume=False):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", RUN, pairs, str(tmp_path / f"{name}.nnb"),
+                             str(tmp_path / f"{name}.ckpt"), "1" if resume else "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _weights(path):
+    import nn2run.format as fmt
+    with fmt.read(str(path)) as f:
+        return {n: np.array(a) for n, a in f.tensors.items()}, f.header["checkpoint"]
+
+
+def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(tmp_path):
+    import signal
+    from tests.support.runs import wait_for_checkpoint
+    pairs = _copy_pairs(tmp_path, n=400)
+    whole = _run(tmp_path, pairs, "whole")
+    killed = _run(tmp_path, pairs, "cut")
+    seen = wait_for_checkpoint(tmp_path / "cut.ckpt", 40, killed, timeout=240)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert seen < 120
+    resumed = _run(tmp_path, pairs, "cut", resume=True)
+    for proc in (whole, resumed):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    a, meta_a = _weights(tmp_path / "whole.ckpt")
+    b, meta_b = _weights(tmp_path / "cut.ckpt")
+    assert meta_a["step"] == meta_b["step"] == 120
+    assert a.keys() == b.keys()
+    for name in a:      # weights, Adam's moments and the best weights, bit for bit
+        assert np.array_equal(a[name], b[name]), name
+    assert (meta_a["best_step"], meta_a["best_exact"]) == (meta_b["best_step"], meta_b["best_exact"])

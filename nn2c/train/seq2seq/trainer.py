@@ -230,8 +230,14 @@ class Seq2SeqTrainer:
 
     def _write_model(self, rate: float) -> None:
         best = self.st.best_tensors if self.st.best_tensors is not None else self.net.numpy_tensors()
-        head = {**self.head, "provenance": {**self.head["provenance"], **self.provenance(rate)}}
-        self._write(self.out_path, write_weights, self.out_path, head, best)
+        provenance = {**self.head["provenance"], **self.provenance(rate)}
+        if self.built.compiled is not None:         # the compiler's runnable seq2seq file
+            from nn2c.compiler.seq2seq import write_seq2seq
+            p = self.pairs
+            self._write(self.out_path, write_seq2seq, self.out_path, self.built.compiled, best, p.source_codec,
+                        p.target_codec, limits(p), provenance)
+        else:
+            self._write(self.out_path, write_weights, self.out_path, {**self.head, "provenance": provenance}, best)
 
     def _write(self, path: str, writer, *args) -> None:
         try:
