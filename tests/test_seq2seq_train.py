@@ -258,3 +258,50 @@ def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(tmp_path)
     for name in a:      # weights, Adam's moments and the best weights, bit for bit
         assert np.array_equal(a[name], b[name]), name
     assert (meta_a["best_step"], meta_a["best_exact"]) == (meta_b["best_step"], meta_b["best_exact"])
+
+
+# ---------------------------------------------------------------- command line
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from nn2c.cli import main
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def test_nn2c_tasks_then_train_task_seq2seq(tmp_path, monkeypatch):
+    import nn2c.train.seq2seq.session as session
+    from tests.support.seq2seq_ir import build
+    monkeypatch.setattr(session, "compile_network", build)     # the compiler's lowering, by hand
+    pairs = tmp_path / "copy.tsv"
+    result = _cli("tasks", "copy", "-n", 600, "--max-len", 4, "--seed", 3, "-o", pairs)
+    assert result.exit_code == 0, result.output
+    lines = pairs.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 600 and all(a == b for a, b in (line.split("\t") for line in lines))
+    result = _cli("train", "--task", "seq2seq", pairs, "--encoder", "torchgru", "--hidden", 16, "--steps", 40,
+                  "--eval-every", 20, "--batch", 16, "--device", "cpu", "-o", tmp_path / "m.nnb")
+    assert result.exit_code == 0, result.output
+    assert "exact" in result.stderr and "greedy exact match" in result.stderr.splitlines()[-1]
+    assert (tmp_path / "m.nnb").exists() and (tmp_path / "m.nnb.ckpt").exists()
+    result = _cli("train", "--task", "seq2seq", pairs, "--encoder", "torchgru", "--hidden", 16, "--steps", 60,
+                  "--device", "cpu", "-o", tmp_path / "m.nnb", "--resume")
+    assert result.exit_code == 0, result.stderr          # options left out are the checkpoint's
+    assert _weights(tmp_path / "m.nnb.ckpt")[1]["step"] == 60
+    from tests.support.runs import one_line
+    one_line(_cli("train", "--task", "seq2seq", pairs, "--encoder", "torchgru", "--hidden", 16, "--batch", 32,
+                  "--steps", 80, "-o", tmp_path / "m.nnb", "--resume"), "--batch 32 differs from the checkpoint's 16")
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--task", "seq2seq", "PAIRS", "--seq-len", 8), ["--seq-len does not apply to --task seq2seq"]),
+    (("--task", "seq2seq", "PAIRS", "--kernel", "lstm"), ["--kernel does not apply"]),
+    (("PAIRS", "--encoder", "gru"), ["--encoder is for --task seq2seq"]),
+    (("--task", "seq2seq"), ["needs the pairs file"]),
+    (("--task", "seq2seq", "BAD"), ["bad.tsv:3: no tab"]),
+])
+def test_train_task_seq2seq_refuses_in_one_line(tmp_path, args, words):
+    from tests.support.runs import one_line
+    (tmp_path / "p.tsv").write_text("ab\tab\n", encoding="utf-8")
+    (tmp_path / "bad.tsv").write_text("ab\tab\ncd\tcd\nef ef\n", encoding="utf-8")
+    args = [tmp_path / "p.tsv" if a == "PAIRS" else tmp_path / "bad.tsv" if a == "BAD" else a for a in args]
+    one_line(_cli("train", *args, "-o", tmp_path / "m.nnb"), *words)
