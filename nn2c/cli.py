@@ -241,7 +241,7 @@ def _train_seq2seq(ctx, pairs, output, ckpt, resume) -> None:
     given = {name for name in ctx.params if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
     for name in LM_ONLY:
         if name in given:
-            flag = {"sample_len": "--sample", "codec_service": "--codec-service"}.get(name, "--" + name.replace("_", "-"))
+            flag = {"sample_len": "--sample"}.get(name, "--" + name.replace("_", "-"))
             raise Failure(f"{flag} does not apply to --task seq2seq")
     if pairs is None and not resume:
         raise Failure("--task seq2seq needs the pairs file: nn2c train --task seq2seq PAIRS.tsv")

@@ -193,7 +193,8 @@ def test_a_generated_task_reaches_95_percent_greedy_exact_match(tmp_path, task):
     assert summary["best_exact_match"] >= 0.95, summary
     assert summary["loop"].startswith("encoder native")
     with fmt.read(str(tmp_path / "m.nnb")) as f:
-        assert f.header["nn2"]["kind"] == "seq2seq-weights" and f.header["target"]["end"] == f.header["target"]["begin"] + 1
+        target = f.header["target"]
+        assert f.header["nn2"]["kind"] == "seq2seq-weights" and target["end"] == target["begin"] + 1
         kept = {n: np.array(a) for n, a in f.tensors.items()}
     # the file holds the best weights: greedy exact match of a model made from them agrees
     model = Seq2SeqTorch(trainer.built.network, kept)
@@ -239,6 +240,7 @@ def _weights(path):
 
 def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     import signal
+
     from tests.support.runs import wait_for_checkpoint
     pairs = _copy_pairs(tmp_path, n=400)
     whole = _run(tmp_path, pairs, "whole")
@@ -305,3 +307,26 @@ def test_train_task_seq2seq_refuses_in_one_line(tmp_path, args, words):
     (tmp_path / "bad.tsv").write_text("ab\tab\ncd\tcd\nef ef\n", encoding="utf-8")
     args = [tmp_path / "p.tsv" if a == "PAIRS" else tmp_path / "bad.tsv" if a == "BAD" else a for a in args]
     one_line(_cli("train", *args, "-o", tmp_path / "m.nnb"), *words)
+
+
+@pytest.mark.slow
+def test_dates_to_iso_reach_99_percent_and_attention_beats_the_bridge_only_control(tmp_path):
+    """About 70 s for the attention model and 35 s for the control on one thread."""
+    import functools
+
+    from nn2c.train.seq2seq.pairs import read_pairs
+    from nn2c.train.seq2seq.trainer import Seq2SeqConfig, Seq2SeqTrainer
+    from nn2c.train.tasks import generate, tsv
+    from tests.support.seq2seq_ir import build
+    torch.set_num_threads(1)
+    path = tmp_path / "dates.tsv"
+    path.write_text(tsv(generate("dates", 12000, seed=0)), encoding="utf-8")
+    cfg = dict(encoder="torchgru", hidden=64, layers=1, batch=64, steps=1000, eval_every=250, lr=3e-3, device="cpu")
+    exact = {}
+    for bridge_only in (False, True):
+        import io
+        trainer = Seq2SeqTrainer(Seq2SeqConfig(**cfg), read_pairs(str(path)),
+                                 functools.partial(build, bridge_only=bridge_only), str(tmp_path / "m.nnb"),
+                                 str(tmp_path / "m.ckpt"), stream=io.StringIO())
+        exact[bridge_only] = trainer.run()["best_exact_match"]
+    assert exact[False] >= 0.99 and exact[True] < exact[False], exact

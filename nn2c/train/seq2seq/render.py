@@ -124,7 +124,8 @@ class DecoderSource:
     def _head(self, stage: str, extra: str = "") -> list[str]:
         """The parameters this stage reads, as locals."""
         used = {a.attrs["tensor"] for n in self.nodes if self.where.get(n) == stage for a in n.args if a.op == "param"}
-        used |= {n.attrs["tensor"] for n in self.inits if n is not None and n.op == "param"} if stage == "prepare" else set()
+        if stage == "prepare":
+            used |= {n.attrs["tensor"] for n in self.inits if n is not None and n.op == "param"}
         return [f"    {v} = P[{t!r}]" for t, v in self.params.items() if t in used] + ([extra] if extra else [])
 
     def source(self) -> str:

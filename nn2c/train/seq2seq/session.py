@@ -82,7 +82,8 @@ def run_seq2seq(req: Seq2SeqRequest, stream=None) -> dict:
         trainer = Seq2SeqTrainer(cfg, pairs, req.build or compile_network, req.output, req.checkpoint, st, stream)
         summary = trainer.run()
     except KeyboardInterrupt:
-        kept = f"the last checkpoint is {req.checkpoint}" if os.path.exists(req.checkpoint) else "no checkpoint was written"
+        kept = (f"the last checkpoint is {req.checkpoint}" if os.path.exists(req.checkpoint)
+                else "no checkpoint was written")
         raise Interrupted(f"interrupted; {kept}") from None
     except OSError as e:
         raise TrainError(f"cannot write {e.filename or req.output}: {e.strerror or e}") from None
