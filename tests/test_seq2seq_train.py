@@ -19,7 +19,7 @@ def _sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
-def _reference_gru(w: dict, layer: int, xs: np.ndarray, onehot: bool) -> np.ndarray:
+def _reference_gru(w: dict, layer: int, xs: np.ndarray) -> np.ndarray:
     """torch.nn.GRU's layer (torchgru.eq) in float64 NumPy over one sequence: (T, in) -> (T, H)."""
     g = lambda n: w[f"{n}@{layer}"]            # noqa: E731
     h = np.zeros(H)
@@ -33,12 +33,17 @@ def _reference_gru(w: dict, layer: int, xs: np.ndarray, onehot: bool) -> np.ndar
     return np.array(out)
 
 
-def _reference(w: dict, src: list[int], tgt_in: list[int]):
-    """Bahdanau's equations for one pair: (memory (J, H), attention (U, J), logits (U, Vt))."""
+def _memory(w: dict, src: list[int]) -> np.ndarray:
+    """The encoder's top-layer outputs for one source, (J, H)."""
     x = np.eye(VS)[src]
     for k in range(L):
-        x = _reference_gru(w, k, x, k == 0)
-    memory = x
+        x = _reference_gru(w, k, x)
+    return x
+
+
+def _reference(w: dict, src: list[int], tgt_in: list[int]):
+    """Bahdanau's equations for one pair: (memory (J, H), attention (U, J), logits (U, Vt))."""
+    memory = _memory(w, src)
     d = lambda n: w[f"{n}@{L}"]                 # noqa: E731
     s = np.tanh(d("W_0") @ memory[-1] + d("b_0"))
     alphas, logits = [], []
@@ -330,3 +335,30 @@ def test_dates_to_iso_reach_99_percent_and_attention_beats_the_bridge_only_contr
                                  str(tmp_path / "m.ckpt"), stream=io.StringIO())
         exact[bridge_only] = trainer.run()["best_exact_match"]
     assert exact[False] >= 0.99 and exact[True] < exact[False], exact
+
+
+def test_luong_lstm_decoder_with_input_feeding_matches_numpy_reference():
+    from tests.support.seq2seq_ir import luong_decoder
+    from tests.support.seq2seq_ir import seq2seq_network as s2s
+    net = s2s(VS, VT, H, L)
+    net.decoder, net.bridge = luong_decoder(H, VT, L)
+    rng = np.random.default_rng(11)
+    tensors = {n: (a + rng.uniform(-0.3, 0.3, a.shape)).astype(np.float64) for n, a in init_tensors(net, 2).items()}
+    w = unpack(net.tensors(), tensors)
+    model = Seq2SeqTorch(net, tensors)
+    src, lengths, tin = _batch(PAIRS)
+    with torch.no_grad():
+        logits = model(src, lengths, tin).numpy()
+    d = lambda n: w[f"{n}@{L}"]                 # noqa: E731
+    for b, (s_ids, t_ids) in enumerate(PAIRS):
+        memory = _memory(w, s_ids)
+        h, c, ht = np.tanh(d("W_0") @ memory[-1]), np.zeros(H), np.zeros(H)
+        for t, tok in enumerate(t_ids):
+            pre = d("W") @ np.concatenate([np.eye(VT)[tok], ht]) + d("U") @ h + d("b")
+            i, f, g, o = _sigmoid(pre[:H]), _sigmoid(pre[H:2 * H]), np.tanh(pre[2 * H:3 * H]), _sigmoid(pre[3 * H:])
+            c = f * c + i * g
+            h = o * np.tanh(c)
+            e = memory @ (d("W_a") @ h)
+            a = np.exp(e - e.max()) / np.exp(e - e.max()).sum()
+            ht = np.tanh(d("W_c") @ np.concatenate([a @ memory, h]))
+            np.testing.assert_allclose(logits[t, b], d("W_y") @ ht + d("b_y"), atol=1e-5, rtol=0)

@@ -90,3 +90,34 @@ def build(cfg, source_vocab: int, target_vocab: int, bridge_only: bool = False):
     net = seq2seq_network(source_vocab, target_vocab, cfg.hidden, cfg.layers, cfg.encoder, bridge_only)
     names = {"encoder": cfg.encoder, "decoder": "bahdanau (by hand)" if not bridge_only else "bridge (by hand)"}
     return Built(net, names, {"encoder": cfg.encoder, "decoder": names["decoder"]})
+
+
+def luong_decoder(hidden: int, target_vocab: int, layer: int):
+    """(decoder cell, bridge) of an LSTM with Luong's general attention, input feeding:
+
+        [iₜ; fₜ; gₜ; oₜ] = W [xₜ; h̃ₜ₋₁] + U hₜ₋₁ + b      (σ, σ, tanh, σ)
+        cₜ = fₜ ⊙ cₜ₋₁ + iₜ ⊙ gₜ        hₜ = oₜ ⊙ tanh(cₜ)
+        eₜⱼ = sum(hⱼ ⊙ (W_a hₜ))        αₜⱼ = softmaxⱼ(eₜⱼ)     ctxₜ = Σⱼ(αₜⱼ ⊙ hⱼ)
+        h̃ₜ = tanh(W_c [ctxₜ; hₜ])       logits = W_y h̃ₜ + b_y
+        h₀ = tanh(W_0 hₙ)               (c and h̃ start at zero)
+    """
+    H, V, b = hidden, target_vocab, _Builder(layer)
+    pos = {"positional": True}
+    x = Node("onehot", (), V)
+    h, c, ht = (Node("state", (), H, {"name": n}) for n in ("h", "c", "ht"))
+    memory = Node("memory", (), H, pos)
+    final = Node("final", (), H)
+    pre = _op("add", _op("add", _op("matmul", _op("concat", x, ht, width=V + H), b.p("W", 4 * H, V + H)),
+                         _op("matmul", h, b.p("U", 4 * H, H))), b.p("b", 4 * H))
+    gate = lambda k: _op("slice", pre, width=H, start=k * H)        # noqa: E731
+    i, f, g, o = _op("sigmoid", gate(0)), _op("sigmoid", gate(1)), _op("tanh", gate(2)), _op("sigmoid", gate(3))
+    c_next = _op("add", _op("mul", f, c), _op("mul", i, g))
+    h_next = _op("mul", o, _op("tanh", c_next))
+    e = _op("sum", _op("mul", memory, _op("matmul", h_next, b.p("W_a", H, H)), **pos), width=1, **pos)
+    alpha = _op("softmaxj", e, width=1, **pos)
+    ctx = _op("sumj", _op("mul", alpha, memory, width=H, **pos), width=H)
+    ht_next = _op("tanh", _op("matmul", _op("concat", ctx, h_next, width=2 * H), b.p("W_c", H, 2 * H)))
+    logits = _op("add", _op("matmul", ht_next, b.p("W_y", V, H), width=V), b.p("b_y", V))
+    h0 = _op("tanh", _op("matmul", final, b.p("W_0", H, H)))
+    cell = Cell(layer, x, [("h", h, h_next), ("c", c, c_next), ("ht", ht, ht_next)], logits, b.tensors)
+    return cell, {"h": h0}
