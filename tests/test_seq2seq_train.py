@@ -362,3 +362,25 @@ def test_luong_lstm_decoder_with_input_feeding_matches_numpy_reference():
             a = np.exp(e - e.max()) / np.exp(e - e.max()).sum()
             ht = np.tanh(d("W_c") @ np.concatenate([a @ memory, h]))
             np.testing.assert_allclose(logits[t, b], d("W_y") @ ht + d("b_y"), atol=1e-5, rtol=0)
+
+
+def test_memory_beyond_a_rows_length_has_exactly_no_effect():
+    """Attention gives the padding weight exactly 0 and Σⱼ skips it: whatever the memory holds
+    there (even inf or NaN), every logit is bit for bit the same."""
+    _, _, model = _model(seed=7)
+    src, lengths, tin = _batch(PAIRS)
+    P, _, _, memory, mask = model.start(src, lengths)
+    final = memory[torch.arange(len(PAIRS)), lengths - 1]
+
+    def logits(mem):
+        K, inits = model._prepare(P, mem, final, mask)
+        states, out = list(inits), []
+        for t in range(tin.shape[0]):
+            y, states = model._step(P, states, K, [h[0] for h in model._hoist(P, tin[t:t + 1], K, mask)], mem, mask)
+            out.append(y)
+        return torch.stack(out)
+
+    with torch.no_grad():
+        clean = logits(memory.masked_fill(~mask, 0.0))
+        for junk in (float("nan"), float("inf"), 1e30):
+            assert torch.equal(logits(memory.masked_fill(~mask, junk)), clean)

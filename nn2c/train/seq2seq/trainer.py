@@ -11,6 +11,7 @@ uninterrupted run would, bit for bit on the same device and torch build.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -175,7 +176,8 @@ class Seq2SeqTrainer:
 
     def provenance(self, rate: float) -> dict:
         st = self.st
-        return {"pairs": self.pairs.path, "pairs_sha256": self.pairs.sha256, "pairs_count": len(self.pairs.sources),
+        return {"pairs": os.path.abspath(self.pairs.path), "pairs_sha256": self.pairs.sha256,
+                "pairs_count": len(self.pairs.sources),
                 "steps": st.step, "weights": "best greedy exact match" if st.best_exact is not None
                 else "final (no validation: --val-frac 0)",
                 "train_loss": st.last_train, "val_loss": st.last_val, "exact_match": st.last_exact,
