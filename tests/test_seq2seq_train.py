@@ -316,7 +316,7 @@ def test_train_task_seq2seq_refuses_in_one_line(tmp_path, args, words):
 
 @pytest.mark.slow
 def test_dates_to_iso_reach_99_percent_and_attention_beats_the_bridge_only_control(tmp_path):
-    """About 70 s for the attention model and 35 s for the control on one thread."""
+    """About 75 s for both models on one thread."""
     import functools
 
     from nn2c.train.seq2seq.pairs import read_pairs
@@ -384,3 +384,21 @@ def test_memory_beyond_a_rows_length_has_exactly_no_effect():
         clean = logits(memory.masked_fill(~mask, 0.0))
         for junk in (float("nan"), float("inf"), 1e30):
             assert torch.equal(logits(memory.masked_fill(~mask, junk)), clean)
+
+
+def test_nn2c_tasks_refuses_bad_sizes_in_one_line(tmp_path):
+    from tests.support.runs import one_line
+    one_line(_cli("tasks", "dates", "-n", 0, "-o", tmp_path / "d.tsv"), "-n must be > 0")
+    one_line(_cli("tasks", "copy", "--min-len", 5, "--max-len", 2, "-o", tmp_path / "d.tsv"), "--min-len")
+    assert not (tmp_path / "d.tsv").exists()
+
+
+def test_without_validation_the_file_holds_the_final_weights(tmp_path):
+    import nn2run.format as fmt
+    trainer = _trainer(tmp_path, _copy_pairs(tmp_path, n=200), val_frac=0.0, steps=12, eval_every=5)
+    summary = trainer.run()
+    assert trainer.val is None and summary["best_exact_match"] is None
+    with fmt.read(str(tmp_path / "m.nnb")) as f:
+        kept = {n: np.array(a) for n, a in f.tensors.items()}
+        assert f.header["provenance"]["weights"].startswith("final")
+    assert all(np.array_equal(kept[n], a) for n, a in trainer.net.numpy_tensors().items())
