@@ -402,3 +402,22 @@ def test_without_validation_the_file_holds_the_final_weights(tmp_path):
         kept = {n: np.array(a) for n, a in f.tensors.items()}
         assert f.header["provenance"]["weights"].startswith("final")
     assert all(np.array_equal(kept[n], a) for n, a in trainer.net.numpy_tensors().items())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_best_weights_then_resume_finishes(tmp_path):
+    import signal
+
+    from tests.support.runs import wait_for_checkpoint
+    pairs = _copy_pairs(tmp_path, n=400)
+    proc = _run(tmp_path, pairs, "int")
+    wait_for_checkpoint(tmp_path / "int.ckpt", 20, proc, timeout=240)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Interrupted: interrupted at step" in err, err[-2000:]
+    _, meta = _weights(tmp_path / "int.ckpt")
+    assert 20 <= meta["step"] < 120 and (tmp_path / "int.nnb").exists()
+    assert f"interrupted at step {meta['step']}:" in err          # saved where it stopped
+    resumed = _run(tmp_path, pairs, "int", resume=True)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert _weights(tmp_path / "int.ckpt")[1]["step"] == 120

@@ -169,11 +169,11 @@ class Buckets:
         if self._epoch != epoch:
             rng = np.random.default_rng((self.seed, epoch))
             order = rng.permutation(len(self.data))[:self.count * self.batch]
-            length = np.array([len(self.data.sources[i]) * 4096 + len(self.data.targets[i]) for i in order])
+            src = np.array([len(self.data.sources[i]) for i in order])
+            tgt = np.array([len(self.data.targets[i]) for i in order])
             pool = BUCKET_POOL * self.batch
-            for a in range(0, len(order), pool):
-                piece = order[a:a + pool]
-                order[a:a + pool] = piece[np.argsort(length[a:a + pool], kind="stable")]
+            for a in range(0, len(order), pool):         # by source length, then target length
+                order[a:a + pool] = order[a:a + pool][np.lexsort((tgt[a:a + pool], src[a:a + pool]))]
             batches = order.reshape(self.count, self.batch)
             self._plan = [batches[k] for k in rng.permutation(self.count)]
             self._epoch = epoch
