@@ -421,3 +421,33 @@ def test_ctrl_c_saves_a_checkpoint_and_the_best_weights_then_resume_finishes(tmp
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
     assert _weights(tmp_path / "int.ckpt")[1]["step"] == 120
+
+
+def test_teacher_forced_logits_match_torch_gru_and_grucell_mapped_by_kernel_names():
+    net, tensors, model = _model(seed=9)
+    w = {k: torch.from_numpy(v.astype(np.float64)) for k, v in unpack(net.tensors(), tensors).items()}
+    cat = lambda names, layer: torch.cat([w[f"{n}@{layer}"] for n in names])     # noqa: E731
+    enc = torch.nn.GRU(VS, H, num_layers=L, dtype=torch.float64)
+    cell = torch.nn.GRUCell(VT + H, H, dtype=torch.float64)          # input [xₜ; cₜ]
+    with torch.no_grad():
+        for k in range(L):
+            getattr(enc, f"weight_ih_l{k}").copy_(cat(["W_ir", "W_iz", "W_in"], k))
+            getattr(enc, f"weight_hh_l{k}").copy_(cat(["W_hr", "W_hz", "W_hn"], k))
+            getattr(enc, f"bias_ih_l{k}").copy_(cat(["b_ir", "b_iz", "b_in"], k))
+            getattr(enc, f"bias_hh_l{k}").copy_(cat(["b_hr", "b_hz", "b_hn"], k))
+        cell.weight_ih.copy_(torch.cat([torch.cat([w[f"W_i{g}@{L}"], w[f"C_{g}@{L}"]], 1) for g in "rzn"]))
+        cell.weight_hh.copy_(cat(["W_hr", "W_hz", "W_hn"], L))
+        cell.bias_ih.copy_(cat(["b_ir", "b_iz", "b_in"], L))
+        cell.bias_hh.copy_(cat(["b_hr", "b_hz", "b_hn"], L))
+        src, lengths, tin = _batch(PAIRS)
+        logits = model(src, lengths, tin)
+        d = lambda n: w[f"{n}@{L}"]             # noqa: E731
+        for b, (s_ids, t_ids) in enumerate(PAIRS):
+            memory, _ = enc(torch.nn.functional.one_hot(torch.tensor(s_ids), VS).double()[:, None])
+            memory = memory[:, 0]
+            s = torch.tanh(d("W_0") @ memory[-1] + d("b_0"))
+            for t, tok in enumerate(t_ids):
+                alpha = torch.softmax(torch.tanh(memory @ d("U_a").T + d("W_a") @ s) @ d("v_a"), 0)
+                x = torch.cat([torch.nn.functional.one_hot(torch.tensor(tok), VT).double(), alpha @ memory])
+                s = cell(x[None], s[None])[0]
+                torch.testing.assert_close(logits[t, b], d("W_y") @ s + d("b_y"), atol=1e-5, rtol=0)
