@@ -45,7 +45,8 @@ def _classify(nodes):
 
 
 class DecoderSource:
-    """Renders `prepare(P, M, FIN, MASK)`, `hoist(P, XS, K)` and `step(P, X, S, K, H)`."""
+    """Renders `prepare(P, M, FIN, MASK) -> (K, initial states)`, `hoist(P, X, K, MASK) -> H`
+    (X: the token ids of one or more steps) and `step(P, S, K, H, M, MASK) -> (logits, states)`."""
 
     def __init__(self, cell: Cell, bridge: dict):
         self.cell, self.bridge = cell, bridge
@@ -68,17 +69,18 @@ class DecoderSource:
             if n.op == "param":
                 self.params.setdefault(n.attrs["tensor"], f"p{len(self.params)}")
         self.index = {n: i for i, n in enumerate(self.nodes)}
+        users: dict = {}
+        for n in self.nodes:
+            for a in n.args:
+                users.setdefault(a, []).append(n)
         self.prepared = [n for n in self.nodes if self.where.get(n) == "prepare"
-                         and any(self.where.get(u) in ("hoist", "step") for u in self._users(n))]
+                         and any(self.where.get(u) in ("hoist", "step") for u in users.get(n, []))]
         self.hoisted = [n for n in self.nodes if self.where.get(n) == "hoist"
-                        and any(self.where.get(u) == "step" for u in self._users(n))]
-        roots = {nxt for _, _, nxt in cell.states} | {cell.output}
+                        and any(self.where.get(u) == "step" for u in users.get(n, []))]
+        roots = list(dict.fromkeys([*(nxt for _, _, nxt in cell.states), cell.output]))
         self.hoisted += [n for n in roots if self.where.get(n) == "hoist" and n not in self.hoisted]
         self.prepared += [n for n in roots if self.where.get(n) == "prepare" and n not in self.prepared]
         self.inits = [bridge.get(s) for s in self.states]
-
-    def _users(self, node):
-        return [u for u in self.nodes if node in u.args]
 
     def name(self, n, stage: str) -> str:
         if n.op == "param":
