@@ -19,12 +19,14 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from nn2c.train import trainer as lm
 from nn2c.train.progress import Progress, fmt_value
 from nn2c.train.seq2seq.checkpoint import State, header, save_checkpoint, write_weights
 from nn2c.train.seq2seq.model import Seq2SeqTorch, masked_loss
 from nn2c.train.seq2seq.network import Seq2SeqNetwork, init_tensors
 from nn2c.train.seq2seq.pairs import Buckets, Pairs, encode, eval_batches, split
-from nn2c.train.trainer import Diverged, Interrupted, TrainError, pick_device
+from nn2c.train.seq2seq.render import positional_nodes
+from nn2c.train.trainer import BYTES_PER_PARAMETER, Diverged, Interrupted, TrainError, fmt_bytes, pick_device
 
 
 @dataclass
@@ -84,6 +86,25 @@ class SeqProgress(Progress):
                 f"{self.rate:,.0f} pairs/s")
 
 
+def check_memory(network: Seq2SeqNetwork, cfg: Seq2SeqConfig, lim: dict, device) -> None:
+    """Refuse, before anything is allocated, a model whose training cannot fit in memory: the
+    weights' copies, and each value of the longest batch with its gradient (a positional
+    value of the decoder once per source position, at every target step)."""
+    params = sum(math.prod(spec.shape) for spec in network.tensors().values())
+    encoder = sum(n.width for cell in network.encoder for n in cell.nodes() if n.op != "param")
+    nodes = network.decoder.nodes()
+    pos = positional_nodes(nodes)
+    decoder = sum(n.width * (lim["source"] if n in pos else 1) for n in nodes if n.op != "param")
+    activations = cfg.batch * (lim["source"] * encoder + (lim["target"] + 1) * decoder) * 8
+    need = params * BYTES_PER_PARAMETER + activations
+    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else lm.available_memory()
+    if have is not None and need > have:
+        raise TrainError(f"a {cfg.layers}×{cfg.hidden} seq2seq model needs about {fmt_bytes(need)} to train "
+                         f"({params:,} parameters, and {fmt_bytes(activations)} of activations for --batch "
+                         f"{cfg.batch} with sources of up to {lim['source']} and targets of up to {lim['target']} "
+                         f"characters); {fmt_bytes(have)} is available; use a smaller --hidden, --layers or --batch")
+
+
 def limits(pairs: Pairs) -> dict:
     return {"source": max(len(s) for s in pairs.sources), "target": max(len(t) for t in pairs.targets)}
 
@@ -96,6 +117,7 @@ class Seq2SeqTrainer:
         self.device = pick_device(cfg.device)
         self.built: Built = build(cfg, len(pairs.source_codec.vocab), pairs.target_vocab)
         network = self.built.network
+        check_memory(network, cfg, limits(pairs), self.device)
         train_idx, val_idx = split(pairs, cfg.val_frac)
         if len(train_idx) < cfg.batch:
             raise TrainError(f"{pairs.path} has {len(train_idx):,} training pairs, fewer than one batch "
