@@ -5,6 +5,7 @@
 #   make test-slow          the slow tests (wheel install, Lambda bundles, long runs)
 #   make lint               ruff, configured in pyproject.toml
 #   make bench              side-by-side benchmarks (ratios, not tests)
+#   make bench-quality      nn2 against torch.nn.LSTM on tinyshakespeare, 10 minutes an arm
 #   make fuzz               a long fuzzing run of the .nnb loader
 #   make install            everything: runtime, compiler (torch, lark, rich), test tools
 #   make lambda MODEL=m.nnb ARCH=x86_64|arm64   an AWS Lambda deployment zip
@@ -20,6 +21,7 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+QUALITY_ARGS ?=
 BIN         := $(VENV)/bin
 FUZZ_INPUTS ?= 100000
 ARCH        ?= x86_64
@@ -37,7 +39,7 @@ define pytest
 	if [ $$rc -eq 5 ]; then echo "make $@: pytest selected no tests; failing" >&2; exit 1; fi; exit $$rc
 endef
 
-.PHONY: install test test-slow bench demo fuzz lint lambda clean build-dir proto
+.PHONY: install test test-slow bench bench-quality demo fuzz lint lambda clean build-dir proto
 
 demo fuzz lambda: | build-dir
 build-dir:
@@ -76,6 +78,11 @@ lint: $(DEV_STAMP)
 
 bench: $(TRAIN_STAMP)
 	$(BIN)/python bench/run.py
+
+# Not part of `make bench`: about 21 minutes. QUALITY_ARGS passes options, e.g.
+#   make bench-quality QUALITY_ARGS="--minutes 2 --bf16"
+bench-quality: $(TRAIN_STAMP)
+	$(BIN)/python bench/quality.py $(QUALITY_ARGS)
 
 demo: $(TRAIN_STAMP)
 	$(BIN)/nn2c train --steps 300 --hidden 128 -o build/demo.nnb

@@ -136,19 +136,31 @@ def check(kernel, hidden, vocab, layers, no_opt):
               help="bf16: products in bfloat16 (float32 sums, weights and the rest float32).")
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Train in N processes on this machine (torch.distributed: gloo on CPU, NCCL on CUDA).")
+@click.option("--task", default="lm", show_default=True, type=click.Choice(["lm", "seq2seq"]),
+              help="lm: a language model on a text; seq2seq: source→target on a TSV of pairs.")
+@click.option("--encoder", default="gru", show_default=True, help="--task seq2seq: the encoder's cell kernel.")
+@click.option("--decoder", default="seq2seq/bahdanau", show_default=True,
+              help="--task seq2seq: the decoder kernel.")
 def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs, lr, clip, eval_every,
           val_frac, seed, device, codec, codec_service, dropout, max_minutes, ckpt, checkpoint_every, resume,
-          sample_len, log, nproc, precision):
+          sample_len, log, nproc, precision, task, encoder, decoder):
     """Train a character model on CORPUS (default: a small bundled corpus, or the checkpoint's
-    corpus with --resume) and write a .nnb.
+    corpus with --resume) and write a .nnb; with --task seq2seq, CORPUS is a TSV of
+    source<TAB>target lines.
 
     Example: nn2c train corpus.txt -o model.nnb --kernel gru --hidden 256 --steps 5000
     """
     if steps is not None and epochs is not None:
         raise Failure("give --steps or --epochs, not both")
+    if task == "seq2seq":
+        _train_seq2seq(click.get_current_context(), corpus, output, ckpt, resume)
+        return
+    ctx = click.get_current_context()
+    for name in ("encoder", "decoder"):
+        if ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
+            raise Failure(f"--{name} is for --task seq2seq; a language model has one --kernel")
     if sample_len < 0:
         raise Failure(f"--sample must be ≥ 0, got {sample_len}")
-    ctx = click.get_current_context()
     if codec_service is not None:
         if ctx.get_parameter_source("codec") != ParameterSource.DEFAULT:
             raise Failure("give --codec or --codec-service, not both")
@@ -219,6 +231,61 @@ def plot(logs, output, x_axis):
     except PlotError as e:
         raise failure_of(e) from None
     click.echo(f"wrote {output}: {len(logs)} run{'' if len(logs) == 1 else 's'}", err=True)
+
+
+# Options of a language model's training that a seq2seq run has no use for: refused if given.
+LM_ONLY = ("kernel", "seq_len", "codec", "codec_service", "dropout", "sample_len", "log", "nproc", "precision")
+SEQ2SEQ_OPTIONS = ("encoder", "decoder", "hidden", "layers", "batch", "steps", "epochs", "lr", "clip", "eval_every",
+                   "val_frac", "seed", "device", "checkpoint_every", "max_minutes")
+
+
+def _train_seq2seq(ctx, pairs, output, ckpt, resume) -> None:
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
+    for name in LM_ONLY:
+        if name in given:
+            flag = {"sample_len": "--sample"}.get(name, "--" + name.replace("_", "-"))
+            raise Failure(f"{flag} does not apply to --task seq2seq")
+    if pairs is None and not resume:
+        raise Failure("--task seq2seq needs the pairs file: nn2c train --task seq2seq PAIRS.tsv")
+    ckpt = ckpt or output + ".ckpt"
+    _check_paths(pairs, output, ckpt)
+    options = {name: ctx.params[name] for name in SEQ2SEQ_OPTIONS}
+    options["layers"] = options["layers"] if "layers" in given else 1       # one layer, 64 pairs: the
+    options["batch"] = options["batch"] if "batch" in given else 64          # seq2seq defaults
+    if options["steps"] is None and options["epochs"] is None:
+        options["steps"] = 2000
+    from nn2c.train.seq2seq.session import EXPECTED, Seq2SeqRequest, run_seq2seq
+    try:
+        run_seq2seq(Seq2SeqRequest(pairs, output, ckpt, resume, options, frozenset(given & set(options))))
+    except EXPECTED as e:
+        raise failure_of(e) from None
+
+
+@main.command()
+@click.argument("task", type=click.Choice(["copy", "reverse", "dates"]))
+@click.option("-n", "count", type=int, default=10000, show_default=True, help="How many pairs.")
+@click.option("-o", "--output", required=True, help="The TSV file to write (source<TAB>target lines).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--min-len", type=int, default=1, show_default=True, help="copy, reverse: shortest string.")
+@click.option("--max-len", type=int, default=12, show_default=True, help="copy, reverse: longest string.")
+def tasks(task, count, output, seed, min_len, max_len):
+    """Write generated pairs for --task seq2seq: copy or reverse random strings, or dates in
+    several formats -> ISO 8601 (the same file for the same seed).
+
+    Example: nn2c tasks dates -n 20000 -o dates.tsv && nn2c train --task seq2seq dates.tsv
+    """
+    from nn2c.train.tasks import TaskError, generate, tsv
+    _writable(output)
+    try:
+        text = tsv(generate(task, count, seed, min_len, max_len))
+    except TaskError as e:
+        raise failure_of(e) from None
+    from nn2run.atomic import write_atomic
+    try:
+        write_atomic(output, [text.encode("utf-8")])
+    except OSError as e:
+        raise Failure(f"cannot write {output}: {e.strerror or e}") from None
+    click.echo(f"wrote {output}: {count:,} {task} pairs (seed {seed})", err=True)
 
 
 def _launching(ctx, nproc: int, batch: int, device: str) -> bool:
