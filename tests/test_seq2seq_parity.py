@@ -246,6 +246,15 @@ def draw(specs, seed, scale):
 SCALES = {"values": 0.5, "decisions": 1.5}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The references' tensors are small: one thread is several times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
     """name -> {"values": (model, reference), "decisions": (model, reference)}."""
