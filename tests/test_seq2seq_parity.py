@@ -9,6 +9,10 @@ Tolerance: 1e-5 absolute (the runtime computes in float32; values are of order 1
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -257,7 +261,8 @@ def one_thread():
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    """name -> {"values": (model, reference), "decisions": (model, reference)}."""
+    """(name, {"values": (model, reference), "decisions": (model, reference)}, folder holding
+    values.nnb and decisions.nnb)."""
     encoder, decoder = CASES[request.param]
     compiled = compile_seq2seq(encoder, decoder, hidden=H, layers=L, source_vocab=VS, target_vocab=VT)
     folder, out = tmp_path_factory.mktemp(request.param), {}
@@ -267,7 +272,7 @@ def case(request, tmp_path_factory):
                       SOURCE, TARGET, LIMITS, {"test": True})
         model = nn2run.load(path)
         out[use] = model, Reference(model, request.param)
-    yield request.param, out
+    yield request.param, out, folder
     for model, _ in out.values():
         model.close()
 
@@ -288,7 +293,7 @@ def attention_register(model) -> int:
 
 # ------------------------------------------------------------------ the tests
 def test_memory_and_final_match_torch_packed_encoder(case):
-    name, models = case
+    name, models, _ = case
     model, ref = models["values"]
     sources = random_sources(24, seed=1)
     memory, final = model.encode(sources)
@@ -301,7 +306,7 @@ def test_memory_and_final_match_torch_packed_encoder(case):
 
 
 def test_attention_and_every_teacher_forced_logit_match(case):
-    name, models = case
+    name, models, _ = case
     model, ref = models["values"]
     sources = random_sources(16, seed=2)
     rng = np.random.default_rng(3)
@@ -323,7 +328,7 @@ def test_attention_and_every_teacher_forced_logit_match(case):
 
 
 def test_greedy_is_identical_on_500_inputs_of_mixed_lengths(case):
-    name, models = case
+    name, models, _ = case
     model, ref = models["decisions"]
     sources = random_sources(500, seed=4)
     got = model.translate([text(s) for s in sources], beam=1)
@@ -334,7 +339,7 @@ def test_greedy_is_identical_on_500_inputs_of_mixed_lengths(case):
 
 
 def test_beam_one_is_greedy(case):
-    name, models = case
+    name, models, _ = case
     model, ref = models["decisions"]
     sources = random_sources(40, seed=5)
     greedy = beams.greedy(model.machine(sources), len(sources), BEGIN, END, LIMITS["target"])
@@ -344,19 +349,20 @@ def test_beam_one_is_greedy(case):
     assert model.translate([text(s) for s in sources], beam=1) == [text(h.tokens, TARGET) for h in greedy]
 
 
-def test_beam_k_matches_a_plain_beam_search_on_the_reference(case):
-    name, models = case
+@pytest.mark.parametrize("k, alpha", [(3, 1.0), (4, 0.0)])
+def test_beam_k_matches_a_plain_beam_search_on_the_reference(case, k, alpha):
+    name, models, _ = case
     model, ref = models["decisions"]
     sources = random_sources(12, seed=6)
-    got = model.translate([text(s) for s in sources], beam=3, n_best=3)
+    got = model.translate([text(s) for s in sources], beam=k, n_best=k, length_penalty=alpha)
     for source, hyps in zip(sources, got):
-        want = ref.beam(source, 3, LIMITS["target"])
+        want = ref.beam(source, k, LIMITS["target"], alpha)
         assert [h[0] for h in hyps] == [text(toks, TARGET) for toks, _, _ in want]
         np.testing.assert_allclose([h[1] for h in hyps], [lp / n for _, lp, n in want], atol=TOL)
 
 
 def test_a_sentence_alone_equals_it_inside_a_padded_batch(case):
-    name, models = case
+    name, models, _ = case
     model, ref = models["decisions"]
     batch = random_sources(9, seed=7, lo=1, hi=LIMITS["source"]) + [[3] * LIMITS["source"]]
     short = [i for i, s in enumerate(batch) if len(s) <= 8]      # alone: a smaller machine
@@ -370,3 +376,15 @@ def test_a_sentence_alone_equals_it_inside_a_padded_batch(case):
     for i in short + [len(batch) - 1]:
         alone, _ = model.force([batch[i]], targets[:1])
         np.testing.assert_allclose(alone[0], logits[i], atol=1e-6, rtol=0)
+
+
+def test_nn2run_translate_prints_the_reference_beam_search_in_order(case):
+    name, models, folder = case
+    model, ref = models["decisions"]
+    sources = random_sources(60, seed=8)
+    exe = Path(sys.executable).with_name("nn2run")
+    run = subprocess.run([str(exe), "translate", str(folder / "decisions.nnb"), "--beam", "3", "--batch", "16"],
+                         input="".join(text(s) + "\n" for s in sources), capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr == ""
+    want = [text(ref.beam(s, 3, LIMITS["target"])[0][0], TARGET) for s in sources]
+    assert run.stdout == "".join(w + "\n" for w in want)
