@@ -171,6 +171,9 @@ DECODERS = {"bahdanau": Bahdanau, "luong": Luong, "bridge": Bridge}
 
 
 class Reference:
+    """The torch encoder and decoder of a loaded model, its weights read by kernel parameter
+    name and layer (the decoder's are layer L); decoding as nn2run.beam describes it."""
+
     def __init__(self, model, name):
         def p(param, layer=L):
             return torch.from_numpy(np.asarray(model.param(param, layer), np.float64).copy())
