@@ -352,14 +352,14 @@ def test_beam_one_is_greedy(case):
     assert model.translate([text(s) for s in sources], beam=1) == [text(h.tokens, TARGET) for h in greedy]
 
 
-@pytest.mark.parametrize("k, alpha", [(3, 1.0), (4, 0.0)])
-def test_beam_k_matches_a_plain_beam_search_on_the_reference(case, k, alpha):
-    name, models, _ = case
+@pytest.mark.parametrize("k, alpha, max_len", [(3, 1.0, None), (4, 0.0, None), (10, 1.0, 3)])
+def test_beam_k_matches_a_plain_beam_search_on_the_reference(case, k, alpha, max_len):
+    name, models, _ = case                     # k = 10: more beams than tokens at step 0
     model, ref = models["decisions"]
     sources = random_sources(12, seed=6)
-    got = model.translate([text(s) for s in sources], beam=k, n_best=k, length_penalty=alpha)
+    got = model.translate([text(s) for s in sources], beam=k, n_best=k, length_penalty=alpha, max_len=max_len)
     for source, hyps in zip(sources, got):
-        want = ref.beam(source, k, LIMITS["target"], alpha)
+        want = ref.beam(source, k, max_len or LIMITS["target"], alpha)
         assert [h[0] for h in hyps] == [text(toks, TARGET) for toks, _, _ in want]
         np.testing.assert_allclose([h[1] for h in hyps], [lp / n for _, lp, n in want], atol=TOL)
 
