@@ -10,7 +10,7 @@ Arms, one after another in fresh processes (never side by side), each on one thr
               and all), the best validation weights written to a .nnb;
   torch       torch.nn.LSTM + Linear written here: one-hot input, cross-entropy, Adam, clip, the
               state carried (detached) between windows and reset at each epoch, as nn2 trains;
-  nn2-bf16    nn2 with TrainConfig(precision="bf16"), when TrainConfig has that field;
+  nn2-bf16    nn2 with TrainConfig(precision="bf16") (`nn2c train --precision bf16`);
   torch-bf16  the peer with its forward under torch.autocast("cpu", dtype=torch.bfloat16).
 
 Both sides train on the very same windows (nn2's `split`: the corpus's last --val-frac held out,
@@ -51,17 +51,10 @@ RECIPE = ("minutes", "corpus", "hidden", "layers", "seq_len", "batch", "lr", "cl
 
 def train_config(args, bf16: bool):
     from nn2c.train.trainer import TrainConfig
-    extra = {"precision": "bf16"} if bf16 else {}
     return TrainConfig(kernel="lstm", hidden=args.hidden, layers=args.layers, seq_len=args.seq_len,
                        batch=args.batch, steps=ENDLESS, lr=args.lr, clip=args.clip, eval_every=args.eval_every,
-                       val_frac=args.val_frac, seed=args.seed, device="cpu", max_minutes=args.minutes, **extra)
-
-
-def has_precision() -> bool:
-    from dataclasses import fields
-
-    from nn2c.train.trainer import TrainConfig
-    return "precision" in {f.name for f in fields(TrainConfig)}
+                       val_frac=args.val_frac, seed=args.seed, device="cpu", max_minutes=args.minutes,
+                       precision="bf16" if bf16 else "fp32")
 
 
 def held_out_ids(corpus, cfg):
@@ -218,8 +211,6 @@ def train_nn2(args, corpus, bf16: bool, tmp: Path) -> dict:
     from nn2c.train.progress import read_log
     from nn2c.train.trainer import Trainer
     from nn2run.score import stream_loss
-    if bf16 and not has_precision():
-        return {"skipped": "TrainConfig has no precision field in this build"}
     cfg = train_config(args, bf16)
     out = tmp / "nn2.nnb"
     log = tmp / "nn2.jsonl"           # --log: one record per evaluation
@@ -284,9 +275,8 @@ def arms_table(args, results: dict) -> str:
     for arm, r in results.items():
         load = f"{r['load_before']} → {r['load_after']}"
         if "steps" not in r:
-            what = "skipped" if "skipped" in r else "failed"
-            rows.append([arm, what, "", "", "", "", "", "", load])
-            notes.append(f"note: {arm} {what}: {r.get(what)}")
+            rows.append([arm, "failed", "", "", "", "", "", "", load])
+            notes.append(f"note: {arm} failed: {r.get('failed')}")
             continue
         rows.append([f"{arm} ({r['loop']})", f"{r['steps']:,}", f"{r['chars_per_s']:,.0f}", fmt_loss(r["best_val"]),
                      f"{r['best_step']:,}", fmt_loss(r["held_out"]), f"{r['cpu_share']:.2f}",
