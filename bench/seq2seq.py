@@ -296,7 +296,8 @@ def run_both(tmp: Path, minutes: float, hidden: int, n_pairs: int, n_test: int, 
         prov = m.header["provenance"]
     return {"minutes": minutes, "hidden": hidden, "pairs": n_pairs, "test": len(test), "load_before": load_before,
             "load_after": os.getloadavg(), "nn2": {"steps": prov["steps"], "val_exact": prov["best_exact_match"],
-                                                   "best_step": prov["best_step"], "wall": nn2_wall},
+                                                   "best_step": prov["best_step"], "wall": nn2_wall,
+                                                   "pairs_per_s": prov["pairs_per_s"]},
             "peer": peer, "speed": speed}
 
 
@@ -313,6 +314,8 @@ def table(r: dict):
         t.add(f"greedy decoding, batch {batch}, sentences/s", f"{x:,.0f}", f"{y:,.0f}", verdict(x / y, 1.0),
               "≥ 1.0×")
     nn2, peer = r["nn2"], r["peer"]
+    x, y = nn2["pairs_per_s"], peer["steps"] * BATCH / peer["seconds"]
+    t.add("training, pairs/s (validation included)", f"{x:,.0f}", f"{y:,.0f}", f"{x / y:.2f}×", "—")
     t.notes += [f"training: nn2 {nn2['steps']:,} steps (best validation exact match {nn2['val_exact']:.1%} at step "
                 f"{nn2['best_step']}), process wall {nn2['wall']:.0f} s; the peer {peer['steps']:,} steps "
                 f"(best {peer['val_exact']:.1%} at step {peer['best_step']}), loop {peer['seconds']:.0f} s, "
