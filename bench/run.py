@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py                 # everything (a few minutes)
     .venv/bin/python bench/run.py --quick         # a smoke run (~30 s)
     .venv/bin/python bench/run.py --only gen      # one measure (see --list)
+    .venv/bin/python bench/run.py --only seq2seq  # not in the default run (~3 min)
 
 Speed is a ratio to a peer measured on the same machine in the same run; the raw
 figures are printed under each table. These are benchmarks, not tests: nothing fails.
@@ -35,7 +36,10 @@ MEASURES = {
     "gpu": ("training on CUDA vs cuDNN nn.LSTM (skipped without a GPU)", "training", "bench_train_gpu"),
     "serve": ("nn2run serve: 1-128 streaming clients vs offline batches, batch 1, overload", "serve", "bench_serve"),
     "quant": ("f16 / int8 files vs float32: size, held-out loss, speed, open", "quantize", "bench_quantize"),
+    "seq2seq": ("seq2seq on dates: exact match and translate speed vs a torch GRU + attention (~3 min)",
+                "seq2seq", "bench_seq2seq"),
 }
+OPTIONAL = {"seq2seq"}      # long (a minute of training per arm): run with --only
 SIZED = {"gen", "streams", "onnx"}
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
     from bench.common import machine_line
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = args.only or list(MEASURES)
+    names = args.only or [name for name in MEASURES if name not in OPTIONAL]
     sizes = (256,) if args.quick else (256, 512)
     print(f"# nn2 benchmarks{' (quick)' if args.quick else ''}\n")
     print(f"{machine_line()}; torch {torch.__version__} with {torch.get_num_threads()} threads; "
