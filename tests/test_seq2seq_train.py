@@ -9,7 +9,7 @@ import torch
 
 from nn2c.compiler.emit import unpack
 from nn2c.train.seq2seq.model import Seq2SeqTorch
-from nn2c.train.seq2seq.network import init_tensors
+from nn2c.compiler.seq2seq import init_seq2seq_tensors as init_tensors
 from tests.support.seq2seq_ir import seq2seq_network
 
 VS, VT, H, L = 6, 9, 8, 2          # target: 7 characters, BEGIN 7, END 8
@@ -181,11 +181,11 @@ def _copy_pairs(tmp_path, task="copy", n=1500, max_len=5):
 def _trainer(tmp_path, pairs_path, resume=None, **options):
     from nn2c.train.seq2seq.pairs import read_pairs
     from nn2c.train.seq2seq.trainer import Seq2SeqConfig, Seq2SeqTrainer
-    from tests.support.seq2seq_ir import build
+    from nn2c.train.seq2seq.session import compile_network
     cfg = Seq2SeqConfig(**{"encoder": "torchgru", "hidden": 32, "layers": 1, "batch": 32, "steps": 500,
                            "eval_every": 100, "val_frac": 0.1, "lr": 5e-3, "device": "cpu", **options})
     import io
-    return Seq2SeqTrainer(cfg, read_pairs(pairs_path), build, str(tmp_path / "m.nnb"), str(tmp_path / "m.ckpt"),
+    return Seq2SeqTrainer(cfg, read_pairs(pairs_path), compile_network, str(tmp_path / "m.nnb"), str(tmp_path / "m.ckpt"),
                           resume, stream=io.StringIO())
 
 
@@ -199,10 +199,10 @@ def test_a_generated_task_reaches_95_percent_greedy_exact_match(tmp_path, task):
     assert summary["loop"].startswith("encoder native")
     with fmt.read(str(tmp_path / "m.nnb")) as f:
         target = f.header["target"]
-        assert f.header["nn2"]["kind"] == "seq2seq-weights" and target["end"] == target["begin"] + 1
+        assert f.header["nn2"]["kind"] == "seq2seq" and target["end"] == target["begin"] + 1
         kept = {n: np.array(a) for n, a in f.tensors.items()}
     # the file holds the best weights: greedy exact match of a model made from them agrees
-    model = Seq2SeqTorch(trainer.built.network, kept)
+    model = Seq2SeqTorch(trainer.compiled.network, kept)
     right = count = 0
     for b in trainer.val:
         got = model.greedy(b.src, b.src_len, trainer.pairs.begin, trainer.pairs.end, b.tgt_out.shape[0])
@@ -218,11 +218,10 @@ RUN = """
 import sys, torch
 torch.set_num_threads(1)
 from nn2c.train.seq2seq.session import Seq2SeqRequest, run_seq2seq
-from tests.support.seq2seq_ir import build
 pairs, out, ckpt, resume = sys.argv[1:5]
 options = dict(encoder="torchgru", hidden=16, layers=1, batch=16, steps=120, eval_every=30, checkpoint_every=10,
                val_frac=0.1, lr=5e-3, device="cpu")
-run_seq2seq(Seq2SeqRequest(pairs, out, ckpt, resume == "1", options, frozenset(), build))
+run_seq2seq(Seq2SeqRequest(pairs, out, ckpt, resume == "1", options, frozenset()))
 """
 
 
@@ -276,10 +275,7 @@ def _cli(*args):
     return CliRunner().invoke(main, list(map(str, args)))
 
 
-def test_nn2c_tasks_then_train_task_seq2seq(tmp_path, monkeypatch):
-    import nn2c.train.seq2seq.session as session
-    from tests.support.seq2seq_ir import build
-    monkeypatch.setattr(session, "compile_network", build)     # the compiler's lowering, by hand
+def test_nn2c_tasks_then_train_task_seq2seq(tmp_path):
     pairs = tmp_path / "copy.tsv"
     result = _cli("tasks", "copy", "-n", 600, "--max-len", 4, "--seed", 3, "-o", pairs)
     assert result.exit_code == 0, result.output
@@ -341,7 +337,7 @@ def test_luong_lstm_decoder_with_input_feeding_matches_numpy_reference():
     from tests.support.seq2seq_ir import luong_decoder
     from tests.support.seq2seq_ir import seq2seq_network as s2s
     net = s2s(VS, VT, H, L)
-    net.decoder, net.bridge = luong_decoder(H, VT, L)
+    net.decoder, net.bridge, net.bridge_tensors = luong_decoder(H, VT, L)
     rng = np.random.default_rng(11)
     tensors = {n: (a + rng.uniform(-0.3, 0.3, a.shape)).astype(np.float64) for n, a in init_tensors(net, 2).items()}
     w = unpack(net.tensors(), tensors)
