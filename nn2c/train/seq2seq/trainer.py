@@ -116,7 +116,8 @@ class Seq2SeqTrainer:
             raise TrainError(f"{pairs.path} has {len(train_idx):,} training pairs, fewer than one batch "
                              f"(--batch {cfg.batch}); use more pairs or a smaller --batch")
         self.train = Buckets(encode(pairs, train_idx), cfg.batch, cfg.seed, pairs.begin, self.device)
-        self.val = (eval_batches(encode(pairs, val_idx[:cfg.max_eval_pairs]), cfg.batch, pairs.begin, self.device)
+        self.val_rows = val_idx[:cfg.max_eval_pairs]        # the pairs every evaluation decodes
+        self.val = (eval_batches(encode(pairs, self.val_rows), cfg.batch, pairs.begin, self.device)
                     if len(val_idx) else None)
         self.total = cfg.steps if cfg.steps else max(1, math.ceil((cfg.epochs or 1.0) * len(self.train)))
         if resume is not None:
@@ -167,16 +168,33 @@ class Seq2SeqTrainer:
     def evaluate(self) -> tuple[float, float]:
         """(validation loss per target token, greedy exact match) over the validation split."""
         total, tokens, right, count = 0.0, 0, 0, 0
-        end, begin = self.pairs.end, self.pairs.begin
         for b in self.val:
             logits = self.net(b.src, b.src_len, b.tgt_in)
             total += masked_loss(logits, b.tgt_out, b.tgt_mask).item() * b.tokens
             tokens += b.tokens
             want = [row[:n - 1] for row, n in zip(b.tgt_out.t().tolist(), b.tgt_mask.sum(0).tolist())]
-            got = self.net.greedy(b.src, b.src_len, begin, end, b.tgt_out.shape[0])
+            got = self.net.greedy(b.src, b.src_len, self.pairs.begin, self.pairs.end, b.tgt_out.shape[0])
             right += sum(g == w for g, w in zip(got, want))
             count += len(want)
         return total / tokens, right / count
+
+    def validation_pairs(self) -> list[tuple[str, str]]:
+        """The (source, target) pairs every evaluation decodes, in the split's order."""
+        return [(self.pairs.sources[i], self.pairs.targets[i]) for i in self.val_rows]
+
+    @torch.no_grad()
+    def greedy_validation(self, tensors: dict | None = None) -> list[str]:
+        """The greedy translations of `validation_pairs`' sources by the weights being trained
+        (or by `tensors`), each up to END or as many tokens as the longest target, as a
+        written model decodes them."""
+        net = self.net if tensors is None else Seq2SeqTorch(self.compiled.network, tensors).to(self.device)
+        vocab, longest = self.pairs.target_codec.vocab, limits(self.pairs)["target"]
+        out = [""] * len(self.val_rows)
+        for b in self.val or []:
+            got = net.greedy(b.src, b.src_len, self.pairs.begin, self.pairs.end, longest)
+            for row, ids in zip(b.rows, got):
+                out[row] = "".join(vocab[t] for t in ids)
+        return out
 
     def _evaluate(self, progress: SeqProgress) -> None:
         st = self.st
