@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nn2c.compiler.emit import unpack
-from nn2c.train.seq2seq.model import Seq2SeqTorch
 from nn2c.compiler.seq2seq import init_seq2seq_tensors as init_tensors
+from nn2c.train.seq2seq.model import Seq2SeqTorch
 from tests.support.seq2seq_ir import seq2seq_network
 
 VS, VT, H, L = 6, 9, 8, 2          # target: 7 characters, BEGIN 7, END 8
@@ -180,13 +180,13 @@ def _copy_pairs(tmp_path, task="copy", n=1500, max_len=5):
 
 def _trainer(tmp_path, pairs_path, resume=None, **options):
     from nn2c.train.seq2seq.pairs import read_pairs
-    from nn2c.train.seq2seq.trainer import Seq2SeqConfig, Seq2SeqTrainer
     from nn2c.train.seq2seq.session import compile_network
+    from nn2c.train.seq2seq.trainer import Seq2SeqConfig, Seq2SeqTrainer
     cfg = Seq2SeqConfig(**{"encoder": "torchgru", "hidden": 32, "layers": 1, "batch": 32, "steps": 500,
                            "eval_every": 100, "val_frac": 0.1, "lr": 5e-3, "device": "cpu", **options})
     import io
-    return Seq2SeqTrainer(cfg, read_pairs(pairs_path), compile_network, str(tmp_path / "m.nnb"), str(tmp_path / "m.ckpt"),
-                          resume, stream=io.StringIO())
+    return Seq2SeqTrainer(cfg, read_pairs(pairs_path), compile_network, str(tmp_path / "m.nnb"),
+                          str(tmp_path / "m.ckpt"), resume, stream=io.StringIO())
 
 
 @pytest.mark.parametrize("task", ["copy", "reverse"])

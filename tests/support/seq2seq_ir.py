@@ -9,7 +9,8 @@ Bahdanau's additive attention written node by node as the equations say:
     sₜ = (1 − zₜ) ⊙ nₜ + zₜ ⊙ sₜ₋₁               logits = W_y sₜ + b_y
     s₀ = tanh(W_0 hₙ + b_0)
 
-(`bridge_only=True`: no attention, cₜ = hₙ, Cho et al.'s context at every step).
+The trainer's runs train the compiled kernels; this network checks the trainer's torch
+rendering against references independently of the compiler's decoder lowering.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _op(op, *args, width=None, **attrs):
     return Node(op, tuple(args), width if width is not None else max(a.width for a in args), attrs)
 
 
-def bahdanau_decoder(hidden: int, target_vocab: int, layer: int, bridge_only: bool = False):
+def bahdanau_decoder(hidden: int, target_vocab: int, layer: int):
     """(decoder cell, bridge, bridge tensors) for `hidden` and a target vocabulary of
     `target_vocab` tokens."""
     H, V, b, bb = hidden, target_vocab, _Builder(layer), _Builder(layer)
@@ -48,15 +49,12 @@ def bahdanau_decoder(hidden: int, target_vocab: int, layer: int, bridge_only: bo
     s = Node("state", (), H, {"name": "s"})
     memory = Node("memory", (), H, {"positional": True})
     final = Node("final", (), H)
-    if bridge_only:
-        c = final
-    else:
-        pos = {"positional": True}
-        keys = _op("matmul", memory, b.p("U_a", H, H), **pos)
-        score = _op("tanh", _op("add", _op("matmul", s, b.p("W_a", H, H)), keys, **pos), **pos)
-        e = _op("sum", _op("mul", b.p("v_a", H), score, **pos), width=1, **pos)
-        alpha = _op("softmaxj", e, width=1, **pos)
-        c = _op("sumj", _op("mul", alpha, memory, width=H, **pos), width=H)
+    pos = {"positional": True}
+    keys = _op("matmul", memory, b.p("U_a", H, H), **pos)
+    score = _op("tanh", _op("add", _op("matmul", s, b.p("W_a", H, H)), keys, **pos), **pos)
+    e = _op("sum", _op("mul", b.p("v_a", H), score, **pos), width=1, **pos)
+    alpha = _op("softmaxj", e, width=1, **pos)
+    c = _op("sumj", _op("mul", alpha, memory, width=H, **pos), width=H)
 
     def gate(g: str) -> Node:
         inputs = _op("add", _op("add", _op("matmul", x, b.p(f"W_i{g}", H, V)), _op("matmul", c, b.p(f"C_{g}", H, H))),
@@ -78,9 +76,9 @@ def bahdanau_decoder(hidden: int, target_vocab: int, layer: int, bridge_only: bo
 
 
 def seq2seq_network(source_vocab: int, target_vocab: int, hidden: int = 16, layers: int = 1,
-                    encoder: str = "torchgru", bridge_only: bool = False) -> Seq2SeqNetwork:
+                    encoder: str = "torchgru") -> Seq2SeqNetwork:
     enc = compile_kernel(encoder, hidden, layers, source_vocab).network.cells
-    dec, bridge, bridge_tensors = bahdanau_decoder(hidden, target_vocab, layers, bridge_only)
+    dec, bridge, bridge_tensors = bahdanau_decoder(hidden, target_vocab, layers)
     return Seq2SeqNetwork(enc, dec, bridge, source_vocab, target_vocab, hidden, layers, bridge_tensors)
 
 
