@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nn2c.compiler.emit import unpack
+from nn2c.compiler.seq2seq import init_seq2seq_tensors as init_tensors
 from nn2c.train.seq2seq.model import Seq2SeqTorch
-from nn2c.train.seq2seq.network import init_tensors
 from tests.support.seq2seq_ir import seq2seq_network
 
 VS, VT, H, L = 6, 9, 8, 2          # target: 7 characters, BEGIN 7, END 8
@@ -180,13 +180,13 @@ def _copy_pairs(tmp_path, task="copy", n=1500, max_len=5):
 
 def _trainer(tmp_path, pairs_path, resume=None, **options):
     from nn2c.train.seq2seq.pairs import read_pairs
+    from nn2c.train.seq2seq.session import compile_network
     from nn2c.train.seq2seq.trainer import Seq2SeqConfig, Seq2SeqTrainer
-    from tests.support.seq2seq_ir import build
     cfg = Seq2SeqConfig(**{"encoder": "torchgru", "hidden": 32, "layers": 1, "batch": 32, "steps": 500,
                            "eval_every": 100, "val_frac": 0.1, "lr": 5e-3, "device": "cpu", **options})
     import io
-    return Seq2SeqTrainer(cfg, read_pairs(pairs_path), build, str(tmp_path / "m.nnb"), str(tmp_path / "m.ckpt"),
-                          resume, stream=io.StringIO())
+    return Seq2SeqTrainer(cfg, read_pairs(pairs_path), compile_network, str(tmp_path / "m.nnb"),
+                          str(tmp_path / "m.ckpt"), resume, stream=io.StringIO())
 
 
 @pytest.mark.parametrize("task", ["copy", "reverse"])
@@ -199,10 +199,10 @@ def test_a_generated_task_reaches_95_percent_greedy_exact_match(tmp_path, task):
     assert summary["loop"].startswith("encoder native")
     with fmt.read(str(tmp_path / "m.nnb")) as f:
         target = f.header["target"]
-        assert f.header["nn2"]["kind"] == "seq2seq-weights" and target["end"] == target["begin"] + 1
+        assert f.header["nn2"]["kind"] == "seq2seq" and target["end"] == target["begin"] + 1
         kept = {n: np.array(a) for n, a in f.tensors.items()}
     # the file holds the best weights: greedy exact match of a model made from them agrees
-    model = Seq2SeqTorch(trainer.built.network, kept)
+    model = Seq2SeqTorch(trainer.compiled.network, kept)
     right = count = 0
     for b in trainer.val:
         got = model.greedy(b.src, b.src_len, trainer.pairs.begin, trainer.pairs.end, b.tgt_out.shape[0])
@@ -218,11 +218,10 @@ RUN = """
 import sys, torch
 torch.set_num_threads(1)
 from nn2c.train.seq2seq.session import Seq2SeqRequest, run_seq2seq
-from tests.support.seq2seq_ir import build
 pairs, out, ckpt, resume = sys.argv[1:5]
 options = dict(encoder="torchgru", hidden=16, layers=1, batch=16, steps=120, eval_every=30, checkpoint_every=10,
                val_frac=0.1, lr=5e-3, device="cpu")
-run_seq2seq(Seq2SeqRequest(pairs, out, ckpt, resume == "1", options, frozenset(), build))
+run_seq2seq(Seq2SeqRequest(pairs, out, ckpt, resume == "1", options, frozenset()))
 """
 
 
@@ -276,10 +275,7 @@ def _cli(*args):
     return CliRunner().invoke(main, list(map(str, args)))
 
 
-def test_nn2c_tasks_then_train_task_seq2seq(tmp_path, monkeypatch):
-    import nn2c.train.seq2seq.session as session
-    from tests.support.seq2seq_ir import build
-    monkeypatch.setattr(session, "compile_network", build)     # the compiler's lowering, by hand
+def test_nn2c_tasks_then_train_task_seq2seq(tmp_path):
     pairs = tmp_path / "copy.tsv"
     result = _cli("tasks", "copy", "-n", 600, "--max-len", 4, "--seed", 3, "-o", pairs)
     assert result.exit_code == 0, result.output
@@ -316,32 +312,37 @@ def test_train_task_seq2seq_refuses_in_one_line(tmp_path, args, words):
 
 @pytest.mark.slow
 def test_dates_to_iso_reach_99_percent_and_attention_beats_the_bridge_only_control(tmp_path):
-    """About 75 s for both models on one thread."""
-    import functools
+    """Both models trained, written and run by nn2run: about 3 CPU-minutes on one thread."""
+    import io
 
+    import nn2run
     from nn2c.train.seq2seq.pairs import read_pairs
+    from nn2c.train.seq2seq.session import compile_network
     from nn2c.train.seq2seq.trainer import Seq2SeqConfig, Seq2SeqTrainer
     from nn2c.train.tasks import generate, tsv
-    from tests.support.seq2seq_ir import build
     torch.set_num_threads(1)
     path = tmp_path / "dates.tsv"
     path.write_text(tsv(generate("dates", 12000, seed=0)), encoding="utf-8")
-    cfg = dict(encoder="torchgru", hidden=64, layers=1, batch=64, steps=1000, eval_every=250, lr=3e-3, device="cpu")
     exact = {}
-    for bridge_only in (False, True):
-        import io
-        trainer = Seq2SeqTrainer(Seq2SeqConfig(**cfg), read_pairs(str(path)),
-                                 functools.partial(build, bridge_only=bridge_only), str(tmp_path / "m.nnb"),
-                                 str(tmp_path / "m.ckpt"), stream=io.StringIO())
-        exact[bridge_only] = trainer.run()["best_exact_match"]
-    assert exact[False] >= 0.99 and exact[True] < exact[False], exact
+    for decoder in ("seq2seq/bahdanau", "seq2seq/bridge"):
+        cfg = Seq2SeqConfig(decoder=decoder, hidden=64, batch=64, steps=1000, eval_every=250, lr=3e-3, device="cpu")
+        out = tmp_path / f"{decoder.split('/')[1]}.nnb"
+        trainer = Seq2SeqTrainer(cfg, read_pairs(str(path)), compile_network, str(out), str(tmp_path / "m.ckpt"),
+                                 stream=io.StringIO())
+        summary = trainer.run()
+        val = trainer.validation_pairs()                       # 600 dates never trained on
+        with nn2run.load(str(out)) as model:
+            got = model.translate([s for s, _ in val], beam=1)
+        exact[decoder] = sum(g == t for g, (_, t) in zip(got, val)) / len(val)
+        assert exact[decoder] == summary["best_exact_match"]
+    assert exact["seq2seq/bahdanau"] >= 0.99 and exact["seq2seq/bridge"] < exact["seq2seq/bahdanau"], exact
 
 
 def test_luong_lstm_decoder_with_input_feeding_matches_numpy_reference():
     from tests.support.seq2seq_ir import luong_decoder
     from tests.support.seq2seq_ir import seq2seq_network as s2s
     net = s2s(VS, VT, H, L)
-    net.decoder, net.bridge = luong_decoder(H, VT, L)
+    net.decoder, net.bridge, net.bridge_tensors = luong_decoder(H, VT, L)
     rng = np.random.default_rng(11)
     tensors = {n: (a + rng.uniform(-0.3, 0.3, a.shape)).astype(np.float64) for n, a in init_tensors(net, 2).items()}
     w = unpack(net.tensors(), tensors)

@@ -9,14 +9,14 @@ Bahdanau's additive attention written node by node as the equations say:
     sₜ = (1 − zₜ) ⊙ nₜ + zₜ ⊙ sₜ₋₁               logits = W_y sₜ + b_y
     s₀ = tanh(W_0 hₙ + b_0)
 
-(`bridge_only=True`: no attention, cₜ = hₙ, Cho et al.'s context at every step).
+The trainer's runs train the compiled kernels; this network checks the trainer's torch
+rendering against references independently of the compiler's decoder lowering.
 """
 
 from __future__ import annotations
 
-from nn2c.compiler.ir import Cell, Node, Part, TensorSpec
+from nn2c.compiler.ir import Cell, Node, Part, Seq2SeqNetwork, TensorSpec
 from nn2c.compiler.pipeline import compile_kernel
-from nn2c.train.seq2seq.network import Seq2SeqNetwork
 from nn2run import params
 
 
@@ -41,22 +41,20 @@ def _op(op, *args, width=None, **attrs):
     return Node(op, tuple(args), width if width is not None else max(a.width for a in args), attrs)
 
 
-def bahdanau_decoder(hidden: int, target_vocab: int, layer: int, bridge_only: bool = False):
-    """(decoder cell, bridge) for `hidden` and a target vocabulary of `target_vocab` tokens."""
-    H, V, b = hidden, target_vocab, _Builder(layer)
+def bahdanau_decoder(hidden: int, target_vocab: int, layer: int):
+    """(decoder cell, bridge, bridge tensors) for `hidden` and a target vocabulary of
+    `target_vocab` tokens."""
+    H, V, b, bb = hidden, target_vocab, _Builder(layer), _Builder(layer)
     x = Node("onehot", (), V)
     s = Node("state", (), H, {"name": "s"})
     memory = Node("memory", (), H, {"positional": True})
     final = Node("final", (), H)
-    if bridge_only:
-        c = final
-    else:
-        pos = {"positional": True}
-        keys = _op("matmul", memory, b.p("U_a", H, H), **pos)
-        score = _op("tanh", _op("add", _op("matmul", s, b.p("W_a", H, H)), keys, **pos), **pos)
-        e = _op("sum", _op("mul", b.p("v_a", H), score, **pos), width=1, **pos)
-        alpha = _op("softmaxj", e, width=1, **pos)
-        c = _op("sumj", _op("mul", alpha, memory, width=H, **pos), width=H)
+    pos = {"positional": True}
+    keys = _op("matmul", memory, b.p("U_a", H, H), **pos)
+    score = _op("tanh", _op("add", _op("matmul", s, b.p("W_a", H, H)), keys, **pos), **pos)
+    e = _op("sum", _op("mul", b.p("v_a", H), score, **pos), width=1, **pos)
+    alpha = _op("softmaxj", e, width=1, **pos)
+    c = _op("sumj", _op("mul", alpha, memory, width=H, **pos), width=H)
 
     def gate(g: str) -> Node:
         inputs = _op("add", _op("add", _op("matmul", x, b.p(f"W_i{g}", H, V)), _op("matmul", c, b.p(f"C_{g}", H, H))),
@@ -72,24 +70,16 @@ def bahdanau_decoder(hidden: int, target_vocab: int, layer: int, bridge_only: bo
     one = Node("const", (), 0, {"value": 1.0})
     s_next = _op("add", _op("mul", _op("sub", one, z, width=H), n), _op("mul", z, s))
     logits = _op("add", _op("matmul", s_next, b.p("W_y", V, H), width=V), b.p("b_y", V))
-    s0 = _op("tanh", _op("add", _op("matmul", final, b.p("W_0", H, H)), b.p("b_0", H)))
+    s0 = _op("tanh", _op("add", _op("matmul", final, bb.p("W_0", H, H)), bb.p("b_0", H)))
     cell = Cell(layer, x, [("s", s, s_next)], logits, b.tensors)
-    return cell, {"s": s0}
+    return cell, {"s": s0}, bb.tensors
 
 
 def seq2seq_network(source_vocab: int, target_vocab: int, hidden: int = 16, layers: int = 1,
-                    encoder: str = "torchgru", bridge_only: bool = False) -> Seq2SeqNetwork:
+                    encoder: str = "torchgru") -> Seq2SeqNetwork:
     enc = compile_kernel(encoder, hidden, layers, source_vocab).network.cells
-    dec, bridge = bahdanau_decoder(hidden, target_vocab, layers, bridge_only)
-    return Seq2SeqNetwork(enc, dec, bridge, source_vocab, target_vocab, hidden, layers)
-
-
-def build(cfg, source_vocab: int, target_vocab: int, bridge_only: bool = False):
-    """The trainer's `build` hook: this module's network at the config's sizes."""
-    from nn2c.train.seq2seq.trainer import Built
-    net = seq2seq_network(source_vocab, target_vocab, cfg.hidden, cfg.layers, cfg.encoder, bridge_only)
-    names = {"encoder": cfg.encoder, "decoder": "bahdanau (by hand)" if not bridge_only else "bridge (by hand)"}
-    return Built(net, names, {"encoder": cfg.encoder, "decoder": names["decoder"]})
+    dec, bridge, bridge_tensors = bahdanau_decoder(hidden, target_vocab, layers)
+    return Seq2SeqNetwork(enc, dec, bridge, source_vocab, target_vocab, hidden, layers, bridge_tensors)
 
 
 def luong_decoder(hidden: int, target_vocab: int, layer: int):
@@ -100,8 +90,10 @@ def luong_decoder(hidden: int, target_vocab: int, layer: int):
         eₜⱼ = sum(hⱼ ⊙ (W_a hₜ))        αₜⱼ = softmaxⱼ(eₜⱼ)     ctxₜ = Σⱼ(αₜⱼ ⊙ hⱼ)
         h̃ₜ = tanh(W_c [ctxₜ; hₜ])       logits = W_y h̃ₜ + b_y
         h₀ = tanh(W_0 hₙ)               (c and h̃ start at zero)
+
+    Returns (decoder cell, bridge, bridge tensors).
     """
-    H, V, b = hidden, target_vocab, _Builder(layer)
+    H, V, b, bb = hidden, target_vocab, _Builder(layer), _Builder(layer)
     pos = {"positional": True}
     x = Node("onehot", (), V)
     h, c, ht = (Node("state", (), H, {"name": n}) for n in ("h", "c", "ht"))
@@ -118,6 +110,6 @@ def luong_decoder(hidden: int, target_vocab: int, layer: int):
     ctx = _op("sumj", _op("mul", alpha, memory, width=H, **pos), width=H)
     ht_next = _op("tanh", _op("matmul", _op("concat", ctx, h_next, width=2 * H), b.p("W_c", H, 2 * H)))
     logits = _op("add", _op("matmul", ht_next, b.p("W_y", V, H), width=V), b.p("b_y", V))
-    h0 = _op("tanh", _op("matmul", final, b.p("W_0", H, H)))
+    h0 = _op("tanh", _op("matmul", final, bb.p("W_0", H, H)))
     cell = Cell(layer, x, [("h", h, h_next), ("c", c, c_next), ("ht", ht, ht_next)], logits, b.tensors)
-    return cell, {"h": h0}
+    return cell, {"h": h0}, bb.tensors

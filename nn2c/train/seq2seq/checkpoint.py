@@ -1,11 +1,12 @@
-"""Seq2seq checkpoints and weights files: one .nnb container (`nn2run.format`, written
-atomically) holding the model's stored tensors and, for a checkpoint, Adam's moments
+"""Seq2seq training checkpoints: one .nnb container (`nn2run.format`, written atomically)
+holding the model's stored tensors, Adam's moments
 (`adam.m/NAME`, `adam.v/NAME`), the best weights so far (`best/NAME`) and torch's RNG
 (`rng/torch`); the header has both codecs, the sizes, the kernels' names and text, the
 parameter map and a `checkpoint` object (step, config, the evaluation history).
 
-The header's kind is "seq2seq-weights": this is the trainer's own layout, not the runnable
-"seq2seq" file of the compiler's emitter (which also holds the programs).
+The header's kind is "seq2seq-checkpoint": the trainer's own layout for resuming, not a
+model nn2run runs (the model file is the compiler's "seq2seq" kind, `write_seq2seq`, with
+the programs); the programs are compiled again from the kernels' text on resume.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from nn2c import __version__
 from nn2c.compiler.emit import param_map
 from nn2run.codec import CharCodec, CodecError
 
-KIND = "seq2seq-weights"
+KIND = "seq2seq-checkpoint"
 
 
 class CheckpointError(Exception):
@@ -86,10 +87,6 @@ def header(network, names: dict, sources: dict, pairs, limits: dict, provenance:
             "source": {k: {"name": names[k], "text": sources[k]} for k in ("encoder", "decoder")},
             "provenance": {"nn2c": __version__,
                            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **provenance}}
-
-
-def write_weights(path, head: dict, tensors: dict) -> None:
-    fmt.write(path, head, tensors)
 
 
 def save_checkpoint(path, head: dict, st: State) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from nn2c.backend.network import compile_cell
-from nn2c.train.seq2seq.network import Seq2SeqNetwork
+from nn2c.compiler.ir import Seq2SeqNetwork
 from nn2c.train.seq2seq.render import compile_decoder
 
 

@@ -18,11 +18,28 @@ import torch
 import torch.nn.functional as F
 
 from nn2c.backend.fused import torch_expr
-from nn2c.compiler.ir import Cell
-from nn2c.train.seq2seq.network import nodes_of
+from nn2c.compiler.ir import Cell, Node
 
 TOKEN = ("onehot", "input", "gather")
 LEAVES = ("param", "const", "state", "memory", "final")
+
+
+def nodes_of(roots) -> list[Node]:
+    """Every node reachable from `roots`, arguments first (iterative: deep graphs are fine)."""
+    order, seen = [], set()
+    for root in roots:
+        stack = [(root, False)]
+        while stack:
+            n, expanded = stack.pop()
+            if n in seen:
+                continue
+            if expanded:
+                seen.add(n)
+                order.append(n)
+                continue
+            stack.append((n, True))
+            stack.extend((a, False) for a in reversed(n.args) if a not in seen)
+    return order
 
 
 def positional_nodes(nodes) -> set:

@@ -7,11 +7,12 @@ import os
 import sys
 from dataclasses import dataclass
 
+from nn2c.compiler.seq2seq import CompiledSeq2Seq, compile_seq2seq
 from nn2c.lang.errors import KernelError
 from nn2c.train.progress import fmt_value
 from nn2c.train.seq2seq.checkpoint import CheckpointError, load_checkpoint
 from nn2c.train.seq2seq.pairs import PairsError, read_pairs
-from nn2c.train.seq2seq.trainer import Built, Seq2SeqConfig, Seq2SeqTrainer
+from nn2c.train.seq2seq.trainer import Seq2SeqConfig, Seq2SeqTrainer
 from nn2c.train.trainer import Interrupted, TrainError
 
 # May change when resuming; every other option is the checkpoint's.
@@ -27,22 +28,13 @@ class Seq2SeqRequest:
     resume: bool
     options: dict
     given: frozenset | None = None  # options the user gave (None: all of them)
-    build: object = None            # (cfg, Vs, Vt) -> Built; None: the compiler's
+    build: object = None            # (cfg, Vs, Vt) -> CompiledSeq2Seq; None: compile_network
 
 
-def compile_network(cfg: Seq2SeqConfig, source_vocab: int, target_vocab: int) -> Built:
-    """The encoder and decoder kernels compiled by `nn2c.compiler.seq2seq`."""
-    try:
-        from nn2c.compiler.seq2seq import compile_seq2seq
-    except ImportError:
-        raise TrainError("--task seq2seq needs the seq2seq compiler (nn2c.compiler.seq2seq), "
-                         "which this installation of nn2c lacks") from None
-    from nn2c.lang.kernels import load_kernel
-    compiled = compile_seq2seq(encoder=cfg.encoder, decoder=cfg.decoder, hidden=cfg.hidden, layers=cfg.layers,
-                               source_vocab=source_vocab, target_vocab=target_vocab)
-    names = {"encoder": cfg.encoder, "decoder": cfg.decoder}
-    sources = {k: load_kernel(names[k]).source for k in names}
-    return Built(compiled.network, names, sources, compiled)
+def compile_network(cfg: Seq2SeqConfig, source_vocab: int, target_vocab: int) -> CompiledSeq2Seq:
+    """The encoder and decoder kernels compiled for the pairs' vocabularies."""
+    return compile_seq2seq(encoder=cfg.encoder, decoder=cfg.decoder, hidden=cfg.hidden, layers=cfg.layers,
+                           source_vocab=source_vocab, target_vocab=target_vocab)
 
 
 def _resume_state(req: Seq2SeqRequest, cfg: Seq2SeqConfig):

@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from nn2c.compiler.ir import Seq2SeqNetwork
+from nn2c.compiler.seq2seq import CompiledSeq2Seq, init_seq2seq_tensors, write_seq2seq
 from nn2c.train import trainer as lm
 from nn2c.train.progress import Progress, fmt_value
-from nn2c.train.seq2seq.checkpoint import State, header, save_checkpoint, write_weights
+from nn2c.train.seq2seq.checkpoint import State, header, save_checkpoint
 from nn2c.train.seq2seq.model import Seq2SeqTorch, masked_loss
-from nn2c.train.seq2seq.network import Seq2SeqNetwork, init_tensors
 from nn2c.train.seq2seq.pairs import Buckets, Pairs, encode, eval_batches, split
 from nn2c.train.seq2seq.render import positional_nodes
 from nn2c.train.trainer import BYTES_PER_PARAMETER, Diverged, Interrupted, TrainError, fmt_bytes, pick_device
@@ -68,15 +69,6 @@ class Seq2SeqConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-@dataclass
-class Built:
-    """A network to train, from the compiler (or built by hand)."""
-    network: Seq2SeqNetwork
-    names: dict                     # {"encoder": kernel name, "decoder": kernel name}
-    sources: dict                   # {"encoder": text, "decoder": text}
-    compiled: object | None = None  # the compiler's CompiledSeq2Seq, when its emitter writes the model
-
-
 class SeqProgress(Progress):
     exact: float | None = None
 
@@ -115,35 +107,38 @@ class Seq2SeqTrainer:
         cfg.check()
         self.cfg, self.pairs, self.out_path, self.ckpt_path, self.stream = cfg, pairs, out_path, ckpt_path, stream
         self.device = pick_device(cfg.device)
-        self.built: Built = build(cfg, len(pairs.source_codec.vocab), pairs.target_vocab)
-        network = self.built.network
+        self.compiled: CompiledSeq2Seq = build(cfg, len(pairs.source_codec.vocab), pairs.target_vocab)
+        network = self.compiled.network
+        self.sources = {"encoder": self.compiled.encoder_kernel.source, "decoder": self.compiled.decoder_kernel.source}
         check_memory(network, cfg, limits(pairs), self.device)
         train_idx, val_idx = split(pairs, cfg.val_frac)
         if len(train_idx) < cfg.batch:
             raise TrainError(f"{pairs.path} has {len(train_idx):,} training pairs, fewer than one batch "
                              f"(--batch {cfg.batch}); use more pairs or a smaller --batch")
         self.train = Buckets(encode(pairs, train_idx), cfg.batch, cfg.seed, pairs.begin, self.device)
-        self.val = (eval_batches(encode(pairs, val_idx[:cfg.max_eval_pairs]), cfg.batch, pairs.begin, self.device)
+        self.val_rows = val_idx[:cfg.max_eval_pairs]        # the pairs every evaluation decodes
+        self.val = (eval_batches(encode(pairs, self.val_rows), cfg.batch, pairs.begin, self.device)
                     if len(val_idx) else None)
         self.total = cfg.steps if cfg.steps else max(1, math.ceil((cfg.epochs or 1.0) * len(self.train)))
         if resume is not None:
             self._check_fits(resume)
         torch.manual_seed(cfg.seed)
-        self.st = resume or State.fresh(init_tensors(network, cfg.seed), cfg, pairs.sha256)
+        self.st = resume or State.fresh(init_seq2seq_tensors(network, cfg.seed), cfg, pairs.sha256)
         self.net = Seq2SeqTorch(network, self.st.tensors).to(self.device)
         self.params = list(self.net.parameters())
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, fused=True)
         if resume is not None:
             resume.restore(self.net, self.opt, self.device)
-        self.head = header(network, self.built.names, self.built.sources, pairs, limits(pairs), {})
+        names = {"encoder": self.compiled.encoder_name, "decoder": self.compiled.decoder_name}
+        self.head = header(network, names, self.sources, pairs, limits(pairs), {})
         self.first_step, self.elapsed_before = self.st.step, self.st.elapsed_s
         self._stop = False
 
     def _check_fits(self, st: State) -> None:
-        if st.sources is not None and st.sources != self.built.sources:
+        if st.sources is not None and st.sources != self.sources:
             raise TrainError(f"--resume: the kernels have changed since {self.ckpt_path} was written; "
                              "train afresh without --resume")
-        want = {n: tuple(s.shape) for n, s in self.built.network.tensors().items()}
+        want = {n: tuple(s.shape) for n, s in self.compiled.network.tensors().items()}
         if want != {n: tuple(a.shape) for n, a in st.tensors.items()}:
             raise TrainError(f"--resume: the weights in {self.ckpt_path} do not fit the network as compiled now; "
                              "train afresh without --resume")
@@ -173,16 +168,33 @@ class Seq2SeqTrainer:
     def evaluate(self) -> tuple[float, float]:
         """(validation loss per target token, greedy exact match) over the validation split."""
         total, tokens, right, count = 0.0, 0, 0, 0
-        end, begin = self.pairs.end, self.pairs.begin
         for b in self.val:
             logits = self.net(b.src, b.src_len, b.tgt_in)
             total += masked_loss(logits, b.tgt_out, b.tgt_mask).item() * b.tokens
             tokens += b.tokens
             want = [row[:n - 1] for row, n in zip(b.tgt_out.t().tolist(), b.tgt_mask.sum(0).tolist())]
-            got = self.net.greedy(b.src, b.src_len, begin, end, b.tgt_out.shape[0])
+            got = self.net.greedy(b.src, b.src_len, self.pairs.begin, self.pairs.end, b.tgt_out.shape[0])
             right += sum(g == w for g, w in zip(got, want))
             count += len(want)
         return total / tokens, right / count
+
+    def validation_pairs(self) -> list[tuple[str, str]]:
+        """The (source, target) pairs every evaluation decodes, in the split's order."""
+        return [(self.pairs.sources[i], self.pairs.targets[i]) for i in self.val_rows]
+
+    @torch.no_grad()
+    def greedy_validation(self, tensors: dict | None = None) -> list[str]:
+        """The greedy translations of `validation_pairs`' sources by the weights being trained
+        (or by `tensors`), each up to END or as many tokens as the longest target, as a
+        written model decodes them."""
+        net = self.net if tensors is None else Seq2SeqTorch(self.compiled.network, tensors).to(self.device)
+        vocab, longest = self.pairs.target_codec.vocab, limits(self.pairs)["target"]
+        out = [""] * len(self.val_rows)
+        for b in self.val or []:
+            got = net.greedy(b.src, b.src_len, self.pairs.begin, self.pairs.end, longest)
+            for row, ids in zip(b.rows, got):
+                out[row] = "".join(vocab[t] for t in ids)
+        return out
 
     def _evaluate(self, progress: SeqProgress) -> None:
         st = self.st
@@ -255,13 +267,9 @@ class Seq2SeqTrainer:
     def _write_model(self, rate: float) -> None:
         best = self.st.best_tensors if self.st.best_tensors is not None else self.net.numpy_tensors()
         provenance = {**self.head["provenance"], **self.provenance(rate)}
-        if self.built.compiled is not None:         # the compiler's runnable seq2seq file
-            from nn2c.compiler.seq2seq import write_seq2seq
-            p = self.pairs
-            self._write(self.out_path, write_seq2seq, self.out_path, self.built.compiled, best, p.source_codec,
-                        p.target_codec, limits(p), provenance)
-        else:
-            self._write(self.out_path, write_weights, self.out_path, {**self.head, "provenance": provenance}, best)
+        p = self.pairs
+        self._write(self.out_path, write_seq2seq, self.out_path, self.compiled, best, p.source_codec,
+                    p.target_codec, limits(p), provenance)
 
     def _write(self, path: str, writer, *args) -> None:
         try:
