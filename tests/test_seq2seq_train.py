@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from nn2c.compiler.emit import unpack
+from nn2c.compiler.emit import pack, unpack
 from nn2c.compiler.seq2seq import init_seq2seq_tensors as init_tensors
 from nn2c.train.seq2seq.model import Seq2SeqTorch
 from tests.support.seq2seq_ir import seq2seq_network
@@ -108,6 +108,16 @@ def test_a_sentence_alone_equals_it_inside_a_padded_batch():
             torch.testing.assert_close(together[:len(t), b], alone[:, 0], atol=1e-6, rtol=0)
     greedy = model.greedy(src, lengths, 7, 8, 6)
     assert greedy == [model.greedy(*_batch([(s, t)])[:2], 7, 8, 6)[0] for s, t in PAIRS]
+
+
+def test_greedy_never_chooses_begin_even_when_it_is_the_most_likely():
+    net, tensors, _ = _model(seed=4, dtype=np.float32)
+    logical = unpack(net.tensors(), tensors)
+    logical[f"b_y@{L}"][7] = 50.0               # BEGIN (7) dominates every step's logits
+    model = Seq2SeqTorch(net, pack(net.tensors(), logical))
+    src, lengths, _ = _batch(PAIRS)
+    got = model.greedy(src, lengths, 7, 8, 6)
+    assert all(len(row) == 6 and 7 not in row for row in got)
 
 
 # ---------------------------------------------------------------- pairs files

@@ -88,7 +88,8 @@ class Seq2SeqTorch(torch.nn.Module):
 
     @torch.no_grad()
     def greedy(self, src, src_len, begin: int, end: int, max_len: int) -> list[list[int]]:
-        """Each row's argmax decoding up to END (not included) or max_len tokens."""
+        """Each row's argmax decoding up to END (not included) or max_len tokens; BEGIN is
+        never chosen (as nn2run decodes: it is an input token only)."""
         P, K, states, memory, mask = self.start(src, src_len)
         B = src.shape[1]
         token = torch.full((B,), begin, dtype=torch.int64, device=src.device)
@@ -97,7 +98,7 @@ class Seq2SeqTorch(torch.nn.Module):
         for _ in range(max_len):
             H = self._hoist(P, token[None], K, mask)
             logits, states = self._step(P, states, K, [h[0] for h in H], memory, mask)
-            token = logits.argmax(-1)
+            token = logits.index_fill(-1, torch.tensor([begin], device=logits.device), -torch.inf).argmax(-1)
             picked.append(torch.where(done, end, token))
             done |= token == end
             if bool(done.all()):
