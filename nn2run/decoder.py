@@ -10,6 +10,12 @@ once; `advance` runs one step. As in `nn2run.vm`, the step code is bound twice w
 state's two buffers swapped, so a step allocates nothing and copies no state; `reorder`
 (beam search) gathers the states by parent row into the other buffer.
 
+One fusion at bind time: an attention's context `sumj(mul(α, memory))`, with α a
+`softmaxj` result of width 1 read by nothing else, is one batched product
+α(batch, 1, J) @ memory(batch, J, width) (`weighted_sums`). It is exact: α is exactly 0 at
+the positions the mask excludes and the memory is 0 there, so the unmasked sum adds zeros
+(about ten times faster than the element-wise product, the mask and the reduction).
+
 Imports NumPy and the standard library only.
 """
 
@@ -37,6 +43,38 @@ def _concat_positions(out, parts):
     return calls
 
 
+def weighted_sums(program: dict) -> dict[int, tuple[int, int]]:
+    """The `sumj` instructions of the step code to bind as one product: code index of the
+    sumj -> (α register, memory register); their `mul` is not bound (see the docstring)."""
+    code = program["code"]
+    writer = {ins[1]: ins for ins in program["prepare"] + code}
+    reads: dict[int, int] = {}
+    for ins in program["prepare"] + code:
+        for a in ins[2:]:
+            if isinstance(a, list) and a[0] == "r":
+                reads[a[1]] = reads.get(a[1], 0) + 1
+    outputs = {program["logits"]} | {s["next"] for s in program["states"]}
+    widths, memory = program["registers"], program["memory"]
+    fused = {}
+    for pc, ins in enumerate(code):
+        if ins[0] != "sumj" or ins[2][0] != "r":
+            continue
+        product = writer.get(ins[2][1])
+        if product is None or product[0] != "mul" or reads.get(product[1]) != 1 or product[1] in outputs:
+            continue
+        regs = [a[1] for a in product[2:] if a[0] == "r"]
+        if len(regs) != 2 or memory not in regs:
+            continue
+        alpha = regs[1] if regs[0] == memory else regs[0]
+        if widths[alpha] == 1 and writer.get(alpha, [None])[0] == "softmaxj":
+            fused[pc] = (alpha, memory)
+    return fused
+
+
+def _bind_weighted_sum(out, alpha, memory):
+    return [(np.matmul, (alpha.transpose(0, 2, 1), memory, out[:, None, :]))]
+
+
 class DecoderVM:
     """A decoder program bound for `batch` rows and sources of `positions` tokens."""
 
@@ -62,15 +100,23 @@ class DecoderVM:
             if swap:
                 for s in self._states:
                     step_regs[s["prev"]], step_regs[s["next"]] = regs[s["next"]], regs[s["prev"]]
-            code = self._bind(program["code"], widths, step_regs, tensors)
+            code = self._bind(program["code"], widths, step_regs, tensors, weighted_sums(program))
             self._bindings.append((code, step_regs[program["logits"]]))
             self._regs.append(step_regs)
         self.parity = 0
 
-    def _bind(self, code, widths, regs, tensors) -> list:
+    def _bind(self, code, widths, regs, tensors, fused=None) -> list:
+        fused = fused or {}
+        dropped = {code[pc][2][1] for pc in fused}         # the products the fused sums replace
         calls = []
-        for ins in code:
+        for pc, ins in enumerate(code):
             op, dst, args = ins[0], ins[1], ins[2:]
+            if pc in fused:
+                alpha, memory = fused[pc]
+                calls.extend(_bind_weighted_sum(regs[dst], regs[alpha], regs[memory]))
+                continue
+            if op == "mul" and dst in dropped:
+                continue
             if op == "slice":
                 regs[dst] = regs[args[0][1]][..., args[1]:args[1] + widths[dst]]
                 continue

@@ -232,3 +232,35 @@ def test_a_state_without_init_starts_at_zero(tmp_path):
             for t, tok in enumerate([BEGIN, *target]):
                 ref_logits, s, _ = ref_step(w, mem, s, tok)
                 np.testing.assert_allclose(logits[b, t], ref_logits, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the context as one product
+def test_the_attention_context_is_bound_as_one_batched_product_only_where_exact():
+    from nn2run.decoder import weighted_sums
+    program = s2s.decoder_program(H, VT)
+    sumj = next(pc for pc, ins in enumerate(program["code"]) if ins[0] == "sumj")
+    assert weighted_sums(program) == {sumj: (s2s.ALPHA, 0)}
+    # the product read by something else, or weights that are not a softmax over positions:
+    # the masked sum is needed, nothing is fused
+    shared = s2s.decoder_program(H, VT)
+    shared["code"].append(["sum", 40, s2s.r(27)])
+    other = s2s.decoder_program(H, VT)
+    other["code"] = [["sigmoid", s2s.ALPHA, ins[2]] if ins[0] == "softmaxj" else ins for ins in other["code"]]
+    not_memory = s2s.decoder_program(H, VT)
+    not_memory["code"] = [["mul", 27, s2s.r(s2s.ALPHA), s2s.r(2)] if ins[:2] == ["mul", 27] else ins
+                          for ins in not_memory["code"]]
+    assert weighted_sums(shared) == weighted_sums(other) == weighted_sums(not_memory) == {}
+
+
+def test_the_fused_context_equals_the_masked_sum(built, monkeypatch):
+    import nn2run.decoder as decoder
+    model, _ = built
+    texts = sources(24, seed=11)
+    fused = model.translate(texts, beam=3, n_best=3)
+    model._decoders.clear()
+    monkeypatch.setattr(decoder, "weighted_sums", lambda program: {})
+    masked = model.translate(texts, beam=3, n_best=3)
+    model._decoders.clear()
+    assert [[t for t, _ in row] for row in masked] == [[t for t, _ in row] for row in fused]
+    np.testing.assert_allclose([[p for _, p in row] for row in masked], [[p for _, p in row] for row in fused],
+                               atol=1e-6, rtol=0)       # the same sums in another order
