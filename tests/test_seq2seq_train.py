@@ -473,3 +473,16 @@ def test_a_model_too_big_for_memory_is_refused_before_anything_is_allocated(tmp_
         _trainer(tmp_path, pairs)
     monkeypatch.setattr(nn2c.train.trainer, "available_memory", lambda: 2 ** 30)
     _trainer(tmp_path, pairs)
+
+
+@pytest.mark.parametrize("decoder, fused", [("seq2seq/bahdanau", 1), ("seq2seq/luong", 1), ("seq2seq/bridge", 0)])
+def test_the_attention_context_is_one_batched_product(decoder, fused):
+    """Σⱼ(αₜⱼ ⊙ hⱼ) renders as torch.bmm over the memory prepare zeroed beyond each length;
+    the reference tests above check its values."""
+    from nn2c.compiler.seq2seq import compile_seq2seq
+    from nn2c.train.seq2seq.render import DecoderSource
+    net = compile_seq2seq(encoder="gru", decoder=decoder, hidden=8, layers=1, source_vocab=5, target_vocab=5).network
+    src = DecoderSource(net.decoder, net.bridge)
+    assert len(src.contexts) == fused and src.source().count("torch.bmm") == fused
+    _, _, model = _model(seed=2)
+    assert len(model.decoder_source.contexts) == 1        # the hand-built network of the reference tests

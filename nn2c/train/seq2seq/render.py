@@ -10,6 +10,12 @@ the positions below each row's length (weight exactly 0 beyond it, as -inf gives
     hoist     reads the step's token but no state: computed for every step of a
               teacher-forced batch in one product (or for one step when decoding);
     step      the rest, once per decoder step.
+
+An attention's context `sumj(mul(α, memory))`, α a `softmaxj` of width 1 read by nothing
+else, is one batched product α(batch, 1, J) @ memory (as nn2run binds it): exact, since α is
+0 where the mask excludes and prepare zeroes the memory there once per batch (whatever it
+held), and several times faster than the product, the mask and the sum over (batch, J, H)
+with their backward.
 """
 
 from __future__ import annotations
@@ -98,6 +104,16 @@ class DecoderSource:
         self.hoisted += [n for n in roots if self.where.get(n) == "hoist" and n not in self.hoisted]
         self.prepared += [n for n in roots if self.where.get(n) == "prepare" and n not in self.prepared]
         self.inits = [bridge.get(s) for s in self.states]
+        roots_set = set(roots)
+        self.contexts = {}          # sumj node -> its α, where the context is one product
+        for n in self.nodes:
+            m = n.args[0] if n.op == "sumj" else None
+            if m is None or m.op != "mul" or len(users.get(m, [])) != 1 or m in roots_set:
+                continue
+            alpha = [a for a in m.args if a.op != "memory"]
+            if len(alpha) == 1 and len(m.args) == 2 and alpha[0].op == "softmaxj" and alpha[0].width == 1:
+                self.contexts[n] = alpha[0]
+        self.skipped = {n.args[0] for n in self.contexts}
 
     def name(self, n, stage: str) -> str:
         if n.op == "param":
@@ -133,12 +149,15 @@ class DecoderSource:
             return f"F.embedding(X, {args[0]})"
         if n.op == "softmaxj":
             return f"{args[0]}.masked_fill(~MASK, float('-inf')).softmax(1)"
+        if n in self.contexts:
+            return f"torch.bmm({self.name(self.contexts[n], stage)}.transpose(1, 2), K[{len(self.prepared)}]).squeeze(1)"
         if n.op == "sumj":
             return f"{args[0]}.masked_fill(~MASK, 0.0).sum(1)"
         return torch_expr(n, args)
 
     def _body(self, stage: str) -> list[str]:
-        return [f"    v{self.index[n]} = {self.expr(n, stage)}" for n in self.nodes if self.where.get(n) == stage]
+        return [f"    v{self.index[n]} = {self.expr(n, stage)}" for n in self.nodes
+                if self.where.get(n) == stage and n not in self.skipped]
 
     def _head(self, stage: str, extra: str = "") -> list[str]:
         """The parameters this stage reads, as locals."""
@@ -150,7 +169,7 @@ class DecoderSource:
     def source(self) -> str:
         ref = lambda n, stage: "None" if n is None else self.name(n, stage)      # noqa: E731
         lines = ["def prepare(P, M, FIN, MASK):", *self._head("prepare", "    DT = M.dtype"), *self._body("prepare"),
-                 f"    K = [{', '.join(f'v{self.index[n]}' for n in self.prepared)}]",
+                 f"    K = [{', '.join([*(f'v{self.index[n]}' for n in self.prepared), 'M.masked_fill(~MASK, 0.0)'])}]",
                  f"    return K, [{', '.join(ref(n, 'prepare') for n in self.inits)}]",
                  "", "def hoist(P, X, K, MASK):", *self._head("hoist", "    DT = P[next(iter(P))].dtype"),
                  *self._body("hoist"),
