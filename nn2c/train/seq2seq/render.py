@@ -150,7 +150,8 @@ class DecoderSource:
         if n.op == "softmaxj":
             return f"{args[0]}.masked_fill(~MASK, float('-inf')).softmax(1)"
         if n in self.contexts:
-            return f"torch.bmm({self.name(self.contexts[n], stage)}.transpose(1, 2), K[{len(self.prepared)}]).squeeze(1)"
+            alpha, zeroed = self.name(self.contexts[n], stage), f"K[{len(self.prepared)}]"
+            return f"torch.bmm({alpha}.transpose(1, 2), {zeroed}).squeeze(1)"
         if n.op == "sumj":
             return f"{args[0]}.masked_fill(~MASK, 0.0).sum(1)"
         return torch_expr(n, args)
