@@ -57,6 +57,17 @@ def check_ids(ids, vocab_size: int, shape: tuple | None = None) -> np.ndarray:
     return a.astype(np.intp)
 
 
+def check_sizes(header: dict):
+    """(layers, hidden, source codec) of a file's header, checked: what every model kind has."""
+    meta = header.get("model")
+    if not isinstance(meta, dict):
+        raise NNBFormatError("missing model description")
+    for key, cap in (("layers", MAX_LAYERS), ("hidden", 1 << 20)):
+        if type(meta.get(key)) is not int or not 1 <= meta[key] <= cap:
+            raise NNBFormatError(f"model {key} must be a positive integer")
+    return meta["layers"], meta["hidden"], codecs.from_header(header.get("codec"))
+
+
 class ClosedModelError(ValueError):
     """The model was closed (Model.close()): its tensors are gone."""
 
@@ -124,14 +135,7 @@ class Model:
 
     def _check(self) -> None:
         h = self.header
-        meta = h.get("model")
-        if not isinstance(meta, dict):
-            raise NNBFormatError("missing model description")
-        for key, cap in (("layers", MAX_LAYERS), ("hidden", 1 << 20)):
-            if type(meta.get(key)) is not int or not 1 <= meta[key] <= cap:
-                raise NNBFormatError(f"model {key} must be a positive integer")
-        self.layers, self.hidden = meta["layers"], meta["hidden"]
-        self.codec = codecs.from_header(h.get("codec"))
+        self.layers, self.hidden, self.codec = check_sizes(h)
         self.vocab = self.codec.vocab
         shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
         validate(h.get("program"), shapes, len(self.vocab))

@@ -32,7 +32,7 @@ from . import params, rewrite
 from .decoder import DecoderVM
 from .format import NNBFormatError
 from .isa import ProgramError, validate, validate_decoder
-from .model import MAX_LAYERS, ClosedModelError, _check_batch, check_ids
+from .model import ClosedModelError, _check_batch, check_ids, check_sizes
 from .vm import VM
 
 MAX_LIMIT = 65536
@@ -64,14 +64,7 @@ class Seq2SeqModel:
     # --- checks -------------------------------------------------------------------
     def _check(self) -> None:
         h = self.header
-        meta = h.get("model")
-        if not isinstance(meta, dict):
-            raise NNBFormatError("missing model description")
-        for key, cap in (("layers", MAX_LAYERS), ("hidden", 1 << 20)):
-            if type(meta.get(key)) is not int or not 1 <= meta[key] <= cap:
-                raise NNBFormatError(f"model {key} must be a positive integer")
-        self.layers, self.hidden = meta["layers"], meta["hidden"]
-        self.codec = codecs.from_header(h.get("codec"))
+        self.layers, self.hidden, self.codec = check_sizes(h)
         self.vocab = self.codec.vocab
         self._check_target(h.get("target"))
         self.limits = self._check_limits(h.get("limits"))

@@ -91,19 +91,25 @@ class Cell:
 
     def nodes(self) -> list[Node]:
         """Every node reachable from the outputs, in a topological order (arguments first)."""
-        order, seen = [], set()
-        stack = [(n, False) for n in reversed(self.roots())]
-        while stack:
-            node, expanded = stack.pop()
-            if node in seen:
-                continue
-            if expanded:
-                seen.add(node)
-                order.append(node)
-                continue
-            stack.append((node, True))
-            stack.extend((a, False) for a in reversed(node.args) if a not in seen)
-        return order
+        return topological(self.roots())
+
+
+def topological(roots) -> list[Node]:
+    """Every node reachable from `roots`, arguments first, each root's in turn (iterative:
+    deep graphs are fine)."""
+    order, seen = [], set()
+    stack = [(n, False) for n in reversed(list(roots))]
+    while stack:
+        node, expanded = stack.pop()
+        if node in seen:
+            continue
+        if expanded:
+            seen.add(node)
+            order.append(node)
+            continue
+        stack.append((node, True))
+        stack.extend((a, False) for a in reversed(node.args) if a not in seen)
+    return order
 
 
 @dataclass

@@ -24,28 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from nn2c.backend.fused import torch_expr
-from nn2c.compiler.ir import Cell, Node
+from nn2c.compiler.ir import Cell, topological
 
 TOKEN = ("onehot", "input", "gather")
 LEAVES = ("param", "const", "state", "memory", "final")
-
-
-def nodes_of(roots) -> list[Node]:
-    """Every node reachable from `roots`, arguments first (iterative: deep graphs are fine)."""
-    order, seen = [], set()
-    for root in roots:
-        stack = [(root, False)]
-        while stack:
-            n, expanded = stack.pop()
-            if n in seen:
-                continue
-            if expanded:
-                seen.add(n)
-                order.append(n)
-                continue
-            stack.append((n, True))
-            stack.extend((a, False) for a in reversed(n.args) if a not in seen)
-    return order
 
 
 def positional_nodes(nodes) -> set:
@@ -74,7 +56,7 @@ class DecoderSource:
     def __init__(self, cell: Cell, bridge: dict):
         self.cell, self.bridge = cell, bridge
         self.states = [name for name, _, _ in cell.states]
-        self.nodes = nodes_of([*cell.roots(), *[bridge[s] for s in self.states if s in bridge]])
+        self.nodes = topological([*cell.roots(), *[bridge[s] for s in self.states if s in bridge]])
         self.pos = positional_nodes(self.nodes)
         state_dep, token_dep = _classify(self.nodes)
         self.where = {}
