@@ -25,6 +25,28 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be resumed from."""
 
 
+def adam_moments(net, opt, step: int = 0) -> tuple[dict, dict, int]:
+    """Adam's first and second moments by tensor name, as arrays, and its step count."""
+    m, v = {}, {}
+    for name, p in net.tensor_dict().items():
+        st = opt.state.get(p)
+        if st:
+            m[name] = st["exp_avg"].detach().cpu().numpy()
+            v[name] = st["exp_avg_sq"].detach().cpu().numpy()
+            step = int(st["step"])
+    return m, v, step
+
+
+def restore_adam(net, opt, m: dict, v: dict, step: int, device) -> None:
+    """Put Adam's moments back for the tensors that have them."""
+    for name, p in net.tensor_dict().items():
+        if name in m:
+            # a fused Adam keeps its step count as a float32 tensor beside the weights
+            opt.state[p] = {"step": torch.tensor(float(step), dtype=torch.float32, device=device),
+                            "exp_avg": torch.from_numpy(np.array(m[name])).to(device),
+                            "exp_avg_sq": torch.from_numpy(np.array(v[name])).to(device)}
+
+
 @dataclass
 class TrainState:
     step: int
@@ -58,13 +80,7 @@ class TrainState:
     def capture(self, net, opt, state, device) -> None:
         """Copy the live training state into this object (before saving)."""
         self.tensors = net.numpy_tensors()
-        self.adam_m, self.adam_v = {}, {}
-        for name, p in net.tensor_dict().items():
-            st = opt.state.get(p)
-            if st:
-                self.adam_m[name] = st["exp_avg"].detach().cpu().numpy()
-                self.adam_v[name] = st["exp_avg_sq"].detach().cpu().numpy()
-                self.adam_step = int(st["step"])
+        self.adam_m, self.adam_v, self.adam_step = adam_moments(net, opt, self.adam_step)
         self.carried = [[s.detach().cpu().numpy() for s in layer] for layer in state]
         self.torch_rng = torch.get_rng_state().numpy()
         self.cuda_rng = torch.cuda.get_rng_state(device).numpy() if device.type == "cuda" else None
@@ -73,12 +89,7 @@ class TrainState:
     def restore(self, net, opt, device, rank: int = 0, world_size: int = 1) -> list[str]:
         """Put Adam's moments and this rank's RNGs back (weights were loaded with the network);
         returns warnings for a resume that cannot be bit-exact."""
-        for name, p in net.tensor_dict().items():
-            if name in self.adam_m:
-                # a fused Adam keeps its step count as a float32 tensor beside the weights
-                opt.state[p] = {"step": torch.tensor(float(self.adam_step), dtype=torch.float32, device=device),
-                                "exp_avg": torch.from_numpy(np.array(self.adam_m[name])).to(device),
-                                "exp_avg_sq": torch.from_numpy(np.array(self.adam_v[name])).to(device)}
+        restore_adam(net, opt, self.adam_m, self.adam_v, self.adam_step, device)
         cpu_rng, cuda_rng = ((self.torch_rng, self.cuda_rng) if rank == 0 else
                              self.rank_rngs[rank - 1] if rank - 1 < len(self.rank_rngs) else (None, None))
         if cpu_rng is not None:

@@ -37,21 +37,27 @@ def default_corpus() -> str:
     return str(samples_dir().parent / "corpus" / "rhymes.txt")
 
 
-def _resume_state(req: TrainRequest, cfg: TrainConfig):
-    if not os.path.exists(req.checkpoint):
-        raise TrainError(f"--resume: no checkpoint at {req.checkpoint}")
-    header, ts = load_checkpoint(req.checkpoint)
-    saved = TrainConfig.from_dict(ts.config)
-    given = set(req.options if req.given is None else req.given)
+def resumed_config(cfg, saved, options: dict, given):
+    """The checkpoint's config `saved` with the options given again on the command line:
+    those in RESUMABLE replace its values; any other that differs is refused in one line."""
+    given = set(options if given is None else given)
     if given & {"steps", "epochs"}:
         given |= {"steps", "epochs"}          # the run's length is one choice, made by either
     for name in sorted(given):
         mine, theirs = getattr(cfg, name, None), getattr(saved, name, None)
         if name in RESUMABLE:
             setattr(saved, name, mine)
-        elif name in req.options and mine != theirs:
+        elif name in options and mine != theirs:
             raise TrainError(f"--resume: --{name.replace('_', '-')} {mine} differs from the checkpoint's "
                              f"{theirs}; leave it out, or train afresh without --resume")
+    return saved
+
+
+def _resume_state(req: TrainRequest, cfg: TrainConfig):
+    if not os.path.exists(req.checkpoint):
+        raise TrainError(f"--resume: no checkpoint at {req.checkpoint}")
+    header, ts = load_checkpoint(req.checkpoint)
+    saved = resumed_config(cfg, TrainConfig.from_dict(ts.config), req.options, req.given)
     return saved, ts, (header.get("provenance") or {}).get("corpus"), header.get("codec")
 
 

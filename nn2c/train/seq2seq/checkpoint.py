@@ -20,6 +20,7 @@ import torch
 import nn2run.format as fmt
 from nn2c import __version__
 from nn2c.compiler.emit import param_map
+from nn2c.train.checkpoint import adam_moments, restore_adam
 from nn2run.codec import CharCodec, CodecError
 
 KIND = "seq2seq-checkpoint"
@@ -57,22 +58,12 @@ class State:
 
     def capture(self, net, opt, device) -> None:
         self.tensors = net.numpy_tensors()
-        self.adam_m, self.adam_v = {}, {}
-        for name, p in net.tensor_dict().items():
-            st = opt.state.get(p)
-            if st:
-                self.adam_m[name] = st["exp_avg"].detach().cpu().numpy()
-                self.adam_v[name] = st["exp_avg_sq"].detach().cpu().numpy()
-                self.adam_step = int(st["step"])
+        self.adam_m, self.adam_v, self.adam_step = adam_moments(net, opt, self.adam_step)
         self.torch_rng = torch.get_rng_state().numpy()
         self.device = device.type
 
     def restore(self, net, opt, device) -> None:
-        for name, p in net.tensor_dict().items():
-            if name in self.adam_m:
-                opt.state[p] = {"step": torch.tensor(float(self.adam_step), dtype=torch.float32, device=device),
-                                "exp_avg": torch.from_numpy(np.array(self.adam_m[name])).to(device),
-                                "exp_avg_sq": torch.from_numpy(np.array(self.adam_v[name])).to(device)}
+        restore_adam(net, opt, self.adam_m, self.adam_v, self.adam_step, device)
         if self.torch_rng is not None:
             torch.set_rng_state(torch.from_numpy(np.array(self.torch_rng, dtype=np.uint8)))
 

@@ -13,10 +13,10 @@ from nn2c.train.progress import fmt_value
 from nn2c.train.seq2seq.checkpoint import CheckpointError, load_checkpoint
 from nn2c.train.seq2seq.pairs import PairsError, read_pairs
 from nn2c.train.seq2seq.trainer import Seq2SeqConfig, Seq2SeqTrainer
+from nn2c.train.session import resumed_config
 from nn2c.train.trainer import Interrupted, TrainError
 
 # May change when resuming; every other option is the checkpoint's.
-RESUMABLE = ("steps", "epochs", "eval_every", "checkpoint_every", "device", "max_minutes")
 EXPECTED = (KernelError, PairsError, TrainError, CheckpointError, Interrupted)
 
 
@@ -41,17 +41,7 @@ def _resume_state(req: Seq2SeqRequest, cfg: Seq2SeqConfig):
     if not os.path.exists(req.checkpoint):
         raise TrainError(f"--resume: no checkpoint at {req.checkpoint}")
     head, st = load_checkpoint(req.checkpoint)
-    saved = Seq2SeqConfig.from_dict(st.config)
-    given = set(req.options if req.given is None else req.given)
-    if given & {"steps", "epochs"}:
-        given |= {"steps", "epochs"}
-    for name in sorted(given):
-        mine, theirs = getattr(cfg, name, None), getattr(saved, name, None)
-        if name in RESUMABLE:
-            setattr(saved, name, mine)
-        elif name in req.options and mine != theirs:
-            raise TrainError(f"--resume: --{name.replace('_', '-')} {mine} differs from the checkpoint's "
-                             f"{theirs}; leave it out, or train afresh without --resume")
+    saved = resumed_config(cfg, Seq2SeqConfig.from_dict(st.config), req.options, req.given)
     return saved, st, (head.get("provenance") or {}).get("pairs")
 
 
