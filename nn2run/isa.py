@@ -122,22 +122,8 @@ def validate(program, tensors: dict, vocab_size: int, output: str = "logits", wi
     regs = _registers(program)
     if sum(regs) > MAX_TOTAL_WIDTH:
         raise ProgramError(f"registers total {sum(regs)} floats per stream, more than {MAX_TOTAL_WIDTH}")
-    states = program.get("states")
-    if not isinstance(states, list) or len(states) > MAX_STATES:
-        raise ProgramError("states must be a list")
     written = set()
-    targets = set()
-    for s in states:
-        if not isinstance(s, dict) or not isinstance(s.get("name"), str):
-            raise ProgramError("each state needs a name")
-        prev = _int(s.get("prev"), "state prev", 0, len(regs) - 1)
-        nxt = _int(s.get("next"), "state next", 0, len(regs) - 1)
-        _int(s.get("layer"), "state layer", 0, MAX_STATES)
-        if (prev in written or prev in targets or nxt in targets or nxt in written
-                or prev == nxt or regs[prev] != regs[nxt]):
-            raise ProgramError(f"state {s['name']!r}: bad prev/next registers")
-        written.add(prev)
-        targets.add(nxt)
+    targets = _states(program.get("states"), regs, written)
     code = program.get("code")
     if not isinstance(code, list) or not 1 <= len(code) <= MAX_CODE:
         raise ProgramError(f"code must be a list of 1..{MAX_CODE} instructions")
@@ -272,7 +258,7 @@ def validate_decoder(decoder, tensors: dict, vocab_size: int, hidden: int, sourc
             raise ProgramError(f"prepare {pc}: {ins[0]} reads a step's tokens: only in code")
         _validate_instruction(pc, ins, regs, written, tensors, vocab_size, positional | {-1}, "prepare")
     prepared = set(written)
-    targets = _decoder_states(decoder.get("states"), regs, positional, prepared, written)
+    targets = _states(decoder.get("states"), regs, written, positional, prepared)
     code = decoder.get("code")
     if not isinstance(code, list) or not 1 <= len(code) <= MAX_CODE:
         raise ProgramError(f"code must be a list of 1..{MAX_CODE} instructions")
@@ -288,8 +274,9 @@ def validate_decoder(decoder, tensors: dict, vocab_size: int, hidden: int, sourc
         raise ProgramError(f"logits register must be plain, written by code and have width {vocab_size}")
 
 
-def _decoder_states(states, regs, positional, prepared, written) -> set:
-    """Check the decoder's states; marks each prev register written; returns the next registers."""
+def _states(states, regs, written, positional=frozenset(), prepared=None) -> set:
+    """Check a program's states; marks each prev register written; returns the next registers.
+    A decoder's (`prepared`: the registers its prepare writes) are plain and may have an init."""
     if not isinstance(states, list) or len(states) > MAX_STATES:
         raise ProgramError("states must be a list")
     targets = set()
@@ -302,7 +289,7 @@ def _decoder_states(states, regs, positional, prepared, written) -> set:
         if (prev in written or prev in targets or nxt in targets or nxt in written or prev == nxt
                 or regs[prev] != regs[nxt] or prev in positional or nxt in positional):
             raise ProgramError(f"state {s['name']!r}: bad prev/next registers")
-        init = s.get("init")
+        init = s.get("init") if prepared is not None else None
         if init is not None:
             _int(init, f"state {s['name']!r} init", 0, len(regs) - 1)
             if init not in prepared or init in positional or regs[init] != regs[prev]:

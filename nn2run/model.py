@@ -119,7 +119,31 @@ class State:
         return f"State(batch={self.batch}, {', '.join(f'{n}@{l}' for n, l in self.names)})"
 
 
-class Model:
+class Opened:
+    """What every model kind does with its file: close it (the map closes unless the caller
+    still holds arrays from it), refuse work once closed, and work as a context manager.
+    A subclass sets `_file` and `tensors` and drops its machines in `_release`."""
+
+    def _check_open(self) -> None:
+        if self._file is None:
+            raise ClosedModelError("the model is closed (close() was called); load it again")
+
+    def close(self) -> None:
+        """Release the file."""
+        self._release()
+        self.tensors = {}
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Model(Opened):
     """A validated .nnb file, ready to run."""
 
     def __init__(self, nnb: fmt.NNBFile):
@@ -194,9 +218,6 @@ class Model:
         return f"{self._file.size:,} bytes; tensors: {kinds or 'none'}"
 
     # --- running ------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._file is None:
-            raise ClosedModelError("the model is closed (close() was called); load it again")
 
     def check_ids(self, ids, shape: tuple | None = None) -> np.ndarray:
         """`ids` as an intp array after checking each is a token id of this model."""
@@ -284,19 +305,9 @@ class Model:
                 return ids
         return self.check_ids(ids, (batch,))
 
-    def close(self) -> None:
-        """Release the file: the map closes unless the caller still holds arrays from it."""
+    def _release(self) -> None:
         self._vms.clear()
-        self._bound, self.tensors = None, {}
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self._bound = None
 
 
 def _check_batch(batch) -> None:

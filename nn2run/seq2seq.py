@@ -32,7 +32,7 @@ from . import params, rewrite
 from .decoder import DecoderVM
 from .format import NNBFormatError
 from .isa import ProgramError, validate, validate_decoder
-from .model import ClosedModelError, _check_batch, check_ids, check_sizes
+from .model import Opened, _check_batch, check_ids, check_sizes
 from .vm import VM
 
 MAX_LIMIT = 65536
@@ -46,7 +46,7 @@ def is_seq2seq(header: dict) -> bool:
     return isinstance(nn2, dict) and nn2.get("kind") == "seq2seq"
 
 
-class Seq2SeqModel:
+class Seq2SeqModel(Opened):
     """A validated seq2seq .nnb file, ready to translate."""
 
     def __init__(self, nnb: fmt.NNBFile):
@@ -123,9 +123,6 @@ class Seq2SeqModel:
         return self._bound_encoder
 
     # --- running ----------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._file is None:
-            raise ClosedModelError("the model is closed (close() was called); load it again")
 
     def encode_texts(self, texts) -> list[list[int]]:
         """Each source text as token ids; a ValueError names the first text that cannot be."""
@@ -264,16 +261,7 @@ class Seq2SeqModel:
             return [self.detokenize(h[0].tokens) for h in results]
         return [[(self.detokenize(h.tokens), h.score) for h in hyps[:n_best]] for hyps in results]
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._encoders.clear()
         self._decoders.clear()
-        self._bound_encoder, self.tensors = None, {}
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self._bound_encoder = None
