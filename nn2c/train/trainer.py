@@ -34,8 +34,36 @@ class TrainError(Exception):
     """A training run that cannot start or go on; the message says why."""
 
 
+class Options:
+    """A trainer's options: a dataclass read back from a checkpoint's record."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """The options recorded in `d`, ignoring names this build does not have."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_ranges(cfg, positive, fractions) -> None:
+    """The options both trainers range-check, each refused in one line that names it:
+    `positive` integers > 0 (or None), the seed, the finite positive numbers, `fractions` in [0, 1)."""
+    for name in positive:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise TrainError(f"{_flag(name)} must be > 0, got {value}")
+    if not 0 <= cfg.seed < 2 ** 63:
+        raise TrainError(f"--seed must be an integer from 0 to 2^63-1, got {cfg.seed}")
+    for name in ("lr", "clip", "epochs", "max_minutes"):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise TrainError(f"{_flag(name)} must be a finite number > 0, got {value}")
+    for name in fractions:
+        if not 0 <= getattr(cfg, name) < 1:
+            raise TrainError(f"{_flag(name)} must be in [0, 1), got {getattr(cfg, name)}")
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     kernel: str = "lstm"
     hidden: int = 128
     layers: int = 2
@@ -58,26 +86,10 @@ class TrainConfig:
 
     def check(self) -> None:
         """Every option in range, each refused in one line that names it."""
-        for name in ("hidden", "layers", "seq_len", "batch", "eval_every", "steps", "checkpoint_every"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise TrainError(f"{_flag(name)} must be > 0, got {value}")
-        if not 0 <= self.seed < 2 ** 63:
-            raise TrainError(f"--seed must be an integer from 0 to 2^63-1, got {self.seed}")
-        for name in ("lr", "clip", "epochs", "max_minutes"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise TrainError(f"{_flag(name)} must be a finite number > 0, got {value}")
+        check_ranges(self, ("hidden", "layers", "seq_len", "batch", "eval_every", "steps", "checkpoint_every"),
+                     ("dropout", "val_frac"))
         if self.precision not in PRECISIONS:
             raise TrainError(f"--precision must be {' or '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("dropout", "val_frac"):
-            if not 0 <= getattr(self, name) < 1:
-                raise TrainError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _flag(name: str) -> str:

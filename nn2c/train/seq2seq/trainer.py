@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -27,11 +27,20 @@ from nn2c.train.seq2seq.checkpoint import State, header, save_checkpoint
 from nn2c.train.seq2seq.model import Seq2SeqTorch, masked_loss
 from nn2c.train.seq2seq.pairs import Buckets, Pairs, encode, eval_batches, split
 from nn2c.train.seq2seq.render import positional_nodes
-from nn2c.train.trainer import BYTES_PER_PARAMETER, Diverged, Interrupted, TrainError, fmt_bytes, pick_device
+from nn2c.train.trainer import (
+    BYTES_PER_PARAMETER,
+    Diverged,
+    Interrupted,
+    Options,
+    TrainError,
+    check_ranges,
+    fmt_bytes,
+    pick_device,
+)
 
 
 @dataclass
-class Seq2SeqConfig:
+class Seq2SeqConfig(Options):
     encoder: str = "gru"
     decoder: str = "seq2seq/bahdanau"
     hidden: int = 128
@@ -50,23 +59,8 @@ class Seq2SeqConfig:
     max_eval_pairs: int = 2000
 
     def check(self) -> None:
-        for name in ("hidden", "layers", "batch", "eval_every", "steps", "checkpoint_every", "max_eval_pairs"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise TrainError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-        if not 0 <= self.seed < 2 ** 63:
-            raise TrainError(f"--seed must be an integer from 0 to 2^63-1, got {self.seed}")
-        for name in ("lr", "clip", "epochs", "max_minutes"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise TrainError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
-        if not 0 <= self.val_frac < 1:
-            raise TrainError(f"--val-frac must be in [0, 1), got {self.val_frac}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Seq2SeqConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        check_ranges(self, ("hidden", "layers", "batch", "eval_every", "steps", "checkpoint_every", "max_eval_pairs"),
+                     ("val_frac",))
 
 
 class SeqProgress(Progress):
