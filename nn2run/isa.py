@@ -31,7 +31,8 @@ their kinds come from the operator registry, `nn2run.ops`.
 A seq2seq file's encoder is such a program with "output" (width H) in place of "logits".
 Its decoder program (`validate_decoder`, run by `nn2run.decoder`) adds:
 
-    "positional": [r, ...]   registers holding (batch, J, width) values, J the source length
+    "positional": [r, ...]   registers holding a width-wide value at each of the J source
+                             positions of each row (J the source length)
     "memory": r, "final": r  filled by the runtime: the encoder's outputs (per-position) and
                              each row's last output (plain), both of width H
     "prepare": [...]         once per input: reads memory, final, tensors, constants and its
@@ -204,7 +205,7 @@ def _validate_instruction(pc, ins, regs, written, tensors, vocab_size, positiona
 
 
 def _check_positional(what, op, dst, args, positional) -> None:
-    """A per-position result (batch, J, width) exactly when a register operand is one, except
+    """A per-position result exactly when a register operand is one, except
     sumj (per-position -> plain); softmaxj and sumj take a per-position operand."""
     reads = [a[1] for a in args if isinstance(a, list) and a[0] == "r"]
     per = [r in positional for r in reads]

@@ -11,7 +11,7 @@ arity, a kind, its NumPy implementation and what its derivative reads:
                   product       matmul: a vector times a stored matrix
                   structural    onehot gather slice concat copy: moves values, computes none
                   positions     softmaxj sumj: over the positions j of a per-position value
-                                (a seq2seq decoder's memory), shape (batch, J, width)
+                                (a seq2seq decoder's memory), shape (J, batch, width)
     needs         "input"       the derivative reads the operator's operand(s) (log, mul, div, matmul)
                   "output"      it reads the operator's result (sigmoid, tanh, relu, exp, sqrt,
                                 softmax, logsoftmax)
@@ -21,7 +21,7 @@ arity, a kind, its NumPy implementation and what its derivative reads:
                   reductions)
 
 The positions operators read one more operand than the program writes: the length mask,
-an array of shape (batch, J, 1) holding 1.0 at the positions below each row's length and
+an array of shape (J, batch, 1) holding 1.0 at the positions below each row's length and
 0.0 beyond it. The VM binds it as the last operand (`numpy(out, a, mask)`); the program's
 instruction is `softmaxj dst a` or `sumj dst a`.
 
@@ -147,26 +147,26 @@ def _softmaxj(a, mask, out, bias, col):
     np.subtract(mask, 1.0, bias)
     np.multiply(bias, -_MASKED, bias)
     np.add(a, bias, out)
-    np.maximum.reduce(out, 1, None, col, True)
+    np.maximum.reduce(out, 0, None, col, True)
     np.subtract(out, col, out)
     np.exp(out, out)
     np.multiply(out, mask, out)             # exactly 0 beyond the length
-    np.add.reduce(out, 1, None, col, True)
+    np.add.reduce(out, 0, None, col, True)
     np.maximum(col, np.finfo(out.dtype).tiny, out=col)   # a row of length 0: zeros, not nan
     np.divide(out, col, out)
 
 
 def _bind_softmaxj(out, a, mask):
-    """softmax over the positions (axis 1) for each column; masked positions weigh 0."""
+    """softmax over the positions (axis 0) for each column; masked positions weigh 0."""
     bias = np.zeros(mask.shape, out.dtype)
-    col = np.zeros((out.shape[0], 1, out.shape[2]), out.dtype)
+    col = np.zeros((1, *out.shape[1:]), out.dtype)
     return [(_softmaxj, (a, mask, out, bias, col))]
 
 
 def _bind_sumj(out, a, mask):
     """out (batch, width) = the sum over the positions below each row's length of a."""
     tmp = np.zeros(a.shape, out.dtype)
-    return [(np.multiply, (a, mask, tmp)), (np.add.reduce, (tmp, 1, None, out, False))]
+    return [(np.multiply, (a, mask, tmp)), (np.add.reduce, (tmp, 0, None, out, False))]
 
 
 def _bind_concat(out, *parts):

@@ -59,6 +59,17 @@ def bind(program: dict, tensors: dict) -> tuple[dict, dict]:
     return fuse_interpolations(program, tensors)
 
 
+def bind_decoder(decoder: dict, tensors: dict) -> tuple[dict, dict]:
+    """A seq2seq decoder's step code after the same rewrites, applied to its plain registers
+    only: each per-position register is given to them as a state (a register that must keep
+    its value and its place), so no rewrite folds, halves or pads one. `prepare` is kept as
+    it is (it runs once per input); a tensor it shares with the step is copied, not changed,
+    when a rewrite changes the step's (every rewritten tensor has a new name)."""
+    guard = [{"prev": r, "next": r} for r in decoder["positional"]]
+    program, tensors = bind({**decoder, "states": decoder["states"] + guard}, tensors)
+    return {**program, "states": decoder["states"]}, tensors
+
+
 def padded_registers(program: dict) -> set:
     """Registers read by `matmul1`: the VM allocates each with a column of ones after it."""
     return {ins[2][1] for ins in program["code"] if ins[0] == "matmul1"}

@@ -14,7 +14,7 @@ The header, besides what a language model's holds (`codec` is the source codec):
     "decoder": a decoder program (`nn2run.isa.validate_decoder`, run by `nn2run.decoder`)
 
 The encoder runs over a padded batch of sources; its output at every position is the
-memory (batch, J, H), zero at and beyond each row's length, and `final` is its output at
+memory (J positions of H for each row), zero at and beyond each row's length, and `final` is its output at
 each row's last position. The decoder then prepares (once per input) and steps, reading
 BEGIN first (`nn2run.beam`). Every check is made at load; a failure is an NNBFormatError.
 
@@ -59,7 +59,7 @@ class Seq2SeqModel(Opened):
             raise NNBFormatError(str(e)) from None
         self._encoders: dict[int, VM] = {}
         self._decoders: dict[tuple, DecoderVM] = {}
-        self._bound_encoder = None
+        self._bound_encoder = self._bound_decoder = None
 
     # --- checks -------------------------------------------------------------------
     def _check(self) -> None:
@@ -122,6 +122,14 @@ class Seq2SeqModel(Opened):
             self._bound_encoder = rewrite.bind(program, self.tensors)
         return self._bound_encoder
 
+    def bound_decoder(self) -> tuple[dict, dict]:
+        """(decoder program, tensors) as the decoder machines run it, after the load-time
+        rewrites of its step (`nn2run.rewrite.bind_decoder`)."""
+        self._check_open()
+        if self._bound_decoder is None:
+            self._bound_decoder = rewrite.bind_decoder(self.decoder, self.bound_encoder()[1])
+        return self._bound_decoder
+
     # --- running ----------------------------------------------------------------------
 
     def encode_texts(self, texts) -> list[list[int]]:
@@ -168,7 +176,7 @@ class Seq2SeqModel(Opened):
         if dec is None:
             if len(self._decoders) >= _CACHED:
                 self._decoders.pop(next(iter(self._decoders)))
-            dec = DecoderVM(self.decoder, self.tensors, batch, positions)
+            dec = DecoderVM(*self.bound_decoder(), batch, positions)
         self._decoders[(batch, positions)] = dec
         self._encode(sources, dec, copies, longest)
         dec.start()
@@ -185,13 +193,13 @@ class Seq2SeqModel(Opened):
             self._encoders[n] = VM(*self.bound_encoder(), n)
         enc = self._encoders[n]
         enc.reset()
-        memory = dec.memory.reshape(n, copies, positions, self.hidden)
+        memory = dec.memory.reshape(positions, n, copies, self.hidden)
         for t in range(longest):        # later positions keep old values: the mask zeroes them
-            memory[:, :, t, :] = enc.advance(ids[:, t])[:, None, :]
-        mask = (np.arange(positions)[None, :] < lengths[:, None]).astype(np.float32)
-        dec.mask[...] = np.repeat(mask, copies, axis=0)[:, :, None]
+            memory[t] = enc.advance(ids[:, t])[:, None, :]
+        mask = np.arange(positions)[:, None] < np.repeat(lengths, copies)[None, :]
+        dec.mask[...] = mask[:, :, None]
         np.multiply(dec.memory, dec.mask, dec.memory)
-        dec.final[...] = dec.memory[np.arange(n * copies), np.repeat(lengths - 1, copies)]
+        dec.final[...] = dec.memory[np.repeat(lengths - 1, copies), np.arange(n * copies)]
 
     def _checked(self, ids) -> np.ndarray:
         return check_ids(ids, len(self.vocab))
@@ -199,7 +207,7 @@ class Seq2SeqModel(Opened):
     def encode(self, sources: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """(memory (batch, J, H), final (batch, H)) of a batch of token-id sources: copies."""
         dec = self.machine(sources)
-        return dec.memory.copy(), dec.final.copy()
+        return dec.memory.transpose(1, 0, 2).copy(), dec.final.copy()
 
     def force(self, sources: list[list[int]], targets: list[list[int]], watch=()) -> tuple:
         """Teacher forcing: step t reads BEGIN then targets[b][t-1] (END beyond each target);

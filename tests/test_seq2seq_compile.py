@@ -260,19 +260,21 @@ def _run(op, out, *operands):
 
 
 def test_softmaxj_and_sumj_binders_mask_the_positions():
+    """The binders take per-position arrays with the positions first: (J, batch, width)."""
     rng = np.random.default_rng(1)
     a = rng.normal(size=(B, J, 2)).astype(np.float32) * 5
     a[1, 2:] = 1e4                       # large scores beyond a row's length must not count
     mask = (np.arange(J)[None, :] < LENGTHS[:, None]).astype(np.float32)[:, :, None]
-    got = _run("softmaxj", np.zeros_like(a), a, mask)
+    a_jb, mask_jb = (np.ascontiguousarray(x.transpose(1, 0, 2)) for x in (a, mask))
+    got = _run("softmaxj", np.zeros_like(a_jb), a_jb, mask_jb).transpose(1, 0, 2)
     for b in range(B):
         for col in range(2):
             n = LENGTHS[b]
             z = np.exp(a[b, :n, col].astype(np.float64) - a[b, :n, col].max())
             np.testing.assert_allclose(got[b, :n, col], z / z.sum(), atol=1e-6)
             assert (got[b, n:, col] == 0).all()
-    total = _run("sumj", np.zeros((B, 2), np.float32), a, mask)
+    total = _run("sumj", np.zeros((B, 2), np.float32), a_jb, mask_jb)
     want = [a[b, :LENGTHS[b]].astype(np.float64).sum(0) for b in range(B)]
     np.testing.assert_allclose(total, want, rtol=1e-6)
-    empty = _run("softmaxj", np.zeros_like(a), a, np.zeros_like(mask))
+    empty = _run("softmaxj", np.zeros_like(a_jb), a_jb, np.zeros_like(mask_jb))
     assert (empty == 0).all()            # a row of length 0: zeros, not nan
