@@ -77,6 +77,31 @@ def weighted_sums(program: dict) -> dict[int, tuple[int, int]]:
     return fused
 
 
+def in_place(program: dict) -> dict[int, int]:
+    """Per-position activations of the step to run in place: dst -> its operand, when the
+    operand is a per-position register the step writes and nothing else reads. A (J, batch,
+    width) array is large (29 × 64 × 128 floats is 950 KB): one fewer keeps the step's
+    arrays in the core's cache."""
+    code, positional = program["code"], set(program["positional"])
+    reads: dict[int, int] = {}
+    for ins in program["prepare"] + code:
+        for a in ins[2:]:
+            if isinstance(a, list) and a[0] == "r":
+                reads[a[1]] = reads.get(a[1], 0) + 1
+    writes: dict[int, int] = {}
+    for ins in code:
+        writes[ins[1]] = writes.get(ins[1], 0) + 1
+    alias: dict[int, int] = {}
+    for ins in code:
+        op = OPS.get(ins[0]) or LOADTIME[ins[0]]
+        if op.kind != "activation" or op.rowwise or ins[2][0] != "r":
+            continue
+        dst, src = ins[1], ins[2][1]
+        if {dst, src} <= positional and writes.get(dst) == writes.get(src) == 1 and reads.get(src) == 1:
+            alias[dst] = alias.get(src, src)
+    return alias
+
+
 def _bind_weighted_sum(out, alpha, memory):
     """out (batch, w) = Σⱼ α (J, batch, 1) · memory (J, batch, w): per row, (1, J) @ (J, w)."""
     return [(np.matmul, (alpha.transpose(1, 2, 0), memory.transpose(1, 0, 2), out[:, None, :]))]
@@ -104,8 +129,11 @@ class DecoderVM:
             if s["prev"] in padded or s["next"] in padded:
                 padded |= {s["prev"], s["next"]}
         self._with_ones = {}    # id(register array) -> that array with its column of ones
+        alias = in_place(program)
         base = {r: np.zeros((positions, batch, widths[r]), np.float32) if r in positional
-                else self._register(batch, widths[r], r in padded) for r in written}
+                else self._register(batch, widths[r], r in padded) for r in written if r not in alias}
+        for dst, src in alias.items():
+            base[dst] = base[src]
         self.memory, self.final = base[program["memory"]], base[program["final"]]
         self._buffers = [(base[s["prev"]], base[s["next"]]) for s in self._states]
         regs = dict(base)

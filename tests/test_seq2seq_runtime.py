@@ -268,3 +268,16 @@ def test_the_fused_context_equals_the_masked_sum(built, monkeypatch):
     assert [[t for t, _ in row] for row in masked] == [[t for t, _ in row] for row in fused]
     np.testing.assert_allclose([[p for _, p in row] for row in masked], [[p for _, p in row] for row in fused],
                                atol=1e-6, rtol=0)       # the same sums in another order
+
+
+def test_a_per_position_activation_runs_in_place_only_when_nothing_else_reads_its_operand(built):
+    from nn2run.decoder import in_place
+    model, _ = built
+    program = model.bound_decoder()[0]
+    (tanh,) = [ins for ins in program["code"] if ins[0] == "tanh" and ins[1] in program["positional"]]
+    assert in_place(program) == {tanh[1]: tanh[2][1]}
+    fresh = len(program["registers"])
+    reader = ["copy", fresh, ["r", tanh[2][1]]]            # a second reader of the operand
+    code = program["code"][:-1] + [reader, program["code"][-1]]
+    assert in_place({**program, "code": code, "positional": [*program["positional"], fresh]}) == {}
+
