@@ -30,6 +30,7 @@ import numpy as np
 
 from .ops import OPS
 from .rewrite import LOADTIME, padded_registers
+from .vm import plain_register
 
 
 def _reduce_positions(op, out, a):
@@ -125,13 +126,10 @@ class DecoderVM:
         written = {ins[1] for ins in program["prepare"] + program["code"] if ins[0] != "slice"}
         written |= {program["memory"], program["final"]} | {s["prev"] for s in self._states}
         padded = padded_registers(program)
-        for s in self._states:
-            if s["prev"] in padded or s["next"] in padded:
-                padded |= {s["prev"], s["next"]}
         self._with_ones = {}    # id(register array) -> that array with its column of ones
         alias = in_place(program)
         base = {r: np.zeros((positions, batch, widths[r]), np.float32) if r in positional
-                else self._register(batch, widths[r], r in padded) for r in written if r not in alias}
+                else plain_register(batch, widths[r], r in padded, self._with_ones) for r in written if r not in alias}
         for dst, src in alias.items():
             base[dst] = base[src]
         self.memory, self.final = base[program["memory"]], base[program["final"]]
@@ -149,16 +147,6 @@ class DecoderVM:
             self._bindings.append((code, step_regs[program["logits"]]))
             self._regs.append(step_regs)
         self.parity = 0
-
-    def _register(self, batch: int, width: int, ones: bool) -> np.ndarray:
-        """A plain register; one that a `matmul1` reads has a column of ones after it."""
-        if not ones:
-            return np.zeros((batch, width), np.float32)
-        full = np.zeros((batch, width + 1), np.float32)
-        full[:, width] = 1.0
-        view = full[:, :width]
-        self._with_ones[id(view)] = full
-        return view
 
     def _bind(self, code, widths, regs, tensors, fused=None) -> list:
         fused = fused or {}

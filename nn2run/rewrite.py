@@ -71,8 +71,13 @@ def bind_decoder(decoder: dict, tensors: dict) -> tuple[dict, dict]:
 
 
 def padded_registers(program: dict) -> set:
-    """Registers read by `matmul1`: the VM allocates each with a column of ones after it."""
-    return {ins[2][1] for ins in program["code"] if ins[0] == "matmul1"}
+    """Registers read by `matmul1`: the VM allocates each with a column of ones after it
+    (for a state, both of its buffers, which trade places every step)."""
+    padded = {ins[2][1] for ins in program["code"] if ins[0] == "matmul1"}
+    for s in program["states"]:
+        if s["prev"] in padded or s["next"] in padded:
+            padded |= {s["prev"], s["next"]}
+    return padded
 
 
 def _reads(program: dict) -> dict:

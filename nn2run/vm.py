@@ -62,6 +62,18 @@ def column_blocks(batch: int, k: int, n: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + width, n)) for lo in range(0, n, width)]
 
 
+def plain_register(batch: int, width: int, ones: bool, with_ones: dict) -> np.ndarray:
+    """A (batch, width) register; one that a `matmul1` reads is a view of an array with a
+    column of ones after it, recorded in `with_ones` by the view's id."""
+    if not ones:
+        return np.zeros((batch, width), dtype=np.float32)
+    full = np.zeros((batch, width + 1), dtype=np.float32)
+    full[:, width] = 1.0
+    view = full[:, :width]
+    with_ones[id(view)] = full
+    return view
+
+
 class VM:
     """A program bound to arrays for one batch size."""
 
@@ -71,27 +83,15 @@ class VM:
         widths = program["registers"]
         self._states = program["states"]
         padded = padded_registers(program)
-        for s in self._states:
-            if s["prev"] in padded or s["next"] in padded:
-                padded |= {s["prev"], s["next"]}
         self._with_ones = {}    # id(register array) -> that array with its column of ones
         base = {}
         written = {ins[1] for ins in program["code"] if ins[0] != "slice"} | {s["prev"] for s in self._states}
         for r in written:
-            base[r] = self._register(batch, widths[r], r in padded)
+            base[r] = plain_register(batch, widths[r], r in padded, self._with_ones)
         self._buffers = [(base[s["prev"]], base[s["next"]]) for s in self._states]  # per state: (A, B)
         self._bindings = [self._bind(program, tensors, base, swap) for swap in (False, True)]
         self.parity = 0
         self._holders = [None, None]    # per buffer set: a weak reference to the State it was handed out as
-
-    def _register(self, batch: int, width: int, ones: bool) -> np.ndarray:
-        if not ones:
-            return np.zeros((batch, width), dtype=np.float32)
-        full = np.zeros((batch, width + 1), dtype=np.float32)
-        full[:, width] = 1.0
-        view = full[:, :width]
-        self._with_ones[id(view)] = full
-        return view
 
     def _bind(self, program, tensors, base, swap: bool):
         regs = dict(base)
