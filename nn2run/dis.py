@@ -51,8 +51,9 @@ def _instruction(pc: int, ins: list, widths: list, tensors=None, positional=froz
 
 def disassemble_seq2seq(model) -> str:
     """Every program of a seq2seq file: the encoder (as its VM runs it), then the decoder's
-    prepare (once per input) and step code; per-position registers are shown J×width."""
-    dec = model.decoder
+    prepare (once per input) and step code (as its machines run it, after the load-time
+    rewrites); per-position registers are shown J×width."""
+    dec, tensors = model.bound_decoder()
     widths, positional = dec["registers"], frozenset(dec["positional"])
     lines = ["; encoder", disassemble(*model.bound_encoder(), bound=True, result="output"),
              "; the output at every position is the memory", "",
@@ -65,9 +66,10 @@ def disassemble_seq2seq(model) -> str:
         lines.append(f"; state {s['name']}@{s['layer']}: prev r{s['prev']}, next r{s['next']} "
                      f"(width {widths[s['prev']]}), starts at {init}")
     lines.append("; prepare")
-    lines.extend(_instruction(pc, ins, widths, None, positional) for pc, ins in enumerate(dec["prepare"]))
-    lines.append(f"; step: input the previous target token; logits r{dec['logits']} (width {widths[dec['logits']]})")
-    lines.extend(_instruction(pc, ins, widths, None, positional) for pc, ins in enumerate(dec["code"]))
+    lines.extend(_instruction(pc, ins, widths, tensors, positional) for pc, ins in enumerate(dec["prepare"]))
+    lines.append(f"; step (after the load-time rewrites: nn2run/rewrite.py): input the previous target "
+                 f"token; logits r{dec['logits']} (width {widths[dec['logits']]})")
+    lines.extend(_instruction(pc, ins, widths, tensors, positional) for pc, ins in enumerate(dec["code"]))
     return "\n".join(lines)
 
 
