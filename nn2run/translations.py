@@ -106,12 +106,12 @@ def _source(model, index: int, text: str) -> list[int]:
 class Job:
     """One request's texts, waiting for the worker. When `done` is set, `result` holds per
     text its hypotheses (best first) or `failure` says why not ("timeout", "shutdown",
-    "failed" or an ApiError)."""
+    "cancelled" (the client left), "failed" (a bug) or an ApiError)."""
 
     def __init__(self, sources: list[list[int]], options: Options, deadline: float):
         self.sources, self.options, self.deadline = sources, options, deadline
         self.arrival = time.monotonic()
-        self.result: list | None = [None] * len(sources)
+        self.result: list = [None] * len(sources)
         self.failure = None
         self.cancelled = False
         self.done = threading.Event()
@@ -197,6 +197,9 @@ class TranslationWorker:
                 rows, taken = 0, []
                 while self._waiting and (not taken or rows + self._waiting[0].rows <= self.max_batch):
                     job = self._waiting.popleft()
+                    if job.cancelled or job.done.is_set():      # its client left or gave up: no rows
+                        job.finish("cancelled")
+                        continue
                     rows += job.rows
                     taken.append(job)
                 self._taken = taken
@@ -281,6 +284,8 @@ def failure_error(job: Job) -> ApiError:
         return f
     if f == "shutdown":
         return ApiError(503, "the server stopped before the request finished", "server_error", code="shutdown")
+    if f == "cancelled":
+        return ApiError(499, "the client went away", "server_error", code="cancelled")
     if f == "timeout":
         return ApiError(504, f"the request ran past its deadline ({job.deadline - job.arrival:.3g} s after it came)",
                         "server_error", code="timeout")

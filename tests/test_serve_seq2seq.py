@@ -57,7 +57,8 @@ class Served:
         self._err = open(self.log, "w")
         argv = [str(model), "--port", "0", "--quiet", *map(str, args)] + (["--grpc-port", "0"] if grpc_port else [])
         command = [sys.executable, "-c", GATED, *argv] if gate else [str(BIN / "nn2run"), "serve", *argv]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._err,
+        # cwd: `python -c` puts the working directory first on sys.path; nn2run comes from the path
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._err, cwd=tmp_path,
                                      env={**os.environ, "NN2_TEST_GATE": str(gate)})
         self.channel = None
         pattern = r"http://127\.0\.0\.1:(\d+)" + (r".*\n.*over gRPC on 127\.0\.0\.1:(\d+)" if grpc_port else "")
@@ -355,6 +356,23 @@ def test_sigterm_drains_then_exits_zero(serve, model):
     assert s.proc.wait(30) == 0
     log = s.log.read_text()
     assert "nn2run: stopped\n" in log and "Traceback" not in log
+
+
+def test_the_drain_timeout_ends_the_requests_left_with_503(serve):
+    s = serve("--drain-timeout", 0.3, gated=True)
+    running = in_thread(s.translate, texts=["abc"])
+    s.wait_metric("nn2_texts_running", 1)
+    queued = in_thread(s.translate, texts=["ddd"])
+    s.wait_metric("nn2_texts_queued", 1)
+    s.proc.send_signal(signal.SIGTERM)
+    for t, box in (running, queued):
+        t.join(30)
+        status, obj = box["out"]
+        assert status == 503 and obj["error"]["code"] == "shutdown" and "stopped" in obj["error"]["message"]
+    s.gate.unlink()
+    assert s.proc.wait(30) == 0
+    log = s.log.read_text()
+    assert "nn2run: stopped with requests still running\n" in log and "Traceback" not in log
 
 
 def test_serve_help_names_the_translations_route():
