@@ -4,7 +4,10 @@ in, a `Response` out. The HTTP server (`nn2run.serve`) and the Lambda handler
 
 Routes: GET / (the playground), GET /health, GET /v1/models, GET /metrics,
 POST /v1/completions (OpenAI's completions shape, streamed as server-sent events when
-asked), POST /tokenize, POST /detokenize; OPTIONS answers CORS preflights.
+asked), POST /tokenize, POST /detokenize; OPTIONS answers CORS preflights. A seq2seq
+model has POST /v1/translations (`nn2run.translations`) instead of the playground,
+completions and the tokenizer routes; each kind's routes on the other answer 404 naming
+the model's kind.
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}; an
 unexpected exception is logged and answered 500 without its details.
 
@@ -34,7 +37,10 @@ from .scheduler import QueueFull, Request, Scheduler
 MAX_BODY = 1 << 20
 PUBLIC = {("GET", "/health"), ("GET", "/")}
 ROUTES = {"/": {"GET"}, "/health": {"GET"}, "/v1/models": {"GET"}, "/metrics": {"GET"},
-          "/v1/completions": {"POST"}, "/tokenize": {"POST"}, "/detokenize": {"POST"}}
+          "/v1/completions": {"POST"}, "/tokenize": {"POST"}, "/detokenize": {"POST"},
+          "/v1/translations": {"POST"}}
+LANGUAGE_ONLY = {"/", "/v1/completions", "/tokenize", "/detokenize"}
+SEQ2SEQ_ONLY = {"/v1/translations"}
 WAIT_TICK = 0.05      # seconds between checks that the client is still there
 
 
@@ -70,6 +76,7 @@ class App:
 
     def __init__(self, model, name: str, scheduler: Scheduler, settings: Settings):
         self.model, self.name, self.scheduler, self.settings = model, name, scheduler, settings
+        self.seq2seq = hasattr(model, "translate")     # scheduler: then a TranslationWorker
         self.created = int(time.time())
         self.draining = False
         self.by_status: dict[int, int] = {}
@@ -102,6 +109,7 @@ class App:
             return self._preflight(path)
         if path not in ROUTES:
             raise ApiError(404, f"no route {path}", "invalid_request_error", code="not_found")
+        self._check_kind(path)
         if method not in ROUTES[path]:
             raise ApiError(405, f"{path} takes {', '.join(sorted(ROUTES[path]))}", "invalid_request_error",
                            code="method_not_allowed", headers={"Allow": ", ".join(sorted(ROUTES[path]))})
@@ -121,7 +129,13 @@ class App:
                 {"id": self.name, "object": "model", "created": self.created, "owned_by": "nn2"}]})
         if path == "/metrics":
             from .metrics import render
-            return Response(200, render(self).encode(), {"Content-Type": "text/plain; version=0.0.4"})
+            from .translations import render_metrics
+            text = render_metrics(self) if self.seq2seq else render(self)
+            return Response(200, text.encode(), {"Content-Type": "text/plain; version=0.0.4"})
+        if path == "/v1/translations":
+            from .translations import translations_route
+            status, obj = translations_route(self, body, alive, deadline)
+            return Response(499) if status == 499 else json_response(status, obj)
         if path == "/tokenize":
             text = parse_tokens(body, "prompt", str)
             ids = self._encode(text, "prompt")
@@ -134,6 +148,15 @@ class App:
             decode = self.model.codec.text_decoder()
             return json_response(200, {"prompt": "".join(decode(t) for t in ids)})
         return self._completions(body, alive, deadline)
+
+    def _check_kind(self, path) -> None:
+        if self.seq2seq and path in LANGUAGE_ONLY:
+            what = "the playground (/)" if path == "/" else path
+            raise ApiError(404, f"{what} is for language models; this server runs the seq2seq model "
+                           f"'{self.name}': POST /v1/translations", code="wrong_model_kind")
+        if not self.seq2seq and path in SEQ2SEQ_ONLY:
+            raise ApiError(404, f"{path} is for seq2seq models; this server runs the language model "
+                           f"'{self.name}': POST /v1/completions", code="wrong_model_kind")
 
     def _preflight(self, path) -> Response:
         allow = ", ".join(sorted(ROUTES.get(path, set()) | {"OPTIONS"}))

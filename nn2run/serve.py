@@ -1,6 +1,8 @@
 """`nn2run serve MODEL.nnb`: the model behind an HTTP server (see `nn2run.httpd` for the
 transport, `nn2run.routes` for the API, `nn2run.scheduler` for continuous batching), and
 with --grpc-port a gRPC server beside it on the same scheduler (`nn2run.grpc.server`).
+A seq2seq model is served by a batching worker instead (`nn2run.translations`): POST
+/v1/translations, and gRPC's Translator.
 
 SIGTERM or Ctrl-C drains: health turns 503 (gRPC health NOT_SERVING), in-flight requests
 finish (up to --drain-timeout), then the process exits 0. Imports click and the standard library
@@ -23,7 +25,9 @@ def run_server(model, name: str, host: str, port: int, max_batch: int, max_queue
     from .httpd import Server, drain
     from .routes import App
     from .scheduler import Scheduler
-    scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue).start()
+    from .translations import TranslationWorker
+    runner = TranslationWorker if hasattr(model, "translate") else Scheduler
+    scheduler = runner(model, max_batch=max_batch, max_queue=max_queue).start()
     app = App(model, name, scheduler, settings)
     server = Server((host, port), app, log=log)
     rpc = None
@@ -67,13 +71,13 @@ def run_server(model, name: str, host: str, port: int, max_batch: int, max_queue
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port.")
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=64, show_default=True,
-              help="Rows (choices) stepped together.")
+              help="Rows (choices; a seq2seq model: texts × beam) stepped together.")
 @click.option("--max-queue", type=click.IntRange(0, 1 << 20), default=256, show_default=True,
               help="Requests waiting for rows; past it: 429.")
 @click.option("--max-tokens-limit", type=click.IntRange(1, 1 << 24), default=4096, show_default=True,
-              help="The largest max_tokens accepted.")
+              help="The largest max_tokens accepted (language models).")
 @click.option("--max-tokens-default", type=click.IntRange(0, 1 << 24), default=256, show_default=True,
-              help="max_tokens when a request does not say.")
+              help="max_tokens when a request does not say (language models).")
 @click.option("--max-body", type=click.IntRange(1, 1 << 30), default=1 << 20, show_default=True,
               help="Largest request body in bytes; past it: 413.")
 @click.option("--timeout", "request_timeout", type=click.FloatRange(min=0.001), default=120.0,
@@ -92,7 +96,11 @@ def run_server(model, name: str, host: str, port: int, max_batch: int, max_queue
 def serve_command(model_path, host, port, max_batch, max_queue, max_tokens_limit, max_tokens_default,
                   max_body, request_timeout, drain_timeout, api_key, cors, verify, quiet, grpc_port, codec_service):
     """Serve a model over HTTP: OpenAI's /v1/completions, /health, /metrics, a playground at /;
-    with --grpc-port, over gRPC too (nn2run/proto/nn2.proto)."""
+    with --grpc-port, over gRPC too (nn2run/proto/nn2.proto).
+
+    A seq2seq model gets POST /v1/translations instead, {"texts": [...], "beam": 1,
+    "n_best": null, "length_penalty": 1.0, "max_len": null} -> {"translations": [...]},
+    queued requests translated together (gRPC: nn2.v1.Translator/Translate)."""
     from .cli import Failure, _open
     from .grpc import needs_extra
     from .routes import Settings
@@ -101,8 +109,6 @@ def serve_command(model_path, host, port, max_batch, max_queue, max_tokens_limit
     if grpc_port is not None and needs_extra("--grpc-port"):
         raise Failure(needs_extra("--grpc-port"))
     model = _open(model_path, verify, codec_service)
-    if hasattr(model, "translate"):
-        raise Failure(f"{model_path} is a seq2seq model: serve runs language models; use nn2run translate")
     settings = Settings(max_tokens_default=max_tokens_default, max_tokens_limit=max_tokens_limit,
                         max_body=max_body, request_timeout=request_timeout, api_key=api_key, cors=cors)
     try:

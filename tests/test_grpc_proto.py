@@ -33,7 +33,7 @@ def test_the_committed_messages_match_the_proto(tmp_path):
 
 def test_the_committed_services_are_those_of_the_proto():
     text = (ROOT / "nn2run" / "proto" / "nn2_pb2_grpc.py").read_text()
-    for rpc in ("Generate", "Tokenize", "Detokenize", "Info", "Encode", "DecodeStep"):
+    for rpc in ("Generate", "Tokenize", "Detokenize", "Translate", "Info", "Encode", "DecodeStep"):
         assert f"def {rpc}(self, request, context)" in text
 
 

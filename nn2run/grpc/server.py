@@ -1,12 +1,14 @@
-"""`nn2run serve --grpc-port P`: the Generator service of nn2run/proto/nn2.proto and the
-standard grpc.health.v1.Health, beside HTTP, submitting to the same scheduler, so gRPC and
-HTTP requests share the batched VM.
+"""`nn2run serve --grpc-port P`: the Generator service of nn2run/proto/nn2.proto (for a
+seq2seq model its Translator instead) and the standard grpc.health.v1.Health, beside HTTP,
+submitting to the same scheduler (or translation worker), so gRPC and HTTP requests share
+the batched VM.
 
 The server is grpcio's asyncio server on a thread of its own: a stream waiting for tokens
 is a coroutine, not a thread, and it sends what came every STREAM_INTERVAL (the first
 token at once), as the HTTP streamer does. Requests are checked by the same rules as
-/v1/completions (`nn2run.completions.parse_completion`), so both transports refuse the
-same things with the same words.
+/v1/completions (`nn2run.completions.parse_completion`) and /v1/translations
+(`nn2run.translations.parse_translation`), so both transports refuse the same things with
+the same words.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from ..codec import CodecError
 from ..completions import ApiError, parse_completion
 from ..proto import nn2_pb2, nn2_pb2_grpc
 from ..scheduler import QueueFull, Request
+from ..translations import Job, failure_error, hypotheses, parse_translation
 
 STREAM_INTERVAL = 0.02      # seconds between replies of one stream (what came meanwhile goes in one)
 WAIT_TICK = 0.05            # longest sleep of a stream waiting for its first token
 FINISH = {"stop": nn2_pb2.FINISH_REASON_STOP, "length": nn2_pb2.FINISH_REASON_LENGTH}
 SERVICE = "nn2.v1.Generator"
+TRANSLATOR = "nn2.v1.Translator"
 
 
 class _Abort(Exception):
@@ -166,6 +170,65 @@ class Generator(nn2_pb2_grpc.GeneratorServicer):
         return nn2_pb2.DetokenizeReply(text=text)
 
 
+def translation_body(request) -> bytes:
+    """A TranslateRequest as the JSON body /v1/translations would get, present fields only."""
+    obj = {"texts": list(request.texts)}
+    for name in ("beam", "n_best", "max_len"):
+        if request.HasField(name):
+            obj[name] = getattr(request, name)
+    if request.HasField("length_penalty"):
+        obj["length_penalty"] = _f32(request.length_penalty)
+    return json.dumps(obj).encode()
+
+
+GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.INVALID_ARGUMENT,
+               500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE,
+               504: grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class Translator(nn2_pb2_grpc.TranslatorServicer):
+    """Translate: the request checked as /v1/translations checks it, then a job for the
+    app's translation worker, awaited without a thread."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def Translate(self, request, context):
+        try:
+            _, sources, options = parse_translation(translation_body(request), self.app.model, self.app.name)
+        except ApiError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
+        if self.app.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        now = time.monotonic()
+        until = now + self.app.settings.request_timeout
+        left = context.time_remaining()
+        job = Job(sources, options, until if left is None else min(until, now + left))
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        job.on_done = lambda: loop.call_soon_threadsafe(done.set)
+        try:
+            self.app.scheduler.submit(job)
+        except QueueFull:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the queue is full; retry later")
+        try:
+            await asyncio.wait_for(done.wait(), max(job.deadline - time.monotonic(), 0) + WAIT_TICK)
+        except asyncio.TimeoutError:
+            job.finish("timeout")
+        finally:
+            job.cancelled = True        # a client that cancelled or left: the worker skips what is left
+        if job.failure is not None:
+            e = failure_error(job)
+            await context.abort(GRPC_STATUS.get(e.status, grpc.StatusCode.INTERNAL), e.message)
+        return self._reply(job)
+
+    def _reply(self, job: Job):
+        found = hypotheses(self.app.model, job, job.options.n_best or 1)
+        return nn2_pb2.TranslateReply(translations=[
+            nn2_pb2.Translation(hypotheses=[nn2_pb2.Hypothesis(text=t, score=s) for t, s in pairs])
+            for pairs in found])
+
+
 def _drain(req: Request) -> list:
     out = []
     try:
@@ -205,9 +268,12 @@ class GrpcServer:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         server = grpc.aio.server(maximum_concurrent_rpcs=self.max_rpcs)
-        nn2_pb2_grpc.add_GeneratorServicer_to_server(Generator(self.app), server)
+        if self.app.seq2seq:
+            nn2_pb2_grpc.add_TranslatorServicer_to_server(Translator(self.app), server)
+        else:
+            nn2_pb2_grpc.add_GeneratorServicer_to_server(Generator(self.app), server)
         self.health = health.aio.HealthServicer()
-        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(TRANSLATOR if self.app.seq2seq else SERVICE, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         try:
@@ -225,7 +291,7 @@ class GrpcServer:
         await server.stop(self._grace)
 
     def set_draining(self) -> None:
-        """Health NOT_SERVING; new Generate calls are refused (the app's draining flag)."""
+        """Health NOT_SERVING; new Generate (Translate) calls are refused (the app's draining flag)."""
         asyncio.run_coroutine_threadsafe(self.health.enter_graceful_shutdown(), self._loop).result(5)
 
     def stop(self, grace: float = 1.0) -> None:

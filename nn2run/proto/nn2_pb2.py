@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16nn2run/proto/nn2.proto\x12\x06nn2.v1\"\xd9\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x07\n\x05_seedB\x08\n\x06_top_kB\x08\n\x06_top_p\"|\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x14.nn2.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1c\n\rTokenizeReply\x12\x0b\n\x03ids\x18\x01 \x03(\r\" \n\x11\x44\x65tokenizeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x1f\n\x0f\x44\x65tokenizeReply\x12\x0c\n\x04text\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"(\n\x0cSpecialToken\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\r\"u\n\tInfoReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x0e\n\x06tokens\x18\x04 \x03(\t\x12%\n\x07special\x18\x05 \x03(\x0b\x32\x14.nn2.v1.SpecialToken\"\x1d\n\rEncodeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1a\n\x0b\x45ncodeReply\x12\x0b\n\x03ids\x18\x01 \x03(\r\"0\n\x0bStreamStart\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x0e\n\x06prompt\x18\x02 \x03(\r\"*\n\tDecodeRow\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\n\n\x02id\x18\x02 \x01(\r\"i\n\x11\x44\x65\x63odeStepRequest\x12$\n\x07started\x18\x01 \x03(\x0b\x32\x13.nn2.v1.StreamStart\x12\x1f\n\x04rows\x18\x02 \x03(\x0b\x32\x11.nn2.v1.DecodeRow\x12\r\n\x05\x65nded\x18\x03 \x03(\x04\"*\n\x07TextRow\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\"0\n\x0f\x44\x65\x63odeStepReply\x12\x1d\n\x04rows\x18\x01 \x03(\x0b\x32\x0f.nn2.v1.TextRow*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc7\x01\n\tGenerator\x12<\n\x08Generate\x12\x17.nn2.v1.GenerateRequest\x1a\x15.nn2.v1.GenerateReply0\x01\x12:\n\x08Tokenize\x12\x17.nn2.v1.TokenizeRequest\x1a\x15.nn2.v1.TokenizeReply\x12@\n\nDetokenize\x12\x19.nn2.v1.DetokenizeRequest\x1a\x17.nn2.v1.DetokenizeReply2\xaf\x01\n\x05\x43odec\x12.\n\x04Info\x12\x13.nn2.v1.InfoRequest\x1a\x11.nn2.v1.InfoReply\x12\x34\n\x06\x45ncode\x12\x15.nn2.v1.EncodeRequest\x1a\x13.nn2.v1.EncodeReply\x12@\n\nDecodeStep\x12\x19.nn2.v1.DecodeStepRequest\x1a\x17.nn2.v1.DecodeStepReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16nn2run/proto/nn2.proto\x12\x06nn2.v1\"\xd9\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x07\n\x05_seedB\x08\n\x06_top_kB\x08\n\x06_top_p\"|\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x14.nn2.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1c\n\rTokenizeReply\x12\x0b\n\x03ids\x18\x01 \x03(\r\" \n\x11\x44\x65tokenizeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x1f\n\x0f\x44\x65tokenizeReply\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xaf\x01\n\x10TranslateRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x11\n\x04\x62\x65\x61m\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06n_best\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x14\n\x07max_len\x18\x05 \x01(\x05H\x03\x88\x01\x01\x42\x07\n\x05_beamB\t\n\x07_n_bestB\x11\n\x0f_length_penaltyB\n\n\x08_max_len\")\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"5\n\x0bTranslation\x12&\n\nhypotheses\x18\x01 \x03(\x0b\x32\x12.nn2.v1.Hypothesis\";\n\x0eTranslateReply\x12)\n\x0ctranslations\x18\x01 \x03(\x0b\x32\x13.nn2.v1.Translation\"\r\n\x0bInfoRequest\"(\n\x0cSpecialToken\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\r\"u\n\tInfoReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x0e\n\x06tokens\x18\x04 \x03(\t\x12%\n\x07special\x18\x05 \x03(\x0b\x32\x14.nn2.v1.SpecialToken\"\x1d\n\rEncodeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1a\n\x0b\x45ncodeReply\x12\x0b\n\x03ids\x18\x01 \x03(\r\"0\n\x0bStreamStart\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x0e\n\x06prompt\x18\x02 \x03(\r\"*\n\tDecodeRow\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\n\n\x02id\x18\x02 \x01(\r\"i\n\x11\x44\x65\x63odeStepRequest\x12$\n\x07started\x18\x01 \x03(\x0b\x32\x13.nn2.v1.StreamStart\x12\x1f\n\x04rows\x18\x02 \x03(\x0b\x32\x11.nn2.v1.DecodeRow\x12\r\n\x05\x65nded\x18\x03 \x03(\x04\"*\n\x07TextRow\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\"0\n\x0f\x44\x65\x63odeStepReply\x12\x1d\n\x04rows\x18\x01 \x03(\x0b\x32\x0f.nn2.v1.TextRow*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc7\x01\n\tGenerator\x12<\n\x08Generate\x12\x17.nn2.v1.GenerateRequest\x1a\x15.nn2.v1.GenerateReply0\x01\x12:\n\x08Tokenize\x12\x17.nn2.v1.TokenizeRequest\x1a\x15.nn2.v1.TokenizeReply\x12@\n\nDetokenize\x12\x19.nn2.v1.DetokenizeRequest\x1a\x17.nn2.v1.DetokenizeReply2K\n\nTranslator\x12=\n\tTranslate\x12\x18.nn2.v1.TranslateRequest\x1a\x16.nn2.v1.TranslateReply2\xaf\x01\n\x05\x43odec\x12.\n\x04Info\x12\x13.nn2.v1.InfoRequest\x1a\x11.nn2.v1.InfoReply\x12\x34\n\x06\x45ncode\x12\x15.nn2.v1.EncodeRequest\x1a\x13.nn2.v1.EncodeReply\x12@\n\nDecodeStep\x12\x19.nn2.v1.DecodeStepRequest\x1a\x17.nn2.v1.DecodeStepReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nn2run.proto.nn2_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1040
-  _globals['_FINISHREASON']._serialized_end=1135
+  _globals['_FINISHREASON']._serialized_start=1377
+  _globals['_FINISHREASON']._serialized_end=1472
   _globals['_GENERATEREQUEST']._serialized_start=35
   _globals['_GENERATEREQUEST']._serialized_end=252
   _globals['_GENERATEREPLY']._serialized_start=254
@@ -45,28 +45,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DETOKENIZEREQUEST']._serialized_end=475
   _globals['_DETOKENIZEREPLY']._serialized_start=477
   _globals['_DETOKENIZEREPLY']._serialized_end=508
-  _globals['_INFOREQUEST']._serialized_start=510
-  _globals['_INFOREQUEST']._serialized_end=523
-  _globals['_SPECIALTOKEN']._serialized_start=525
-  _globals['_SPECIALTOKEN']._serialized_end=565
-  _globals['_INFOREPLY']._serialized_start=567
-  _globals['_INFOREPLY']._serialized_end=684
-  _globals['_ENCODEREQUEST']._serialized_start=686
-  _globals['_ENCODEREQUEST']._serialized_end=715
-  _globals['_ENCODEREPLY']._serialized_start=717
-  _globals['_ENCODEREPLY']._serialized_end=743
-  _globals['_STREAMSTART']._serialized_start=745
-  _globals['_STREAMSTART']._serialized_end=793
-  _globals['_DECODEROW']._serialized_start=795
-  _globals['_DECODEROW']._serialized_end=837
-  _globals['_DECODESTEPREQUEST']._serialized_start=839
-  _globals['_DECODESTEPREQUEST']._serialized_end=944
-  _globals['_TEXTROW']._serialized_start=946
-  _globals['_TEXTROW']._serialized_end=988
-  _globals['_DECODESTEPREPLY']._serialized_start=990
-  _globals['_DECODESTEPREPLY']._serialized_end=1038
-  _globals['_GENERATOR']._serialized_start=1138
-  _globals['_GENERATOR']._serialized_end=1337
-  _globals['_CODEC']._serialized_start=1340
-  _globals['_CODEC']._serialized_end=1515
+  _globals['_TRANSLATEREQUEST']._serialized_start=511
+  _globals['_TRANSLATEREQUEST']._serialized_end=686
+  _globals['_HYPOTHESIS']._serialized_start=688
+  _globals['_HYPOTHESIS']._serialized_end=729
+  _globals['_TRANSLATION']._serialized_start=731
+  _globals['_TRANSLATION']._serialized_end=784
+  _globals['_TRANSLATEREPLY']._serialized_start=786
+  _globals['_TRANSLATEREPLY']._serialized_end=845
+  _globals['_INFOREQUEST']._serialized_start=847
+  _globals['_INFOREQUEST']._serialized_end=860
+  _globals['_SPECIALTOKEN']._serialized_start=862
+  _globals['_SPECIALTOKEN']._serialized_end=902
+  _globals['_INFOREPLY']._serialized_start=904
+  _globals['_INFOREPLY']._serialized_end=1021
+  _globals['_ENCODEREQUEST']._serialized_start=1023
+  _globals['_ENCODEREQUEST']._serialized_end=1052
+  _globals['_ENCODEREPLY']._serialized_start=1054
+  _globals['_ENCODEREPLY']._serialized_end=1080
+  _globals['_STREAMSTART']._serialized_start=1082
+  _globals['_STREAMSTART']._serialized_end=1130
+  _globals['_DECODEROW']._serialized_start=1132
+  _globals['_DECODEROW']._serialized_end=1174
+  _globals['_DECODESTEPREQUEST']._serialized_start=1176
+  _globals['_DECODESTEPREQUEST']._serialized_end=1281
+  _globals['_TEXTROW']._serialized_start=1283
+  _globals['_TEXTROW']._serialized_end=1325
+  _globals['_DECODESTEPREPLY']._serialized_start=1327
+  _globals['_DECODESTEPREPLY']._serialized_end=1375
+  _globals['_GENERATOR']._serialized_start=1475
+  _globals['_GENERATOR']._serialized_end=1674
+  _globals['_TRANSLATOR']._serialized_start=1676
+  _globals['_TRANSLATOR']._serialized_end=1751
+  _globals['_CODEC']._serialized_start=1754
+  _globals['_CODEC']._serialized_end=1929
 # @@protoc_insertion_point(module_scope)

@@ -208,6 +208,99 @@ class Generator:
             _registered_method=True)
 
 
+class TranslatorStub:
+    """---------------------------------------------------------------------------------------
+    Translator: served by `nn2run serve --grpc-port` for a seq2seq model, beside HTTP's
+    POST /v1/translations, on the same batching worker (requests waiting together are
+    translated together). Status codes as for Generator: INVALID_ARGUMENT names the field or
+    the text at fault (characters the model does not know, a text over the model's source
+    limit); RESOURCE_EXHAUSTED when the queue is full; DEADLINE_EXCEEDED; UNAVAILABLE while
+    draining.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Translate = channel.unary_unary(
+                '/nn2.v1.Translator/Translate',
+                request_serializer=nn2run_dot_proto_dot_nn2__pb2.TranslateRequest.SerializeToString,
+                response_deserializer=nn2run_dot_proto_dot_nn2__pb2.TranslateReply.FromString,
+                _registered_method=True)
+
+
+class TranslatorServicer:
+    """---------------------------------------------------------------------------------------
+    Translator: served by `nn2run serve --grpc-port` for a seq2seq model, beside HTTP's
+    POST /v1/translations, on the same batching worker (requests waiting together are
+    translated together). Status codes as for Generator: INVALID_ARGUMENT names the field or
+    the text at fault (characters the model does not know, a text over the model's source
+    limit); RESOURCE_EXHAUSTED when the queue is full; DEADLINE_EXCEEDED; UNAVAILABLE while
+    draining.
+    """
+
+    def Translate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TranslatorServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Translate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Translate,
+                    request_deserializer=nn2run_dot_proto_dot_nn2__pb2.TranslateRequest.FromString,
+                    response_serializer=nn2run_dot_proto_dot_nn2__pb2.TranslateReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'nn2.v1.Translator', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('nn2.v1.Translator', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Translator:
+    """---------------------------------------------------------------------------------------
+    Translator: served by `nn2run serve --grpc-port` for a seq2seq model, beside HTTP's
+    POST /v1/translations, on the same batching worker (requests waiting together are
+    translated together). Status codes as for Generator: INVALID_ARGUMENT names the field or
+    the text at fault (characters the model does not know, a text over the model's source
+    limit); RESOURCE_EXHAUSTED when the queue is full; DEADLINE_EXCEEDED; UNAVAILABLE while
+    draining.
+    """
+
+    @staticmethod
+    def Translate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nn2.v1.Translator/Translate',
+            nn2run_dot_proto_dot_nn2__pb2.TranslateRequest.SerializeToString,
+            nn2run_dot_proto_dot_nn2__pb2.TranslateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class CodecStub:
     """---------------------------------------------------------------------------------------
     Codec: text <-> token ids, outside the runtime. `nn2c train --codec-service HOST:PORT`
