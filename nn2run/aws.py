@@ -43,18 +43,18 @@ def _load():
             from .model import load
             from .routes import App, Settings
             from .scheduler import Scheduler
+            from .translations import TranslationWorker
             path = os.environ.get("NN2_MODEL")
             if not path:
                 raise RuntimeError("NN2_MODEL is not set: it names the .nnb file to serve")
             model = load(path, verify=os.environ.get("NN2_VERIFY", "1") != "0")
-            if hasattr(model, "translate"):
-                raise RuntimeError(f"{path} is a seq2seq model: the handler serves language models")
             settings = Settings(max_tokens_default=_env_int("NN2_MAX_TOKENS_DEFAULT", 256),
                                 max_tokens_limit=_env_int("NN2_MAX_TOKENS_LIMIT", 4096),
                                 request_timeout=float(os.environ.get("NN2_TIMEOUT") or 120),
                                 api_key=os.environ.get("NN2_API_KEY") or None,
                                 cors=os.environ.get("NN2_CORS") or None)
-            scheduler = Scheduler(model, max_batch=_env_int("NN2_MAX_BATCH", 64)).start()
+            runner = TranslationWorker if hasattr(model, "translate") else Scheduler   # as nn2run serve
+            scheduler = runner(model, max_batch=_env_int("NN2_MAX_BATCH", 64)).start()
             name = os.path.splitext(os.path.basename(path))[0]
             _app = App(model, name, scheduler, settings)
         return _app

@@ -250,3 +250,25 @@ def test_the_key_the_body_limit_and_cors_apply_as_on_the_server(model, tmp_path)
         proc.wait()
         log.close()
         api.close()
+
+
+def test_a_seq2seq_model_is_served_its_translations_route(tmp_path):
+    import nn2run
+    from support import seq2seq as s2s
+    path, _ = s2s.build(tmp_path / "s.nnb", hidden=8, seed=3)
+    api = RuntimeAPI()
+    proc, log = start_client(api, {"NN2_MODEL": str(path)}, tmp_path)
+    try:
+        texts = ["abc", "", "cab"]
+        out = answer(api, "POST", "/v1/translations", {"texts": texts, "beam": 2})
+        assert out["statusCode"] == 200, out
+        with nn2run.load(path) as m:
+            assert json.loads(out["body"])["translations"] == m.translate(texts, beam=2)
+        wrong = answer(api, "POST", "/v1/completions", {"prompt": "abc"})
+        assert wrong["statusCode"] == 404 and "seq2seq" in json.loads(wrong["body"])["error"]["message"]
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+        api.close()
+
