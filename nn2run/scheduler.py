@@ -16,6 +16,7 @@ Imports NumPy and the standard library only.
 
 from __future__ import annotations
 
+import abc
 import collections
 import itertools
 import queue
@@ -188,30 +189,23 @@ def sample_rows(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
     return out
 
 
-class Scheduler:
-    """Owns the model's VMs; call `submit` from any thread, `start` once."""
+class Worker(abc.ABC):
+    """One thread that owns a model: `start` it once; `stop` ends its loop (`_run`, which
+    returns when it sees `_stopping` under `_cond`)."""
 
-    def __init__(self, model, max_batch: int = 64, max_queue: int = 256):
-        self.model = model
-        self.max_batch, self.max_queue = max_batch, max_queue
+    thread_name = "nn2-worker"
+
+    def __init__(self, model, max_batch: int, max_queue: int):
+        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self._cond = threading.Condition()
-        self._waiting: collections.deque = collections.deque()    # requests not yet given rows
-        self._pending: collections.deque = collections.deque()    # rows of admitted requests
-        self._rows: list[Row] = []
-        self._vm = None
-        self._stopping = False
-        self._aborting = False
-        self._thread = threading.Thread(target=self._run, name="nn2-scheduler", daemon=True)
-        # a codec served elsewhere decodes every row of a step in one call (nn2run.grpc.codec)
-        self._decoder = model.codec.step_decoder() if hasattr(model.codec, "step_decoder") else None
-        # figures for /metrics (written by the scheduler thread, read without a lock: ints)
-        self.steps = 0
-        self.tokens = 0
-        self.rows_per_step = Histogram([1, 2, 4, 8, 16, 32, 64, 128, 256])
-        self.ttft = Histogram([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
+        self._stopping = self._aborting = False
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
 
-    # --- any thread ----------------------------------------------------------------
-    def start(self) -> Scheduler:
+    @abc.abstractmethod
+    def _run(self) -> None:
+        """The worker's loop."""
+
+    def start(self):
         self._thread.start()
         return self
 
@@ -221,6 +215,27 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout=5)
 
+
+class Scheduler(Worker):
+    """Owns the model's VMs; call `submit` from any thread, `start` once."""
+
+    thread_name = "nn2-scheduler"
+
+    def __init__(self, model, max_batch: int = 64, max_queue: int = 256):
+        super().__init__(model, max_batch, max_queue)
+        self._waiting: collections.deque = collections.deque()    # requests not yet given rows
+        self._pending: collections.deque = collections.deque()    # rows of admitted requests
+        self._rows: list[Row] = []
+        self._vm = None
+        # a codec served elsewhere decodes every row of a step in one call (nn2run.grpc.codec)
+        self._decoder = model.codec.step_decoder() if hasattr(model.codec, "step_decoder") else None
+        # figures for /metrics (written by the scheduler thread, read without a lock: ints)
+        self.steps = 0
+        self.tokens = 0
+        self.rows_per_step = Histogram([1, 2, 4, 8, 16, 32, 64, 128, 256])
+        self.ttft = Histogram([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
+
+    # --- any thread ----------------------------------------------------------------
     def abort(self) -> None:
         """End every request now, queued or running, with a ("shutdown",) event."""
         with self._cond:

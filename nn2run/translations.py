@@ -23,7 +23,7 @@ import traceback
 from dataclasses import dataclass
 
 from .completions import ApiError, parse_json
-from .scheduler import Histogram, QueueFull
+from .scheduler import Histogram, QueueFull, Worker
 
 MAX_TEXTS = 64
 MAX_BEAM = 64
@@ -133,17 +133,16 @@ class Job:
             self.on_done()
 
 
-class TranslationWorker:
+class TranslationWorker(Worker):
     """Owns a seq2seq model's searches; `submit` from any thread, `start` once. Has what
     the drain (`nn2run.httpd.drain`) asks of a scheduler: idle(), abort(), stop()."""
 
+    thread_name = "nn2-translator"
+
     def __init__(self, model, max_batch: int = 64, max_queue: int = 256):
-        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
-        self._cond = threading.Condition()
+        super().__init__(model, max_batch, max_queue)
         self._waiting: collections.deque[Job] = collections.deque()
         self._taken: list[Job] = []
-        self._stopping = self._aborting = False
-        self._thread = threading.Thread(target=self._run, name="nn2-translator", daemon=True)
         # figures for /metrics (written by the worker, read without a lock: ints)
         self.running = 0            # texts in the search now
         self.translated = 0
@@ -152,16 +151,6 @@ class TranslationWorker:
         self.texts_per_batch = Histogram([1, 2, 4, 8, 16, 32, 64, 128, 256])
 
     # --- any thread ----------------------------------------------------------------
-    def start(self) -> TranslationWorker:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout=5)
-
     def abort(self) -> None:
         """End every job now, queued or being translated, with "shutdown"."""
         with self._cond:
