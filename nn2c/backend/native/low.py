@@ -1,0 +1,71 @@
+"""What a native loop with bf16 products (`--precision bf16`) adds to its Plan.
+
+torch on the CPU has no bf16 × bf16 -> float32 product and each torch call is a pass of
+its own: rounding a product's operand to bf16 before the call and widening its bf16 result
+after it would be two more calls per product and step. Instead the generated C does both
+inside the loop:
+  * every buffer a product reads at step t gets a bf16 copy (`<name>L`, the same rows),
+    written by the C function that writes the float32 value, in the same pass (a state's
+    copy starts from the initial state, cast once; an external sequence is cast once,
+    before the loop);
+  * a product writes its bf16 result into a staging block (`Z<g>`, B rows); a C function
+    widens it into the float32 value (`nn2_w<g>`, with the folded sum added in the same pass);
+  * in the backward each product's gradient gets a bf16 copy over all steps (`GM…L`, written
+    by `nn2_c<g>`), the operand of both g @ Wᵀ and the weight gradient after the loop, and
+    g @ Wᵀ is staged (`ZB<g>`) and widened into its gradient slot (`nn2_v<g>`).
+The weights are rounded once per call, the element-wise work and every float32 buffer are
+as in the float32 loop; the bf16 copies of the forward go into the saved values (the weight
+gradients' left operands).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nn2c.backend.native.plan import Buffer, NativeUnavailable, Plan, Product, Rows, Where
+from nn2c.compiler.backward import Deriv
+
+
+@dataclass(frozen=True)
+class Low:
+    copies: dict            # buffer name -> Buffer of its bf16 copy (same rows)
+    ext_inputs: tuple       # external sequences a product reads (cast once)
+    param_inputs: tuple     # parameters a product reads, as its input or its weight (cast once)
+    staged: dict            # schedule index of a product -> its Product
+    grad_copies: dict       # schedule index of a product -> Buffer of its gradient's bf16 copy
+
+    def forward_table(self) -> tuple[tuple[str, str], ...]:
+        return (*((b.name, b.name) for b in self.copies.values()),
+                *((f"Z{g}", f"Z{g}") for g in self.staged))
+
+    def backward_table(self) -> tuple[tuple[str, str], ...]:
+        return (*((b.name, b.name) for b in self.grad_copies.values()),
+                *((f"ZB{g}", f"ZB{g}") for g in self.staged))
+
+
+def low_plan(plan: Plan) -> Low:
+    copies, exts, params = {}, [], []
+    for p in plan.products:
+        params.append(plan.loop.params.index(p.weight))
+        where, what, _ = plan.value_of(p.input)
+        if where is Where.STATE:
+            buf = plan.state_bufs[what]
+        elif where is Where.BUFFER:
+            buf = what
+        elif where is Where.EXT:
+            exts.append(what)
+            continue
+        elif where is Where.PARAM:
+            params.append(what)
+            continue
+        else:       # cannot happen: the plan gives every product's input a buffer
+            raise NativeUnavailable("a product whose input has no buffer")
+        copies.setdefault(buf.name, Buffer(f"{buf.name}L", buf.width, buf.rows))
+    staged = {g: item for g, item in enumerate(plan.schedule) if isinstance(item, Product)}
+    grad_copies = {g: Buffer(f"{plan.grads[p.node].name}L", p.node.width, Rows.STEP) for g, p in staged.items()}
+    return Low(copies, tuple(dict.fromkeys(exts)), tuple(dict.fromkeys(params)), staged, grad_copies)
+
+
+def input_write(bg):
+    """The write of a product's backward that is g @ Wᵀ (into its input's gradient), or None."""
+    return next((w for w in bg.writes if isinstance(w.value, Deriv)), None)
