@@ -110,7 +110,8 @@ def forward_source(plan: Plan, lo: Low | None = None) -> str:
             continue
         if lo:
             x, w = _ref(plan, item.input, low=True), f"P{lp.params.index(item.weight)}L"
-            f += [f"        torch.mm({x}, {w}, out=Z{g})", f"        w{g}(t, B, A)"]
+            f.append(f"        torch.mm({x}, {w}, out=Z{g})")
+            f += [] if g in lo.widen_in else [f"        w{g}(t, B, A)"]
             continue
         dst, x, w = _ref(plan, item.node), _ref(plan, item.input), f"P[{lp.params.index(item.weight)}]"
         if item.into is not None:
@@ -129,13 +130,14 @@ def forward_source(plan: Plan, lo: Low | None = None) -> str:
 def _product_lines(plan: Plan, g: int, bg, lo: Low | None) -> list[str]:
     """A product's backward at step t: the seeds into its gradient, then its input's gradient
     (g @ Wᵀ) and its added operand's (g itself). With bf16 products the gradient is
-    rounded into its bf16 copy (c) once complete, and g @ Wᵀ staged and widened (v) by the C."""
+    rounded into its bf16 copy once complete, and g @ Wᵀ staged and widened, by the C
+    (`nn2c.backend.native.low`: c and v where no group does it)."""
     lp, lines = plan.loop, []
     g_ref = f"{plan.grads[bg.product.node].name}u[t]"
     seeds = [w for w in bg.writes if isinstance(w.value, Seed)]
     for w in (*seeds, None, *(w for w in bg.writes if not isinstance(w.value, Seed))):
         if w is None:
-            lines += [f"c{g}(t, B, A)"] if lo else []
+            lines += [f"c{g}(t, B, A)"] if lo and g not in lo.round_in else []
             continue
         buf = w.slot.buffer
         if buf.rows is Rows.PAIR:
@@ -150,7 +152,8 @@ def _product_lines(plan: Plan, g: int, bg, lo: Low | None) -> list[str]:
         elif isinstance(w.value, Deriv):          # g @ Wᵀ
             wt = f"WT{lp.params.index(w.value.args[1])}"
             if lo:
-                lines += [f"torch.mm({lo.grad_copies[g].name}u[t], {wt}, out=ZB{g})", f"v{g}(t, B, A)"]
+                lines.append(f"torch.mm({lo.grad_copies[g].name}u[t], {wt}, out=ZB{g})")
+                lines += [] if g in lo.grad_widen_in else [f"v{g}(t, B, A)"]
             else:
                 lines.append(_into(view, "add" if w.add else "set", g_ref, wt))
         else:

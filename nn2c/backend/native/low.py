@@ -8,11 +8,13 @@ inside the loop:
     written by the C function that writes the float32 value, in the same pass (a state's
     copy starts from the initial state, cast once; an external sequence is cast once,
     before the loop);
-  * a product writes its bf16 result into a staging block (`Z<g>`, B rows); a C function
-    widens it into the float32 value (`nn2_w<g>`, with the folded sum added in the same pass);
-  * in the backward each product's gradient gets a bf16 copy over all steps (`GM…L`, written
-    by `nn2_c<g>`), the operand of both g @ Wᵀ and the weight gradient after the loop, and
-    g @ Wᵀ is staged (`ZB<g>`) and widened into its gradient slot (`nn2_v<g>`).
+  * a product writes its bf16 result into a staging block (`Z<g>`, B rows), widened into the
+    float32 value (with the folded sum added in the same pass) at the start of the group
+    that follows it, or by a function of its own (`nn2_w<g>`) where no group follows;
+  * in the backward each product's gradient gets a bf16 copy over all steps (`GM…L`), the
+    operand of both g @ Wᵀ and the weight gradient after the loop, rounded at the end of the
+    group that completes the gradient (else by `nn2_c<g>`), and g @ Wᵀ is staged (`ZB<g>`)
+    and widened into its gradient slot at the start of the next group (else by `nn2_v<g>`).
 The weights are rounded once per call, the element-wise work and every float32 buffer are
 as in the float32 loop; the bf16 copies of the forward go into the saved values (the weight
 gradients' left operands).
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nn2c.backend.native.plan import Buffer, NativeUnavailable, Plan, Product, Rows, Where
+from nn2c.backend.native.plan import Buffer, NativeUnavailable, Plan, Product, Rows, Seed, Where
 from nn2c.compiler.backward import Deriv
 
 
@@ -33,6 +35,9 @@ class Low:
     param_inputs: tuple     # parameters a product reads, as its input or its weight (cast once)
     staged: dict            # schedule index of a product -> its Product
     grad_copies: dict       # schedule index of a product -> Buffer of its gradient's bf16 copy
+    widen_in: dict          # product -> the group whose forward starts with its widening
+    round_in: dict          # product -> the group whose backward ends with its gradient's rounding
+    grad_widen_in: dict     # product -> the group whose backward starts with g @ Wᵀ's widening
 
     def forward_table(self) -> tuple[tuple[str, str], ...]:
         return (*((b.name, b.name) for b in self.copies.values()),
@@ -63,7 +68,36 @@ def low_plan(plan: Plan) -> Low:
         copies.setdefault(buf.name, Buffer(f"{buf.name}L", buf.width, buf.rows))
     staged = {g: item for g, item in enumerate(plan.schedule) if isinstance(item, Product)}
     grad_copies = {g: Buffer(f"{plan.grads[p.node].name}L", p.node.width, Rows.STEP) for g, p in staged.items()}
-    return Low(copies, tuple(dict.fromkeys(exts)), tuple(dict.fromkeys(params)), staged, grad_copies)
+    return Low(copies, tuple(dict.fromkeys(exts)), tuple(dict.fromkeys(params)), staged, grad_copies,
+               *_folds(plan, staged))
+
+
+def _folds(plan: Plan, staged: dict) -> tuple[dict, dict, dict]:
+    """Where the widenings and roundings around the products run inside a group's C function
+    (a call and a pass fewer each), by row as the group's own work does: a product's
+    widening at the start of the first group after it (only products lie between, and no
+    product reads a product); its gradient's rounding at the end of the group just before
+    its backward (which completes the gradient, when no seed arrives in between); g @ Wᵀ's
+    widening at the start of the group just after (when it is the product's last write)."""
+    schedule, reverse = plan.schedule, plan.reverse
+    widen_in, round_in, grad_widen_in = {}, {}, {}
+    for g in staged:
+        k = g + 1
+        while k < len(schedule) and isinstance(schedule[k], Product):
+            k += 1
+        if k < len(schedule):
+            widen_in[g] = k
+    for pos, bg in enumerate(reverse):
+        if bg.product is None:
+            continue
+        before = reverse[pos - 1] if pos > 0 else None
+        after = reverse[pos + 1] if pos + 1 < len(reverse) else None
+        if before is not None and before.product is None and not any(isinstance(w.value, Seed) for w in bg.writes):
+            round_in[bg.index] = before.index
+        w = input_write(bg)
+        if w is not None and w is bg.writes[-1] and after is not None and after.product is None:
+            grad_widen_in[bg.index] = after.index
+    return widen_in, round_in, grad_widen_in
 
 
 def input_write(bg):

@@ -174,6 +174,9 @@ def _forward(r: _Renderer, group: Group) -> str:
     for k, (n, col) in enumerate(r.plan.locals[group.index]):
         r.local[n] = f"L{k}"
         lines.append(f"        float *L{k} = A[{r.at['SCRATCH']}] + {col};")
+    low = r.low
+    for g in (() if low is None else [g for g, k in low.widen_in.items() if k == group.index]):
+        lines += _widen_lines(r, g, low.staged[g])
     for n in group.nodes:
         if n.op != "slice":
             lines += _node_lines(r, n) + r.copy_lines(n)
@@ -203,7 +206,7 @@ def _node_lines(r: _Renderer, n) -> list[str]:
     return _loop(n.width, f"{dst}[j] = {C_OPS[n.op].format(*[r.elem(a) for a in n.args])}")
 
 
-def _widen(r: _Renderer, g: int, p: Product) -> str:
+def _widen_lines(r: _Renderer, g: int, p: Product) -> list[str]:
     """bf16 products: the staged result of product g widened into its float32 value (the
     folded sum added in the same pass), and rounded into a bf16 copy where a product reads it."""
     z, dst = f"{r.row(Buffer(f'Z{g}', p.node.width, Rows.ONE))}", r.value(p.node)
@@ -213,30 +216,32 @@ def _widen(r: _Renderer, g: int, p: Product) -> str:
         statement = f"{dst}[j] = nn2_f32({z}[j])"
     else:
         statement = f"{dst}[j] = {r.elem(p.added)} + nn2_f32({z}[j])"
-    return _function(f"nn2_w{g}", _loop(p.node.width, statement) + r.copy_lines(p.node))
+    return _loop(p.node.width, statement) + r.copy_lines(p.node)
 
 
-def _grad_low(r: _Renderer, g: int, bg: BackwardGroup) -> str:
-    """bf16 products, backward: product g's gradient rounded into its bf16 copy (nn2_c), and
-    the staged g @ Wᵀ widened into the input's gradient slot (nn2_v)."""
-    gm = r.plan.grads[bg.product.node]
-    copy = r.low.grad_copies[g]
-    parts = [_function(f"nn2_c{g}", _loop(gm.width, f"{r.row(copy)}[j] = nn2_bf16({r.row(gm)}[j])"))]
+def _round_lines(r: _Renderer, g: int) -> list[str]:
+    """bf16 products, backward: product g's gradient rounded into its bf16 copy."""
+    gm = r.plan.grads[r.low.staged[g].node]
+    return _loop(gm.width, f"{r.row(r.low.grad_copies[g])}[j] = nn2_bf16({r.row(gm)}[j])")
+
+
+def _grad_widen_lines(r: _Renderer, g: int, bg: BackwardGroup) -> list[str]:
+    """bf16 products, backward: the staged g @ Wᵀ widened into the input's gradient slot."""
     w = input_write(bg)
-    if w is not None:
-        zb = r.row(Buffer(f"ZB{g}", w.width, Rows.ONE))
-        op = "+=" if w.add else "="
-        parts.append(_function(f"nn2_v{g}", _loop(w.width, f"{r.slot(w.slot)}[{w.start} + j] {op} nn2_f32({zb}[j])")))
-    return "\n".join(parts)
+    zb = r.row(Buffer(f"ZB{g}", w.width, Rows.ONE))
+    return _loop(w.width, f"{r.slot(w.slot)}[{w.start} + j] {'+=' if w.add else '='} nn2_f32({zb}[j])")
 
 
-def _backward(r: _Renderer, bg: BackwardGroup) -> str:
+def _backward(r: _Renderer, bg: BackwardGroup, backs: dict) -> str:
     r.grad_local, lines, at = {}, [], 0
     for n, slot in bg.locals:
         r.grad_local[n] = slot.name
         lines.append(f"        float *{slot.name} = A[{r.at['SCRATCH']}] + {at};")
         at += slot.width
     lines += [f"        memset({s.name}, 0, {s.width} * sizeof(float));" for s in bg.zero]
+    low = r.low
+    for g in (() if low is None else [g for g, k in low.grad_widen_in.items() if k == bg.index]):
+        lines += _grad_widen_lines(r, g, backs[g])
     for w in bg.writes:
         op = "+=" if w.add else "="
         r.before = []
@@ -249,7 +254,22 @@ def _backward(r: _Renderer, bg: BackwardGroup) -> str:
         value = r.at_col(w.value, 'j')
         loop = _loop(w.width, f"{r.slot(w.slot)}[{w.start} + j] {op} {value}")
         lines += ["        {", *r.before, *loop, "        }"] if r.before else loop
+    for g in (() if low is None else [g for g, k in low.round_in.items() if k == bg.index]):
+        lines += _round_lines(r, g)
     return _function(f"nn2_b{bg.index}", lines)
+
+
+def _low_functions(fwd: _Renderer, bwd: _Renderer, backs: dict) -> list[str]:
+    """The widenings and roundings no group takes in, each a function of its own."""
+    low, parts = fwd.low, []
+    for g, p in low.staged.items():
+        if g not in low.widen_in:
+            parts.append(_function(f"nn2_w{g}", _widen_lines(fwd, g, p)))
+        if g not in low.round_in:
+            parts.append(_function(f"nn2_c{g}", _round_lines(bwd, g)))
+        if input_write(backs[g]) is not None and g not in low.grad_widen_in:
+            parts.append(_function(f"nn2_v{g}", _grad_widen_lines(bwd, g, backs[g])))
+    return parts
 
 
 def tables(plan: Plan, low: Low | None = None) -> tuple[tuple, tuple]:
@@ -262,15 +282,13 @@ def tables(plan: Plan, low: Low | None = None) -> tuple[tuple, tuple]:
 
 def c_source(plan: Plan, low: Low | None = None) -> str:
     """The whole C file: the prelude, the forward functions, the backward functions (in the
-    order the backward runs them); with `low` (bf16 products) the widening and rounding
-    functions around each product too."""
+    order the backward runs them); with `low` (bf16 products) the widenings and roundings
+    around the products, inside those or as functions of their own."""
     forward_table, backward_table = tables(plan, low)
     fwd, bwd = _Renderer(plan, forward_table, low), _Renderer(plan, backward_table, low)
+    backs = {bg.index: bg for bg in plan.reverse if bg.product is not None}
     parts = [PRELUDE]
     parts += [_forward(fwd, g) for g in plan.schedule if isinstance(g, Group)]
-    parts += [_backward(bwd, bg) for bg in plan.reverse if bg.product is None]
-    if low is not None:
-        parts += [_widen(fwd, g, p) for g, p in low.staged.items()]
-        at = {bg.product: bg for bg in plan.reverse if bg.product is not None}
-        parts += [_grad_low(bwd, g, at[p]) for g, p in low.staged.items()]
+    parts += [_backward(bwd, bg, backs) for bg in plan.reverse if bg.product is None]
+    parts += _low_functions(fwd, bwd, backs) if low is not None else []
     return "\n".join(parts)
