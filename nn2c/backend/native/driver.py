@@ -95,7 +95,8 @@ def forward_source(plan: Plan, lo: Low | None = None) -> str:
     for b in plan.value_bufs:
         f.append(f"    {b.name} = E[{into[b.name]}]" if b.name in into
                  else f"    {b.name} = torch.empty(T, B, {b.width}, dtype=F32)")
-    f += _low_forward_setup(plan, lo) if lo else []
+    weights = dict.fromkeys(lp.params.index(p.weight) for p in plan.products)
+    f += _low_forward_setup(plan, lo) if lo else [f"    P{i}L = P[{i}]" for i in weights]
     f.append(f"    SCRATCH = torch.empty({plan.scratch[0]}, dtype=F32)")
     f.append(f"    A = table([{_arrays(tables(plan, lo)[0])}])")
     saved = [b.name for b in (*plan.state_bufs, *plan.value_bufs)]
@@ -113,7 +114,7 @@ def forward_source(plan: Plan, lo: Low | None = None) -> str:
             f.append(f"        torch.mm({x}, {w}, out=Z{g})")
             f += [] if g in lo.widen_in else [f"        w{g}(t, B, A)"]
             continue
-        dst, x, w = _ref(plan, item.node), _ref(plan, item.input), f"P[{lp.params.index(item.weight)}]"
+        dst, x, w = _ref(plan, item.node), _ref(plan, item.input), f"P{lp.params.index(item.weight)}L"
         if item.into is not None:
             f.append(f"        {_into(dst, 'add', x, w)}")
         elif item.added is None:
