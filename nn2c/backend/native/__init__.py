@@ -14,9 +14,12 @@ product over all steps after the loop.
     prelude.c    the fixed part of the C: branch-free exp, sigmoid and tanh
     build.py     compiling (`$CC`, default `cc`) and caching (`$NN2_CACHE`) the C
     driver.py    the Plan -> the Python that allocates the buffers and calls the C and the products
+    low.py       with bf16 products: the bf16 copies of the products' operands and results,
+                 rounded and widened by the C inside the loop (no torch cast per step)
 
 Float32 tensors on the CPU only (with precision bf16 the products take bf16 operands, see
-`nn2c.backend.precision`; every buffer stays float32); `NN2_NATIVE=0` turns it off. What the plan does not support
+`nn2c.backend.precision`; every value the element-wise work reads or writes stays float32);
+`NN2_NATIVE=0` turns it off. What the plan does not support
 (a product of a product, a root that is a product or a slice) or the absence of a
 compiler leaves the fused loop in charge.
 """
