@@ -118,3 +118,43 @@ def test_the_c_rounds_to_bf16_as_torch_does_bit_for_bit():
     nan = expect.isnan()
     assert torch.equal(copy.isnan(), nan)
     assert torch.equal(copy.view(torch.int16)[~nan], expect.view(torch.int16)[~nan])
+
+
+def test_external_values_given_in_bf16_run_as_their_float32_widening():
+    """A hoisted bf16 product hands the loop its result in bf16 (nn2c.backend.precision.
+    mm_bias_low): the loop widens it itself. Outputs, final states and gradients are those
+    of the same values given in float32, bit for bit (the gradient of a bf16 input in bf16,
+    its float32 gradient rounded), in the native loop and in the fused loop; over the
+    random cells that have external values."""
+    checked = 0
+    for seed in range(60):
+        rng = random.Random(seed)
+        cell = _random_cell(rng)
+        loop = FusedLoop(cell, "bf16")
+        if loop.ext and native.supported(cell) is None:
+            _check_bf16_externals(rng, seed, cell, loop)
+            checked += 1
+    assert checked >= 10
+
+
+def _check_bf16_externals(rng, seed, cell, loop):
+    T, B = rng.choice([1, 3, 4]), rng.choice([1, 3])
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen) * 0.5      # noqa: E731
+    E16 = [rnd(T, B, e.width).to(torch.bfloat16) for e in loop.ext]
+    S = [rnd(B, prev.width) for _, prev, _ in cell.states]
+    P = [rnd(*cell.tensors[p.attrs["tensor"]].shape) for p in loop.params]
+    gouts, gS = rnd(T, B, cell.output.width), [rnd(B, prev.width) for _, prev, _ in cell.states]
+    half = tuple(range(len(E16)))
+    for given, widened in ((native.NativeLoop(loop.backward, "bf16", half), native.NativeLoop(loop.backward, "bf16")),
+                           (loop, loop)):
+        runs = []
+        for impl, E in ((given, [e.clone() for e in E16]), (widened, [e.float() for e in E16])):
+            out, finals, K = impl.fwd([e.clone() for e in E], list(S), list(P), T)
+            gE, gSi, gP = impl.bwd(K, gouts, gS, E, P, T)
+            runs.append(([out, *finals, *gSi, *gP], gE))
+        (same16, gE16), (same32, gE32) = runs
+        for a, b in zip(same16, same32):
+            assert a.dtype == torch.float32 and torch.equal(a, b), seed
+        for a, b in zip(gE16, gE32):
+            assert torch.equal(a.to(torch.bfloat16), b.to(torch.bfloat16)), seed

@@ -53,6 +53,8 @@ def unavailable(cell: Cell) -> str | None:
     return "turned off by NN2_NATIVE" if not enabled() else supported(cell)
 
 
-def usable(tensors) -> bool:
-    """The native loop runs on CPU float32 tensors only."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+def usable(tensors, low: bool = False) -> bool:
+    """The native loop runs on CPU float32 tensors only (with bf16 products, `low`, an
+    external sequence may be bf16 too)."""
+    dtypes = (torch.float32, torch.bfloat16) if low else (torch.float32,)
+    return all(t.device.type == "cpu" and t.dtype in dtypes for t in tensors)

@@ -70,7 +70,7 @@ def _low_forward_setup(plan: Plan, lo: Low) -> list[str]:
     """The bf16 operands: weights and read-only inputs rounded once, the copies the C writes,
     a staging block per product."""
     f = [f"    P{i}L = LOW(P[{i}])" for i in lo.param_inputs]
-    f += [f"    E{i}L = LOW(E[{i}])" for i in lo.ext_inputs]
+    f += [f"    E{i}L = EH{i}" if i in lo.half_exts else f"    E{i}L = LOW(E[{i}])" for i in lo.ext_inputs]
     states = {b.name: i for i, b in enumerate(plan.state_bufs)}
     for name, c in lo.copies.items():
         f.append(f"    {c.name} = torch.empty({_rows(c)}, B, {c.width}, dtype=BF16)")
@@ -81,14 +81,19 @@ def _low_forward_setup(plan: Plan, lo: Low) -> list[str]:
 
 
 def _low_saved(lo: Low) -> list[str]:
-    """What a bf16 forward keeps for the backward besides the float32 buffers."""
-    return [*(c.name for c in lo.copies.values()), *(f"E{i}L" for i in lo.ext_inputs)]
+    """What a bf16 forward keeps for the backward besides the float32 buffers (and the
+    float32 widening of an external sequence given in bf16)."""
+    return [*(c.name for c in lo.copies.values()), *(f"E{i}L" for i in lo.ext_inputs),
+            *(f"E{i}F" for i in lo.half_exts)]
 
 
 def forward_source(plan: Plan, lo: Low | None = None) -> str:
     lp = plan.loop
     f = ["def forward(E, S, P, T):", "    B = S[0].shape[0]",
          "    E = [e.contiguous() for e in E]", "    P = [p.contiguous() for p in P]"]
+    for i in lo.half_exts if lo else ():           # widened by the C, step by step
+        fresh = "EH{i}.float()" if lo.first_group is None else f"torch.empty(T, B, {lp.ext[i].width}, dtype=F32)"
+        f += [f"    EH{i} = E[{i}]", f"    E[{i}] = E{i}F = {fresh.format(i=i)}"]
     for i, b in enumerate(plan.state_bufs):
         f += [f"    {b.name} = torch.empty(T + 1, B, {b.width}, dtype=F32)", f"    {b.name}[0] = S[{i}]"]
     into = {plan.values[p.node].name: p.into for p in plan.products if p.into is not None}
@@ -189,6 +194,7 @@ def backward_source(plan: Plan, lo: Low | None = None) -> str:
          f"    {', '.join(saved)}{',' if len(saved) == 1 else ''} = K",
          "    E = [e.contiguous() for e in E]", "    P = [p.contiguous() for p in P]",
          "    GOUT = gouts.contiguous()", f"    SCRATCH = torch.empty({plan.scratch[1]}, dtype=F32)"]
+    r += [f"    E[{i}] = E{i}F" for i in (lo.half_exts if lo else ())]
     for b in plan.grad_bufs:
         alloc = "zeros" if b.name in plan.zeroed and b.rows is Rows.STEP else "empty"
         r.append(f"    {b.name} = torch.{alloc}({'T' if b.rows is Rows.STEP else '1'}, B, {b.width}, dtype=F32)")
@@ -221,7 +227,10 @@ def backward_source(plan: Plan, lo: Low | None = None) -> str:
     r += [_weight_gradient(plan, g, p, lo) for g, p in enumerate(plan.schedule) if isinstance(p, Product)]
     r += [f"    GP{i}[{off}:{off + w}] += {gm.name}.sum((0, 1))" for i, off, w, gm in plan.param_sums]
     r += [f"    GE{i}[:, :, {off}:{off + w}] += {gm.name}" for i, off, w, gm in plan.ext_adds]
-    r.append(f"    return [{', '.join(b.name for b in plan.ge_bufs)}], "
+    half = lo.half_exts if lo else ()
+    ge = [f"{plan.ext_is_grad[i].name}L" if i in half and i in plan.ext_is_grad else b.name
+          for i, b in enumerate(plan.ge_bufs)]     # (autograd casts the others to bf16)
+    r.append(f"    return [{', '.join(ge)}], "
              f"[{', '.join(f'{b.name}[0]' for b in plan.gs_bufs)}], "
              f"[{', '.join(f'GP{i}' for i in range(len(lp.params)))}]")
     return "\n".join(r) + "\n"
@@ -231,9 +240,9 @@ class NativeLoop:
     """fwd/bwd with the fused loop's signatures, running the generated C. The forward owns
     the sequences E it is given: a product may accumulate into one in place."""
 
-    def __init__(self, backward: Backward, precision: str = "fp32"):
+    def __init__(self, backward: Backward, precision: str = "fp32", half_exts: tuple = ()):
         self.plan = make_plan(backward)
-        lo = low_plan(self.plan) if check(precision) == "bf16" else None
+        lo = low_plan(self.plan, half_exts) if check(precision) == "bf16" else None
         self.c_src = c_source(self.plan, lo)
         self.forward_src, self.backward_src = forward_source(self.plan, lo), backward_source(self.plan, lo)
         self._lib = build(self.c_src)

@@ -17,7 +17,10 @@ inside the loop:
     and widened into its gradient slot at the start of the next group (else by `nn2_v<g>`).
 The weights are rounded once per call, the element-wise work and every float32 buffer are
 as in the float32 loop; the bf16 copies of the forward go into the saved values (the weight
-gradients' left operands).
+gradients' left operands). An external sequence may arrive in bf16 (a hoisted bf16
+product's result, `nn2c.backend.network`): the first group widens its row into a float32
+buffer at each step, a product reads it as it is, and its gradient goes back in bf16 (the
+product gradient's copy, where that is the whole of it).
 """
 
 from __future__ import annotations
@@ -38,17 +41,20 @@ class Low:
     widen_in: dict          # product -> the group whose forward starts with its widening
     round_in: dict          # product -> the group whose backward ends with its gradient's rounding
     grad_widen_in: dict     # product -> the group whose backward starts with g @ Wᵀ's widening
+    half_exts: tuple        # external sequences given in bf16 (`EH<i>`), widened into E<i> by the C
+    first_group: int | None     # the group whose forward starts by widening them (None: no group,
+                                # they are widened once before the loop)
 
     def forward_table(self) -> tuple[tuple[str, str], ...]:
         return (*((b.name, b.name) for b in self.copies.values()),
-                *((f"Z{g}", f"Z{g}") for g in self.staged))
+                *((f"Z{g}", f"Z{g}") for g in self.staged), *((f"EH{i}", f"EH{i}") for i in self.half_exts))
 
     def backward_table(self) -> tuple[tuple[str, str], ...]:
         return (*((b.name, b.name) for b in self.grad_copies.values()),
                 *((f"ZB{g}", f"ZB{g}") for g in self.staged))
 
 
-def low_plan(plan: Plan) -> Low:
+def low_plan(plan: Plan, half_exts: tuple = ()) -> Low:
     copies, exts, params = {}, [], []
     for p in plan.products:
         params.append(plan.loop.params.index(p.weight))
@@ -68,8 +74,9 @@ def low_plan(plan: Plan) -> Low:
         copies.setdefault(buf.name, Buffer(f"{buf.name}L", buf.width, buf.rows))
     staged = {g: item for g, item in enumerate(plan.schedule) if isinstance(item, Product)}
     grad_copies = {g: Buffer(f"{plan.grads[p.node].name}L", p.node.width, Rows.STEP) for g, p in staged.items()}
+    first = next((g for g, item in enumerate(plan.schedule) if not isinstance(item, Product)), None)
     return Low(copies, tuple(dict.fromkeys(exts)), tuple(dict.fromkeys(params)), staged, grad_copies,
-               *_folds(plan, staged))
+               *_folds(plan, staged), tuple(half_exts), first)
 
 
 def _folds(plan: Plan, staged: dict) -> tuple[dict, dict, dict]:

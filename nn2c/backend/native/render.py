@@ -60,6 +60,7 @@ class _Renderer:
         self.low = low                  # with bf16 products: the bf16 arrays (nn2c.backend.native.low)
         self.half = set() if low is None else {b.name for b in (*low.copies.values(), *low.grad_copies.values())}
         self.half |= set() if low is None else {f"{k}{g}" for g in low.staged for k in ("Z", "ZB")}
+        self.half |= set() if low is None else {f"EH{i}" for i in low.half_exts}
         self.local: dict = {}           # node -> C name of its scratch row (this function)
         self.grad_local: dict = {}
         self.before: list = []          # statements a write's loop needs first (max's tie counts)
@@ -175,6 +176,11 @@ def _forward(r: _Renderer, group: Group) -> str:
         r.local[n] = f"L{k}"
         lines.append(f"        float *L{k} = A[{r.at['SCRATCH']}] + {col};")
     low = r.low
+    if low is not None and group.index == low.first_group:     # the external values given in bf16
+        for i in low.half_exts:
+            w = r.plan.loop.ext[i].width
+            e, eh = r.row(Buffer(f"E{i}", w, Rows.STEP)), r.row(Buffer(f"EH{i}", w, Rows.STEP))
+            lines += _loop(w, f"{e}[j] = nn2_f32({eh}[j])")
     for g in (() if low is None else [g for g, k in low.widen_in.items() if k == group.index]):
         lines += _widen_lines(r, g, low.staged[g])
     for n in group.nodes:
