@@ -1,7 +1,8 @@
 """The native loop with bf16 products: its C rounds the products' operands and widens their
 results (nn2c.backend.native.low). Checked against torch: its bf16 cast (the rounding,
 bit for bit) and per-step autograd through the plain program with torch's own bf16
-products (forward and gradients)."""
+products (forward and gradients); external values given in bf16 against their float32
+widening, bit for bit."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import shutil
 
 import pytest
 import torch
-from test_native import _random_cell
 
 from nn2c.backend import native
 from nn2c.backend.fused import TORCH_OPS, FusedLoop
 from nn2c.compiler.ir import depends_on_state
 from nn2c.compiler.pipeline import compile_kernel
 from nn2c.lang.parse import parse
+from test_native import _random_cell
 
 pytestmark = pytest.mark.skipif(not shutil.which("cc") or not native.enabled(),
                                 reason="no C compiler (the native loop falls back to the fused loop)")

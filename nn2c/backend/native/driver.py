@@ -170,7 +170,7 @@ def _product_lines(plan: Plan, g: int, bg, lo: Low | None) -> list[str]:
 
 def _low_backward_setup(lo: Low) -> list[str]:
     b = []
-    for g, c in lo.grad_copies.items():
+    for c in lo.grad_copies.values():
         b += [f"    {c.name} = torch.empty(T, B, {c.width}, dtype=BF16)", f"    {c.name}u = {c.name}.unbind(0)"]
     b += [f"    ZB{g} = torch.empty(B, {p.input.width}, dtype=BF16)" for g, p in lo.staged.items()]
     return b
