@@ -212,7 +212,9 @@ def bench_train_bf16(tmp, quick: bool):
     import torch
 
     from nn2c.train.trainer import TrainConfig
-    steps, reps = (3, 2) if quick else (6, 3)
+    # four sides share the machine in turn: a repetition more than the other rows, so that
+    # the best of each is less often one a neighbour's burst spoiled
+    steps, reps = (3, 3) if quick else (6, 4)
     hidden, layers, seq, batch = 256, 2, 100, 32
     corpus = _corpus(tmp)
     sides, nets = {}, {}

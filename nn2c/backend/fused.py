@@ -85,7 +85,7 @@ def forward_source(bw: Backward, low: bool = False) -> str:
     k = len(lp.states)
     fused = addmm_pairs(lp.body, set(lp.body), consumers(lp.cell))
     skip = set(fused.values())
-    lines = ["def forward(E, S, P, T):", *_unpack(bw), "    outs = []"]
+    lines = ["def forward(E, S, P, T):", *_unpack(bw, low=low), "    outs = []"]
     if low:
         lines += [f"    {p}L = LOW({p})" for p in _weights(bw, names)]
     lines += [f"    k{j} = []" for j in range(len(bw.saved))]
@@ -112,10 +112,13 @@ def forward_source(bw: Backward, low: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _unpack(bw: Backward, states: bool = True) -> list[str]:
+def _unpack(bw: Backward, states: bool = True, low: bool = False) -> list[str]:
+    """The arguments by name; with `low` the external sequences widened (one given in bf16
+    is a hoisted bf16 product's result; the element-wise work is float32)."""
     lp = bw.loop
     groups = (("E", "E", lp.ext), ("s", "S", lp.states if states else ()), ("P", "P", lp.params))
-    return [f"    {name}{i} = {group}[{i}]" for name, group, items in groups for i in range(len(items))]
+    return [f"    {name}{i} = {group}[{i}]{'.float()' if low and name == 'E' else ''}"
+            for name, group, items in groups for i in range(len(items))]
 
 
 class _Backward:
@@ -185,7 +188,7 @@ class _Backward:
     def source(self) -> str:
         bw, lp = self.bw, self.bw.loop
         products = [w.product for w in bw.weights]
-        lines = ["def backward(K, gouts, gS, E, P, T):", *_unpack(bw, states=False)]
+        lines = ["def backward(K, gouts, gS, E, P, T):", *_unpack(bw, states=False, low=self.low)]
         lines += [f"    k{j} = K[{j}]" for j in range(len(bw.saved))]
         lines += [f"    gs{i} = gS[{i}]" for i in range(len(lp.states))]
         lines.append("    B = gouts.shape[1]")
@@ -259,7 +262,7 @@ class FusedLoop:
         self.fwd, self.bwd = ns["forward"], ns["backward"]
         self.native_error = native.unavailable(cell)
         self.last_kind: str | None = None       # what ran the last forward: "native" or "fused"
-        self._native = None
+        self._native: dict = {}
 
     @property
     def kind(self) -> str:
@@ -268,18 +271,21 @@ class FusedLoop:
 
     def kind_for(self, tensors) -> str:
         """What runs the loop for these tensors (the rule `implementation` applies)."""
-        return "native" if self.native_error is None and native.usable(tensors) else "fused"
+        usable = native.usable(tensors, self.precision == "bf16")
+        return "native" if self.native_error is None and usable else "fused"
 
-    def implementation(self, tensors):
-        """The native loop for CPU float32 tensors (built on first use), else this loop."""
+    def implementation(self, tensors, n_e: int = 0):
+        """The native loop for CPU float32 tensors (built on first use; with bf16 products
+        one per set of external sequences given in bf16, the first n_e tensors), else this loop."""
         if self.kind_for(tensors) == "native":
-            if self._native is None:
+            half = tuple(i for i, e in enumerate(tensors[:n_e]) if e.dtype == torch.bfloat16)
+            if half not in self._native:
                 try:
-                    self._native = native.NativeLoop(self.backward, self.precision)
+                    self._native[half] = native.NativeLoop(self.backward, self.precision, half)
                 except native.NativeUnavailable as e:
                     self.native_error = str(e)
                     return self
-            return self._native
+            return self._native[half]
         return self
 
     def __call__(self, T: int, E: list, S: list, P: list):
@@ -303,7 +309,7 @@ def _own_precision(device_types=("cuda", "cpu")):
 class _Loop(torch.autograd.Function):
     def forward(ctx, loop: FusedLoop, T: int, n_e: int, n_s: int, *tensors):
         E, S, P = tensors[:n_e], tensors[n_e:n_e + n_s], tensors[n_e + n_s:]
-        impl = loop.implementation(tensors)
+        impl = loop.implementation(tensors, n_e)
         loop.last_kind = "fused" if impl is loop else "native"
         outs, finals, K = impl.fwd(list(E), list(S), list(P), T)
         ctx.loop, ctx.T, ctx.K, ctx.n_e = impl, T, K, n_e

@@ -17,6 +17,7 @@ from nn2c.backend.fused import FusedLoop, torch_expr
 from nn2c.backend.fused import supported as fused_supported
 from nn2c.backend.precision import check as check_precision
 from nn2c.backend.precision import mm as low_mm
+from nn2c.backend.precision import mm_bias_low
 from nn2c.compiler.emit import init_logical, pack, param_roles
 from nn2c.compiler.ir import Cell, Network, addmm_pairs, consumers, depends_on_state
 
@@ -57,7 +58,7 @@ class _Codegen:
             elif node.op == "const":
                 self.names[node] = repr(float(node.attrs["value"]))
         self.plans = _split_plans(self.nodes)
-        uses = consumers(cell)
+        uses = self.uses = consumers(cell)
         self.addmm = addmm_pairs(self.nodes, self.in_loop, uses)     # add -> matmul
         self.biased = self._biased(uses)                              # add -> (product, bias)
         self.absorbed = {m for m in self.addmm.values()} | {m for m, _ in self.biased.values()}
@@ -78,6 +79,11 @@ class _Codegen:
                     out[n] = (m, b)
                     break
         return out
+
+    def _loop_only(self, node) -> bool:
+        """Only the fused/native loop reads this hoisted value (nothing else sees its dtype)."""
+        return (self.fused is not None and node in self.fused.ext
+                and all(c is not None and c in self.in_loop for c in self.uses.get(node, [None])))
 
     def ref(self, a, looped: bool) -> str:
         if not looped or a in self.in_loop or a.op in ("param", "const", "state"):
@@ -101,9 +107,13 @@ class _Codegen:
                 out.append(f"v{n} = F.embedding(xs, {w} + {bias})")
             else:
                 x = self.ref(m.args[0], False)
-                # (widened, then the bias added in place: an add of bf16 to float32 is a slow pass)
-                out.append(f"v{n} = MM({x}, {w}).add_({bias})" if self.low else
-                           f"v{n} = torch.addmm({bias}, {x}.flatten(0, -2), {w}).unflatten(0, {x}.shape[:-1])")
+                # (widened, then the bias added in place: an add of bf16 to float32 is a slow pass;
+                # left in bf16 when only the loop reads it: the loop widens it)
+                if self.low and self._loop_only(node):
+                    out.append(f"v{n} = MMB({x}, {w}, {bias})")
+                else:
+                    out.append(f"v{n} = MM({x}, {w}).add_({bias})" if self.low else
+                               f"v{n} = torch.addmm({bias}, {x}.flatten(0, -2), {w}).unflatten(0, {x}.shape[:-1])")
             return
         if node in self.addmm:
             mm = self.addmm[node]
@@ -189,7 +199,7 @@ def _seq(value: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
 def compile_cell(cell: Cell, hoist: bool = True, fused: bool = False, precision: str = "fp32"):
     loop = FusedLoop(cell, precision) if fused and hoist and fused_supported(cell) else None
     source = cell_source(cell, hoist, loop, check_precision(precision) == "bf16")
-    namespace = {"torch": torch, "F": F, "LOOP": loop, "SEQ": _seq, "MM": low_mm}
+    namespace = {"torch": torch, "F": F, "LOOP": loop, "SEQ": _seq, "MM": low_mm, "MMB": mm_bias_low}
     exec(compile(source, f"<nn2 cell {cell.layer}>", "exec"), namespace)
     return namespace["run"], loop
 

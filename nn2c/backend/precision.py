@@ -35,3 +35,13 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     the CPU has no bf16 × bf16 -> float32 product: the float32 sums are rounded to bf16 once,
     at the output, then widened.)"""
     return torch.matmul(a.to(LOW), b.to(LOW)).float()
+
+
+def mm_bias_low(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x @ w + bias over (…, n) rows, left in bf16, for a consumer that widens it as it reads
+    it (the native loop's C; the fused loop widens it once): the bias, rounded to bf16 like
+    the product's operands, joins the float32 sums inside the product and the result is
+    rounded once (as mm rounds x @ w). Its gradient comes back in bf16, the operand of the
+    gradient products, with no cast; the bias's gradient is their bf16 sum, widened."""
+    y = torch.addmm(bias.to(LOW), x.flatten(0, -2).to(LOW), w.to(LOW))
+    return y.unflatten(0, x.shape[:-1])

@@ -14,9 +14,12 @@ product over all steps after the loop.
     prelude.c    the fixed part of the C: branch-free exp, sigmoid and tanh
     build.py     compiling (`$CC`, default `cc`) and caching (`$NN2_CACHE`) the C
     driver.py    the Plan -> the Python that allocates the buffers and calls the C and the products
+    low.py       with bf16 products: the bf16 copies of the products' operands and results,
+                 rounded and widened by the C inside the loop (no torch cast per step)
 
 Float32 tensors on the CPU only (with precision bf16 the products take bf16 operands, see
-`nn2c.backend.precision`; every buffer stays float32); `NN2_NATIVE=0` turns it off. What the plan does not support
+`nn2c.backend.precision`; every value the element-wise work reads or writes stays float32);
+`NN2_NATIVE=0` turns it off. What the plan does not support
 (a product of a product, a root that is a product or a slice) or the absence of a
 compiler leaves the fused loop in charge.
 """
@@ -50,6 +53,8 @@ def unavailable(cell: Cell) -> str | None:
     return "turned off by NN2_NATIVE" if not enabled() else supported(cell)
 
 
-def usable(tensors) -> bool:
-    """The native loop runs on CPU float32 tensors only."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+def usable(tensors, low: bool = False) -> bool:
+    """The native loop runs on CPU float32 tensors only (with bf16 products, `low`, an
+    external sequence may be bf16 too)."""
+    dtypes = (torch.float32, torch.bfloat16) if low else (torch.float32,)
+    return all(t.device.type == "cpu" and t.dtype in dtypes for t in tensors)

@@ -49,3 +49,17 @@ static inline float nn2_tanh(float x) {
                     + 1.33314422036E-1f) * z - 3.33332819422E-1f) * z * x + x;
     return a < 0.625f ? small : (x < 0.0f ? -big : big);
 }
+/* bf16 <-> float32 for a loop whose products take bf16 operands: rounding to nearest, ties
+   to even, as torch's casts round (a NaN stays a NaN); widening is exact. */
+static inline uint16_t nn2_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r);
+}
+static inline float nn2_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}

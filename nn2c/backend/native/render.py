@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nn2c.backend.native.plan import BackwardGroup, Buffer, Group, Plan, Rows, Seed, Slot, SlotKind, Where
+from nn2c.backend.native.low import Low, input_write
+from nn2c.backend.native.plan import BackwardGroup, Buffer, Group, Plan, Product, Rows, Seed, Slot, SlotKind, Where
 from nn2c.compiler.backward import Deriv, Grad
 from nn2run.ops import OPS, POINTWISE, REDUCTIONS, ROWWISE, check_table
 
@@ -54,17 +55,33 @@ def _literal(node) -> str:
 
 
 class _Renderer:
-    def __init__(self, plan: Plan, table):
+    def __init__(self, plan: Plan, table, low: Low | None = None):
         self.plan, self.at = plan, {name: i for i, (name, _) in enumerate(table)}
+        self.low = low                  # with bf16 products: the bf16 arrays (nn2c.backend.native.low)
+        self.half = set() if low is None else {b.name for b in (*low.copies.values(), *low.grad_copies.values())}
+        self.half |= set() if low is None else {f"{k}{g}" for g in low.staged for k in ("Z", "ZB")}
+        self.half |= set() if low is None else {f"EH{i}" for i in low.half_exts}
         self.local: dict = {}           # node -> C name of its scratch row (this function)
         self.grad_local: dict = {}
         self.before: list = []          # statements a write's loop needs first (max's tie counts)
 
     def row(self, buf: Buffer, t: str = "t") -> str:
+        base = f"A[{self.at[buf.name]}]"
+        if buf.name in self.half:
+            base = f"((uint16_t *){base})"
         if buf.rows is Rows.ONE:
-            return f"(A[{self.at[buf.name]}] + b * {buf.width})"
+            return f"({base} + b * {buf.width})"
         step = f"(({t} + {buf.shift}) & 1)" if buf.rows is Rows.PAIR else f"({t} + {buf.shift})"
-        return f"(A[{self.at[buf.name]}] + ({step} * B + b) * {buf.width})"
+        return f"({base} + ({step} * B + b) * {buf.width})"
+
+    def copy_lines(self, node) -> list[str]:
+        """With bf16 products: the rounding of node's row into the bf16 copy of its buffer,
+        when a product reads that buffer."""
+        buf = self.plan.values.get(node)
+        if self.low is None or buf is None or buf.name not in self.low.copies:
+            return []
+        copy = Buffer(self.low.copies[buf.name].name, buf.width, buf.rows, buf.shift)
+        return _loop(node.width, f"{self.row(copy)}[j] = nn2_bf16({self.value(node)}[j])")
 
     def value(self, node) -> str:
         """C pointer to node's forward value in this row."""
@@ -158,40 +175,79 @@ def _forward(r: _Renderer, group: Group) -> str:
     for k, (n, col) in enumerate(r.plan.locals[group.index]):
         r.local[n] = f"L{k}"
         lines.append(f"        float *L{k} = A[{r.at['SCRATCH']}] + {col};")
+    low = r.low
+    if low is not None and group.index == low.first_group:     # the external values given in bf16
+        for i in low.half_exts:
+            w = r.plan.loop.ext[i].width
+            e, eh = r.row(Buffer(f"E{i}", w, Rows.STEP)), r.row(Buffer(f"EH{i}", w, Rows.STEP))
+            lines += _loop(w, f"{e}[j] = nn2_f32({eh}[j])")
+    for g in (() if low is None else [g for g, k in low.widen_in.items() if k == group.index]):
+        lines += _widen_lines(r, g, low.staged[g])
     for n in group.nodes:
-        if n.op == "slice":
-            continue
-        dst = r.value(n)
-        if n.op == "concat":
-            col = 0
-            for a in n.args:
-                lines.append(f"        for (int64_t j = 0; j < {a.width}; j++) {dst}[{col} + j] = {r.value(a)}[j];")
-                col += a.width
-            continue
-        if n.op in ROWWISE:
-            a, w = r.value(n.args[0]), n.width
-            lines += ["        {", "        float m = -INFINITY;",
-                      f"        for (int64_t j = 0; j < {w}; j++) m = {a}[j] > m ? {a}[j] : m;"]
-            lines += [f"        {line.format(w=w, dst=dst, a=a)}" for line in C_ROWWISE[n.op]] + ["        }"]
-            continue
-        if n.op in REDUCTIONS:
-            start, fold, finish = C_REDUCE[n.op]
-            a = n.args[0]
-            lines += [f"        {{ float acc = {start};",
-                      f"        for (int64_t j = 0; j < {a.width}; j++) {fold.format(a=r.elem(a))};",
-                      f"        {dst}[0] = {finish.format(w=a.width)}; }}"]
-            continue
-        lines += _loop(n.width, f"{dst}[j] = {C_OPS[n.op].format(*[r.elem(a) for a in n.args])}")
+        if n.op != "slice":
+            lines += _node_lines(r, n) + r.copy_lines(n)
     return _function(f"nn2_f{group.index}", lines)
 
 
-def _backward(r: _Renderer, bg: BackwardGroup) -> str:
+def _node_lines(r: _Renderer, n) -> list[str]:
+    """The forward of one element-wise node over its row."""
+    dst = r.value(n)
+    if n.op == "concat":
+        lines, col = [], 0
+        for a in n.args:
+            lines.append(f"        for (int64_t j = 0; j < {a.width}; j++) {dst}[{col} + j] = {r.value(a)}[j];")
+            col += a.width
+        return lines
+    if n.op in ROWWISE:
+        a, w = r.value(n.args[0]), n.width
+        return ["        {", "        float m = -INFINITY;",
+                f"        for (int64_t j = 0; j < {w}; j++) m = {a}[j] > m ? {a}[j] : m;",
+                *(f"        {line.format(w=w, dst=dst, a=a)}" for line in C_ROWWISE[n.op]), "        }"]
+    if n.op in REDUCTIONS:
+        start, fold, finish = C_REDUCE[n.op]
+        a = n.args[0]
+        return [f"        {{ float acc = {start};",
+                f"        for (int64_t j = 0; j < {a.width}; j++) {fold.format(a=r.elem(a))};",
+                f"        {dst}[0] = {finish.format(w=a.width)}; }}"]
+    return _loop(n.width, f"{dst}[j] = {C_OPS[n.op].format(*[r.elem(a) for a in n.args])}")
+
+
+def _widen_lines(r: _Renderer, g: int, p: Product) -> list[str]:
+    """bf16 products: the staged result of product g widened into its float32 value (the
+    folded sum added in the same pass), and rounded into a bf16 copy where a product reads it."""
+    z, dst = f"{r.row(Buffer(f'Z{g}', p.node.width, Rows.ONE))}", r.value(p.node)
+    if p.into is not None:
+        statement = f"{dst}[j] += nn2_f32({z}[j])"
+    elif p.added is None:
+        statement = f"{dst}[j] = nn2_f32({z}[j])"
+    else:
+        statement = f"{dst}[j] = {r.elem(p.added)} + nn2_f32({z}[j])"
+    return _loop(p.node.width, statement) + r.copy_lines(p.node)
+
+
+def _round_lines(r: _Renderer, g: int) -> list[str]:
+    """bf16 products, backward: product g's gradient rounded into its bf16 copy."""
+    gm = r.plan.grads[r.low.staged[g].node]
+    return _loop(gm.width, f"{r.row(r.low.grad_copies[g])}[j] = nn2_bf16({r.row(gm)}[j])")
+
+
+def _grad_widen_lines(r: _Renderer, g: int, bg: BackwardGroup) -> list[str]:
+    """bf16 products, backward: the staged g @ Wᵀ widened into the input's gradient slot."""
+    w = input_write(bg)
+    zb = r.row(Buffer(f"ZB{g}", w.width, Rows.ONE))
+    return _loop(w.width, f"{r.slot(w.slot)}[{w.start} + j] {'+=' if w.add else '='} nn2_f32({zb}[j])")
+
+
+def _backward(r: _Renderer, bg: BackwardGroup, backs: dict) -> str:
     r.grad_local, lines, at = {}, [], 0
     for n, slot in bg.locals:
         r.grad_local[n] = slot.name
         lines.append(f"        float *{slot.name} = A[{r.at['SCRATCH']}] + {at};")
         at += slot.width
     lines += [f"        memset({s.name}, 0, {s.width} * sizeof(float));" for s in bg.zero]
+    low = r.low
+    for g in (() if low is None else [g for g, k in low.grad_widen_in.items() if k == bg.index]):
+        lines += _grad_widen_lines(r, g, backs[g])
     for w in bg.writes:
         op = "+=" if w.add else "="
         r.before = []
@@ -204,15 +260,41 @@ def _backward(r: _Renderer, bg: BackwardGroup) -> str:
         value = r.at_col(w.value, 'j')
         loop = _loop(w.width, f"{r.slot(w.slot)}[{w.start} + j] {op} {value}")
         lines += ["        {", *r.before, *loop, "        }"] if r.before else loop
+    for g in (() if low is None else [g for g, k in low.round_in.items() if k == bg.index]):
+        lines += _round_lines(r, g)
     return _function(f"nn2_b{bg.index}", lines)
 
 
-def c_source(plan: Plan) -> str:
+def _low_functions(fwd: _Renderer, bwd: _Renderer, backs: dict) -> list[str]:
+    """The widenings and roundings no group takes in, each a function of its own."""
+    low, parts = fwd.low, []
+    for g, p in low.staged.items():
+        if g not in low.widen_in:
+            parts.append(_function(f"nn2_w{g}", _widen_lines(fwd, g, p)))
+        if g not in low.round_in:
+            parts.append(_function(f"nn2_c{g}", _round_lines(bwd, g)))
+        if input_write(backs[g]) is not None and g not in low.grad_widen_in:
+            parts.append(_function(f"nn2_v{g}", _grad_widen_lines(bwd, g, backs[g])))
+    return parts
+
+
+def tables(plan: Plan, low: Low | None = None) -> tuple[tuple, tuple]:
+    """The forward's and the backward's arrays, by position (with bf16 products, the bf16
+    arrays after the float32 ones)."""
+    if low is None:
+        return plan.forward_table(), plan.backward_table()
+    return (*plan.forward_table(), *low.forward_table()), (*plan.backward_table(), *low.backward_table())
+
+
+def c_source(plan: Plan, low: Low | None = None) -> str:
     """The whole C file: the prelude, the forward functions, the backward functions (in the
-    order the backward runs them)."""
-    fwd = _Renderer(plan, plan.forward_table())
-    bwd = _Renderer(plan, plan.backward_table())
+    order the backward runs them); with `low` (bf16 products) the widenings and roundings
+    around the products, inside those or as functions of their own."""
+    forward_table, backward_table = tables(plan, low)
+    fwd, bwd = _Renderer(plan, forward_table, low), _Renderer(plan, backward_table, low)
+    backs = {bg.index: bg for bg in plan.reverse if bg.product is not None}
     parts = [PRELUDE]
     parts += [_forward(fwd, g) for g in plan.schedule if isinstance(g, Group)]
-    parts += [_backward(bwd, bg) for bg in plan.reverse if bg.product is None]
+    parts += [_backward(bwd, bg, backs) for bg in plan.reverse if bg.product is None]
+    parts += _low_functions(fwd, bwd, backs) if low is not None else []
     return "\n".join(parts)
