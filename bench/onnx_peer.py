@@ -170,8 +170,8 @@ def _products_loop(model, batch: int, n: int):
     regs, rng = program["registers"], np.random.default_rng(0)
     work = []
     for ins in program["code"]:
-        if ins[0] in ("matmul", "matmul1"):
-            w = np.ascontiguousarray(tensors[ins[3][1]])
+        if ins[0] in ("matmul", "matmul1", "matmul2"):
+            w = np.ascontiguousarray(tensors[ins[-1][1]])
             x = rng.standard_normal((batch, w.shape[0])).astype(np.float32)
             out = np.empty((batch, regs[ins[1]]), np.float32)
             work += [(x, w[:, lo:hi], out[:, lo:hi]) for lo, hi in column_blocks(batch, *w.shape)]

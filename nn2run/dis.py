@@ -22,7 +22,8 @@ def disassemble(program: dict, tensors: dict | None = None, bound: bool = False,
     lines = [f"; {len(program['code'])} instructions, {len(widths)} registers"]
     if bound:
         lines[:0] = ["; as the VM runs it: the file's program after the load-time rewrites (nn2run/rewrite.py)",
-                     "; matmul1: [x, 1] times a table whose last row is the bias; sigmoid½ v = ½·tanh(v) + ½"]
+                     "; matmul1: [x, 1] times a table whose last row is the bias; matmul2: [x, y, 1] likewise; "
+                     "sigmoid½ v = ½·tanh(v) + ½"]
     for s in program["states"]:
         lines.append(f"; state {s['name']}@{s['layer']}: prev r{s['prev']}, next r{s['next']} "
                      f"(width {widths[s['prev']]})")
@@ -39,6 +40,8 @@ def _instruction(pc: int, ins: list, widths: list, tensors=None, positional=froz
         text = f"{_operand(args[0])}[ids]"
     elif op == "matmul1":
         text = f"[{_operand(args[0])}, 1], {_operand(args[1])}"
+    elif op == "matmul2":
+        text = f"[{_operand(args[0])}, {_operand(args[1])}, 1], {_operand(args[2])}"
     else:
         text = ", ".join(_operand(a) for a in args)
     note = ""

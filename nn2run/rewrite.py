@@ -20,8 +20,12 @@ name). Each rewrite removes element-wise passes over the batch:
   slice of it: a view instead of a copy per part (the layer-normalized LSTM's means).
 - `fuse_interpolations`: a gate's interpolation `(1 − z) ⊙ p + z ⊙ q` (a GRU's new
   state) is `p + z ⊙ (q − p)`: three passes instead of four.
+- `fuse_summed_products`: `matmul p x A; matmul q y B; add e p q` (a stacked layer's
+  U·hₜ₋₁ + W·xₜ, either product a `matmul1`) is `matmul2 e x y [A; B; b]`: one product of
+  the register pair [x, y, 1], which the VM lays side by side in one array, instead of two
+  products and the add (at batch 64, 2×256: ~10% of those products' time).
 
-`LOADTIME` holds the two opcodes these rewrites add, in the registry's form (`nn2run.ops`).
+`LOADTIME` holds the opcodes these rewrites add, in the registry's form (`nn2run.ops`).
 
 Imports NumPy and the standard library only.
 """
@@ -46,17 +50,21 @@ LOADTIME = {
     # operands: the source register (the VM passes it with its column of ones), the (K+1, N) table
     "matmul1": Op("matmul1", 2, "product", lambda out, x1, t: [(np.matmul, (x1, t, out))]),
     "sigmoid½": Op("sigmoid½", 1, "activation", lambda out, a: [(_half_sigmoid, (a, out))]),
+    # operands: the two source registers (the VM passes the array holding [x, y, 1]), the table
+    "matmul2": Op("matmul2", 3, "product", lambda out, xy1, t: [(np.matmul, (xy1, t, out))]),
 }
 
 
-def bind(program: dict, tensors: dict) -> tuple[dict, dict]:
-    """Every rewrite, in order: returns the program and the tensors the VM binds."""
+def bind(program: dict, tensors: dict, pairs: bool = True) -> tuple[dict, dict]:
+    """Every rewrite, in order: returns the program and the tensors the VM binds (without
+    `fuse_summed_products` when not `pairs`: a machine that lays out no register pairs)."""
     program, tensors = concat_of_slices(program, tensors)
     program, tensors = fold_bias_into_gathers(program, tensors)
     program, tensors = fold_bias_into_products(program, tensors)
     program, tensors = fold_bias_into_sliced_producers(program, tensors)
     program, tensors = halve_sigmoid_inputs(program, tensors)
-    return fuse_interpolations(program, tensors)
+    program, tensors = fuse_interpolations(program, tensors)
+    return fuse_summed_products(program, tensors) if pairs else (program, tensors)
 
 
 def bind_decoder(decoder: dict, tensors: dict) -> tuple[dict, dict]:
@@ -66,18 +74,38 @@ def bind_decoder(decoder: dict, tensors: dict) -> tuple[dict, dict]:
     it is (it runs once per input); a tensor it shares with the step is copied, not changed,
     when a rewrite changes the step's (every rewritten tensor has a new name)."""
     guard = [{"prev": r, "next": r} for r in decoder["positional"]]
-    program, tensors = bind({**decoder, "states": decoder["states"] + guard}, tensors)
+    program, tensors = bind({**decoder, "states": decoder["states"] + guard}, tensors, pairs=False)
     return {**program, "states": decoder["states"]}, tensors
+
+
+def partners(program: dict) -> dict[int, int]:
+    """A state's prev register -> its next and back: the two buffers trade places each step."""
+    out = {}
+    for s in program["states"]:
+        out[s["prev"]], out[s["next"]] = s["next"], s["prev"]
+    return out
 
 
 def padded_registers(program: dict) -> set:
     """Registers read by `matmul1`: the VM allocates each with a column of ones after it
     (for a state, both of its buffers, which trade places every step)."""
     padded = {ins[2][1] for ins in program["code"] if ins[0] == "matmul1"}
-    for s in program["states"]:
-        if s["prev"] in padded or s["next"] in padded:
-            padded |= {s["prev"], s["next"]}
-    return padded
+    other = partners(program)
+    return padded | {other[r] for r in padded if r in other}
+
+
+def register_pairs(program: dict) -> list[tuple[int, int]]:
+    """The (x, y) register pairs a `matmul2` reads, as the VM must lay them out: x, then y,
+    then a column of ones, in one array; for state registers also their partners' pair."""
+    other = partners(program)
+    pairs = []
+    for ins in program["code"]:
+        if ins[0] == "matmul2":
+            x, y = ins[2][1], ins[3][1]
+            pairs.append((x, y))
+            if x in other:
+                pairs.append((other[x], other[y]))
+    return pairs
 
 
 def _reads(program: dict) -> dict:
@@ -369,3 +397,57 @@ def concat_of_slices(program: dict, tensors: dict) -> tuple[dict, dict]:
                 continue
         code.append(ins)
     return {**program, "code": code}, tensors
+
+
+def fuse_summed_products(program: dict, tensors: dict) -> tuple[dict, dict]:
+    """`matmul p x A; matmul q y B; add e p q` (p, q read once; either or both a `matmul1`)
+    -> `matmul2 e x y [A; B; b]`, b their bias rows summed (zeros if neither had one).
+    The VM places x, y and a column of ones side by side in one array in both of a step's
+    bindings (`register_pairs`), so: x and y are whole registers, both states or neither,
+    in no other pair, and no other `matmul1` reads x (y's column of ones is the pair's)."""
+    code, reads, widths = [list(ins) for ins in program["code"]], _reads(program), program["registers"]
+    writer = {ins[1]: pc for pc, ins in enumerate(code)}
+    other, tensors = partners(program), dict(tensors)
+    slices = {ins[1] for ins in code if ins[0] == "slice"}
+    taken: set[int] = set()
+    gone: set[int] = set()
+    for pc, ins in enumerate(code):
+        for (x, xt, xb), (y, yt, yb) in _summed_products(code, writer, reads, ins):
+            pair = {x, y} | {other[r] for r in (x, y) if r in other}
+            if len(pair) != (4 if x in other else 2) or {x, y} & slices \
+                    or (x in other) != (y in other) or pair & taken \
+                    or _rewritten_between(code, {x, y}, min(writer[ins[2][1]], writer[ins[3][1]]), pc) \
+                    or any(c[0] == "matmul1" and c[2][1] in (x, other.get(x)) for i, c in enumerate(code)
+                           if i not in gone and i not in (writer[ins[2][1]], writer[ins[3][1]])):
+                continue
+            name = f"[{xt}; {yt}]"
+            bias = sum((tensors[t][-1] for t, has in ((xt, xb), (yt, yb)) if has), np.zeros(widths[ins[1]]))
+            tensors[name] = np.vstack([tensors[xt][:widths[x]], tensors[yt][:widths[y]],
+                                       np.asarray(bias, np.float32)[None, :]]).astype(np.float32)
+            gone |= {writer[ins[2][1]], writer[ins[3][1]]}
+            code[pc] = ["matmul2", ins[1], ["r", x], ["r", y], ["t", name]]
+            taken |= pair
+            break
+    return {**program, "code": [c for i, c in enumerate(code) if i not in gone]}, tensors
+
+
+def _summed_products(code, writer, reads, ins) -> list:
+    """The two orders (x first, then y) in which `add e p q` of two products could be one
+    product: [((x, table, whether it has a bias row), (y, …)), …]."""
+    if ins[0] != "add" or not all(a[0] == "r" for a in ins[2:]):
+        return []
+    sides = []
+    for r in (ins[2][1], ins[3][1]):
+        made = code[writer[r]] if r in writer and reads.get(r) == 1 else None
+        if made is None or made[0] not in ("matmul", "matmul1"):
+            return []
+        sides.append((made[2][1], made[3][1], made[0] == "matmul1"))
+    if sides[0][0] == sides[1][0]:
+        return []
+    return [sides, sides[::-1]]
+
+
+def _rewritten_between(code, regs: set, lo: int, hi: int) -> bool:
+    """Whether an instruction in (lo, hi) writes one of regs (the pair must hold at hi what
+    the products read at lo)."""
+    return any(code[pc][1] in regs for pc in range(lo + 1, hi))

@@ -11,7 +11,8 @@ step to the next copies nothing. `Model.step` hands the buffers out as the new S
 
 The program bound is the file's after the load-time rewrites of `nn2run.rewrite`; a
 register that a `matmul1` reads is allocated with one more column, of ones, after it
-(for a state, both of its buffers), so the product adds its bias row itself.
+(for a state, both of its buffers), so the product adds its bias row itself; the two
+registers a `matmul2` reads are laid side by side in one array, then the ones.
 
 At a small batch a product is bound as column blocks (`column_blocks`): OpenBLAS multiplies
 a product of at most 10⁶ multiply-adds with its small-matrix kernel, which reads the
@@ -29,7 +30,7 @@ import weakref
 import numpy as np
 
 from .ops import OPS
-from .rewrite import LOADTIME, fold_bias_into_gathers, padded_registers  # noqa: F401 (re-exported)
+from .rewrite import LOADTIME, fold_bias_into_gathers, padded_registers, register_pairs  # noqa: F401 (re-exported)
 
 SMALL_GEMM = 1_000_000     # OpenBLAS's small-matrix sgemm takes M·N·K up to 100³ (no packing)
 MIN_BLOCK = 192            # narrower blocks lose more to the kernel's edges than packing costs
@@ -74,6 +75,10 @@ def plain_register(batch: int, width: int, ones: bool, with_ones: dict) -> np.nd
     return view
 
 
+def _product(out, x, w) -> list:
+    return [(np.matmul, (x, w[:, lo:hi], out[:, lo:hi])) for lo, hi in column_blocks(out.shape[0], *w.shape)]
+
+
 class VM:
     """A program bound to arrays for one batch size."""
 
@@ -84,9 +89,16 @@ class VM:
         self._states = program["states"]
         padded = padded_registers(program)
         self._with_ones = {}    # id(register array) -> that array with its column of ones
+        self._pairs = {}        # (id(x), id(y)) -> the array [x, y, 1] of a matmul2
         base = {}
+        for x, y in register_pairs(program):
+            full = np.zeros((batch, widths[x] + widths[y] + 1), dtype=np.float32)
+            full[:, -1] = 1.0
+            base[x], base[y] = full[:, :widths[x]], full[:, widths[x]:-1]
+            self._with_ones[id(base[y])] = full[:, widths[x]:]
+            self._pairs[id(base[x]), id(base[y])] = full
         written = {ins[1] for ins in program["code"] if ins[0] != "slice"} | {s["prev"] for s in self._states}
-        for r in written:
+        for r in written - set(base):
             base[r] = plain_register(batch, widths[r], r in padded, self._with_ones)
         self._buffers = [(base[s["prev"]], base[s["next"]]) for s in self._states]  # per state: (A, B)
         self._bindings = [self._bind(program, tensors, base, swap) for swap in (False, True)]
@@ -122,11 +134,23 @@ class VM:
             args = [self.ids, *args]
         if op == "matmul1":
             args = [self._with_ones[id(args[0])], *args[1:]]
+        if op == "matmul2":
+            return self._pair_product(out, *args)
         if op in ("matmul", "matmul1"):
-            x, w = args
-            return [(np.matmul, (x, w[:, lo:hi], out[:, lo:hi]))
-                    for lo, hi in column_blocks(out.shape[0], w.shape[0], w.shape[1])]
+            return _product(out, *args)
         return (OPS.get(op) or LOADTIME[op]).numpy(out, *args)
+
+    def _pair_product(self, out, x, y, table) -> list:
+        """[x, y, 1] @ table as one product, or, where the batch is small enough for column
+        blocks (OpenBLAS's small kernel), as the two products and an add it replaced: two
+        blocked products under the kernel's limit are faster than one over it."""
+        full = self._pairs[id(x), id(y)]
+        if len(column_blocks(out.shape[0], *table.shape)) == 1:
+            return _product(out, full, table)
+        rest = np.zeros_like(out)
+        width = x.shape[1]
+        return (_product(out, x, table[:width]) + _product(rest, full[:, width:], table[width:])
+                + [(np.add, (out, rest, out))])
 
     def advance(self, ids) -> np.ndarray:
         """One step for every stream: ids (batch,) -> logits (batch, vocab).

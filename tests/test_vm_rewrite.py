@@ -95,6 +95,7 @@ REWRITES = {
     "bias into sliced producers": rewrite.fold_bias_into_sliced_producers,
     "interpolations": rewrite.fuse_interpolations,
     "concat of slices": rewrite.concat_of_slices,
+    "summed products": rewrite.fuse_summed_products,
 }
 
 
@@ -121,7 +122,7 @@ def test_the_model_runs_the_rewritten_program_and_keeps_logical_params(tmp_path,
         program, tensors = m._bound
         ops = [ins[0] for ins in program["code"]]
         assert "sigmoid" not in ops and "sigmoid½" in ops      # every gate's ½ was folded
-        assert ops.count("matmul1") >= 2                       # layer 1's input product, the readout
+        assert ops.count("matmul1") + ops.count("matmul2") >= 2   # layer 1's input product, the readout
         assert ops.count("add") < [ins[0] for ins in m.program["code"]].count("add")
         for key, value in logical.items():                     # param: the kernel's values, untouched
             name, _, layer = key.partition("@")
@@ -260,3 +261,40 @@ def test_a_concat_of_adjacent_slices_becomes_one_slice(tmp_path, order):
         assert concats == (0 if order == ("h", "g") else LAYERS)      # in the stacked order only
         got, _ = _run(m.vm(BATCH), _ids(16))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layers", [2, 3, 4])
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_a_stacked_layers_two_products_become_one_over_a_register_pair(tmp_path, monkeypatch, cell, layers):
+    """U·hₜ₋₁ + W·xₜ of a layer above the first is one product of [xₜ, hₜ₋₁, 1]; a state's
+    buffers can be in one pair only, so with more layers every other layer is fused."""
+    monkeypatch.setattr(sys.modules[__name__], "LAYERS", layers)
+    path, _, logical = build_model(tmp_path / "m.nnb", cell, H, layers, V, seed=13)
+    ids = _ids(14)
+    want, want_state = _reference(cell, logical, ids)
+    with nn2run.load(path) as m:
+        program, _ = m.bound_program()
+        assert [ins[0] for ins in program["code"]].count("matmul2") == layers // 2
+        got, got_state = _run(m.vm(BATCH), ids)
+        logits, state = m.step(ids[0], m.initial_state(BATCH))      # the functional API on the pairs
+        for t in range(1, ids.shape[0]):
+            logits, state = m.step(ids[t], state)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(logits, want[-1], atol=2e-5, rtol=1e-4)
+    for got_layer, want_layer in zip(np.split(np.array(got_state), layers), want_state):
+        np.testing.assert_allclose(np.concatenate(got_layer, 1), np.concatenate(want_layer, 1), atol=2e-5)
+
+
+def test_at_a_column_blocked_batch_the_pair_product_is_bound_as_the_two_it_replaced(tmp_path, monkeypatch):
+    hidden, batch = 256, 4          # 4 × 513 × 1024 multiply-adds: over SMALL_GEMM, in column blocks
+    monkeypatch.setattr(sys.modules[__name__], "H", hidden)
+    monkeypatch.setattr(sys.modules[__name__], "BATCH", batch)
+    path, _, logical = build_model(tmp_path / "m.nnb", "lstm", hidden, LAYERS, V, seed=15)
+    ids = np.random.default_rng(16).integers(0, V, (4, batch))
+    with nn2run.load(path) as m:
+        assert "matmul2" in [ins[0] for ins in m.bound_program()[0]["code"]]
+        pair = next(iter(m.vm(batch)._pairs.values()))
+        reads = [args for fn, args in m.vm(batch)._bindings[0][0] if fn is np.matmul and args[0].base is pair]
+        assert reads and all(a[0].shape[1] < pair.shape[1] for a in reads)     # x alone, then [y, 1]
+        got, _ = _run(m.vm(batch), ids)
+    np.testing.assert_allclose(got, _reference("lstm", logical, ids)[0], atol=2e-5, rtol=1e-4)
