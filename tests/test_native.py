@@ -229,7 +229,9 @@ def _random_cell(rng: random.Random) -> Cell:
     return Cell(0, x, cell_states, root(rng.choice([4, 8])), tensors)
 
 
-def _reference(cell, loop, E, S, P, T, gouts, gS):
+def autograd_steps(cell, loop, E, S, P, T, gouts, gS, matmul=None):
+    """Per-step autograd through the cell: (outputs, final states, gradients of E, S and P);
+    `matmul(a, b)` computes the products (torch's @ unless given)."""
     from nn2c.backend.fused import TORCH_OPS
     E = [e.clone().requires_grad_() for e in E]
     S0 = [s.clone().requires_grad_() for s in S]
@@ -248,14 +250,21 @@ def _reference(cell, loop, E, S, P, T, gouts, gS):
                 vals[n] = a[0][:, n.attrs["start"]:n.attrs["start"] + n.width]
             elif n.op == "concat":
                 vals[n] = torch.cat(a, -1)
+            elif n.op == "matmul" and matmul is not None:
+                vals[n] = matmul(a[0], a[1])
             else:
                 vals[n] = eval(TORCH_OPS[n.op].format(*[f"a[{k}]" for k in range(len(a))]))
         outs.append(vals[cell.output])
         S = [vals[nxt] for _, _, nxt in cell.states]
     outs = torch.stack(outs)
     ((outs * gouts).sum() + sum((s * g).sum() for s, g in zip(S, gS))).backward()
-    zero = [torch.zeros_like(v) if v.grad is None else v.grad for v in (*E, *S0, *P)]
-    return outs.detach(), zero[:len(E)], zero[len(E):len(E) + len(S0)], zero[len(E) + len(S0):]
+    grads = [torch.zeros_like(v) if v.grad is None else v.grad for v in (*E, *S0, *P)]
+    return outs.detach(), [s.detach() for s in S], grads
+
+
+def _reference(cell, loop, E, S, P, T, gouts, gS):
+    outs, _, grads = autograd_steps(cell, loop, E, S, P, T, gouts, gS)
+    return outs, grads[:len(E)], grads[len(E):len(E) + len(S)], grads[len(E) + len(S):]
 
 
 @pytest.mark.parametrize("seed", range(60))

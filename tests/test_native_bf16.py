@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from nn2c.backend import native
-from nn2c.backend.fused import TORCH_OPS, FusedLoop
-from nn2c.compiler.ir import depends_on_state
+from nn2c.backend.fused import FusedLoop
 from nn2c.compiler.pipeline import compile_kernel
 from nn2c.lang.parse import parse
-from test_native import _random_cell
+from test_native import _random_cell, autograd_steps
 
 pytestmark = pytest.mark.skipif(not shutil.which("cc") or not native.enabled(),
                                 reason="no C compiler (the native loop falls back to the fused loop)")
@@ -30,33 +29,8 @@ def _mm_bf16(a, b):
 
 def _reference(cell, loop, E, S, P, T, gouts, gS):
     """Per-step autograd through the cell with every product in bf16 (`_mm_bf16`)."""
-    E = [e.clone().requires_grad_() for e in E]
-    S0 = [s.clone().requires_grad_() for s in S]
-    P = [p.clone().requires_grad_() for p in P]
-    S, outs = list(S0), []
-    stateful = depends_on_state(cell)
-    for t in range(T):
-        vals = {p: P[i] for i, p in enumerate(loop.params)}
-        vals.update({e: E[i][t] for i, e in enumerate(loop.ext)})
-        vals.update({prev: S[i] for i, (_, prev, _) in enumerate(cell.states)})
-        for n in cell.nodes():
-            if n in vals or n not in stateful:
-                continue
-            a = [vals[v] if v.op != "const" else v.attrs["value"] for v in n.args]
-            if n.op == "slice":
-                vals[n] = a[0][:, n.attrs["start"]:n.attrs["start"] + n.width]
-            elif n.op == "concat":
-                vals[n] = torch.cat(a, -1)
-            elif n.op == "matmul":
-                vals[n] = _mm_bf16(a[0], a[1])
-            else:
-                vals[n] = eval(TORCH_OPS[n.op].format(*[f"a[{k}]" for k in range(len(a))]))
-        outs.append(vals[cell.output])
-        S = [vals[nxt] for _, _, nxt in cell.states]
-    outs = torch.stack(outs)
-    ((outs * gouts).sum() + sum((s * g).sum() for s, g in zip(S, gS))).backward()
-    grads = [torch.zeros_like(v) if v.grad is None else v.grad for v in (*E, *S0, *P)]
-    return [outs.detach(), *(s.detach() for s in S), *grads]
+    outs, final, grads = autograd_steps(cell, loop, E, S, P, T, gouts, gS, matmul=_mm_bf16)
+    return [outs, *final, *grads]
 
 
 @pytest.mark.parametrize("seed", range(60))

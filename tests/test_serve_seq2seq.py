@@ -28,7 +28,7 @@ import pytest
 
 import nn2run
 from support import seq2seq as s2s
-from support.models import BIN, ROOT, build_model
+from support.models import BIN, build_model
 
 HAVE_GRPC = all(importlib.util.find_spec(m) for m in ("grpc", "grpc_tools", "grpc_health"))
 needs_grpc = pytest.mark.skipif(not HAVE_GRPC, reason="the grpc extra and grpcio-tools are not installed")
@@ -166,17 +166,8 @@ def pb(tmp_path_factory):
     """(messages, services) generated from nn2run/proto/nn2.proto, as any client would."""
     if not HAVE_GRPC:
         pytest.skip("the grpc extra and grpcio-tools are not installed")
-    from grpc_tools import protoc
-    out, proto = tmp_path_factory.mktemp("stubs"), ROOT / "nn2run" / "proto"
-    assert protoc.main(["protoc", f"-I{proto}", f"--python_out={out}", f"--grpc_python_out={out}",
-                        str(proto / "nn2.proto")]) == 0
-    sys.path.insert(0, str(out))
-    try:
-        import nn2_pb2
-        import nn2_pb2_grpc
-    finally:
-        sys.path.remove(str(out))
-    return nn2_pb2, nn2_pb2_grpc
+    from test_grpc import generated_stubs
+    return generated_stubs(tmp_path_factory.mktemp("stubs"))
 
 
 def expected(model, texts, beam=1, n_best=None, length_penalty=1.0, max_len=None):
