@@ -93,6 +93,21 @@ def test_bf16_gradients_match_float64_nn_lstm_within_the_bf16_bound(native, monk
 
 
 @pytest.mark.parametrize("native", ["1", "0"])
+def test_under_bf16_the_readout_product_stays_float32(native, monkeypatch):
+    """Logits rounded to bf16 cost a few hundredths of a nat per character (see
+    nn2c/backend/network.py): the bf16 network's readout is the float32 product."""
+    monkeypatch.setenv("NN2_NATIVE", native)
+    torch.manual_seed(0)
+    logical = lstm_logical(torch.nn.LSTM(V, H, LAYERS), torch.nn.Linear(H, V))
+    ids = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(1))
+    net, _, _, _ = _nn2_grads("bf16", logical, ids, ids)
+    h = torch.randn(1, 3, H, generator=torch.Generator().manual_seed(4)) * 3
+    logits, _ = net._readout(h, [], net.tensor_dict())
+    want = h[0].double() @ torch.from_numpy(logical["W_y"]).double().T + torch.from_numpy(logical["b_y"]).double()
+    assert logits.dtype == torch.float32 and torch.allclose(logits[0].double(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
 def test_the_loop_runs_in_its_own_precision_inside_an_autocast_region(native, monkeypatch):
     """Called under torch.autocast (as a user's or a bench's code may), the loop's Function
     runs both ways with autocast off: its outputs, final states and gradients are those of

@@ -222,7 +222,10 @@ class TorchNetwork(torch.nn.Module):
             self._cells.append(run)
             if loop is not None:
                 self.loops.append(loop)
-        self._readout, _ = compile_cell(network.readout, hoist, precision=precision)
+        # the readout's products stay float32 under bf16: logits rounded to 8 significant bits
+        # cost ~0.03 nats/char at equal steps on tinyshakespeare (2×256, 1,200 steps: val
+        # 1.6690 against float32's 1.6455; with a float32 readout 1.6329), for ~1% of the work
+        self._readout, _ = compile_cell(network.readout, hoist, precision="fp32")
 
     def loop_kind(self) -> str:
         """What runs the recurrent loops where the parameters are now: "native" (generated C,
