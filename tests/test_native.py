@@ -267,10 +267,9 @@ def _reference(cell, loop, E, S, P, T, gouts, gS):
     return outs, grads[:len(E)], grads[len(E):len(E) + len(S)], grads[len(E) + len(S):]
 
 
-@pytest.mark.parametrize("seed", range(60))
-def test_random_cells_match_per_step_autograd(seed):
-    """Cells the sample kernels never make: up to three states, slices, concatenations,
-    constants and parameter vectors inside the loop, products of loop values, folded sums."""
+def random_case(seed: int):
+    """A random cell the native loop supports (else the test is skipped), its loop, and
+    random inputs: (cell, loop, T, B, E, S, P, output gradients, state gradients)."""
     rng = random.Random(seed)
     cell = _random_cell(rng)
     if native.supported(cell) is not None:
@@ -283,6 +282,14 @@ def test_random_cells_match_per_step_autograd(seed):
     S = [rnd(B, prev.width) for _, prev, _ in cell.states]
     P = [rnd(*cell.tensors[p.attrs["tensor"]].shape) for p in loop.params]
     gouts, gS = rnd(T, B, cell.output.width), [rnd(B, prev.width) for _, prev, _ in cell.states]
+    return cell, loop, T, B, E, S, P, gouts, gS
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_cells_match_per_step_autograd(seed):
+    """Cells the sample kernels never make: up to three states, slices, concatenations,
+    constants and parameter vectors inside the loop, products of loop values, folded sums."""
+    cell, loop, T, B, E, S, P, gouts, gS = random_case(seed)
     ref_out, gE, gSr, gP = _reference(cell, loop, E, S, P, T, gouts, gS)
     impl = native.NativeLoop(loop.backward)
     out, finals, K = impl.fwd([e.clone() for e in E], list(S), list(P), T)

@@ -16,7 +16,7 @@ from nn2c.backend import native
 from nn2c.backend.fused import FusedLoop
 from nn2c.compiler.pipeline import compile_kernel
 from nn2c.lang.parse import parse
-from test_native import _random_cell, autograd_steps
+from test_native import _random_cell, autograd_steps, random_case
 
 pytestmark = pytest.mark.skipif(not shutil.which("cc") or not native.enabled(),
                                 reason="no C compiler (the native loop falls back to the fused loop)")
@@ -41,18 +41,7 @@ def test_random_cells_in_bf16_match_per_step_autograd_with_bf16_products(seed):
     side of a bf16 rounding boundary, and the weight gradients are rounded once over all
     steps here, per step in autograd: the bound is two bf16 ulps (2^-7) of the largest
     entry, far below what a wrong operand, step or missed widening gives."""
-    rng = random.Random(seed)
-    cell = _random_cell(rng)
-    if native.supported(cell) is not None:
-        pytest.skip(native.supported(cell))
-    loop = FusedLoop(cell)
-    T, B = rng.choice([1, 3, 4]), rng.choice([1, 3])
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape: torch.randn(*shape, generator=gen) * 0.5      # noqa: E731
-    E = [rnd(T, B, e.width) for e in loop.ext]
-    S = [rnd(B, prev.width) for _, prev, _ in cell.states]
-    P = [rnd(*cell.tensors[p.attrs["tensor"]].shape) for p in loop.params]
-    gouts, gS = rnd(T, B, cell.output.width), [rnd(B, prev.width) for _, prev, _ in cell.states]
+    cell, loop, T, B, E, S, P, gouts, gS = random_case(seed)
     ref = _reference(cell, loop, E, S, P, T, gouts, gS)
     if not all(r.isfinite().all() for r in ref):
         pytest.skip("the cell overflows (exp of exp): where is a matter of rounding")
