@@ -171,7 +171,7 @@ def _products_loop(model, batch: int, n: int):
     work = []
     for ins in program["code"]:
         if ins[0] in ("matmul", "matmul1", "matmul2"):
-            w = np.ascontiguousarray(tensors[ins[-1][1]])
+            w = tensors[ins[-1][1]]                    # laid out as the VM reads it
             x = rng.standard_normal((batch, w.shape[0])).astype(np.float32)
             out = np.empty((batch, regs[ins[1]]), np.float32)
             work += [(x, w[:, lo:hi], out[:, lo:hi]) for lo, hi in column_blocks(batch, *w.shape)]

@@ -18,7 +18,8 @@ At a small batch a product is bound as column blocks (`column_blocks`): OpenBLAS
 a product of at most 10⁶ multiply-adds with its small-matrix kernel, which reads the
 weights where they lie, while a larger one first copies (packs) the whole weight matrix,
 which at a few rows costs more than the arithmetic. A 256×1024 product at batch 8 takes
-about half the time as three blocks of ~342 columns.
+about half the time as three blocks of ~342 columns. The tables are laid out for it at load
+(`nn2run.rewrite.laid_out`: rows on cache lines, 4 KB strides broken).
 
 Imports NumPy and the standard library only.
 """
@@ -33,7 +34,7 @@ from .ops import OPS
 from .rewrite import LOADTIME, fold_bias_into_gathers, padded_registers, register_pairs  # noqa: F401 (re-exported)
 
 SMALL_GEMM = 1_000_000     # OpenBLAS's small-matrix sgemm takes M·N·K up to 100³ (no packing)
-MIN_BLOCK = 192            # narrower blocks lose more to the kernel's edges than packing costs
+MIN_BLOCK = 64             # narrower blocks lose more to the kernel's edges than packing costs
 
 
 def _blas() -> str:

@@ -96,6 +96,7 @@ REWRITES = {
     "interpolations": rewrite.fuse_interpolations,
     "concat of slices": rewrite.concat_of_slices,
     "summed products": rewrite.fuse_summed_products,
+    "lay out tables": rewrite.lay_out_tables,
 }
 
 
@@ -195,7 +196,7 @@ def test_column_blocks_cover_the_product_in_small_kernel_sized_blocks(monkeypatc
         assert all(batch * k * (hi - lo) <= vm_module.SMALL_GEMM for lo, hi in blocks)
         assert all(hi - lo >= vm_module.MIN_BLOCK for lo, hi in blocks[:-1])
     assert (len(blocks) > 1) == ((batch, k, n) in {(2, 512, 2048), (8, 256, 1024), (8, 257, 768), (8, 512, 2048),
-                                                    (16, 256, 1024), (16, 257, 768)})
+                                                    (16, 256, 1024), (16, 257, 768), (16, 512, 2048)})
     monkeypatch.setattr(vm_module, "_OPENBLAS", False)
     assert vm_module.column_blocks(batch, k, n) == [(0, n)]
 
@@ -298,3 +299,25 @@ def test_at_a_column_blocked_batch_the_pair_product_is_bound_as_the_two_it_repla
         assert reads and all(a[0].shape[1] < pair.shape[1] for a in reads)     # x alone, then [y, 1]
         got, _ = _run(m.vm(batch), ids)
     np.testing.assert_allclose(got, _reference("lstm", logical, ids)[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k, n, stride", [(257, 1024, 1040), (513, 65, 65), (33, 16, 32)])
+def test_a_laid_out_table_has_its_values_on_cache_lines(k, n, stride):
+    """Rows start on 64-byte lines, and a row of whole lines gets one more line of stride, so
+    that rows 4 KB apart do not share cache sets; the values are the table's."""
+    table = np.random.default_rng(17).standard_normal((k + 1, n)).astype(np.float32)[1:]   # off a line
+    got = rewrite.laid_out(table)
+    np.testing.assert_array_equal(got, table)
+    assert got.ctypes.data % 64 == 0 and got.strides == (4 * stride, 4)
+    assert rewrite.laid_out(got) is got                 # laid out once (the decoder binds twice)
+
+
+def test_every_product_reads_a_laid_out_table(tmp_path):
+    path, _, _ = build_model(tmp_path / "m.nnb", "lstm", 128, LAYERS, V, seed=18)
+    with nn2run.load(path) as m:
+        program, tensors = m.bound_program()
+        tables = [tensors[ins[-1][1]] for ins in program["code"] if ins[0] in rewrite.PRODUCTS]
+        assert len(tables) == 3 and all(t.ctypes.data % 64 == 0 for t in tables)
+        assert [t.strides[0] // 4 for t in tables] == [512 + 16, 512 + 16, V]       # V = 65: not padded
+        products = [args for fn, args in m.vm(8)._bindings[0][0] if fn is np.matmul]
+        assert all(any(np.shares_memory(w, t) for t in tables) for _, w, _ in products)
