@@ -29,6 +29,7 @@ from __future__ import annotations
 import weakref
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from .ops import OPS
 from .rewrite import LOADTIME, fold_bias_into_gathers, padded_registers, register_pairs  # noqa: F401 (re-exported)
@@ -54,13 +55,16 @@ def _ceil(a: int, b: int) -> int:
 def column_blocks(batch: int, k: int, n: int) -> list[tuple[int, int]]:
     """[lo, hi) column ranges a (batch, k) × (k, n) product is bound as: one range unless
     NumPy's BLAS is OpenBLAS, which would pack the weights, and blocks of at least
-    MIN_BLOCK columns avoid it. Batch 1 is OpenBLAS's gemv (no packing) and stays whole."""
+    MIN_BLOCK columns avoid it. Batch 1 is OpenBLAS's gemv (no packing) and stays whole.
+    The blocks are of one width, a multiple of 16 (each starts on a cache line of a laid-out
+    table) that divides n where one does, so that `_product` makes them one call."""
     if not _OPENBLAS or batch < 2 or batch * k * n <= SMALL_GEMM:
         return [(0, n)]
     widest = SMALL_GEMM // (batch * k) // 16 * 16
     if widest < MIN_BLOCK:
         return [(0, n)]
-    width = _ceil(_ceil(n, _ceil(n, widest)), 16) * 16      # even blocks, a multiple of 16, ≤ widest
+    width = next((w for w in range(widest, MIN_BLOCK - 1, -16) if n % w == 0), None) \
+        or _ceil(_ceil(n, _ceil(n, widest)), 16) * 16      # even blocks, a multiple of 16, ≤ widest
     return [(lo, min(lo + width, n)) for lo in range(0, n, width)]
 
 
@@ -77,7 +81,18 @@ def plain_register(batch: int, width: int, ones: bool, with_ones: dict) -> np.nd
 
 
 def _product(out, x, w) -> list:
-    return [(np.matmul, (x, w[:, lo:hi], out[:, lo:hi])) for lo, hi in column_blocks(out.shape[0], *w.shape)]
+    """out = x @ w as bound: whole, or its column blocks, those of one width as one stacked
+    matmul (NumPy calls BLAS once per block from C: no Python call per block)."""
+    blocks = column_blocks(out.shape[0], *w.shape)
+    if len(blocks) == 1:
+        return [(np.matmul, (x, w, out))]
+    width = blocks[0][1]
+    full = sum(hi - lo == width for lo, hi in blocks)
+    (w_row, w_col), (o_row, o_col) = w.strides, out.strides
+    stacked = (np.matmul, (x, as_strided(w, (full, w.shape[0], width), (width * w_col, w_row, w_col)),
+                           as_strided(out, (full, out.shape[0], width), (width * o_col, o_row, o_col))))
+    rest = full * width
+    return [stacked] + ([(np.matmul, (x, w[:, rest:], out[:, rest:]))] if rest < w.shape[1] else [])
 
 
 class VM:
