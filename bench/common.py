@@ -88,12 +88,15 @@ def verdict(ratio: float, at_least: float | None = None, at_most: float | None =
     return f"{ratio:.2f}× {'✓' if ok else '✗'}"
 
 
-def interleaved(fns: dict, reps: int) -> dict:
+def interleaved(fns: dict, reps: int, pause: float = 0.0) -> dict:
     """Run each fn once per round, rounds interleaved (drift hits all alike); returns
-    name -> list of the values each call returned (usually seconds)."""
+    name -> list of the values each call returned (usually seconds). `pause` seconds of
+    sleep before each call let the threads of the one before stop spinning (ONNX Runtime's
+    and OpenBLAS's pools busy-wait for a while after their work, on the other cores)."""
     out = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            time.sleep(pause)
             out[name].append(fn())
     return out
 

@@ -30,6 +30,7 @@ from .common import best, fmt_list, interleaved, median, timed, verdict
 BATCHES = (1, 8, 64)
 CELLS = {"LSTM": "lstm", "GRU": "torchgru"}
 REP_SECONDS = 0.15                       # nn2 time per rep (half with --quick)
+SPIN_PAUSE = 0.1                         # s between loops with threads: the pools stop spinning
 
 
 class WideTable:
@@ -226,6 +227,7 @@ def _steps_a_rep(fn_of_n, seconds: float) -> int:
 def _bench_cell(tmp, cell, hidden, thread_counts, blas, reps, seconds, speed, split):
     from nn2c.compiler.export import export_onnx
     from nn2run import load
+    from nn2run.threads import set_threads
     nnb, t_onnx, n_onnx = (tmp / f"ort-{cell}-{hidden}.{ext}" for ext in ("nnb", "torch.onnx", "nn2.onnx"))
     logical = build_nn2(nnb, cell, hidden, 2, 65)
     t_names = export_torch(t_onnx, cell, logical, 2)
@@ -238,6 +240,7 @@ def _bench_cell(tmp, cell, hidden, thread_counts, blas, reps, seconds, speed, sp
         for threads in thread_counts:
             if blas:
                 blas[0](threads)
+            set_threads(threads)
             sess_t, sess_n = ort_session(t_onnx, threads), ort_session(n_onnx, threads)
             diff = _same_function(model, [(sess_t, t_names, t_shapes), (sess_n, n_names, n_shapes)])
             speed.raw.append(f"2×{hidden} {cell}, {threads} thread(s): max |logit diff| nn2run vs the ORT graphs "
@@ -251,7 +254,8 @@ def _bench_cell(tmp, cell, hidden, thread_counts, blas, reps, seconds, speed, sp
                     fns["products"] = _products_loop(model, batch, n)
                 for fn in fns.values():
                     fn()
-                times = interleaved({k: (lambda f=f: timed(f)) for k, f in fns.items()}, reps)
+                times = interleaved({k: (lambda f=f: timed(f)) for k, f in fns.items()}, reps,
+                                    pause=SPIN_PAUSE if threads > 1 else 0.0)
                 label = f"2×{hidden} {cell}, batch {batch}, {threads} thread{'s' if threads > 1 else ''}"
                 _rows(speed, split, label, times, n, batch)
 
@@ -273,7 +277,8 @@ def bench_onnx(tmp, sizes, quick: bool):
     blas = _openblas()
     cores = os.cpu_count() or 1
     thread_counts = [1] + ([cores] if blas and cores > 1 else [])
-    before = blas[1]() if blas else None
+    from nn2run.threads import get_threads, set_threads
+    before, before_nn2 = (blas[1]() if blas else None), get_threads()
     reps, seconds = (3, REP_SECONDS / 2) if quick else (5, REP_SECONDS)
     try:
         for cell in CELLS:
@@ -282,9 +287,12 @@ def bench_onnx(tmp, sizes, quick: bool):
     finally:
         if blas:
             blas[0](before)
+        set_threads(before_nn2)
     speed.notes.append(f"onnxruntime {onnxruntime.__version__}, CPU provider, intra-op threads = the row's; "
                        "the torch graphs by torch.onnx.export(dynamo=False, opset 17): ORT's fused "
-                       f"LSTM/GRU; {cores} cores here; nn2run's products use the row's OpenBLAS threads")
+                       f"LSTM/GRU; {cores} cores here; nn2run's products use the row's OpenBLAS threads, and as many "
+                       "for the column-blocked products it splits itself (nn2run.threads); with threads, "
+                       f"{SPIN_PAUSE} s of sleep before each timed loop lets the other side's pool stop spinning")
     if not blas:
         speed.notes.append("OpenBLAS's thread count could not be set from here: one-thread rows only")
     split.notes.append("products: each matmul of the nn2 program on arrays of the same shapes, "

@@ -31,6 +31,7 @@ import weakref
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from . import threads
 from .ops import OPS
 from .rewrite import LOADTIME, fold_bias_into_gathers, padded_registers, register_pairs  # noqa: F401 (re-exported)
 
@@ -82,17 +83,28 @@ def plain_register(batch: int, width: int, ones: bool, with_ones: dict) -> np.nd
 
 def _product(out, x, w) -> list:
     """out = x @ w as bound: whole, or its column blocks, those of one width as one stacked
-    matmul (NumPy calls BLAS once per block from C: no Python call per block)."""
+    matmul (NumPy calls BLAS once per block from C: no Python call per block); a large
+    product's blocks as one stacked matmul per thread, run at once (`nn2run.threads`)."""
     blocks = column_blocks(out.shape[0], *w.shape)
     if len(blocks) == 1:
         return [(np.matmul, (x, w, out))]
     width = blocks[0][1]
     full = sum(hi - lo == width for lo, hi in blocks)
-    (w_row, w_col), (o_row, o_col) = w.strides, out.strides
-    stacked = (np.matmul, (x, as_strided(w, (full, w.shape[0], width), (width * w_col, w_row, w_col)),
-                           as_strided(out, (full, out.shape[0], width), (width * o_col, o_row, o_col))))
+    work = out.shape[0] * w.shape[0] * w.shape[1]
+    parts = min(full, max(2, threads.get_threads())) if work >= threads.SPLIT_MIN else 1
+    cuts = [full * k // parts for k in range(parts + 1)]
+    calls = [_stacked(out, x, w, a * width, b - a, width) for a, b in zip(cuts, cuts[1:])]
     rest = full * width
-    return [stacked] + ([(np.matmul, (x, w[:, rest:], out[:, rest:]))] if rest < w.shape[1] else [])
+    if rest < w.shape[1]:
+        calls.append((np.matmul, (x, w[:, rest:], out[:, rest:])))
+    return threads.split(calls, work)
+
+
+def _stacked(out, x, w, lo: int, count: int, width: int):
+    """One matmul of x by `count` column blocks of w from column lo, into those of out."""
+    (w_row, w_col), (o_row, o_col) = w.strides, out.strides
+    return (np.matmul, (x, as_strided(w[:, lo:], (count, w.shape[0], width), (width * w_col, w_row, w_col)),
+                        as_strided(out[:, lo:], (count, out.shape[0], width), (width * o_col, o_row, o_col))))
 
 
 class VM:

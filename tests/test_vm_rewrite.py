@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import nn2run
+import nn2run.threads
 from nn2run import rewrite
 from nn2run import vm as vm_module
 from nn2run.vm import VM
@@ -322,18 +323,24 @@ def test_every_product_reads_a_laid_out_table(tmp_path):
         assert all(any(np.shares_memory(w, t) for t in tables) for _, w, _ in products)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch, k, n", [(8, 512, 2048), (8, 300, 1000), (16, 257, 768)])
-def test_a_product_bound_in_column_blocks_is_the_product(monkeypatch, batch, k, n):
-    """Blocks of one width run as one stacked matmul over views of the table and of the
-    output; a width that does not divide n leaves one narrower block after them."""
+def test_a_product_bound_in_column_blocks_is_the_product(monkeypatch, batch, k, n, threads):
+    """Blocks of one width run as stacked matmuls over views of the table and of the output
+    (one per thread when the product is large); a width that does not divide n leaves one
+    narrower block after them."""
     monkeypatch.setattr(vm_module, "_OPENBLAS", True)
+    monkeypatch.setattr(nn2run.threads.POOL, "threads", threads)
     rng = np.random.default_rng(19)
     x = rng.standard_normal((batch, k)).astype(np.float32)
     table = rewrite.laid_out(rng.standard_normal((k, n)).astype(np.float32))
     out = np.zeros((batch, n + 3), np.float32)[:, 1:n + 1]         # a view, as the VM's registers are
     calls = vm_module._product(out, x, table)
-    assert len(calls) == (1 if n % (vm_module.column_blocks(batch, k, n)[0][1]) == 0 else 2)
-    assert calls[0][1][1].ndim == 3
+    split = batch * k * n >= nn2run.threads.SPLIT_MIN
+    parts = [part[0] for part in calls[0][1][0]] if split else calls
+    assert (calls[0][0] == nn2run.threads.POOL.run) == split
+    assert len(parts) == (2 if split else 1) + (n % vm_module.column_blocks(batch, k, n)[0][1] != 0)
+    assert parts[0][1][1].ndim == 3
     for fn, args in calls:
         fn(*args)
     np.testing.assert_allclose(out, x.astype(np.float64) @ table.astype(np.float64), rtol=1e-4, atol=1e-4)
