@@ -135,8 +135,9 @@ def _bind_onehot(out, ids):
 
 
 def _bind_gather(out, ids, table):
-    # ids are validated by every public entry point before they reach the VM
-    return [(np.take, (table, ids, 0, out, "clip"))]
+    # ids are validated by every public entry point before they reach the VM; the table's
+    # own method: np.take's Python wrapper costs ~1 µs a call, a batch-1 step is ~100 µs
+    return [(table.take, (ids, 0, out, "clip"))]
 
 
 # Added to a masked position's score before the softmax over positions: exp of it is 0.
