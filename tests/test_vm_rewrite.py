@@ -344,3 +344,26 @@ def test_a_product_bound_in_column_blocks_is_the_product(monkeypatch, batch, k, 
     for fn, args in calls:
         fn(*args)
     np.testing.assert_allclose(out, x.astype(np.float64) @ table.astype(np.float64), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "torchgru"])
+def test_products_split_over_two_threads_keep_the_cell_function(tmp_path, monkeypatch, cell):
+    """At 2×512, batch 8, each layer's products are over SPLIT_MIN: bound as one pool call
+    whose parts run on this thread and a worker at once. Two threads make the very calls
+    one thread makes, so the logits are the same bits; both are the float64 reference's."""
+    monkeypatch.setattr(vm_module, "_OPENBLAS", True)
+    hidden, batch = 512, 8
+    path, _, logical = build_model(tmp_path / "m.nnb", cell, hidden, LAYERS, V, seed=20)
+    ids = np.random.default_rng(21).integers(0, V, (STEPS, batch))
+    monkeypatch.setattr(sys.modules[__name__], "H", hidden)
+    monkeypatch.setattr(sys.modules[__name__], "BATCH", batch)
+    want, _ = _reference(cell, logical, ids)
+    with nn2run.load(path) as m:
+        vm = m.vm(batch)
+        assert any(fn == nn2run.threads.POOL.run for fn, _ in vm._bindings[0][0])
+        runs = {}
+        for threads in (1, 2):
+            monkeypatch.setattr(nn2run.threads.POOL, "threads", threads)
+            runs[threads], _ = _run(vm, ids)
+    np.testing.assert_array_equal(runs[2], runs[1])
+    np.testing.assert_allclose(runs[2], want, atol=5e-4, rtol=1e-3)     # 1,025-term sums, 12 steps
