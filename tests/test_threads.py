@@ -77,3 +77,27 @@ def test_the_thread_count_is_openblas_own_choice(monkeypatch, env, want):
 def test_set_threads_takes_a_positive_integer(bad):
     with pytest.raises(ValueError, match="positive integer"):
         threads.set_threads(bad)
+
+
+@pytest.mark.skipif(not hasattr(threads.os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_gets_workers_of_its_own(pool):
+    """Threads do not survive a fork: a child of a process whose pool has started workers
+    must start its own, not hand work to threads that are not there (it would wait forever)."""
+    import multiprocessing
+    seen: list = []
+    pool.run([_recorder(seen, k) for k in range(2)])          # the parent's worker exists
+    assert pool._workers
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_split_in_child)
+    child.start()
+    child.join(timeout=20)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
+
+
+def _split_in_child():
+    threads.POOL.threads = 2
+    seen: list = []
+    threads.POOL.run([_recorder(seen, k) for k in range(2)])
+    raise SystemExit(0 if sorted(k for k, _ in seen) == [0, 1] and len({i for _, i in seen}) == 2 else 1)
