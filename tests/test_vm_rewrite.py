@@ -202,16 +202,23 @@ def test_column_blocks_cover_the_product_in_small_kernel_sized_blocks(monkeypatc
     assert vm_module.column_blocks(batch, k, n) == [(0, n)]
 
 
-@pytest.mark.parametrize("cell", ["lstm", "torchgru"])
-def test_products_bound_in_column_blocks_keep_the_cell_function(tmp_path, monkeypatch, cell):
+def _blocked_case(tmp_path, monkeypatch, cell, hidden: int, batch: int, seed: int):
+    """A model of `hidden` units with OpenBLAS's column blocks on, STEPS rows of `batch`
+    ids, and the float64 reference's logits for them."""
     monkeypatch.setattr(vm_module, "_OPENBLAS", True)
-    hidden, batch = 128, 24                  # 24 × 129 × 384 multiply-adds and up: over SMALL_GEMM
-    path, _, logical = build_model(tmp_path / "m.nnb", cell, hidden, LAYERS, V, seed=10)
-    ids = np.random.default_rng(11).integers(0, V, (STEPS, batch))
+    path, _, logical = build_model(tmp_path / "m.nnb", cell, hidden, LAYERS, V, seed=seed)
+    ids = np.random.default_rng(seed + 1).integers(0, V, (STEPS, batch))
     monkeypatch.setattr(sys.modules[__name__], "H", hidden)
     monkeypatch.setattr(sys.modules[__name__], "BATCH", batch)
-    want, _ = _reference(cell, logical, ids)
+    return path, ids, _reference(cell, logical, ids)[0]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "torchgru"])
+def test_products_bound_in_column_blocks_keep_the_cell_function(tmp_path, monkeypatch, cell):
+    # 24 × 129 × 384 multiply-adds and up: over SMALL_GEMM
+    path, ids, want = _blocked_case(tmp_path, monkeypatch, cell, hidden=128, batch=24, seed=10)
     with nn2run.load(path) as m:
+        batch = ids.shape[1]
         vm = m.vm(batch)
         stacks = [args for fn, args in vm._bindings[0][0] if fn is np.matmul and args[1].ndim == 3]
         assert stacks and all(w.shape[0] > 1 and o.shape[0] == w.shape[0] for _, w, o in stacks)
@@ -351,15 +358,9 @@ def test_products_split_over_two_threads_keep_the_cell_function(tmp_path, monkey
     """At 2×512, batch 8, each layer's products are over SPLIT_MIN: bound as one pool call
     whose parts run on this thread and a worker at once. Two threads make the very calls
     one thread makes, so the logits are the same bits; both are the float64 reference's."""
-    monkeypatch.setattr(vm_module, "_OPENBLAS", True)
-    hidden, batch = 512, 8
-    path, _, logical = build_model(tmp_path / "m.nnb", cell, hidden, LAYERS, V, seed=20)
-    ids = np.random.default_rng(21).integers(0, V, (STEPS, batch))
-    monkeypatch.setattr(sys.modules[__name__], "H", hidden)
-    monkeypatch.setattr(sys.modules[__name__], "BATCH", batch)
-    want, _ = _reference(cell, logical, ids)
+    path, ids, want = _blocked_case(tmp_path, monkeypatch, cell, hidden=512, batch=8, seed=20)
     with nn2run.load(path) as m:
-        vm = m.vm(batch)
+        vm = m.vm(ids.shape[1])
         assert any(fn == nn2run.threads.POOL.run for fn, _ in vm._bindings[0][0])
         runs = {}
         for threads in (1, 2):
