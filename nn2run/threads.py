@@ -60,7 +60,11 @@ class _Worker:
         self._go.release()
 
     def wait(self) -> None:
-        self._done.acquire()
+        try:
+            self._done.acquire()
+        except BaseException:       # Ctrl-C in the wait: the worker is still writing the
+            self._done.acquire()    # arrays, so let it finish before the caller goes on
+            raise
         error, self._error = self._error, None
         if error is not None:
             raise error

@@ -101,3 +101,30 @@ def _split_in_child():
     seen: list = []
     threads.POOL.run([_recorder(seen, k) for k in range(2)])
     raise SystemExit(0 if sorted(k for k, _ in seen) == [0, 1] and len({i for _, i in seen}) == 2 else 1)
+
+
+def test_an_interrupted_wait_still_waits_for_the_worker(pool, monkeypatch):
+    """Ctrl-C while this thread waits must not leave the worker writing while the caller
+    goes on (its next run would read a stale 'done')."""
+    import time
+    finished = threading.Event()
+
+    def slow():
+        time.sleep(0.2)
+        finished.set()
+
+    pool.run([[(lambda: None, ())], [(lambda: None, ())]])        # the worker exists
+    worker = pool._workers[0]
+    real = worker._done.acquire
+    calls = []
+
+    def interrupted_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(worker, "_done", type("L", (), {"acquire": staticmethod(interrupted_once),
+                                                         "release": worker._done.release})())
+    with pytest.raises(KeyboardInterrupt):
+        pool.run([[(lambda: None, ())], [(slow, ())]])
+    assert finished.is_set()
