@@ -465,13 +465,13 @@ def test_teacher_forced_logits_match_torch_gru_and_grucell_mapped_by_kernel_name
 
 
 def test_a_model_too_big_for_memory_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
-    import nn2c.train.trainer
+    import nn2c.train.memory
     from nn2c.train.trainer import TrainError
     pairs = _copy_pairs(tmp_path, n=100)
-    monkeypatch.setattr(nn2c.train.trainer, "available_memory", lambda: 2 ** 20)
+    monkeypatch.setattr(nn2c.train.memory, "available_memory", lambda: 2 ** 20)
     with pytest.raises(TrainError, match=r"a 1×32 seq2seq model needs about .* 1\.0 MiB is available"):
         _trainer(tmp_path, pairs)
-    monkeypatch.setattr(nn2c.train.trainer, "available_memory", lambda: 2 ** 30)
+    monkeypatch.setattr(nn2c.train.memory, "available_memory", lambda: 2 ** 30)
     _trainer(tmp_path, pairs)
 
 

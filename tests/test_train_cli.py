@@ -227,11 +227,11 @@ def test_a_model_too_big_for_memory_is_one_line_before_anything_is_allocated(tmp
 
 
 def test_the_memory_limit_is_what_the_machine_has(tmp_path, corpus, monkeypatch):
-    import nn2c.train.trainer
-    monkeypatch.setattr(nn2c.train.trainer, "available_memory", lambda: 2 ** 20)
+    import nn2c.train.memory
+    monkeypatch.setattr(nn2c.train.memory, "available_memory", lambda: 2 ** 20)
     result = train(corpus, "-o", tmp_path / "m.nnb", "--steps", 2, *SMALL, "--hidden", 64)
     one_line(result, "a 1×64 lstm needs about", "1.0 MiB of memory is available")
-    monkeypatch.setattr(nn2c.train.trainer, "available_memory", lambda: 2 ** 30)
+    monkeypatch.setattr(nn2c.train.memory, "available_memory", lambda: 2 ** 30)
     assert train(corpus, "-o", tmp_path / "m.nnb", "--steps", 2, *SMALL, "--hidden", 64).exit_code == 0
 
 

@@ -27,6 +27,7 @@ from nn2c.compiler.pipeline import compile_kernel, write_model
 from nn2c.train.checkpoint import TrainState, save_checkpoint
 from nn2c.train.corpus import Batches, Corpus
 from nn2c.train.distributed import Collective, World, split_error
+from nn2c.train.memory import BYTES_PER_PARAMETER, fmt_bytes, free_memory
 from nn2c.train.progress import Progress, TrainLog
 
 
@@ -137,30 +138,9 @@ def split(corpus: Corpus, cfg: TrainConfig, device, part: tuple[int, int] | None
 
 # float32 weights, their gradients and Adam's two moments (16 bytes), and the copies a
 # checkpoint is written from: weights, both moments and the best weights (16 more).
-BYTES_PER_PARAMETER = 32
 READ_EVERY = 50                # steps between reads of the loss on a GPU (as often as progress lines)
 READ_EVERY_CPU = 1             # on the CPU nothing is queued: a read costs nothing
 INIT_PROBE_WINDOWS = 64        # a loss that fails this early in an epoch is checked against the initial weights
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel says a new allocation can have without swapping (Linux's
-    MemAvailable; elsewhere the physical memory); None when it cannot be told."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def fmt_bytes(n: float) -> str:
-    return f"{n / 2 ** 30:,.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:,.1f} MiB"
 
 
 def check_memory(compiled, cfg: TrainConfig, device) -> None:
@@ -169,11 +149,9 @@ def check_memory(compiled, cfg: TrainConfig, device) -> None:
     widths = sum(node.width for cell in compiled.network.all_cells for node in cell.nodes() if node.op != "param")
     activations = cfg.seq_len * cfg.batch * widths * 4 * 2      # each value and its gradient
     need = params * BYTES_PER_PARAMETER + activations
+    where, have = free_memory(device)
     if device.type == "cuda":
-        where, have = "free on the GPU", torch.cuda.mem_get_info(device)[0]
         need -= params * BYTES_PER_PARAMETER // 2        # the checkpoint copies stay in host memory
-    else:
-        where, have = "available", available_memory()
     if have is not None and need > have:
         raise TrainError(
             f"a {cfg.layers}×{cfg.hidden} {compiled.kernel_name} needs about {fmt_bytes(need)} to train "

@@ -21,20 +21,18 @@ import torch
 
 from nn2c.compiler.ir import Seq2SeqNetwork
 from nn2c.compiler.seq2seq import CompiledSeq2Seq, init_seq2seq_tensors, write_seq2seq
-from nn2c.train import trainer as lm
+from nn2c.train.memory import BYTES_PER_PARAMETER, fmt_bytes, free_memory
 from nn2c.train.progress import Progress, fmt_value
 from nn2c.train.seq2seq.checkpoint import State, header, save_checkpoint
 from nn2c.train.seq2seq.model import Seq2SeqTorch, masked_loss
 from nn2c.train.seq2seq.pairs import Buckets, Pairs, encode, eval_batches, split
 from nn2c.train.seq2seq.render import positional_nodes
 from nn2c.train.trainer import (
-    BYTES_PER_PARAMETER,
     Diverged,
     Interrupted,
     Options,
     TrainError,
     check_ranges,
-    fmt_bytes,
     pick_device,
 )
 
@@ -83,7 +81,7 @@ def check_memory(network: Seq2SeqNetwork, cfg: Seq2SeqConfig, lim: dict, device)
     decoder = sum(n.width * (lim["source"] if n in pos else 1) for n in nodes if n.op != "param")
     activations = cfg.batch * (lim["source"] * encoder + (lim["target"] + 1) * decoder) * 8
     need = params * BYTES_PER_PARAMETER + activations
-    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else lm.available_memory()
+    _, have = free_memory(device)
     if have is not None and need > have:
         raise TrainError(f"a {cfg.layers}×{cfg.hidden} seq2seq model needs about {fmt_bytes(need)} to train "
                          f"({params:,} parameters, and {fmt_bytes(activations)} of activations for --batch "
