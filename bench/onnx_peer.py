@@ -166,12 +166,13 @@ def _nn2_loop(model, batch: int, n: int):
 def _products_loop(model, batch: int, n: int):
     """The step's products alone: each product of the program the VM runs, same shapes and
     column blocks (`nn2run.vm.column_blocks`), in NumPy."""
+    from nn2run.rewrite import PRODUCTS
     from nn2run.vm import column_blocks
     program, tensors = model.bound_program() if hasattr(model, "bound_program") else (model.program, model.tensors)
     regs, rng = program["registers"], np.random.default_rng(0)
     work = []
     for ins in program["code"]:
-        if ins[0] in ("matmul", "matmul1", "matmul2"):
+        if ins[0] in PRODUCTS:
             w = tensors[ins[-1][1]]                    # laid out as the VM reads it
             x = rng.standard_normal((batch, w.shape[0])).astype(np.float32)
             out = np.empty((batch, regs[ins[1]]), np.float32)
