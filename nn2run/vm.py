@@ -21,6 +21,11 @@ which at a few rows costs more than the arithmetic. A 256×1024 product at batch
 about half the time as three blocks of ~342 columns. The tables are laid out for it at load
 (`nn2run.rewrite.laid_out`: rows on cache lines, 4 KB strides broken).
 
+A register read in groups of columns (a cell's gates) is a (groups, batch, width) array
+(`nn2run.groups`): its slices are groups, contiguous, and an element-wise instruction that
+reads or writes one sees every operand as groups. Not the output of a product bound whole:
+as groups it would be one BLAS call per group, each packing the input again.
+
 Imports NumPy and the standard library only.
 """
 
@@ -32,8 +37,9 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import threads
+from .groups import ELEMENTWISE, grouped_registers, grouped_view
 from .ops import OPS
-from .rewrite import LOADTIME, fold_bias_into_gathers, padded_registers, register_pairs  # noqa: F401 (re-exported)
+from .rewrite import LOADTIME, PRODUCTS, fold_bias_into_gathers, padded_registers, register_pairs  # noqa: F401 (re-exported)
 
 SMALL_GEMM = 1_000_000     # OpenBLAS's small-matrix sgemm takes M·N·K up to 100³ (no packing)
 MIN_BLOCK = 64             # narrower blocks lose more to the kernel's edges than packing costs
@@ -84,7 +90,10 @@ def plain_register(batch: int, width: int, ones: bool, with_ones: dict) -> np.nd
 def _product(out, x, w) -> list:
     """out = x @ w as bound: whole, or its column blocks, those of one width as one stacked
     matmul (NumPy calls BLAS once per block from C: no Python call per block); a large
-    product's blocks as one stacked matmul per thread, run at once (`nn2run.threads`)."""
+    product's blocks as one stacked matmul per thread, run at once (`nn2run.threads`).
+    A grouped out (`nn2run.groups`) is `_grouped_product`."""
+    if out.ndim == 3:
+        return _grouped_product(out, x, w)
     blocks = column_blocks(out.shape[0], *w.shape)
     if len(blocks) == 1:
         return [(np.matmul, (x, w, out))]
@@ -107,6 +116,44 @@ def _stacked(out, x, w, lo: int, count: int, width: int):
                         as_strided(out[:, lo:], (count, out.shape[0], width), (width * o_col, o_row, o_col))))
 
 
+def _grouped_product(out, x, w) -> list:
+    """out (groups, batch, h) = x @ w, w's columns g·h to (g + 1)·h into out[g]: one stacked
+    matmul over views of the table's column groups, each group in column blocks where the
+    batch has them (those of one width in the same call, a narrower last one in one more);
+    a large product's blocks in parts, one per thread, each a stacked matmul per group."""
+    groups, batch, h = out.shape
+    blocks = column_blocks(batch, w.shape[0], h)
+    width = blocks[0][1]
+    full = sum(hi - lo == width for lo, hi in blocks)
+    rest = h - full * width
+    work = batch * w.shape[0] * w.shape[1]
+    if len(blocks) == 1 or work < threads.SPLIT_MIN:
+        calls = [_grid(out, x, w, 0, full, width)]
+        return calls + [_grid(out, x, w, full * width, 1, rest)] if rest else calls
+    parts = min(groups * full, max(2, threads.get_threads()))
+    cuts = [groups * full * k // parts for k in range(parts + 1)]
+    shares = []
+    for a, b in zip(cuts, cuts[1:]):            # blocks a..b of the groups' blocks in order
+        share = []
+        for g in range(a // full, _ceil(b, full)):
+            lo, hi = max(a, g * full) - g * full, min(b, (g + 1) * full) - g * full
+            share.append(_stacked(out[g], x, w[:, g * h:], lo * width, hi - lo, width))
+            if hi == full and rest:
+                share.append((np.matmul, (x, w[:, g * h + full * width:(g + 1) * h], out[g][:, full * width:])))
+        shares.append(share)
+    return [(threads.POOL.run, (shares,))]
+
+
+def _grid(out, x, w, lo: int, count: int, width: int):
+    """One matmul of x by `count` column blocks of every group of w, from column lo of each
+    group, into those of out (groups, batch, h): a (groups, count) stack of products."""
+    groups, _, h = out.shape
+    (w_row, w_col), (o_grp, o_row, o_col) = w.strides, out.strides
+    table = as_strided(w[:, lo:], (groups, count, w.shape[0], width), (h * w_col, width * w_col, w_row, w_col))
+    into = as_strided(out[:, :, lo:], (groups, count, out.shape[1], width), (o_grp, width * o_col, o_row, o_col))
+    return (np.matmul, (x, table, into))
+
+
 class VM:
     """A program bound to arrays for one batch size."""
 
@@ -116,6 +163,7 @@ class VM:
         widths = program["registers"]
         self._states = program["states"]
         padded = padded_registers(program)
+        grouped = grouped_registers(program, self._whole_products(program, tensors)) if batch > 1 else {}
         self._with_ones = {}    # id(register array) -> that array with its column of ones
         self._pairs = {}        # (id(x), id(y)) -> the array [x, y, 1] of a matmul2
         base = {}
@@ -127,11 +175,20 @@ class VM:
             self._pairs[id(base[x]), id(base[y])] = full
         written = {ins[1] for ins in program["code"] if ins[0] != "slice"} | {s["prev"] for s in self._states}
         for r in written - set(base):
-            base[r] = plain_register(batch, widths[r], r in padded, self._with_ones)
+            if r in grouped:
+                base[r] = np.zeros((widths[r] // grouped[r], batch, grouped[r]), dtype=np.float32)
+            else:
+                base[r] = plain_register(batch, widths[r], r in padded, self._with_ones)
         self._buffers = [(base[s["prev"]], base[s["next"]]) for s in self._states]  # per state: (A, B)
         self._bindings = [self._bind(program, tensors, base, swap) for swap in (False, True)]
         self.parity = 0
         self._holders = [None, None]    # per buffer set: a weak reference to the State it was handed out as
+
+    def _whole_products(self, program, tensors) -> set:
+        """The registers of products bound whole at this batch: they stay (batch, n) arrays,
+        as one BLAS call (grouped, it would be one a group, each packing the input again)."""
+        return {ins[1] for ins in program["code"] if ins[0] in PRODUCTS and ins[-1][0] == "t"
+                and len(column_blocks(self.batch, *tensors[ins[-1][1]].shape)) == 1}
 
     def _bind(self, program, tensors, base, swap: bool):
         regs = dict(base)
@@ -142,8 +199,12 @@ class VM:
         for ins in program["code"]:
             op, dst, args = ins[0], ins[1], ins[2:]
             if op == "slice":
-                src, start = regs[args[0][1]], args[1]
-                regs[dst] = src[:, start:start + program["registers"][dst]]
+                src, start, width = regs[args[0][1]], args[1], program["registers"][dst]
+                if src.ndim == 3:           # a grouped register: a group, or a run of them
+                    g, n = start // src.shape[2], width // src.shape[2]
+                    regs[dst] = src[g] if n == 1 else src[g:g + n]
+                else:
+                    regs[dst] = src[:, start:start + width]
                 continue
             code.extend(self._compile(op, regs[dst], [self._value(a, regs, tensors) for a in args]))
         return code, regs[program["logits"]]
@@ -166,6 +227,9 @@ class VM:
             return self._pair_product(out, *args)
         if op in ("matmul", "matmul1"):
             return _product(out, *args)
+        grouped = [a.shape[2] for a in (out, *args) if isinstance(a, np.ndarray) and a.ndim == 3]
+        if grouped and op in ELEMENTWISE:       # every operand as (groups, batch, width)
+            out, args = grouped_view(out, grouped[0]), [grouped_view(a, grouped[0]) for a in args]
         return (OPS.get(op) or LOADTIME[op]).numpy(out, *args)
 
     def _pair_product(self, out, x, y, table) -> list:
@@ -173,7 +237,7 @@ class VM:
         blocks (OpenBLAS's small kernel), as the two products and an add it replaced: two
         blocked products under the kernel's limit are faster than one over it."""
         full = self._pairs[id(x), id(y)]
-        if len(column_blocks(out.shape[0], *table.shape)) == 1:
+        if len(column_blocks(x.shape[0], *table.shape)) == 1:
             return _product(out, full, table)
         rest = np.zeros_like(out)
         width = x.shape[1]

@@ -15,7 +15,7 @@ import pytest
 
 import nn2run
 import nn2run.threads
-from nn2run import rewrite
+from nn2run import groups, rewrite
 from nn2run import vm as vm_module
 from nn2run.vm import VM
 from support.models import build_model
@@ -220,8 +220,8 @@ def test_products_bound_in_column_blocks_keep_the_cell_function(tmp_path, monkey
     with nn2run.load(path) as m:
         batch = ids.shape[1]
         vm = m.vm(batch)
-        stacks = [args for fn, args in vm._bindings[0][0] if fn is np.matmul and args[1].ndim == 3]
-        assert stacks and all(w.shape[0] > 1 and o.shape[0] == w.shape[0] for _, w, o in stacks)
+        stacks = [args for fn, args in vm._bindings[0][0] if fn is np.matmul and args[1].ndim >= 3]
+        assert stacks and all(np.prod(w.shape[:-2]) > 1 and o.shape[:-2] == w.shape[:-2] for _, w, o in stacks)
         got, _ = _run(vm, ids)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
 
@@ -368,3 +368,103 @@ def test_products_split_over_two_threads_keep_the_cell_function(tmp_path, monkey
             runs[threads], _ = _run(vm, ids)
     np.testing.assert_array_equal(runs[2], runs[1])
     np.testing.assert_allclose(runs[2], want, atol=5e-4, rtol=1e-3)     # 1,025-term sums, 12 steps
+
+
+# --- grouped registers (nn2run.groups) ------------------------------------------------------
+
+def _grouped(vm) -> list:
+    """The (groups, batch, width) registers and views a VM's step reads or writes."""
+    return [a for _, args in vm._bindings[0][0] for a in args
+            if isinstance(a, np.ndarray) and a.ndim == 3 and a.shape[1] == vm.batch and a.flags.c_contiguous]
+
+
+def test_a_cells_gates_are_grouped_and_its_states_and_logits_are_not(tmp_path, monkeypatch):
+    path, _, _ = build_model(tmp_path / "m.nnb", "lstm", 64, LAYERS, V, seed=30)
+    with nn2run.load(path) as m:
+        program, _ = m.bound_program()
+        grouped = groups.grouped_registers(program)
+        widths = program["registers"]
+        sigmoids = [ins[1] for ins in program["code"] if ins[0] == "sigmoid½"]
+        assert len(sigmoids) == LAYERS and all(grouped[r] == 64 and widths[r] == 3 * 64 for r in sigmoids)
+        fixed = {program["logits"]} | {r for s in program["states"] for r in (s["prev"], s["next"])}
+        assert not fixed & set(grouped) and set(grouped.values()) == {64}
+        products = [ins[1] for ins in program["code"] if ins[0] in rewrite.PRODUCTS]
+        assert set(products[:-1]) <= set(grouped)                                # the gate products
+        assert not set(groups.grouped_registers(program, flat=products)) & set(products)
+        monkeypatch.setattr(groups, "MIN_GROUP", 65)                           # narrower than it: none
+        assert groups.grouped_registers(program) == {}
+
+
+def test_registers_read_by_a_row_wise_function_stay_whole(tmp_path):
+    """The layer-normalized LSTM takes the mean of each gate's pre-activations: the register
+    the means read cannot be groups, nor what shares its storage."""
+    path, _, _ = build_model(tmp_path / "m.nnb", "lnlstm", 64, 1, V, seed=31)
+    with nn2run.load(path) as m:
+        program, _ = m.bound_program()
+        grouped = groups.grouped_registers(program)
+        rowwise = {ins[2][1] for ins in program["code"] if ins[0] in ("mean", "sum", "max", "softmax")}
+        assert rowwise and not rowwise & set(grouped)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("hidden, batch", [(128, 24), (64, 64), (64, 2)])
+def test_grouped_registers_keep_the_cell_function(tmp_path, monkeypatch, cell, hidden, batch):
+    """At 128 × 24 the gate products are column-blocked and write grouped registers; at 64 ×
+    64 they are whole and only what follows them is grouped (an add reads a whole product
+    through a strided view). Against the float64 reference."""
+    path, ids, want = _blocked_case(tmp_path, monkeypatch, cell, hidden=hidden, batch=batch, seed=32)
+    with nn2run.load(path) as m:
+        vm = m.vm(batch)
+        if cell != "rnn":           # one gate: nothing to group
+            assert any(a.shape[2] == hidden and a.shape[0] > 1 for a in _grouped(vm))
+        got, _ = _run(vm, ids)
+    np.testing.assert_allclose(got, want, atol=5e-4, rtol=1e-3)     # float32 sums of 129 terms, 12 steps
+
+
+def test_a_model_without_groups_is_bound_as_before(tmp_path, monkeypatch):
+    """MIN_GROUP above every width: the same VM without grouped registers, the same bits."""
+    path, ids, _ = _blocked_case(tmp_path, monkeypatch, "lstm", hidden=128, batch=24, seed=33)
+    runs = []
+    for minimum in (groups.MIN_GROUP, 10 ** 9):
+        monkeypatch.setattr(groups, "MIN_GROUP", minimum)
+        with nn2run.load(path) as m:
+            vm = m.vm(ids.shape[1])
+            assert bool(_grouped(vm)) == (minimum < 10 ** 9)
+            runs.append(_run(vm, ids)[0])
+    np.testing.assert_allclose(runs[0], runs[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch, k, h, count", [(8, 512, 512, 4), (8, 300, 500, 2), (8, 600, 1000, 2),
+                                                (64, 257, 256, 4)])
+def test_a_product_into_a_grouped_register_is_the_product(monkeypatch, batch, k, h, count, threads):
+    """Into (groups, batch, h): one stacked matmul over the groups' column blocks (one
+    narrower block each where the width does not divide h), or over parts of them, one a
+    thread, when the product is large."""
+    monkeypatch.setattr(vm_module, "_OPENBLAS", True)
+    monkeypatch.setattr(nn2run.threads.POOL, "threads", threads)
+    rng = np.random.default_rng(34)
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    table = rewrite.laid_out(rng.standard_normal((k, count * h)).astype(np.float32))
+    out = np.zeros((count, batch, h), np.float32)
+    calls = vm_module._product(out, x, table)
+    split = batch * k * count * h >= nn2run.threads.SPLIT_MIN and len(vm_module.column_blocks(batch, k, h)) > 1
+    assert (calls[0][0] == nn2run.threads.POOL.run) == split
+    for fn, args in calls:
+        fn(*args)
+    want = x.astype(np.float64) @ table.astype(np.float64)
+    np.testing.assert_allclose(out, want.reshape(batch, count, h).transpose(1, 0, 2), rtol=1e-4, atol=1e-4)
+
+
+def test_an_element_wise_operand_is_seen_as_groups():
+    rng = np.random.default_rng(35)
+    whole = rng.standard_normal((3, 20)).astype(np.float32)
+    view = whole[:, 4:16]                                      # (3, 12), strided, as 3 groups of 4
+    want = view.reshape(3, 3, 4).transpose(1, 0, 2)
+    np.testing.assert_array_equal(groups.grouped_view(view, 4), want)
+    row = rng.standard_normal(12).astype(np.float32)
+    np.testing.assert_array_equal(groups.grouped_view(row, 4)[:, 0], row.reshape(3, 4))
+    column = whole[:, :1]
+    assert groups.grouped_view(column, 4) is column and groups.grouped_view(np.float32(2), 4) == 2
+    grouped = np.zeros((3, 3, 4), np.float32)
+    assert groups.grouped_view(grouped, 4) is grouped
