@@ -172,7 +172,7 @@ def fold_bias_into_products(program: dict, tensors: dict) -> tuple[dict, dict]:
         if src[1] in slices:
             return None
         name = f"{weight}+{bias}"
-        extra[name] = np.vstack([extra[weight], extra[bias][None, :]]).astype(np.float32)
+        extra[name] = np.vstack([extra[weight], extra[bias][None, :]]).astype(np.float32, copy=False)
         return ["matmul1", dst, src, ["t", name]]
     return _fold_adds(program, tensors, "matmul", fold)
 
@@ -434,7 +434,7 @@ def fuse_summed_products(program: dict, tensors: dict) -> tuple[dict, dict]:
             name = f"[{xt}; {yt}]"
             bias = sum((tensors[t][-1] for t, has in ((xt, xb), (yt, yb)) if has), np.zeros(widths[ins[1]]))
             tensors[name] = np.vstack([tensors[xt][:widths[x]], tensors[yt][:widths[y]],
-                                       np.asarray(bias, np.float32)[None, :]]).astype(np.float32)
+                                       np.asarray(bias, np.float32)[None, :]]).astype(np.float32, copy=False)
             gone |= {writer[ins[2][1]], writer[ins[3][1]]}
             code[pc] = ["matmul2", ins[1], ["r", x], ["r", y], ["t", name]]
             taken |= pair
