@@ -28,6 +28,7 @@ import traceback
 import numpy as np
 
 from .codec import CodecError
+from .sample import stream
 
 
 class QueueFull(Exception):
@@ -88,9 +89,7 @@ class Request:
 
     def rng(self, index: int):
         # choice 0 draws like `nn2run --seed S`; the others from streams derived from the seed
-        if self.seed is None:
-            return np.random.default_rng()
-        return np.random.default_rng(self.seed if index == 0 else [self.seed, index])
+        return stream(self.seed, index)
 
 
 class Row:
