@@ -172,7 +172,7 @@ def fold_bias_into_products(program: dict, tensors: dict) -> tuple[dict, dict]:
         if src[1] in slices:
             return None
         name = f"{weight}+{bias}"
-        extra[name] = np.vstack([extra[weight], extra[bias][None, :]]).astype(np.float32, copy=False)
+        extra[name] = _stack([extra[weight], extra[bias][None, :]])
         return ["matmul1", dst, src, ["t", name]]
     return _fold_adds(program, tensors, "matmul", fold)
 
@@ -217,9 +217,8 @@ def _fold_one(code, pc, program, tensors):
 def _add_to_columns(ins, tensors, bias: str, lo: int, hi: int) -> list:
     op = ins[0]
     table = ins[3][1] if op in ("matmul", "matmul1") else ins[2][1]
-    t = np.array(tensors[table], dtype=np.float32, copy=True)
-    if op == "matmul":
-        t = np.vstack([t, np.zeros((1, t.shape[1]), np.float32)])
+    t = np.array(tensors[table], dtype=np.float32, copy=True) if op == "gather" else \
+        _stack([tensors[table]] + ([np.zeros((1, tensors[table].shape[1]), np.float32)] if op == "matmul" else []))
     t[-1 if op != "gather" else slice(None), lo:hi] += tensors[bias]
     name = f"{table}+{bias}"
     tensors[name] = t
@@ -328,8 +327,10 @@ class _ScalePlan:
         renamed = {}
         for name, (lo, hi) in self.cols.items():
             new = name if name.endswith(HALF) else name + HALF     # else a copy made by an earlier sigmoid
-            if new != name:
-                tensors[new] = np.array(tensors[name], dtype=np.float32, copy=True)
+            if new != name:         # a product's table is copied laid out (`laid_out`), a gather's whole
+                multiplied = any(self.code[pc][0] in PRODUCTS and self.code[pc][-1] == ["t", name]
+                                 for pc in self.visited)
+                tensors[new] = _stack([tensors[name]]) if multiplied else np.array(tensors[name], np.float32, copy=True)
             tensors[new][..., lo:hi] *= np.float32(0.5)
             renamed[name] = new
         for pc in self.visited:
@@ -433,8 +434,8 @@ def fuse_summed_products(program: dict, tensors: dict) -> tuple[dict, dict]:
                 continue
             name = f"[{xt}; {yt}]"
             bias = sum((tensors[t][-1] for t, has in ((xt, xb), (yt, yb)) if has), np.zeros(widths[ins[1]]))
-            tensors[name] = np.vstack([tensors[xt][:widths[x]], tensors[yt][:widths[y]],
-                                       np.asarray(bias, np.float32)[None, :]]).astype(np.float32, copy=False)
+            tensors[name] = _stack([tensors[xt][:widths[x]], tensors[yt][:widths[y]],
+                                    np.asarray(bias, np.float32)[None, :]])
             gone |= {writer[ins[2][1]], writer[ins[3][1]]}
             code[pc] = ["matmul2", ins[1], ["r", x], ["r", y], ["t", name]]
             taken |= pair
@@ -469,13 +470,28 @@ def laid_out(table: np.ndarray) -> np.ndarray:
     a line, with a row stride of N + 16 floats when N is a multiple of 16 (one line of
     padding, never read) and N otherwise. A table laid out so already is returned as is."""
     k, n = table.shape
-    stride = n + 16 if n % 16 == 0 else n
-    if table.dtype == np.float32 and table.ctypes.data % LINE == 0 and table.strides == (4 * stride, 4):
+    if table.dtype == np.float32 and table.ctypes.data % LINE == 0 and table.strides == (4 * _stride(n), 4):
         return table
-    buf = np.zeros(k * stride + LINE // 4, dtype=np.float32)
+    return _stack([table])
+
+
+def _stride(n: int) -> int:
+    return n + 16 if n % 16 == 0 else n
+
+
+def _stack(parts: list) -> np.ndarray:
+    """A new float32 table laid out as `laid_out` lays one out, whose rows are the rows of
+    `parts` (2-D, of one width) in order: the rewrites that make a product's table make it
+    laid out, so that it is copied once."""
+    k, n = sum(p.shape[0] for p in parts), parts[0].shape[1]
+    buf = np.empty(k * _stride(n) + LINE // 4, dtype=np.float32)
     start = (-buf.ctypes.data % LINE) // 4
-    out = buf[start:start + k * stride].reshape(k, stride)[:, :n]
-    out[...] = table
+    out = buf[start:start + k * _stride(n)].reshape(k, _stride(n))
+    out[:, n:] = 0.0                       # the padding line, never read
+    out, row = out[:, :n], 0
+    for p in parts:
+        out[row:row + p.shape[0]] = p
+        row += p.shape[0]
     return out
 
 
