@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import random
 from dataclasses import dataclass
 
@@ -78,11 +79,18 @@ class Sampler:
 
 
 def stream(seed: int | None = None, index: int = 0) -> random.Random:
-    """The uniform draws of a sampler seeded `seed` (None: from the system's entropy);
-    `index` > 0 gives the other streams derived from one seed (a request's n choices)."""
+    """The uniform draws of a sampler seeded `seed`, a non-negative integer (a NumPy one
+    too) or None (from the system's entropy); `index` > 0 gives the other streams derived
+    from one seed (a request's n choices). ValueError for any other seed."""
     if seed is None:
         return random.Random()
-    return random.Random(seed if index == 0 else f"{seed}/{index}")
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = -1
+    if value < 0:           # random.Random would take abs() of a negative one, or a float
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return random.Random(value if index == 0 else f"{value}/{index}")
 
 
 def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:

@@ -199,3 +199,15 @@ def test_bad_sampling_defaults_are_a_format_error(tmp_path, sampling, word):
 def test_the_files_temperature_is_the_default(tmp_path):
     path, _, _ = build_model(tmp_path / "m.nnb", "rnn", 4, 1, 5)
     assert nn2run.load(str(path)).sampling == {"temperature": 1.0}
+
+
+def test_a_sampler_takes_a_numpy_integer_seed_and_refuses_other_seeds():
+    logits = np.random.default_rng(3).standard_normal((1, 30)).astype(np.float32)
+
+    def draws(seed):
+        sampler = Sampler(SamplerConfig(), seed)
+        return [int(sampler(logits)[0]) for _ in range(20)]
+    assert draws(np.int64(5)) == draws(5) != draws(6)
+    for bad in (-1, 5.0, "5"):         # random.Random would take abs(-1), 5.0 and "5" as seeds
+        with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+            Sampler(SamplerConfig(), bad)

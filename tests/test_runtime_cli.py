@@ -269,3 +269,10 @@ def test_a_lazily_registered_command_is_imported_only_when_named(tmp_path, monke
     finally:
         main._lazy.pop("hello")
         main.commands.pop("hello", None)
+
+
+def test_a_negative_seed_is_refused_in_one_line(model):
+    """Python's random takes abs() of a negative seed: --seed -1 would give --seed 1's text."""
+    r = run(model, "-n", "5", "--seed", "-1")
+    assert r.returncode == 1 and r.stdout == b""
+    assert one_line(r.stderr) == "nn2run: seed must be a non-negative integer, got -1\n"
