@@ -81,7 +81,7 @@ def _binary(fn):
     """The binder of an element-wise ufunc `fn(a, b, out)`; a scalar column is spread into
     `out` first, and `fn` then reads `out` in its place (the same column, so in place is safe)."""
     def bind(out, a, b):
-        if out.ndim == 2 and out.shape[1] > 1:
+        if out.ndim >= 2 and out.shape[-1] > 1:    # (batch, n) or groups (nn2run.groups)
             if _column(a):
                 return [(np.copyto, (out, a)), (fn, (out, b, out))]
             if _column(b):

@@ -468,3 +468,39 @@ def test_an_element_wise_operand_is_seen_as_groups():
     assert groups.grouped_view(column, 4) is column and groups.grouped_view(np.float32(2), 4) == 2
     grouped = np.zeros((3, 3, 4), np.float32)
     assert groups.grouped_view(grouped, 4) is grouped
+
+
+def test_groups_meet_columns_tensors_constants_and_whole_registers():
+    """A program written here: a gate register times a row's sum (a column, either side), a
+    row of weights, a constant and a gathered (batch, 4H) register read as groups, a slice
+    of two groups times a 2H row; grouped at batch 24 and 64 (the product is bound whole or
+    in blocks), against float64."""
+    from nn2run import isa
+    hidden, vocab = 64, 64
+    rng = np.random.default_rng(36)
+    tensors = {n: rng.uniform(-0.5, 0.5, s).astype(np.float32)
+               for n, s in {"E": (vocab, 4 * hidden), "W": (hidden, 4 * hidden), "b": (4 * hidden,),
+                            "v": (2 * hidden,)}.items()}
+    r, t, k = (lambda i: ["r", i]), (lambda n: ["t", n]), (lambda x: ["k", x])
+    code = [["gather", 1, t("E")], ["matmul", 2, r(0), t("W")], ["sum", 3, r(0)],
+            ["mul", 4, r(2), r(3)], ["sub", 5, r(3), r(4)], ["add", 6, r(5), t("b")], ["add", 7, r(6), r(1)],
+            ["mul", 8, r(7), k(0.5)], ["slice", 9, r(8), 64], ["mul", 10, r(9), t("v")], ["slice", 11, r(10), 64],
+            ["slice", 12, r(8), 0], ["add", 13, r(11), r(12)], ["tanh", 14, r(13)], ["tanh", 15, r(8)],
+            ["slice", 16, r(15), 192]]
+    widths = [hidden, 4 * hidden, 4 * hidden, 1, *[4 * hidden] * 5, 2 * hidden, 2 * hidden, hidden, hidden, hidden,
+              hidden, 4 * hidden, vocab]
+    program = {"registers": widths, "states": [{"name": "h", "layer": 0, "prev": 0, "next": 14}], "logits": 16,
+               "code": code}
+    isa.validate(program, {n: a.shape for n, a in tensors.items()}, vocab)
+    p = {n: a.astype(np.float64) for n, a in tensors.items()}
+    for batch in (24, 64):
+        vm = VM(program, tensors, batch)
+        assert any(a.shape[0] == 4 for a in _grouped(vm))
+        vm.reset()
+        h = np.zeros((batch, hidden))
+        for step in range(5):
+            ids = (np.arange(batch) + step) % vocab
+            q = ((h.sum(1, keepdims=True) - (h @ p["W"]) * h.sum(1, keepdims=True)) + p["b"] + p["E"][ids]) * 0.5
+            h, want = np.tanh((q[:, 64:192] * p["v"])[:, 64:128] + q[:, :64]), np.tanh(q)[:, 192:]
+            np.testing.assert_allclose(vm.advance(ids), want, rtol=1e-4, atol=2e-4)   # float32 sums of 64
+        np.testing.assert_allclose(vm.state_arrays()[0], h, rtol=1e-4, atol=2e-4)
