@@ -161,6 +161,7 @@ class Model(Opened):
         h = self.header
         self.layers, self.hidden, self.codec = check_sizes(h)
         self.vocab = self.codec.vocab
+        self._vocab_size = len(self.vocab)
         shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
         validate(h.get("program"), shapes, len(self.vocab))
         self.program = h["program"]
@@ -294,20 +295,23 @@ class Model(Opened):
             for buf, a in zip(vm.state_arrays(), state._arrays):
                 buf[...] = a
         logits = vm.advance(self._step_ids(ids, vm.batch))
-        return logits.copy(), vm.hand_out(State(self._names_list, ()))
+        return logits.copy(), vm.hand_out(State.__new__(State), self._names_list)
 
     def _step_ids(self, ids, batch: int) -> np.ndarray:
         """check_ids, with a quick path for an intp array of the right shape (what step()'s
         callers usually pass): its values as Python ints are cheaper to bound than a reduction."""
-        if type(ids) is np.ndarray and ids.dtype == np.intp and ids.shape == (batch,):
+        if type(ids) is np.ndarray and ids.dtype is _INTP and ids.shape == (batch,):
             vals = ids.tolist()
-            if vals and 0 <= min(vals) and max(vals) < len(self.vocab):
+            if vals and 0 <= min(vals) and max(vals) < self._vocab_size:
                 return ids
         return self.check_ids(ids, (batch,))
 
     def _release(self) -> None:
         self._vms.clear()
         self._bound = None
+
+
+_INTP = np.dtype(np.intp)     # NumPy's built-in dtypes are singletons: `is` is the quick test
 
 
 def _check_batch(batch) -> None:

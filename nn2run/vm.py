@@ -180,6 +180,7 @@ class VM:
             else:
                 base[r] = plain_register(batch, widths[r], r in padded, self._with_ones)
         self._buffers = [(base[s["prev"]], base[s["next"]]) for s in self._states]  # per state: (A, B)
+        self._sets = [[pair[k] for pair in self._buffers] for k in (0, 1)]        # per parity: the buffers
         self._bindings = [self._bind(program, tensors, base, swap) for swap in (False, True)]
         self.parity = 0
         self._holders = [None, None]    # per buffer set: a weak reference to the State it was handed out as
@@ -264,10 +265,12 @@ class VM:
         self._release(self.parity)
         return [pair[self.parity] for pair in self._buffers]
 
-    def hand_out(self, state):
-        """`state` (a `nn2run.model.State`) made of the current buffers, without a copy;
-        the VM detaches it (the State copies them) before it writes them again."""
-        state._arrays = [pair[self.parity] for pair in self._buffers]
+    def hand_out(self, state, names: list):
+        """`state` (a new `nn2run.model.State`, not yet initialized) as the State of `names`
+        made of the current buffers, without a copy; the VM detaches it (the State copies
+        them) before it writes them again."""
+        state.names = list(names)
+        state._arrays = self._sets[self.parity]     # replaced, never changed in place, by State
         state._vm = self
         self._holders[self.parity] = weakref.ref(state)
         return state
