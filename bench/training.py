@@ -117,7 +117,7 @@ def _compare(tmp, device: str, steps: int, reps: int, hidden=256, layers=2, seq=
 
 def bench_train(tmp, quick: bool):
     import torch
-    steps, reps = (3, 2) if quick else (6, 3)
+    steps, reps = (3, 2) if quick else (6, 5)
     rate, times, vocab = _compare(tmp, "cpu", steps, reps, fused=True)
     t = Table("training 2×256, seq 100, batch 32, CPU: nn2c Trainer.step vs torch.nn.LSTM + Linear")
     t.add(f"chars/s ({rate['loop']} loop)", f"{rate['nn2']:,.0f}", f"{rate['torch']:,.0f}",
@@ -140,7 +140,7 @@ def bench_train_sizes(tmp, quick: bool):
     import torch
     t = Table("training by size, seq 100, batch 32, CPU: native loop vs fused loop vs torch.nn.LSTM + Linear")
     for hidden, steps in ((32, 10 if quick else 30), (256, 3 if quick else 6)):
-        rate, times, _ = _compare(tmp, "cpu", steps, 2 if quick else 3, hidden=hidden, fused=True)
+        rate, times, _ = _compare(tmp, "cpu", steps, 2 if quick else 5, hidden=hidden, fused=True)
         fu = rate["nn2 fused loop"]
         t.add(f"2×{hidden} chars/s ({rate['loop']} loop)", f"{rate['nn2']:,.0f}", f"{rate['torch']:,.0f}",
               verdict(rate["nn2"] / rate["torch"], at_least=1.0), "—")
