@@ -25,12 +25,10 @@ name). Each rewrite removes element-wise passes over the batch:
   the register pair [x, y, 1], which the VM lays side by side in one array, instead of two
   products and the add (at batch 64, 2×256: ~10% of those products' time).
 - `lay_out_tables`: last, every product's table is copied to where BLAS reads it fastest
-  (`laid_out`): rows that start on a cache line and, when a row is a whole number of cache
-  lines, one line more apart than their length. Rows 4 or 8 KB apart (1024 or 2048
-  columns) fall in the same few cache sets, so a column block of hundreds of rows evicts
-  itself as it is read (`nn2run.vm`'s column blocks, and the gemv at batch 1): same values,
-  same names, 1.0-1.9× faster products at batch 1-16 and ~1.05-1.1× at 32-64 (2×256 and
-  2×512 cells, one thread).
+  (`nn2run.tables.laid_out`: rows on cache lines, 4 KB strides broken), unless a rewrite
+  above made it so already (`nn2run.tables.stacked`): same values, same names, 1.0-1.9×
+  faster products at batch 1-16 and ~1.05-1.1× at 32-64 (2×256 and 2×512 cells, one
+  thread).
 
 `LOADTIME` holds the opcodes these rewrites add, in the registry's form (`nn2run.ops`).
 
@@ -42,9 +40,9 @@ from __future__ import annotations
 import numpy as np
 
 from .ops import Op
+from .tables import laid_out, stacked
 
 FOLD_LIMIT = 1 << 22      # bytes: bias-folded gather tables larger than this are not made
-LINE = 64                 # bytes: a cache line
 PRODUCTS = ("matmul", "matmul1", "matmul2")
 HALF = "·½"               # suffix of a tensor whose columns a sigmoid's ½ was folded into
 
@@ -172,7 +170,7 @@ def fold_bias_into_products(program: dict, tensors: dict) -> tuple[dict, dict]:
         if src[1] in slices:
             return None
         name = f"{weight}+{bias}"
-        extra[name] = _stack([extra[weight], extra[bias][None, :]])
+        extra[name] = stacked([extra[weight], extra[bias][None, :]])
         return ["matmul1", dst, src, ["t", name]]
     return _fold_adds(program, tensors, "matmul", fold)
 
@@ -218,7 +216,7 @@ def _add_to_columns(ins, tensors, bias: str, lo: int, hi: int) -> list:
     op = ins[0]
     table = ins[3][1] if op in ("matmul", "matmul1") else ins[2][1]
     t = np.array(tensors[table], dtype=np.float32, copy=True) if op == "gather" else \
-        _stack([tensors[table]] + ([np.zeros((1, tensors[table].shape[1]), np.float32)] if op == "matmul" else []))
+        stacked([tensors[table]] + ([np.zeros((1, tensors[table].shape[1]), np.float32)] if op == "matmul" else []))
     t[-1 if op != "gather" else slice(None), lo:hi] += tensors[bias]
     name = f"{table}+{bias}"
     tensors[name] = t
@@ -330,7 +328,8 @@ class _ScalePlan:
             if new != name:         # a product's table is copied laid out (`laid_out`), a gather's whole
                 multiplied = any(self.code[pc][0] in PRODUCTS and self.code[pc][-1] == ["t", name]
                                  for pc in self.visited)
-                tensors[new] = _stack([tensors[name]]) if multiplied else np.array(tensors[name], np.float32, copy=True)
+                source = tensors[name]
+                tensors[new] = stacked([source]) if multiplied else np.array(source, np.float32, copy=True)
             tensors[new][..., lo:hi] *= np.float32(0.5)
             renamed[name] = new
         for pc in self.visited:
@@ -434,7 +433,7 @@ def fuse_summed_products(program: dict, tensors: dict) -> tuple[dict, dict]:
                 continue
             name = f"[{xt}; {yt}]"
             bias = sum((tensors[t][-1] for t, has in ((xt, xb), (yt, yb)) if has), np.zeros(widths[ins[1]]))
-            tensors[name] = _stack([tensors[xt][:widths[x]], tensors[yt][:widths[y]],
+            tensors[name] = stacked([tensors[xt][:widths[x]], tensors[yt][:widths[y]],
                                     np.asarray(bias, np.float32)[None, :]])
             gone |= {writer[ins[2][1]], writer[ins[3][1]]}
             code[pc] = ["matmul2", ins[1], ["r", x], ["r", y], ["t", name]]
@@ -463,36 +462,6 @@ def _rewritten_between(code, regs: set, lo: int, hi: int) -> bool:
     """Whether an instruction in (lo, hi) writes one of regs (the pair must hold at hi what
     the products read at lo)."""
     return any(code[pc][1] in regs for pc in range(lo + 1, hi))
-
-
-def laid_out(table: np.ndarray) -> np.ndarray:
-    """`table` (K, N) float32 with its rows on cache lines: a view of a buffer that starts on
-    a line, with a row stride of N + 16 floats when N is a multiple of 16 (one line of
-    padding, never read) and N otherwise. A table laid out so already is returned as is."""
-    k, n = table.shape
-    if table.dtype == np.float32 and table.ctypes.data % LINE == 0 and table.strides == (4 * _stride(n), 4):
-        return table
-    return _stack([table])
-
-
-def _stride(n: int) -> int:
-    return n + 16 if n % 16 == 0 else n
-
-
-def _stack(parts: list) -> np.ndarray:
-    """A new float32 table laid out as `laid_out` lays one out, whose rows are the rows of
-    `parts` (2-D, of one width) in order: the rewrites that make a product's table make it
-    laid out, so that it is copied once."""
-    k, n = sum(p.shape[0] for p in parts), parts[0].shape[1]
-    buf = np.empty(k * _stride(n) + LINE // 4, dtype=np.float32)
-    start = (-buf.ctypes.data % LINE) // 4
-    out = buf[start:start + k * _stride(n)].reshape(k, _stride(n))
-    out[:, n:] = 0.0                       # the padding line, never read
-    out, row = out[:, :n], 0
-    for p in parts:
-        out[row:row + p.shape[0]] = p
-        row += p.shape[0]
-    return out
 
 
 def lay_out_tables(program: dict, tensors: dict) -> tuple[dict, dict]:

@@ -19,7 +19,7 @@ a product of at most 10⁶ multiply-adds with its small-matrix kernel, which rea
 weights where they lie, while a larger one first copies (packs) the whole weight matrix,
 which at a few rows costs more than the arithmetic. A 256×1024 product at batch 8 takes
 about half the time as three blocks of ~342 columns. The tables are laid out for it at load
-(`nn2run.rewrite.laid_out`: rows on cache lines, 4 KB strides broken).
+(`nn2run.tables`: rows on cache lines, 4 KB strides broken).
 
 A register read in groups of columns (a cell's gates) is a (groups, batch, width) array
 (`nn2run.groups`): its slices are groups, contiguous, and an element-wise instruction that

@@ -15,7 +15,7 @@ import pytest
 
 import nn2run
 import nn2run.threads
-from nn2run import groups, rewrite
+from nn2run import groups, rewrite, tables
 from nn2run import vm as vm_module
 from nn2run.vm import VM
 from support.models import build_model
@@ -313,10 +313,10 @@ def test_a_laid_out_table_has_its_values_on_cache_lines(k, n, stride):
     """Rows start on 64-byte lines, and a row of whole lines gets one more line of stride, so
     that rows 4 KB apart do not share cache sets; the values are the table's."""
     table = np.random.default_rng(17).standard_normal((k + 1, n)).astype(np.float32)[1:]   # off a line
-    got = rewrite.laid_out(table)
+    got = tables.laid_out(table)
     np.testing.assert_array_equal(got, table)
     assert got.ctypes.data % 64 == 0 and got.strides == (4 * stride, 4)
-    assert rewrite.laid_out(got) is got                 # laid out once (the decoder binds twice)
+    assert tables.laid_out(got) is got                 # laid out once (the decoder binds twice)
 
 
 def test_every_product_reads_a_laid_out_table(tmp_path):
@@ -340,7 +340,7 @@ def test_a_product_bound_in_column_blocks_is_the_product(monkeypatch, batch, k, 
     monkeypatch.setattr(nn2run.threads.POOL, "threads", threads)
     rng = np.random.default_rng(19)
     x = rng.standard_normal((batch, k)).astype(np.float32)
-    table = rewrite.laid_out(rng.standard_normal((k, n)).astype(np.float32))
+    table = tables.laid_out(rng.standard_normal((k, n)).astype(np.float32))
     out = np.zeros((batch, n + 3), np.float32)[:, 1:n + 1]         # a view, as the VM's registers are
     calls = vm_module._product(out, x, table)
     split = batch * k * n >= nn2run.threads.SPLIT_MIN
@@ -445,7 +445,7 @@ def test_a_product_into_a_grouped_register_is_the_product(monkeypatch, batch, k,
     monkeypatch.setattr(nn2run.threads.POOL, "threads", threads)
     rng = np.random.default_rng(34)
     x = rng.standard_normal((batch, k)).astype(np.float32)
-    table = rewrite.laid_out(rng.standard_normal((k, count * h)).astype(np.float32))
+    table = tables.laid_out(rng.standard_normal((k, count * h)).astype(np.float32))
     out = np.zeros((count, batch, h), np.float32)
     calls = vm_module._product(out, x, table)
     split = batch * k * count * h >= nn2run.threads.SPLIT_MIN and len(vm_module.column_blocks(batch, k, h)) > 1
