@@ -32,11 +32,11 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .ops import POINTWISE
-from .rewrite import PRODUCTS, padded_registers, register_pairs
+from .rewrite import LOADTIME, PRODUCTS, padded_registers, register_pairs
 
 MIN_GROUP = 64          # columns: narrower groups make a product many small BLAS calls
 ALIGN = 16              # columns: a group starts on a cache line of a laid-out table
-ELEMENTWISE = frozenset(POINTWISE) | {"sigmoid½"}
+ELEMENTWISE = frozenset(POINTWISE) | {name for name, op in LOADTIME.items() if op.kind == "activation"}
 
 
 def grouped_registers(program: dict, flat=()) -> dict[int, int]:

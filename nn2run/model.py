@@ -295,7 +295,9 @@ class Model(Opened):
             for buf, a in zip(vm.state_arrays(), state._arrays):
                 buf[...] = a
         logits = vm.advance(self._step_ids(ids, vm.batch))
-        return logits.copy(), vm.hand_out(State.__new__(State), self._names_list)
+        state = State.__new__(State)        # its arrays are the VM's buffers: no __init__ copies
+        state.names = list(self._names_list)
+        return logits.copy(), vm.hand_out(state)
 
     def _step_ids(self, ids, batch: int) -> np.ndarray:
         """check_ids, with a quick path for an intp array of the right shape (what step()'s

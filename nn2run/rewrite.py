@@ -215,8 +215,11 @@ def _fold_one(code, pc, program, tensors):
 def _add_to_columns(ins, tensors, bias: str, lo: int, hi: int) -> list:
     op = ins[0]
     table = ins[3][1] if op in ("matmul", "matmul1") else ins[2][1]
-    t = np.array(tensors[table], dtype=np.float32, copy=True) if op == "gather" else \
-        stacked([tensors[table]] + ([np.zeros((1, tensors[table].shape[1]), np.float32)] if op == "matmul" else []))
+    if op == "gather":                  # a gather's table stays whole: take() copies a strided one
+        t = np.array(tensors[table], dtype=np.float32, copy=True)
+    else:                               # a product's is laid out; a matmul's gets its bias row
+        bias_row = [np.zeros((1, tensors[table].shape[1]), np.float32)] if op == "matmul" else []
+        t = stacked([tensors[table], *bias_row])
     t[-1 if op != "gather" else slice(None), lo:hi] += tensors[bias]
     name = f"{table}+{bias}"
     tensors[name] = t

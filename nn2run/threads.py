@@ -2,8 +2,8 @@
 
 At a small batch the VM binds a product as column blocks that OpenBLAS multiplies with its
 small-matrix kernel (`nn2run.vm.column_blocks`), which runs on the calling thread whatever
-OpenBLAS's thread count. A large one is bound in parts (`split`): `run` hands all but the
-first part to worker threads and does the first itself; NumPy releases the GIL inside each
+OpenBLAS's thread count. A large one is bound in parts, one per thread (`nn2run.vm`):
+`POOL.run` hands all but the first part to worker threads and does the first itself; NumPy releases the GIL inside each
 matmul, so the parts run at once (a 8 × 513 × 2048 product: ~1.8× on two cores). Parts
 too small to pay for the hand-over (~10 µs) are not split.
 
@@ -119,11 +119,3 @@ def set_threads(n: int) -> None:
 def get_threads() -> int:
     return POOL.threads
 
-
-def split(calls: list, work: int) -> list:
-    """`calls` (independent (fn, args) that together make one product of `work`
-    multiply-adds) as the one instruction that runs them in parts on the pool, or as they
-    are when the product is too small to split or is one call."""
-    if work < SPLIT_MIN or len(calls) < 2:
-        return calls
-    return [(POOL.run, ([[c] for c in calls],))]

@@ -88,58 +88,33 @@ def plain_register(batch: int, width: int, ones: bool, with_ones: dict) -> np.nd
 
 
 def _product(out, x, w) -> list:
-    """out = x @ w as bound: whole, or its column blocks, those of one width as one stacked
-    matmul (NumPy calls BLAS once per block from C: no Python call per block); a large
-    product's blocks as one stacked matmul per thread, run at once (`nn2run.threads`).
-    A grouped out (`nn2run.groups`) is `_grouped_product`."""
-    if out.ndim == 3:
-        return _grouped_product(out, x, w)
-    blocks = column_blocks(out.shape[0], *w.shape)
-    if len(blocks) == 1:
-        return [(np.matmul, (x, w, out))]
-    width = blocks[0][1]
-    full = sum(hi - lo == width for lo, hi in blocks)
-    work = out.shape[0] * w.shape[0] * w.shape[1]
-    parts = min(full, max(2, threads.get_threads())) if work >= threads.SPLIT_MIN else 1
-    cuts = [full * k // parts for k in range(parts + 1)]
-    calls = [_stacked(out, x, w, a * width, b - a, width) for a, b in zip(cuts, cuts[1:])]
-    rest = full * width
-    if rest < w.shape[1]:
-        calls.append((np.matmul, (x, w[:, rest:], out[:, rest:])))
-    return threads.split(calls, work)
-
-
-def _stacked(out, x, w, lo: int, count: int, width: int):
-    """One matmul of x by `count` column blocks of w from column lo, into those of out."""
-    (w_row, w_col), (o_row, o_col) = w.strides, out.strides
-    return (np.matmul, (x, as_strided(w[:, lo:], (count, w.shape[0], width), (width * w_col, w_row, w_col)),
-                        as_strided(out[:, lo:], (count, out.shape[0], width), (width * o_col, o_row, o_col))))
-
-
-def _grouped_product(out, x, w) -> list:
-    """out (groups, batch, h) = x @ w, w's columns g·h to (g + 1)·h into out[g]: one stacked
-    matmul over views of the table's column groups, each group in column blocks where the
-    batch has them (those of one width in the same call, a narrower last one in one more);
-    a large product's blocks in parts, one per thread, each a stacked matmul per group."""
-    groups, batch, h = out.shape
+    """out = x @ w as bound, out a (batch, n) register or a grouped one (groups, batch, h)
+    whose group g is w's columns g·h to (g + 1)·h (`nn2run.groups`; a (batch, n) register
+    is one group). Whole when the product is one call, else each group in column blocks:
+    those of one width in one stacked matmul over views of the table and of out (NumPy calls
+    BLAS once per block, from C), a narrower last one in one more; a large product's blocks
+    in parts, one per thread, run at once (`nn2run.threads`)."""
+    grid = out if out.ndim == 3 else out[None]
+    groups, batch, h = grid.shape
     blocks = column_blocks(batch, w.shape[0], h)
+    if len(blocks) == 1 and out.ndim == 2:
+        return [(np.matmul, (x, w, out))]
     width = blocks[0][1]
     full = sum(hi - lo == width for lo, hi in blocks)
     rest = h - full * width
     work = batch * w.shape[0] * w.shape[1]
     if len(blocks) == 1 or work < threads.SPLIT_MIN:
-        calls = [_grid(out, x, w, 0, full, width)]
-        return calls + [_grid(out, x, w, full * width, 1, rest)] if rest else calls
+        return [_grid(grid, x, w, 0, full, width)] + ([_grid(grid, x, w, full * width, 1, rest)] if rest else [])
     parts = min(groups * full, max(2, threads.get_threads()))
     cuts = [groups * full * k // parts for k in range(parts + 1)]
     shares = []
-    for a, b in zip(cuts, cuts[1:]):            # blocks a..b of the groups' blocks in order
+    for a, b in zip(cuts, cuts[1:]):            # blocks a..b of the groups' blocks, in order
         share = []
         for g in range(a // full, _ceil(b, full)):
             lo, hi = max(a, g * full) - g * full, min(b, (g + 1) * full) - g * full
-            share.append(_stacked(out[g], x, w[:, g * h:], lo * width, hi - lo, width))
+            share.append(_grid(grid[g:g + 1], x, w[:, g * h:], lo * width, hi - lo, width))
             if hi == full and rest:
-                share.append((np.matmul, (x, w[:, g * h + full * width:(g + 1) * h], out[g][:, full * width:])))
+                share.append(_grid(grid[g:g + 1], x, w[:, g * h:], full * width, 1, rest))
         shares.append(share)
     return [(threads.POOL.run, (shares,))]
 
@@ -265,11 +240,9 @@ class VM:
         self._release(self.parity)
         return [pair[self.parity] for pair in self._buffers]
 
-    def hand_out(self, state, names: list):
-        """`state` (a new `nn2run.model.State`, not yet initialized) as the State of `names`
-        made of the current buffers, without a copy; the VM detaches it (the State copies
-        them) before it writes them again."""
-        state.names = list(names)
+    def hand_out(self, state):
+        """`state` (a `nn2run.model.State`) made of the current buffers, without a copy;
+        the VM detaches it (the State copies them) before it writes them again."""
         state._arrays = self._sets[self.parity]     # replaced, never changed in place, by State
         state._vm = self
         self._holders[self.parity] = weakref.ref(state)

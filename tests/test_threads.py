@@ -52,15 +52,12 @@ def test_an_error_in_a_workers_part_reaches_the_caller_and_the_pool_still_works(
     assert sorted(k for k, _ in seen) == [0, 1]
 
 
-def test_two_threads_compute_a_split_product_like_one():
+def test_two_threads_compute_a_product_in_parts_like_one(pool):
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((8, 300)).astype(np.float32), rng.standard_normal((300, 512)).astype(np.float32)
     out = np.zeros((8, 512), np.float32)
-    calls = [(np.matmul, (x, w[:, lo:lo + 128], out[:, lo:lo + 128])) for lo in range(0, 512, 128)]
-    for fn, args in threads.split(calls, threads.SPLIT_MIN):
-        fn(*args)
+    pool.run([[(np.matmul, (x, w[:, lo:lo + 128], out[:, lo:lo + 128]))] for lo in range(0, 512, 128)])
     np.testing.assert_allclose(out, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
-    assert threads.split(calls, threads.SPLIT_MIN - 1) is calls          # too small: as it is
 
 
 @pytest.mark.parametrize("env, want", [({"OPENBLAS_NUM_THREADS": "3"}, 3), ({"OMP_NUM_THREADS": "5"}, 5),

@@ -344,10 +344,16 @@ def test_a_product_bound_in_column_blocks_is_the_product(monkeypatch, batch, k, 
     out = np.zeros((batch, n + 3), np.float32)[:, 1:n + 1]         # a view, as the VM's registers are
     calls = vm_module._product(out, x, table)
     split = batch * k * n >= nn2run.threads.SPLIT_MIN
-    parts = [part[0] for part in calls[0][1][0]] if split else calls
+    narrower = n % vm_module.column_blocks(batch, k, n)[0][1] != 0
     assert (calls[0][0] == nn2run.threads.POOL.run) == split
-    assert len(parts) == (2 if split else 1) + (n % vm_module.column_blocks(batch, k, n)[0][1] != 0)
-    assert parts[0][1][1].ndim == 3
+    if split:                                   # two shares, the narrower block in the last
+        shares = calls[0][1][0]
+        assert len(shares) == 2 and [len(sh) for sh in shares] == [1, 1 + narrower]
+        stacks = [c for sh in shares for c in sh]
+    else:
+        assert len(calls) == 1 + narrower
+        stacks = calls
+    assert all(fn is np.matmul and args[1].ndim == 4 for fn, args in stacks)
     for fn, args in calls:
         fn(*args)
     np.testing.assert_allclose(out, x.astype(np.float64) @ table.astype(np.float64), rtol=1e-4, atol=1e-4)
