@@ -40,19 +40,29 @@ class Sampler:
         config.check()
         self.config = config
         self.rng = stream(seed)
-        self._scratch: dict[tuple, tuple] = {}
+        self._scratch: dict[int, tuple] = {}
 
     def _buffers(self, shape: tuple) -> tuple:
-        if shape not in self._scratch:
-            rows = shape[0]
-            self._scratch[shape] = (np.empty(shape, np.float32), np.empty(shape, np.float32),
-                                    np.empty((rows, 1), np.float32), np.empty(shape, bool))
-        return self._scratch[shape]
+        """Scratch arrays for `shape` (rows, vocab): one set per vocab, as many rows as the
+        most yet (a server's groups of rows vary from step to step), and views of them."""
+        rows, vocab = shape
+        have = self._scratch.get(vocab)
+        if have is None or have[0].shape[0] < rows:
+            have = self._scratch[vocab] = (np.empty(shape, np.float32), np.empty(shape, np.float32),
+                                           np.empty((rows, 1), np.float32), np.empty(shape, bool))
+        return have if have[0].shape[0] == rows else tuple(a[:rows] for a in have)
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
-        cfg = self.config
-        if cfg.greedy:
+        if self.config.greedy:
             return logits.argmax(axis=1)
+        return self.draw(logits, [self.rng.random] * logits.shape[0])
+
+    def draw(self, logits: np.ndarray, uniforms: list) -> np.ndarray:
+        """One token per row of logits (batch, vocab) with this sampler's settings (not
+        greedy), row i's uniform draw from `uniforms[i]()`, called once each in row order:
+        the rows of a server's batch draw from generators of their own with the arithmetic
+        of a sampler alone."""
+        cfg = self.config
         z, cdf, col, mask = self._buffers(logits.shape)
         np.max(logits, axis=1, keepdims=True, out=col)      # the max of logits / T is max(logits) / T
         np.subtract(logits, col, out=z)
@@ -70,10 +80,9 @@ class Sampler:
         np.cumsum(z, axis=1, out=cdf)
         last = z.shape[1] - 1
         if z.shape[0] == 1:     # one stream: a binary search finds the count of cdf ≤ u
-            u = np.float32(self.rng.random() * float(cdf[0, last]))
+            u = np.float32(uniforms[0]() * float(cdf[0, last]))
             return np.array([min(int(cdf[0].searchsorted(u, "right")), last)], np.intp)
-        draw = self.rng.random
-        u = (np.array([[draw()] for _ in range(z.shape[0])]) * cdf[:, -1:]).astype(np.float32)
+        u = (np.array([[draw()] for draw in uniforms]) * cdf[:, -1:]).astype(np.float32)
         np.less_equal(cdf, u, out=mask)
         return np.minimum(mask.sum(axis=1), last)
 

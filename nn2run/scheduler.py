@@ -28,7 +28,7 @@ import traceback
 import numpy as np
 
 from .codec import CodecError
-from .sample import stream
+from .sample import Sampler, SamplerConfig, stream
 
 
 class QueueFull(Exception):
@@ -74,7 +74,12 @@ class Request:
     def __init__(self, primes, max_tokens: int, temperature: float, top_k, top_p, seed, stops,
                  deadline: float, decoders):
         self.primes, self.max_tokens = primes, max_tokens
-        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+        self.seed = seed
+        # the rows' sampler settings (the transports checked the values): rows that share
+        # them sample in one call (`sample_rows`)
+        self.config = SamplerConfig(temperature=temperature or 1.0, top_k=top_k, top_p=top_p,
+                                    greedy=temperature == 0)
+        self.setting = (self.config.temperature, top_k, top_p, self.config.greedy)   # a fast key
         self.stops = [s for s in stops if s]
         self.deadline = deadline
         self.decoders = decoders
@@ -149,42 +154,25 @@ class Row:
         return out
 
 
-def sample_rows(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
-    """One token per row, each with its own temperature, top-k, top-p and generator.
-
-    Per row this is the arithmetic of `nn2run.sample.Sampler` (float64 softmax, the same
-    masks, one uniform draw scaled by the last cumulative value), so a row draws what
-    `nn2run --seed` draws from the same logits; temperature 0 takes the most likely token.
-    """
-    n, vocab = logits.shape
-    req = [r.request for r in rows]
-    temps = np.array([q.temperature for q in req])
-    out = np.empty(n, np.intp)
-    greedy = temps == 0
-    if greedy.any():
-        out[greedy] = logits[greedy].argmax(axis=1)
-    live = np.flatnonzero(~greedy)
-    if not live.size:
-        return out
-    z = logits[live].astype(np.float64) / temps[live, None]
-    z -= z.max(axis=1, keepdims=True)
-    ks = np.array([min(req[i].top_k or vocab, vocab) for i in live])
-    if (ks < vocab).any():
-        kth = np.sort(z, axis=1)[np.arange(live.size), vocab - ks][:, None]
-        z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    ps = np.array([req[i].top_p if req[i].top_p is not None and req[i].top_p < 1 else np.inf for i in live])
-    if np.isfinite(ps).any():
-        order = np.argsort(-p, axis=1)
-        sorted_p = np.take_along_axis(p, order, axis=1)
-        keep_sorted = np.cumsum(sorted_p, axis=1) - sorted_p < ps[:, None]
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=1)
-        p = np.where(keep, p, 0.0)
-    cdf = np.cumsum(p, axis=1)
-    u = np.array([rows[i].rng.random() for i in live])[:, None] * cdf[:, -1:]
-    out[live] = np.minimum((cdf <= u).sum(axis=1), vocab - 1)
+def sample_rows(logits: np.ndarray, rows: list[Row], samplers: dict | None = None) -> np.ndarray:
+    """One token per row, each with its request's temperature, top-k and top-p and its own
+    generator: the rows of each setting in one `nn2run.sample.Sampler.draw`, so a row
+    draws what `nn2run --seed` draws from the same logits; temperature 0 takes the most
+    likely token. `samplers` keeps a sampler (and its scratch arrays) per setting."""
+    samplers = {} if samplers is None else samplers
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r.request.setting, []).append(i)
+    out = np.empty(len(rows), np.intp)
+    for setting, idx in groups.items():
+        part = logits if len(idx) == len(rows) else logits[idx]
+        config = rows[idx[0]].request.config
+        if config.greedy:
+            out[idx] = part.argmax(axis=1)
+            continue
+        if setting not in samplers:
+            samplers[setting] = Sampler(config)
+        out[idx] = samplers[setting].draw(part, [rows[i].rng.random for i in idx])
     return out
 
 
@@ -226,6 +214,7 @@ class Scheduler(Worker):
         self._pending: collections.deque = collections.deque()    # rows of admitted requests
         self._rows: list[Row] = []
         self._vm = None
+        self._samplers: dict = {}       # per sampler setting: its Sampler (nn2run.sample)
         # a codec served elsewhere decodes every row of a step in one call (nn2run.grpc.codec)
         self._decoder = model.codec.step_decoder() if hasattr(model.codec, "step_decoder") else None
         # figures for /metrics (written by the scheduler thread, read without a lock: ints)
@@ -367,7 +356,8 @@ class Scheduler(Worker):
         sampling = [i for i, r in enumerate(rows) if r.sampling()]
         if not sampling:
             return
-        tokens = sample_rows(logits[sampling], [rows[i] for i in sampling])
+        tokens = sample_rows(logits[:len(rows)] if len(sampling) == len(rows) else logits[sampling],
+                             [rows[i] for i in sampling], self._samplers)
         texts = self._decode(rows, sampling, tokens.tolist())
         now = time.monotonic()
         self.tokens += len(sampling)

@@ -26,6 +26,20 @@ def test_each_row_draws_what_the_sampler_draws_with_its_own_settings_and_seed():
             assert got[i] == ref(logits[i:i + 1])[0], (trial, CONFIGS[i])
 
 
+def test_rows_that_share_a_setting_draw_alike_in_groups_of_any_size():
+    # one sampler per setting serves every step (its scratch arrays for the most rows yet,
+    # views of them for fewer): groups of 5, 2, 7 and 1 rows of one setting beside others
+    logits = np.random.default_rng(1).normal(0, 3, (7, 30)).astype(np.float32)
+    samplers = {}
+    for trial, n in enumerate((5, 2, 7, 1, 6)):
+        settings = [(0.8, 5, None)] * n + [(1.0, None, 0.9)] * (7 - n)
+        rows = [Row(_request([0], 1, t, k, p, seed=10 * trial + i), 0) for i, (t, k, p) in enumerate(settings)]
+        got = sample_rows(logits, rows, samplers)
+        for i, (t, k, p) in enumerate(settings):
+            assert got[i] == Sampler(SamplerConfig(temperature=t, top_k=k, top_p=p), 10 * trial + i)(logits[i:i + 1])[0]
+    assert len(samplers) == 2
+
+
 def test_stop_text_is_held_back_until_it_cannot_start_a_stop_string():
     row = Row(Request([[0]], 10, 1.0, None, None, 0, ["abc"], 1e18, [list("xab c").__getitem__]), 0)
     sent = []
