@@ -36,8 +36,9 @@ class _Stream:
 
 
 class Streamer:
-    """One thread writes every streamed response: each tick it polls every stream's events
-    and sends what came with a non-blocking send. Per-connection threads would each wake
+    """One thread writes every streamed response: each tick, and at once when a request's
+    first token is out or a choice ends, it polls every stream's events and sends what
+    came with a non-blocking send. Per-connection threads would each wake
     for every few tokens and contend for the interpreter with the scheduler; a client that
     reads slowly keeps its unsent bytes here and cannot stall the others."""
 
@@ -52,7 +53,7 @@ class Streamer:
         """Hand a connection (headers already sent) and its EventStream to the writer."""
         stream = _Stream(sock, events)
         sock.settimeout(0)      # non-blocking: a socket with a timeout would wait for room to send
-        events.req.on_first_token = self._kick.set
+        events.req.wake = self._kick.set       # the first token, and each choice's end, go at once
         with self._lock:
             self._streams.append(stream)
         self._kick.set()

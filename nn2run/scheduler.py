@@ -90,7 +90,9 @@ class Request:
         self.open_rows = len(primes)
         self.generated = 0          # tokens sampled, over all rows
         self.stream = True          # False: each choice's text comes in one event, when it ends
-        self.on_first_token = None  # called (on the scheduler thread) once the first token is out
+        # called (on the scheduler thread) when its transport should send now rather than at
+        # its next tick: the first token is out, or a choice ended
+        self.wake = None
 
     def rng(self, index: int):
         # choice 0 draws like `nn2run --seed S`; the others from streams derived from the seed
@@ -361,29 +363,30 @@ class Scheduler(Worker):
         texts = self._decode(rows, sampling, tokens.tolist())
         now = time.monotonic()
         self.tokens += len(sampling)
-        done, first = [], []
+        done, woken = [], {}
         for i, tok, text in zip(sampling, tokens.tolist(), texts):
             r = rows[i]
             req = r.request
             if req.first_token_at is None:
                 req.first_token_at = now
                 self.ttft.observe(now - req.arrival)
-                first.append(req)
+                woken[id(req)] = req
             req.generated += 1
             finish = r.take(tok, text)
             if finish:
                 r.out.append(r.held)
                 req.events.put((r.index, "".join(r.out), finish))
                 done.append(i)
+                woken[id(req)] = req
             else:
                 text = r.releasable()
                 if text and req.stream:
                     req.events.put((r.index, text, None))
                 elif text:
                     r.out.append(text)
-        for req in first:
-            if req.on_first_token is not None:
-                req.on_first_token()
+        for req in woken.values():
+            if req.wake is not None:
+                req.wake()
         for i in reversed(done):
             self._remove(i)
         if len(rows) < (self._vm.batch >> 1):

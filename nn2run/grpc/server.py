@@ -5,7 +5,7 @@ the batched VM.
 
 The server is grpcio's asyncio server on a thread of its own: a stream waiting for tokens
 is a coroutine, not a thread, and it sends what came every STREAM_INTERVAL (the first
-token at once), as the HTTP streamer does. Requests are checked by the same rules as
+token and the end at once), as the HTTP streamer does. Requests are checked by the same rules as
 /v1/completions (`nn2run.completions.parse_completion`) and /v1/translations
 (`nn2run.translations.parse_translation`), so both transports refuse the same things with
 the same words.
@@ -114,7 +114,7 @@ class Generator(nn2_pb2_grpc.GeneratorServicer):
             return
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
-        req.on_first_token = lambda: loop.call_soon_threadsafe(woken.set)
+        req.wake = lambda: loop.call_soon_threadsafe(woken.set)     # the first token, and the end
         try:
             self.app.scheduler.submit(req)
         except QueueFull:
@@ -148,7 +148,11 @@ class Generator(nn2_pb2_grpc.GeneratorServicer):
                                             prompt_tokens=prompt_tokens, completion_tokens=req.generated)
                 return
             yield nn2_pb2.GenerateReply(text="".join(text))
-            await asyncio.sleep(STREAM_INTERVAL)
+            try:                    # what comes in the next interval goes in one reply, the end at once
+                await asyncio.wait_for(woken.wait(), STREAM_INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+            woken.clear()
 
     async def Tokenize(self, request, context):
         try:
