@@ -121,3 +121,28 @@ def test_a_failing_step_ends_its_requests_and_the_scheduler_goes_on(model, monke
         assert len(_text(ok)) == 10
     finally:
         sched.stop()
+
+
+def test_the_transport_is_woken_for_the_first_token_and_for_each_choice_that_ends(model):
+    import time
+    sched = Scheduler(model, max_batch=4).start()
+    try:
+        woken = []
+        # two choices, their prompts one and two tokens long: the first samples a step earlier
+        # and ends a step earlier; each wake comes after that step's events
+        req = Request([[1], [2, 3]], 12, 1.0, None, None, 5, [], 1e18, [model.codec.decoder()] * 2)
+        req.wake = lambda: woken.append([ev[0::2] for ev in _drained(req)])
+        sched.submit(req)
+        end = time.monotonic() + 10
+        while not sched.idle() and time.monotonic() < end:
+            time.sleep(0.005)
+        assert woken == [[(0, None)], [(0, None), (1, None)] * 10 + [(0, "length"), (1, None)], [(1, "length")]]
+    finally:
+        sched.stop()
+
+
+def _drained(req) -> list:
+    out = []
+    while not req.events.empty():
+        out.append(req.events.get())
+    return out
