@@ -36,11 +36,12 @@ class Sampler:
     numpy.random would add ~10 ms to every start of the command.
     """
 
-    def __init__(self, config: SamplerConfig, seed: int | None = None):
+    def __init__(self, config: SamplerConfig, seed: int | None = None, scratch: dict | None = None):
         config.check()
         self.config = config
         self.rng = stream(seed)
-        self._scratch: dict[int, tuple] = {}
+        # per vocab, the scratch arrays: samplers used one after the other may share them
+        self._scratch: dict[int, tuple] = {} if scratch is None else scratch
 
     def _buffers(self, shape: tuple) -> tuple:
         """Scratch arrays for `shape` (rows, vocab): one set per vocab, as many rows as the

@@ -31,6 +31,9 @@ from .codec import CodecError
 from .sample import Sampler, SamplerConfig, stream
 
 
+MAX_SAMPLERS = 64      # sampler settings kept between steps (each a config and a generator)
+
+
 class QueueFull(Exception):
     """The waiting queue is at its bound: the caller answers 429."""
 
@@ -156,12 +159,35 @@ class Row:
         return out
 
 
-def sample_rows(logits: np.ndarray, rows: list[Row], samplers: dict | None = None) -> np.ndarray:
+class Samplers:
+    """A sampler per setting, kept from step to step; all share one set of scratch arrays
+    (they draw one after the other). Past MAX_SAMPLERS settings, those a step did not use
+    are dropped (each is a config and a generator)."""
+
+    def __init__(self):
+        self._by_setting: dict = {}
+        self._scratch: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._by_setting)
+
+    def get(self, setting: tuple, config: SamplerConfig) -> Sampler:
+        if setting not in self._by_setting:
+            self._by_setting[setting] = Sampler(config, scratch=self._scratch)
+        return self._by_setting[setting]
+
+    def trim(self, used) -> None:
+        if len(self._by_setting) > MAX_SAMPLERS:
+            for setting in [k for k in self._by_setting if k not in used]:
+                del self._by_setting[setting]
+
+
+def sample_rows(logits: np.ndarray, rows: list[Row], samplers: Samplers | None = None) -> np.ndarray:
     """One token per row, each with its request's temperature, top-k and top-p and its own
     generator: the rows of each setting in one `nn2run.sample.Sampler.draw`, so a row
     draws what `nn2run --seed` draws from the same logits; temperature 0 takes the most
-    likely token. `samplers` keeps a sampler (and its scratch arrays) per setting."""
-    samplers = {} if samplers is None else samplers
+    likely token."""
+    samplers = Samplers() if samplers is None else samplers
     groups: dict = {}
     for i, r in enumerate(rows):
         groups.setdefault(r.request.setting, []).append(i)
@@ -171,10 +197,9 @@ def sample_rows(logits: np.ndarray, rows: list[Row], samplers: dict | None = Non
         config = rows[idx[0]].request.config
         if config.greedy:
             out[idx] = part.argmax(axis=1)
-            continue
-        if setting not in samplers:
-            samplers[setting] = Sampler(config)
-        out[idx] = samplers[setting].draw(part, [rows[i].rng.random for i in idx])
+        else:
+            out[idx] = samplers.get(setting, config).draw(part, [rows[i].rng.random for i in idx])
+    samplers.trim(groups)
     return out
 
 
@@ -216,7 +241,7 @@ class Scheduler(Worker):
         self._pending: collections.deque = collections.deque()    # rows of admitted requests
         self._rows: list[Row] = []
         self._vm = None
-        self._samplers: dict = {}       # per sampler setting: its Sampler (nn2run.sample)
+        self._samplers = Samplers()
         # a codec served elsewhere decodes every row of a step in one call (nn2run.grpc.codec)
         self._decoder = model.codec.step_decoder() if hasattr(model.codec, "step_decoder") else None
         # figures for /metrics (written by the scheduler thread, read without a lock: ints)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nn2run.sample import Sampler, SamplerConfig
-from nn2run.scheduler import Request, Row, Scheduler, sample_rows
+from nn2run.scheduler import MAX_SAMPLERS, Request, Row, Samplers, Scheduler, sample_rows
 from support.models import build_model
 
 CONFIGS = [(1.0, None, None), (0.5, 3, None), (1.3, None, 0.8), (0.9, 4, 0.6), (0.0, None, None), (2.0, 1, None)]
@@ -27,10 +27,11 @@ def test_each_row_draws_what_the_sampler_draws_with_its_own_settings_and_seed():
 
 
 def test_rows_that_share_a_setting_draw_alike_in_groups_of_any_size():
-    # one sampler per setting serves every step (its scratch arrays for the most rows yet,
-    # views of them for fewer): groups of 5, 2, 7 and 1 rows of one setting beside others
+    # one sampler per setting serves every step, all sharing scratch arrays made for the
+    # most rows yet (views of them for fewer): groups of 5, 2, 7, 1 and 6 rows of one setting
+    # beside another's
     logits = np.random.default_rng(1).normal(0, 3, (7, 30)).astype(np.float32)
-    samplers = {}
+    samplers = Samplers()
     for trial, n in enumerate((5, 2, 7, 1, 6)):
         settings = [(0.8, 5, None)] * n + [(1.0, None, 0.9)] * (7 - n)
         rows = [Row(_request([0], 1, t, k, p, seed=10 * trial + i), 0) for i, (t, k, p) in enumerate(settings)]
@@ -38,6 +39,14 @@ def test_rows_that_share_a_setting_draw_alike_in_groups_of_any_size():
         for i, (t, k, p) in enumerate(settings):
             assert got[i] == Sampler(SamplerConfig(temperature=t, top_k=k, top_p=p), 10 * trial + i)(logits[i:i + 1])[0]
     assert len(samplers) == 2
+
+
+def test_the_samplers_kept_between_steps_are_bounded():
+    logits = np.zeros((1, 5), np.float32)
+    samplers = Samplers()
+    for k in range(3 * MAX_SAMPLERS):
+        sample_rows(logits, [Row(_request([0], 1, 0.5 + k / 1000), 0)], samplers)
+        assert len(samplers) <= MAX_SAMPLERS + 1
 
 
 def test_stop_text_is_held_back_until_it_cannot_start_a_stop_string():
