@@ -30,7 +30,6 @@ import numpy as np
 from .codec import CodecError
 from .sample import Sampler, SamplerConfig, stream
 
-
 MAX_SAMPLERS = 64      # sampler settings kept between steps (each a config and a generator)
 
 
