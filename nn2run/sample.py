@@ -30,7 +30,7 @@ class SamplerConfig:
 class Sampler:
     """Draws one token per stream from (batch, vocab) logits.
 
-    Works in float32 in one scratch array per shape, reused from step to step: the logits
+    Works in float32 in scratch arrays reused from step to step (one set per vocab): the logits
     (owned by the VM, overwritten by the next step) are read once and never upcast. The
     uniform draws come from the standard library's generator (`stream`): importing
     numpy.random would add ~10 ms to every start of the command.
@@ -42,6 +42,11 @@ class Sampler:
         self.rng = stream(seed)
         # per vocab, the scratch arrays: samplers used one after the other may share them
         self._scratch: dict[int, tuple] = {} if scratch is None else scratch
+        with np.errstate(over="ignore"):
+            self._scale = np.float32(1.0 / config.temperature)
+        # a temperature so small that 1/T is past float32 (< ~3e-39) would make the largest
+        # logit 0·inf = NaN: it takes the most likely token, as its limit does
+        self._argmax = config.greedy or not np.isfinite(self._scale)
 
     def _buffers(self, shape: tuple) -> tuple:
         """Scratch arrays for `shape` (rows, vocab): one set per vocab, as many rows as the
@@ -54,7 +59,7 @@ class Sampler:
         return have if have[0].shape[0] == rows else tuple(a[:rows] for a in have)
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
-        if self.config.greedy:
+        if self._argmax:
             return logits.argmax(axis=1)
         return self.draw(logits, [self.rng.random] * logits.shape[0])
 
@@ -64,11 +69,13 @@ class Sampler:
         the rows of a server's batch draw from generators of their own with the arithmetic
         of a sampler alone."""
         cfg = self.config
+        if self._argmax:
+            return logits.argmax(axis=1)
         z, cdf, col, mask = self._buffers(logits.shape)
         np.max(logits, axis=1, keepdims=True, out=col)      # the max of logits / T is max(logits) / T
         np.subtract(logits, col, out=z)
         if cfg.temperature != 1.0:
-            np.multiply(z, np.float32(1.0 / cfg.temperature), out=z)
+            np.multiply(z, self._scale, out=z)
         if cfg.top_k is not None and cfg.top_k < z.shape[1]:
             kth = np.partition(z, -cfg.top_k, axis=1)[:, -cfg.top_k][:, None]
             np.less(z, kth, out=mask)
@@ -79,13 +86,24 @@ class Sampler:
             np.divide(z, col, out=z)
             z = _nucleus(z, cfg.top_p)
         np.cumsum(z, axis=1, out=cdf)
+        # the token is the count of cdf ≤ u, u = draw · total; u below the total, where a
+        # draw near 1 rounds it up in float32, would count masked tokens after the last one
         last = z.shape[1] - 1
-        if z.shape[0] == 1:     # one stream: a binary search finds the count of cdf ≤ u
-            u = np.float32(uniforms[0]() * float(cdf[0, last]))
+        if z.shape[0] == 1:     # one stream: a binary search finds the count
+            total, r = cdf[0, last], uniforms[0]()
+            u = np.float32(r * float(total))
+            if r > _NEAR_ONE and u >= total:        # (the test on r first: the usual case is quick)
+                u = np.nextafter(total, _ZERO)
             return np.array([min(int(cdf[0].searchsorted(u, "right")), last)], np.intp)
-        u = (np.array([[draw()] for draw in uniforms]) * cdf[:, -1:]).astype(np.float32)
+        total = cdf[:, -1:]
+        u = (np.array([[draw()] for draw in uniforms]) * total).astype(np.float32)
+        np.minimum(u, np.nextafter(total, _ZERO), out=u)
         np.less_equal(cdf, u, out=mask)
         return np.minimum(mask.sum(axis=1), last)
+
+
+_ZERO = np.float32(0.0)
+_NEAR_ONE = 1.0 - 2.0 ** -22      # a draw below it never rounds up to the total in float32
 
 
 def stream(seed: int | None = None, index: int = 0) -> random.Random:

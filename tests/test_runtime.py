@@ -159,6 +159,27 @@ def test_greedy_and_top_k_1_pick_the_argmax():
     assert list(Sampler(SamplerConfig(top_k=1), seed=0)(logits)) == [1, 0]
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_draw_that_rounds_up_to_the_total_still_takes_a_kept_token(rows):
+    # u = draw · total rounds to the total in float32 for a draw within 2⁻²⁵ of 1; counting
+    # cdf ≤ u would then count the masked tokens after the last kept one
+    logits = np.tile(np.array([[4.0, 1.0, 0.5, 0.2, 0.1]], np.float32), (rows, 1))
+    for config in (SamplerConfig(top_k=1), SamplerConfig(top_k=2), SamplerConfig(top_p=0.5)):
+        got = Sampler(config).draw(logits, [lambda: 1 - 2.0 ** -26] * rows)
+        assert list(got) == [0 if config.top_k != 2 else 1] * rows, config
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_temperature_whose_inverse_is_past_float32_takes_the_most_likely_token(rows):
+    logits = np.random.default_rng(2).normal(0, 2, (rows, 9)).astype(np.float32)
+    for t in (1e-39, 1e-44):
+        s = Sampler(SamplerConfig(temperature=t), seed=0)
+        assert list(s(logits)) == list(logits.argmax(axis=1))
+        assert list(s.draw(logits, [s.rng.random] * rows)) == list(logits.argmax(axis=1))
+    # just above the limit the arithmetic is finite and gives the same token
+    assert list(Sampler(SamplerConfig(temperature=1e-37), seed=0)(logits)) == list(logits.argmax(axis=1))
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = np.log(np.array([[0.6, 0.3, 0.1]], np.float64))
     s = Sampler(SamplerConfig(top_p=0.5), seed=0)
