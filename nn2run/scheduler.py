@@ -410,7 +410,10 @@ class Scheduler(Worker):
                     r.out.append(text)
         for req in woken.values():
             if req.wake is not None:
-                req.wake()
+                try:
+                    req.wake()
+                except Exception:   # noqa: BLE001 — its transport is gone (a closed event loop):
+                    pass            # the events are on the queue; the other rows go on
         for i in reversed(done):
             self._remove(i)
         if len(rows) < (self._vm.batch >> 1):

@@ -150,6 +150,30 @@ def test_the_transport_is_woken_for_the_first_token_and_for_each_choice_that_end
         sched.stop()
 
 
+def test_a_transport_whose_wake_fails_does_not_fail_the_step(model):
+    import time
+    sched = Scheduler(model, max_batch=4).start()
+    try:
+        gone = _request([1], 6, seed=3)
+        gone.decoders = [model.codec.decoder()]
+
+        def closed():
+            raise RuntimeError("Event loop is closed")
+        gone.wake = closed
+        other = _request([2], 6, seed=4)
+        other.decoders = [model.codec.decoder()]
+        sched.submit(gone)
+        sched.submit(other)
+        end = time.monotonic() + 10
+        while not sched.idle() and time.monotonic() < end:
+            time.sleep(0.005)
+        for req in (gone, other):
+            events = _drained(req)
+            assert events[-1][2] == "length" and len("".join(ev[1] for ev in events)) == 6
+    finally:
+        sched.stop()
+
+
 def _drained(req) -> list:
     out = []
     while not req.events.empty():
