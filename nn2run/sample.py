@@ -64,10 +64,10 @@ class Sampler:
         return self.draw(logits, [self.rng.random] * logits.shape[0])
 
     def draw(self, logits: np.ndarray, uniforms: list) -> np.ndarray:
-        """One token per row of logits (batch, vocab) with this sampler's settings (not
-        greedy), row i's uniform draw from `uniforms[i]()`, called once each in row order:
-        the rows of a server's batch draw from generators of their own with the arithmetic
-        of a sampler alone."""
+        """One token per row of logits (batch, vocab) with this sampler's settings, row i's
+        uniform draw from `uniforms[i]()`, called once each in row order (not at all when the
+        settings take the most likely token): the rows of a server's batch draw from
+        generators of their own with the arithmetic of a sampler alone."""
         cfg = self.config
         if self._argmax:
             return logits.argmax(axis=1)
