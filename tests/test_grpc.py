@@ -230,9 +230,11 @@ def test_a_client_that_cancels_or_goes_away_frees_its_row(pb, serve):
 def test_sigterm_drains_health_not_serving_new_calls_unavailable(pb, serve):
     s = serve("--max-tokens-limit", 1000000)
     messages, services = pb
-    running = services.GeneratorStub(s.channel).Generate(messages.GenerateRequest(prompt="a", max_tokens=3000),
+    # long enough (~0.5 s here) to be running still when the signal comes, on a loaded machine too
+    running = services.GeneratorStub(s.channel).Generate(messages.GenerateRequest(prompt="a", max_tokens=30000),
                                                          timeout=60)
     first = next(running)
+    assert first.finish_reason == messages.FINISH_REASON_UNSPECIFIED
     s.proc.send_signal(signal.SIGTERM)
     health = health_pb2_grpc.HealthStub(s.channel)
     end = time.monotonic() + 10
@@ -242,7 +244,7 @@ def test_sigterm_drains_health_not_serving_new_calls_unavailable(pb, serve):
     code, details = _status(pb, s.channel, prompt="a", max_tokens=5)
     assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
     rest = list(running)                                       # the call in flight finishes
-    assert len(first.text + "".join(r.text for r in rest)) == 3000
+    assert len(first.text + "".join(r.text for r in rest)) == 30000
     assert rest[-1].finish_reason == messages.FINISH_REASON_LENGTH
     assert s.proc.wait(30) == 0
 
