@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -71,15 +73,16 @@ def model(tmp_path_factory):
 
 
 def _text(req):
-    out = []
-    while not req.events.empty():
-        ev = req.events.get()
-        out.append(ev[1])
-    return "".join(out)
+    return "".join(ev[1] for ev in _drained(req))
+
+
+def _until_idle(sched, seconds: float = 10) -> None:
+    end = time.monotonic() + seconds
+    while not sched.idle() and time.monotonic() < end:
+        time.sleep(0.005)
 
 
 def test_rows_joining_at_different_steps_get_the_text_they_get_alone(model):
-    import time
     # rows leave in the middle of the batch while others go on, and new ones take their places
     jobs = [([1, 2, 3], 7, 90), ([4], 8, 10), ([5, 5, 5, 5, 5], 9, 120), ([0, 1], 10, 30), ([2], 11, 60),
             ([3, 3], 12, 20)]
@@ -90,8 +93,7 @@ def test_rows_joining_at_different_steps_get_the_text_they_get_alone(model):
             req = _request(prime, n, seed=seed)
             req.decoders = [model.codec.decoder()]
             sched.submit(req)
-            while not sched.idle():
-                time.sleep(0.005)
+            _until_idle(sched, 30)
             alone.append(_text(req))
         reqs = []
         for prime, seed, n in jobs:         # more rows than the batch holds: some wait, all share steps
@@ -99,9 +101,7 @@ def test_rows_joining_at_different_steps_get_the_text_they_get_alone(model):
             req.decoders = [model.codec.decoder()]
             reqs.append(req)
             sched.submit(req)
-        end = time.monotonic() + 30
-        while not sched.idle() and time.monotonic() < end:
-            time.sleep(0.005)
+        _until_idle(sched, 30)
         assert [_text(r) for r in reqs] == alone
         assert [len(t) for t in alone] == [n for _, _, n in jobs]
     finally:
@@ -109,7 +109,6 @@ def test_rows_joining_at_different_steps_get_the_text_they_get_alone(model):
 
 
 def test_a_failing_step_ends_its_requests_and_the_scheduler_goes_on(model, monkeypatch):
-    import time
 
     import nn2run.scheduler as scheduler
     sched = Scheduler(model, max_batch=4).start()
@@ -124,16 +123,13 @@ def test_a_failing_step_ends_its_requests_and_the_scheduler_goes_on(model, monke
         ok = _request([1], 10)
         ok.decoders = [model.codec.decoder()]
         sched.submit(ok)
-        end = time.monotonic() + 10
-        while not sched.idle() and time.monotonic() < end:
-            time.sleep(0.005)
+        _until_idle(sched)
         assert len(_text(ok)) == 10
     finally:
         sched.stop()
 
 
 def test_the_transport_is_woken_for_the_first_token_and_for_each_choice_that_ends(model):
-    import time
     sched = Scheduler(model, max_batch=4).start()
     try:
         woken = []
@@ -142,16 +138,13 @@ def test_the_transport_is_woken_for_the_first_token_and_for_each_choice_that_end
         req = Request([[1], [2, 3]], 12, 1.0, None, None, 5, [], 1e18, [model.codec.decoder()] * 2)
         req.wake = lambda: woken.append([ev[0::2] for ev in _drained(req)])
         sched.submit(req)
-        end = time.monotonic() + 10
-        while not sched.idle() and time.monotonic() < end:
-            time.sleep(0.005)
+        _until_idle(sched)
         assert woken == [[(0, None)], [(0, None), (1, None)] * 10 + [(0, "length"), (1, None)], [(1, "length")]]
     finally:
         sched.stop()
 
 
 def test_a_transport_whose_wake_fails_does_not_fail_the_step(model):
-    import time
     sched = Scheduler(model, max_batch=4).start()
     try:
         gone = _request([1], 6, seed=3)
@@ -164,9 +157,7 @@ def test_a_transport_whose_wake_fails_does_not_fail_the_step(model):
         other.decoders = [model.codec.decoder()]
         sched.submit(gone)
         sched.submit(other)
-        end = time.monotonic() + 10
-        while not sched.idle() and time.monotonic() < end:
-            time.sleep(0.005)
+        _until_idle(sched)
         for req in (gone, other):
             events = _drained(req)
             assert events[-1][2] == "length" and len("".join(ev[1] for ev in events)) == 6
