@@ -59,8 +59,6 @@ class Sampler:
         return have if have[0].shape[0] == rows else tuple(a[:rows] for a in have)
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
-        if self._argmax:
-            return logits.argmax(axis=1)
         return self.draw(logits, [self.rng.random] * logits.shape[0])
 
     def draw(self, logits: np.ndarray, uniforms: list) -> np.ndarray:

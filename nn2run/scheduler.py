@@ -193,11 +193,8 @@ def sample_rows(logits: np.ndarray, rows: list[Row], samplers: Samplers | None =
     out = np.empty(len(rows), np.intp)
     for setting, idx in groups.items():
         part = logits if len(idx) == len(rows) else logits[idx]
-        config = rows[idx[0]].request.config
-        if config.greedy:
-            out[idx] = part.argmax(axis=1)
-        else:
-            out[idx] = samplers.get(setting, config).draw(part, [rows[i].rng.random for i in idx])
+        sampler = samplers.get(setting, rows[idx[0]].request.config)
+        out[idx] = sampler.draw(part, [rows[i].rng.random for i in idx])
     samplers.trim(groups)
     return out
 
