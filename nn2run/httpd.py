@@ -159,12 +159,15 @@ class Handler(BaseHTTPRequestHandler):
         """The body, or None once an error has been sent (413 decided from Content-Length)."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return self._refuse(411, "send the body with a Content-Length", "length_required")
-        raw = self.headers.get("Content-Length", "0")
-        if not raw.isdigit():
+        raw = self.headers.get("Content-Length", "0").strip(" \t")
+        # ASCII digits only: str.isdigit also takes '²', which int() refuses
+        if not (raw.isascii() and raw.isdigit()):
             return self._refuse(400, "Content-Length must be a number of bytes", "invalid_length")
-        if int(raw) > limit:
+        digits = raw.lstrip("0") or "0"
+        # compared by length first: int() refuses strings of more than a few thousand digits
+        if len(digits) > len(str(limit)) or int(digits) > limit:
             return self._refuse(413, f"the body is over {limit} bytes", "body_too_large")
-        return self.rfile.read(int(raw))
+        return self.rfile.read(int(digits))
 
     def _refuse(self, status: int, message: str, code: str) -> None:
         from .completions import ApiError

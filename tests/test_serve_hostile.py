@@ -1,0 +1,66 @@
+"""`nn2run serve` against careless and hostile clients: headers and bodies that are not
+what HTTP or JSON promise. Each answer is a status with OpenAI's error shape, nothing
+reaches the server's stderr as a traceback, and the server goes on serving."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from support.models import build_model
+from test_serve import Served, read_to_close
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path, _, _ = build_model(tmp_path_factory.mktemp("hostile") / "m.nnb", "lstm", 8, 1, 5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    s = Served(model, "--max-body", 1000, tmp_path=tmp_path_factory.mktemp("served"))
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture
+def quiet(server):
+    """The server: after the test, still serving, with no traceback on its stderr."""
+    start = len(server.log.read_bytes())
+    yield server
+    assert server.complete(prompt="ab", max_tokens=3)["usage"]["completion_tokens"] == 3
+    assert b"Traceback" not in server.log.read_bytes()[start:]
+
+
+def raw(server, data: bytes) -> tuple[int, dict]:
+    """(status, parsed JSON body) of the answer to bytes sent as they are."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(data)
+    answer = read_to_close(sock)
+    sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize("length, status, code", [
+    ("\xb2", 400, "invalid_length"),            # a digit to str.isdigit, not to int()
+    ("9" * 5000, 413, "body_too_large"),        # more digits than int() converts
+    ("-1", 400, "invalid_length"),
+    ("0000000000000000000000000000000000000000000000000000000000000000010", 400, "invalid_json"),
+])
+def test_a_content_length_that_is_not_a_plain_number(quiet, length, status, code):
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
+               + length.encode("latin-1") + b"\r\n\r\n" + b"x" * 10)
+    got, body = raw(quiet, request)
+    assert (got, body["error"]["code"]) == (status, code)
+
+
+def test_spaces_around_the_content_length_are_allowed(quiet):
+    body = b'{"prompt": "ab", "max_tokens": 2}'
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d \r\n\r\n%s"
+               % (len(body), body))
+    status, answer = raw(quiet, request)
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2
