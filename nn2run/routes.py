@@ -52,9 +52,14 @@ class Response:
     stream: EventStream | None = None     # server-sent events, written as they come
 
 
+def _json(obj) -> bytes:
+    # a lone surrogate (valid in a JSON string's escapes, so in a request's echoed values)
+    # has no UTF-8: it goes out as the escape it came in as, \udXXX
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
 def json_response(status: int, obj, headers: dict | None = None) -> Response:
-    body = json.dumps(obj, ensure_ascii=False).encode()
-    return Response(status, body, {"Content-Type": "application/json", **(headers or {})})
+    return Response(status, _json(obj), {"Content-Type": "application/json", **(headers or {})})
 
 
 def error_response(e: ApiError) -> Response:
@@ -348,4 +353,4 @@ def _failure(req: Request, event: tuple) -> ApiError:
 
 
 def _event(obj) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + _json(obj) + b"\n\n"

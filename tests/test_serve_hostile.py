@@ -64,3 +64,13 @@ def test_spaces_around_the_content_length_are_allowed(quiet):
                % (len(body), body))
     status, answer = raw(quiet, request)
     assert status == 200 and answer["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("body, status, param, code", [
+    (b'{"prompt": "a", "model": "\\ud800"}', 404, "model", "model_not_found"),
+    (b'{"prompt": "a", "\\udfff": 1}', 400, "\udfff", "unknown_parameter"),
+])
+def test_a_lone_surrogate_echoed_in_an_error_comes_back_escaped(quiet, body, status, param, code):
+    got, _, data = quiet.request("POST", "/v1/completions", body)
+    err = json.loads(data)["error"]
+    assert (got, err["param"], err["code"]) == (status, param, code)
