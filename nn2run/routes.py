@@ -188,6 +188,9 @@ class App:
             return self.model.codec.encode(text)
         except CodecError as e:
             raise ApiError(400, str(e), param=param, code="unknown_characters") from None
+        except UnicodeEncodeError as e:     # a lone surrogate, for a codec that takes UTF-8
+            raise ApiError(400, f"'{param}' is not valid Unicode: a lone surrogate, {text[e.start]!r}, "
+                           f"at {e.start}", param=param, code="invalid_unicode") from None
 
     def page(self) -> bytes:
         """The playground, with the model's description filled in (made once)."""

@@ -74,3 +74,32 @@ def test_a_lone_surrogate_echoed_in_an_error_comes_back_escaped(quiet, body, sta
     got, _, data = quiet.request("POST", "/v1/completions", body)
     err = json.loads(data)["error"]
     assert (got, err["param"], err["code"]) == (status, param, code)
+
+
+@pytest.fixture(scope="module")
+def byte_server(tmp_path_factory):
+    import numpy as np
+
+    from nn2c.compiler.emit import logical_shapes, pack
+    from nn2c.compiler.pipeline import compile_kernel, write_model
+    from nn2run.codec import ByteCodec
+    d = tmp_path_factory.mktemp("bytes")
+    compiled = compile_kernel("lstm", 8, 1, 256)
+    specs = compiled.network.tensors()
+    rng = np.random.default_rng(0)
+    logical = {k: rng.uniform(-0.5, 0.5, s).astype(np.float32) for k, s in logical_shapes(specs).items()}
+    write_model(d / "bytes.nnb", compiled, pack(specs, logical), ByteCodec(), {"test": True})
+    s = Served(d / "bytes.nnb", tmp_path=d)
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.mark.parametrize("path, body", [("/v1/completions", b'{"prompt": "ab\\ud800", "max_tokens": 2}'),
+                                        ("/tokenize", b'{"prompt": "\\udfff"}')])
+def test_a_lone_surrogate_in_a_byte_codec_prompt_is_a_400(byte_server, path, body):
+    start = len(byte_server.log.read_bytes())
+    status, _, data = byte_server.request("POST", path, body)
+    err = json.loads(data)["error"]
+    assert (status, err["param"], err["code"]) == (400, "prompt", "invalid_unicode")
+    assert "surrogate" in err["message"]
+    assert b"Traceback" not in byte_server.log.read_bytes()[start:]
