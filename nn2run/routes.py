@@ -4,10 +4,10 @@ in, a `Response` out. The HTTP server (`nn2run.serve`) and the Lambda handler
 
 Routes: GET / (the playground), GET /health, GET /v1/models, GET /metrics,
 POST /v1/completions (OpenAI's completions shape, streamed as server-sent events when
-asked), POST /tokenize, POST /detokenize; OPTIONS answers CORS preflights. A seq2seq
-model has POST /v1/translations (`nn2run.translations`) instead of the playground,
-completions and the tokenizer routes; each kind's routes on the other answer 404 naming
-the model's kind.
+asked), POST /tokenize, POST /detokenize; HEAD is GET without the body; OPTIONS
+answers CORS preflights. A seq2seq model has POST /v1/translations
+(`nn2run.translations`) instead of the playground, completions and the tokenizer routes;
+each kind's routes on the other answer 404 naming the model's kind.
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}; an
 unexpected exception is logged and answered 500 without its details.
 
@@ -112,6 +112,8 @@ class App:
     def _route(self, method, path, headers, body, alive, deadline) -> Response:
         if method == "OPTIONS":
             return self._preflight(path)
+        if method == "HEAD":        # GET's answer; the transport sends its headers only
+            method = "GET"
         if path not in ROUTES:
             raise ApiError(404, f"no route {path}", "invalid_request_error", code="not_found")
         self._check_kind(path)

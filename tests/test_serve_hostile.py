@@ -103,3 +103,16 @@ def test_a_lone_surrogate_in_a_byte_codec_prompt_is_a_400(byte_server, path, bod
     assert (status, err["param"], err["code"]) == (400, "prompt", "invalid_unicode")
     assert "surrogate" in err["message"]
     assert b"Traceback" not in byte_server.log.read_bytes()[start:]
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/models", "/metrics", "/"])
+def test_head_is_answered_where_get_is_with_the_headers_only(quiet, path):
+    status, headers, data = quiet.request("HEAD", path)
+    get_status, get_headers, _ = quiet.request("GET", path)
+    assert status == get_status == 200 and data == b""
+    assert headers["Content-Type"] == get_headers["Content-Type"] and int(headers["Content-Length"]) > 0
+
+
+def test_head_where_only_post_is_allowed_is_a_405(quiet):
+    status, headers, data = quiet.request("HEAD", "/v1/completions")
+    assert status == 405 and headers["Allow"] == "POST" and data == b""
