@@ -256,6 +256,9 @@ class Scheduler(Worker):
     def submit(self, request: Request) -> None:
         with self._cond:
             if len(self._waiting) >= self.max_queue:
+                # requests whose client left while they waited give their places up
+                self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+            if len(self._waiting) >= self.max_queue:
                 raise QueueFull()
             self._waiting.append(request)
             self._cond.notify()
@@ -267,7 +270,7 @@ class Scheduler(Worker):
     @property
     def queued(self) -> int:
         """Rows waiting for a place in the batch (of requests admitted or not)."""
-        return len(self._pending) + sum(len(r.primes) for r in list(self._waiting))
+        return len(self._pending) + sum(len(r.primes) for r in list(self._waiting) if not r.cancelled)
 
     def idle(self) -> bool:
         return not self._rows and not self._waiting and not self._pending

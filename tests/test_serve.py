@@ -473,3 +473,25 @@ def test_a_port_in_use_is_one_line_and_exit_1(server, model):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert r.stderr.startswith(f"nn2run: cannot listen on 127.0.0.1:{server.port}")
+
+
+def test_a_queued_client_that_disconnects_gives_up_its_place_in_the_queue(serve):
+    s = serve("--max-batch", 1, "--max-queue", 1, "--max-tokens-limit", 10**7)
+    running = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    running.request("POST", "/v1/completions", json.dumps({"prompt": "a", "max_tokens": 10**7, "stream": True}))
+    running.getresponse().read1(100)                # it holds the only row
+    gone = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    gone.request("POST", "/v1/completions", json.dumps({"prompt": "b", "max_tokens": 3}))
+    wait_for(lambda: s.metric("nn2_rows_queued") == 1, what="a queued request")
+    gone.sock.shutdown(socket.SHUT_RDWR)            # it leaves while it waits
+    gone.close()
+    wait_for(lambda: s.metric("nn2_rows_queued") == 0, timeout=5, what="the queue to be empty")
+    result = {}
+    queued = threading.Thread(target=lambda: result.update(
+        answer=s.request("POST", "/v1/completions", {"prompt": "c", "max_tokens": 3})))
+    queued.start()                                  # takes the place the other left: waits, no 429
+    wait_for(lambda: s.metric("nn2_rows_queued") == 1 or "answer" in result, what="the request to queue")
+    assert "answer" not in result, result
+    running.close()
+    queued.join(20)
+    assert result["answer"][0] == 200
