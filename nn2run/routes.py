@@ -229,8 +229,9 @@ class App:
             except QueueFull:
                 raise ApiError(429, "the queue is full; retry later", "server_error", code="queue_full",
                                headers={"Retry-After": "1"}) from None
-        else:
-            req.open_rows = 0
+        else:                   # nothing to generate: each choice ends at once, as a stream says too
+            for i in range(len(rows)):
+                req.events.put((i, "", "length"))
         echo = [c.prompts[i // c.n] if c.echo else "" for i in range(len(rows))]
         if c.stream:
             return Response(200, b"", {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},

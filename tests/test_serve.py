@@ -495,3 +495,12 @@ def test_a_queued_client_that_disconnects_gives_up_its_place_in_the_queue(serve)
     running.close()
     queued.join(20)
     assert result["answer"][0] == 200
+
+
+def test_max_tokens_0_ends_each_choice_streamed_or_not(server):
+    out = server.complete(prompt=["ab", "c"], n=2, max_tokens=0, echo=True)
+    assert [(c["text"], c["finish_reason"]) for c in out["choices"]] == [("ab", "length")] * 2 + [("c", "length")] * 2
+    events, done = server.stream(prompt=["ab", "c"], n=2, max_tokens=0, echo=True)
+    assert done and texts_of(events) == {0: "ab", 1: "ab", 2: "c", 3: "c"}
+    finish = {c["index"]: c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]}
+    assert finish == {i: "length" for i in range(4)}
