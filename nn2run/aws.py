@@ -70,14 +70,27 @@ def _init() -> None:
             print(f"nn2run: cannot load the model: {e}", file=sys.stderr)
 
 
+class NotHttp(ValueError):
+    """An event that is not an HTTP request (a direct invocation with another payload)."""
+
+
 def _request(event: dict):
     """(method, path, lower-case headers, body bytes) of a payload-2.0 event."""
-    http = (event.get("requestContext") or {}).get("http") or {}
+    if not isinstance(event, dict):
+        raise NotHttp()
+    context = event.get("requestContext") or {}
+    http = (context.get("http") or {}) if isinstance(context, dict) else None
+    if not isinstance(http, dict):
+        raise NotHttp()
     method = http.get("method") or event.get("httpMethod") or "GET"
     path = event.get("rawPath") or http.get("path") or "/"
-    headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}
+    headers = event.get("headers") or {}
     body = event.get("body") or ""
-    raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode("utf-8")
+    if not (isinstance(method, str) and isinstance(path, str) and isinstance(headers, dict)
+            and isinstance(body, str)):
+        raise NotHttp()
+    headers = {str(k).lower(): str(v) for k, v in headers.items()}
+    raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode("utf-8", "surrogatepass")
     return method.upper(), path, headers, raw
 
 
@@ -96,7 +109,12 @@ def handler(event, context):
         resp = error_response(ApiError(500, f"cannot load the model: {e}", "server_error", code="model_unavailable"))
         return _answer(resp.status, resp.headers, resp.body)
     try:
-        method, path, headers, body = _request(event if isinstance(event, dict) else {})
+        method, path, headers, body = _request(event)
+    except NotHttp:
+        resp = error_response(ApiError(400, "the event is not an HTTP request: payload format 2.0 has strings for "
+                                       "the method, rawPath and body, an object for headers",
+                                       code="invalid_event"))
+        return _answer(resp.status, resp.headers, resp.body)
     except (ValueError, TypeError):
         resp = error_response(ApiError(400, "the body is not valid base64", code="invalid_body"))
         return _answer(resp.status, resp.headers, resp.body)

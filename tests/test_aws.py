@@ -272,3 +272,12 @@ def test_a_seq2seq_model_is_served_its_translations_route(tmp_path):
         log.close()
         api.close()
 
+
+
+@pytest.mark.parametrize("change", [{"body": {"prompt": "a"}}, {"headers": ["accept"]}, {"rawPath": 3},
+                                    {"requestContext": {"http": {"method": 5}}}, {"requestContext": "x"}, None])
+def test_an_event_of_the_wrong_shape_is_a_400_not_a_failed_invocation(lam, change):
+    event = {**http_event("POST", "/v1/completions", {"prompt": "a"}), **change} if change else ["a list"]
+    kind, out = lam.invoke(event)
+    assert kind == "response", out
+    assert out["statusCode"] == 400 and json.loads(out["body"])["error"]["code"] == "invalid_event"
