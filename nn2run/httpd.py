@@ -155,19 +155,33 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.server.track(-1)
 
-    def _read_body(self, limit: int) -> bytes | None:
-        """The body, or None once an error has been sent (413 decided from Content-Length)."""
+    def handle_expect_100(self):
+        # a body that will be refused is refused now, in place of 100 Continue: the client
+        # then does not send it (the whole of it, maybe, for a reset to lose the answer)
+        if self._body_problem(self.server.app.settings.max_body) is not None:
+            return True
+        return super().handle_expect_100()
+
+    def _body_problem(self, limit: int) -> tuple | None:
+        """(status, message, code) when the body is to be refused unread, else None."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._refuse(411, "send the body with a Content-Length", "length_required")
+            return 411, "send the body with a Content-Length", "length_required"
         raw = self.headers.get("Content-Length", "0").strip(" \t")
         # ASCII digits only: str.isdigit also takes '²', which int() refuses
         if not (raw.isascii() and raw.isdigit()):
-            return self._refuse(400, "Content-Length must be a number of bytes", "invalid_length")
+            return 400, "Content-Length must be a number of bytes", "invalid_length"
         digits = raw.lstrip("0") or "0"
         # compared by length first: int() refuses strings of more than a few thousand digits
         if len(digits) > len(str(limit)) or int(digits) > limit:
-            return self._refuse(413, f"the body is over {limit} bytes", "body_too_large")
-        return self.rfile.read(int(digits))
+            return 413, f"the body is over {limit} bytes", "body_too_large"
+        return None
+
+    def _read_body(self, limit: int) -> bytes | None:
+        """The body, or None once an error has been sent (413 decided from Content-Length)."""
+        problem = self._body_problem(limit)
+        if problem is not None:
+            return self._refuse(*problem)
+        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
 
     def _refuse(self, status: int, message: str, code: str) -> None:
         from .completions import ApiError

@@ -116,3 +116,26 @@ def test_head_is_answered_where_get_is_with_the_headers_only(quiet, path):
 def test_head_where_only_post_is_allowed_is_a_405(quiet):
     status, headers, data = quiet.request("HEAD", "/v1/completions")
     assert status == 405 and headers["Allow"] == "POST" and data == b""
+
+
+@pytest.mark.parametrize("headers, status", [(b"Content-Length: 1000000000\r\n", 413),
+                                             (b"Transfer-Encoding: chunked\r\n", 411),
+                                             (b"Content-Length: x\r\n", 400)])
+def test_a_body_to_be_refused_gets_its_status_instead_of_100_continue(quiet, headers, status):
+    sock = socket.create_connection(("127.0.0.1", quiet.port), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n" + headers + b"\r\n")
+    answer = read_to_close(sock)            # the client waits: not a byte of the body is sent
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:40]
+
+
+def test_a_body_within_the_limit_gets_100_continue(quiet):
+    body = b'{"prompt": "ab", "max_tokens": 2}'
+    sock = socket.create_connection(("127.0.0.1", quiet.port), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: 100-continue\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body))
+    assert sock.recv(100).startswith(b"HTTP/1.1 100 ")
+    sock.sendall(body)
+    answer = read_to_close(sock)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"completion_tokens": 2' in answer
