@@ -142,11 +142,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         app = self.server.app
-        self.server.track(1)
         try:
             body = self._read_body(app.settings.max_body)
-            if body is None:
-                return
+        except (TimeoutError, BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            return
+        if body is None:
+            return
+        # in flight (what the drain waits for) from here: a body still coming is not a request yet
+        self.server.track(1)
+        try:
             headers = {k.lower(): v for k, v in self.headers.items()}
             resp = app.handle(self.command, self.path, headers, body, alive=self._alive)
             self._send(resp)

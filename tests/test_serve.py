@@ -504,3 +504,14 @@ def test_max_tokens_0_ends_each_choice_streamed_or_not(server):
     assert done and texts_of(events) == {0: "ab", 1: "ab", 2: "c", 3: "c"}
     finish = {c["index"]: c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]}
     assert finish == {i: "length" for i in range(4)}
+
+
+def test_a_client_still_sending_its_body_does_not_hold_up_the_drain(serve):
+    s = serve("--drain-timeout", 60)
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+    assert s.request("GET", "/health")[0] == 200          # the server has the headers: its thread reads the body
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(20) == 0                             # not the 60 s of --drain-timeout
+    sock.close()
+    assert "stopped\n" in s.log.read_text()
