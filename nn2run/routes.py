@@ -2,7 +2,7 @@
 in, a `Response` out. The HTTP server (`nn2run.serve`) and the Lambda handler
 (`nn2run.aws`) both answer through `App.handle`.
 
-Routes: GET / (the playground), GET /health, GET /v1/models, GET /metrics,
+Routes: GET / (the playground), GET /health, GET /v1/models (and /v1/models/ID), GET /metrics,
 POST /v1/completions (OpenAI's completions shape, streamed as server-sent events when
 asked), POST /tokenize, POST /detokenize; HEAD is GET without the body; OPTIONS
 answers CORS preflights. A seq2seq model has POST /v1/translations
@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from .scheduler import QueueFull, Request, Scheduler
 
 MAX_BODY = 1 << 20
 PUBLIC = {("GET", "/health"), ("GET", "/")}
-ROUTES = {"/": {"GET"}, "/health": {"GET"}, "/v1/models": {"GET"}, "/metrics": {"GET"},
+ROUTES = {"/": {"GET"}, "/health": {"GET"}, "/v1/models": {"GET"}, "/v1/models/{id}": {"GET"}, "/metrics": {"GET"},
           "/v1/completions": {"POST"}, "/tokenize": {"POST"}, "/detokenize": {"POST"},
           "/v1/translations": {"POST"}}
 LANGUAGE_ONLY = {"/", "/v1/completions", "/tokenize", "/detokenize"}
@@ -110,6 +111,9 @@ class App:
             self.by_status[status] = self.by_status.get(status, 0) + 1
 
     def _route(self, method, path, headers, body, alive, deadline) -> Response:
+        model_id = None
+        if path.startswith("/v1/models/"):     # OpenAI's models.retrieve
+            path, model_id = "/v1/models/{id}", urllib.parse.unquote(path[len("/v1/models/"):])
         if method == "OPTIONS":
             return self._preflight(path)
         if method == "HEAD":        # GET's answer; the transport sends its headers only
@@ -132,8 +136,12 @@ class App:
         if path == "/":
             return Response(200, self.page(), {"Content-Type": "text/html; charset=utf-8"})
         if path == "/v1/models":
-            return json_response(200, {"object": "list", "data": [
-                {"id": self.name, "object": "model", "created": self.created, "owned_by": "nn2"}]})
+            return json_response(200, {"object": "list", "data": [self._model_object()]})
+        if path == "/v1/models/{id}":
+            if model_id != self.name:
+                raise ApiError(404, f"the model '{model_id}' does not exist; this server has '{self.name}'",
+                               param="model", code="model_not_found")
+            return json_response(200, self._model_object())
         if path == "/metrics":
             from .metrics import render
             from .translations import render_metrics
@@ -155,6 +163,9 @@ class App:
             decode = self.model.codec.text_decoder()
             return json_response(200, {"prompt": "".join(decode(t) for t in ids)})
         return self._completions(body, alive, deadline)
+
+    def _model_object(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "nn2"}
 
     def _check_kind(self, path) -> None:
         if self.seq2seq and path in LANGUAGE_ONLY:
