@@ -194,6 +194,8 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True        # the body (if any) is not read: the connection cannot go on
         resp = error_response(ApiError(status, message, code=code))
         resp.headers["Connection"] = "close"
+        if self.server.app.settings.cors:       # as App.handle's answers: a browser may read why
+            resp.headers["Access-Control-Allow-Origin"] = self.server.app.settings.cors
         self.server.app.count(status)
         self._send(resp)
         self._linger()

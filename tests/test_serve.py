@@ -515,3 +515,10 @@ def test_a_client_still_sending_its_body_does_not_hold_up_the_drain(serve):
     assert s.proc.wait(20) == 0                             # not the 60 s of --drain-timeout
     sock.close()
     assert "stopped\n" in s.log.read_text()
+
+
+def test_a_body_refused_unread_carries_the_cors_header(serve):
+    s = serve("--max-body", 100, "--cors", "https://app.example")
+    status, headers, data = s.request("POST", "/v1/completions", b"x" * 200, {"Origin": "https://app.example"})
+    assert status == 413 and json.loads(data)["error"]["code"] == "body_too_large"
+    assert headers["Access-Control-Allow-Origin"] == "https://app.example"
