@@ -135,12 +135,12 @@ class Row:
         self.last = token
         self.generated += 1
         self.held += self.decode(token) if text is None else text
-        stops = self.request.stops
-        for s in stops:
-            at = self.held.find(s)
-            if at >= 0:
-                self.held = self.held[:at]
-                return "stop"
+        # the earliest stop string in the text, whichever of them it is (a token of several
+        # characters can hold more than one)
+        ends = [at for at in (self.held.find(s) for s in self.request.stops) if at >= 0]
+        if ends:
+            self.held = self.held[:min(ends)]
+            return "stop"
         if self.generated >= self.request.max_tokens:
             return "length"
         return None
