@@ -258,10 +258,16 @@ class Scheduler(Worker):
             if len(self._waiting) >= self.max_queue:
                 # requests whose client left while they waited give their places up
                 self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) >= self.max_queue and not self._room():
                 raise QueueFull()
             self._waiting.append(request)
             self._cond.notify()
+
+    def _room(self) -> bool:
+        """Whether a request submitted now gets a row at the next step (so does not wait:
+        with --max-queue 0 it is the only kind taken). Under the lock."""
+        rows = len(self._rows) + len(self._pending) + sum(len(r.primes) for r in self._waiting if not r.cancelled)
+        return rows < self.max_batch
 
     @property
     def running(self) -> int:

@@ -522,3 +522,14 @@ def test_a_body_refused_unread_carries_the_cors_header(serve):
     status, headers, data = s.request("POST", "/v1/completions", b"x" * 200, {"Origin": "https://app.example"})
     assert status == 413 and json.loads(data)["error"]["code"] == "body_too_large"
     assert headers["Access-Control-Allow-Origin"] == "https://app.example"
+
+
+def test_max_queue_0_takes_requests_while_rows_are_free_and_refuses_the_rest(serve):
+    s = serve("--max-batch", 1, "--max-queue", 0, "--max-tokens-limit", 10**7)
+    assert len(s.complete(prompt="a", max_tokens=4)["choices"][0]["text"]) == 4
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "a", "max_tokens": 10**7, "stream": True}))
+    conn.getresponse().read1(100)                   # the only row is taken
+    status, headers, data = s.request("POST", "/v1/completions", {"prompt": "b", "max_tokens": 3})
+    assert status == 429 and headers["Retry-After"] == "1" and json.loads(data)["error"]["code"] == "queue_full"
+    conn.close()
