@@ -161,7 +161,9 @@ class TranslationWorker(Worker):
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            # a job the idle worker takes at once does not wait (with --max-queue 0 the only kind taken)
+            room = not self._taken and sum(j.rows for j in self._waiting) + job.rows <= self.max_batch
+            if len(self._waiting) >= self.max_queue and not room:
                 raise QueueFull()
             self._waiting.append(job)
             self._cond.notify()

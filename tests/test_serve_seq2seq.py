@@ -298,6 +298,18 @@ def test_queued_requests_are_translated_together_and_a_full_queue_is_429(serve, 
     assert s.stop() == 0 and "Traceback" not in s.log.read_text()
 
 
+def test_max_queue_0_takes_requests_while_the_worker_is_free(serve, model):
+    s = serve("--max-queue", 0, gated=True)
+    first, first_box = in_thread(s.translate, texts=["abc"])
+    s.wait_metric("nn2_texts_running", 1)                     # the worker is busy with it
+    status, obj = s.translate(texts=["ab"])
+    assert status == 429 and obj["error"]["code"] == "queue_full"
+    s.gate.unlink()
+    first.join(30)
+    assert first_box["out"] == (200, {"model": "dates", "translations": expected(model, ["abc"])})
+    assert s.translate(texts=["ddd"]) == (200, {"model": "dates", "translations": expected(model, ["ddd"])})
+
+
 def test_a_client_that_goes_away_does_not_break_the_worker(serve, model):
     s = serve(gated=True)
     running, running_box = in_thread(s.translate, texts=["abc"])
