@@ -118,6 +118,8 @@ class Server(ThreadingHTTPServer):
     request_queue_size = BACKLOG        # the listen backlog: a burst of clients is queued, not reset
 
     def __init__(self, address, app, log: bool = True):
+        if ":" in address[0]:       # an IPv6 address (--host ::1, or :: for every address)
+            self.address_family = socket.AF_INET6
         self.app, self.log = app, log
         self.in_flight = 0
         self._lock = threading.Lock()

@@ -533,3 +533,30 @@ def test_max_queue_0_takes_requests_while_rows_are_free_and_refuses_the_rest(ser
     status, headers, data = s.request("POST", "/v1/completions", {"prompt": "b", "max_tokens": 3})
     assert status == 429 and headers["Retry-After"] == "1" and json.loads(data)["error"]["code"] == "queue_full"
     conn.close()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_an_ipv6_host_is_served(model, tmp_path):
+    log = tmp_path / "serve6.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "nn2run.serve", str(model), "--host", "::1", "--port", "0"],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_for(lambda: "http://[::1]:" in log.read_text() or proc.poll() is not None, what="the server")
+            port = int(re.search(r"http://\[::1\]:(\d+)", log.read_text()).group(1))
+            conn = http.client.HTTPConnection("::1", port, timeout=10)
+            conn.request("GET", "/health")
+            assert conn.getresponse().status == 200
+            conn.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, log.read_text()
