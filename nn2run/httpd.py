@@ -26,10 +26,10 @@ STREAM_BUFFER = 1 << 20     # bytes a client may leave unread before its stream 
 
 
 class _Stream:
-    __slots__ = ("sock", "events", "out", "finished", "ok")
+    __slots__ = ("sock", "events", "chunked", "out", "finished", "ok")
 
-    def __init__(self, sock, events):
-        self.sock, self.events = sock, events
+    def __init__(self, sock, events, chunked: bool):
+        self.sock, self.events, self.chunked = sock, events, chunked
         self.out = b""
         self.finished = threading.Event()
         self.ok = True
@@ -49,9 +49,10 @@ class Streamer:
         self._kick = threading.Event()
         threading.Thread(target=self._run, name="nn2-streamer", daemon=True).start()
 
-    def add(self, sock, events) -> _Stream:
-        """Hand a connection (headers already sent) and its EventStream to the writer."""
-        stream = _Stream(sock, events)
+    def add(self, sock, events, chunked: bool = True) -> _Stream:
+        """Hand a connection (headers already sent) and its EventStream to the writer;
+        not `chunked`: the body is the events as they are, ended by closing."""
+        stream = _Stream(sock, events, chunked)
         sock.settimeout(0)      # non-blocking: a socket with a timeout would wait for room to send
         events.req.wake = self._kick.set       # the first token, and each choice's end, go at once
         with self._lock:
@@ -76,8 +77,8 @@ class Streamer:
         if not ev.done:
             piece = ev.poll()
             if piece:
-                st.out += b"%x\r\n%s\r\n" % (len(piece), piece)
-            if ev.done:
+                st.out += b"%x\r\n%s\r\n" % (len(piece), piece) if st.chunked else piece
+            if ev.done and st.chunked:
                 st.out += b"0\r\n\r\n"
         try:
             if st.out:
@@ -230,13 +231,19 @@ class Handler(BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.wfile.write(resp.body)
             return
-        self.send_header("Transfer-Encoding", "chunked")
+        # HTTP/1.0 has no chunked encoding: the stream's end is the connection's
+        chunked = self.request_version != "HTTP/1.0"
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+            self.send_header("Connection", "close")
         try:
             self.end_headers()
         except OSError:
             resp.stream.close()
             raise
-        stream = self.server.streamer.add(self.connection, resp.stream)
+        stream = self.server.streamer.add(self.connection, resp.stream, chunked)
         stream.finished.wait()          # this thread sleeps; the streamer writes
         self.connection.settimeout(self.timeout)
         if not stream.ok:

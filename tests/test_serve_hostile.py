@@ -139,3 +139,17 @@ def test_a_body_within_the_limit_gets_100_continue(quiet):
     answer = read_to_close(sock)
     sock.close()
     assert answer.startswith(b"HTTP/1.1 200 ") and b'"completion_tokens": 2' in answer
+
+
+def test_a_stream_to_an_http_1_0_client_is_not_chunked(quiet):
+    body = b'{"prompt": "ab", "max_tokens": 5, "seed": 1, "stream": true}'
+    sock = socket.create_connection(("127.0.0.1", quiet.port), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    answer = read_to_close(sock)            # the end of the stream is the end of the connection
+    sock.close()
+    head, _, data = answer.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" not in head.lower()
+    assert data.startswith(b"data: {") and data.endswith(b"data: [DONE]\n\n")
+    text = "".join(c["text"] for e in data.split(b"\n\n") if e.startswith(b"data: {")
+                   for c in json.loads(e[6:])["choices"])
+    assert text == quiet.complete(prompt="ab", max_tokens=5, seed=1)["choices"][0]["text"]
