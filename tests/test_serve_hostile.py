@@ -4,13 +4,19 @@ reaches the server's stderr as a traceback, and the server goes on serving."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
+import signal
 import socket
+import subprocess
+import sys
+import threading
 
 import pytest
 
 from support.models import build_model
-from test_serve import Served, read_to_close
+from test_serve import Served, read_to_close, texts_of, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +30,18 @@ def server(model, tmp_path_factory):
     s = Served(model, "--max-body", 1000, tmp_path=tmp_path_factory.mktemp("served"))
     yield s
     assert s.stop() == 0
+
+
+@pytest.fixture
+def serve(model, tmp_path):
+    servers = []
+
+    def start(*args):
+        servers.append(Served(model, *args, tmp_path=tmp_path))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.stop(signal.SIGKILL)
 
 
 @pytest.fixture
@@ -153,3 +171,92 @@ def test_a_stream_to_an_http_1_0_client_is_not_chunked(quiet):
     text = "".join(c["text"] for e in data.split(b"\n\n") if e.startswith(b"data: {")
                    for c in json.loads(e[6:])["choices"])
     assert text == quiet.complete(prompt="ab", max_tokens=5, seed=1)["choices"][0]["text"]
+
+
+# --- queue, drain, CORS and addresses ------------------------------------------------
+
+def test_a_queued_client_that_disconnects_gives_up_its_place_in_the_queue(serve):
+    s = serve("--max-batch", 1, "--max-queue", 1, "--max-tokens-limit", 10**7)
+    running = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    running.request("POST", "/v1/completions", json.dumps({"prompt": "a", "max_tokens": 10**7, "stream": True}))
+    running.getresponse().read1(100)                # it holds the only row
+    gone = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    gone.request("POST", "/v1/completions", json.dumps({"prompt": "b", "max_tokens": 3}))
+    wait_for(lambda: s.metric("nn2_rows_queued") == 1, what="a queued request")
+    gone.sock.shutdown(socket.SHUT_RDWR)            # it leaves while it waits
+    gone.close()
+    wait_for(lambda: s.metric("nn2_rows_queued") == 0, timeout=5, what="the queue to be empty")
+    result = {}
+    queued = threading.Thread(target=lambda: result.update(
+        answer=s.request("POST", "/v1/completions", {"prompt": "c", "max_tokens": 3})))
+    queued.start()                                  # takes the place the other left: waits, no 429
+    wait_for(lambda: s.metric("nn2_rows_queued") == 1 or "answer" in result, what="the request to queue")
+    assert "answer" not in result, result
+    running.close()
+    queued.join(20)
+    assert result["answer"][0] == 200
+
+
+def test_max_tokens_0_ends_each_choice_streamed_or_not(server):
+    out = server.complete(prompt=["ab", "c"], n=2, max_tokens=0, echo=True)
+    assert [(c["text"], c["finish_reason"]) for c in out["choices"]] == [("ab", "length")] * 2 + [("c", "length")] * 2
+    events, done = server.stream(prompt=["ab", "c"], n=2, max_tokens=0, echo=True)
+    assert done and texts_of(events) == {0: "ab", 1: "ab", 2: "c", 3: "c"}
+    finish = {c["index"]: c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]}
+    assert finish == {i: "length" for i in range(4)}
+
+
+def test_a_client_still_sending_its_body_does_not_hold_up_the_drain(serve):
+    s = serve("--drain-timeout", 60)
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+    assert s.request("GET", "/health")[0] == 200          # the server has the headers: its thread reads the body
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(20) == 0                             # not the 60 s of --drain-timeout
+    sock.close()
+    assert "stopped\n" in s.log.read_text()
+
+
+def test_a_body_refused_unread_carries_the_cors_header(serve):
+    s = serve("--max-body", 100, "--cors", "https://app.example")
+    status, headers, data = s.request("POST", "/v1/completions", b"x" * 200, {"Origin": "https://app.example"})
+    assert status == 413 and json.loads(data)["error"]["code"] == "body_too_large"
+    assert headers["Access-Control-Allow-Origin"] == "https://app.example"
+
+
+def test_max_queue_0_takes_requests_while_rows_are_free_and_refuses_the_rest(serve):
+    s = serve("--max-batch", 1, "--max-queue", 0, "--max-tokens-limit", 10**7)
+    assert len(s.complete(prompt="a", max_tokens=4)["choices"][0]["text"]) == 4
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "a", "max_tokens": 10**7, "stream": True}))
+    conn.getresponse().read1(100)                   # the only row is taken
+    status, headers, data = s.request("POST", "/v1/completions", {"prompt": "b", "max_tokens": 3})
+    assert status == 429 and headers["Retry-After"] == "1" and json.loads(data)["error"]["code"] == "queue_full"
+    conn.close()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_an_ipv6_host_is_served(model, tmp_path):
+    log = tmp_path / "serve6.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "nn2run.serve", str(model), "--host", "::1", "--port", "0"],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_for(lambda: "http://[::1]:" in log.read_text() or proc.poll() is not None, what="the server")
+            port = int(re.search(r"http://\[::1\]:(\d+)", log.read_text()).group(1))
+            conn = http.client.HTTPConnection("::1", port, timeout=10)
+            conn.request("GET", "/health")
+            assert conn.getresponse().status == 200
+            conn.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, log.read_text()
