@@ -244,6 +244,7 @@ def test_a_language_model_server_names_its_kind_on_translations(tmp_path):
     ({"texts": ["ab"], "n_best": 2}, "n_best", "out_of_range", "at most 'beam' (1)"),
     ({"texts": ["ab"], "length_penalty": -1}, "length_penalty", "out_of_range", ">= 0"),
     ({"texts": ["ab"], "length_penalty": "x"}, "length_penalty", "invalid_type", "a number"),
+    ({"texts": ["abc", "a"], "beam": 3, "length_penalty": 1e308}, "length_penalty", "out_of_range", "<= 10"),
     ({"texts": ["ab"], "max_len": 0}, "max_len", "out_of_range", "a positive integer"),
     ({"texts": ["ab"], "temperature": 1}, "temperature", "unknown_parameter", "temperature"),
 ])
