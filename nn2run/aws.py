@@ -30,9 +30,20 @@ _lock = threading.Lock()
 MARGIN_S = 0.5      # of the invocation's remaining time, kept to return the answer
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default, kind: type, low, high):
+    """The setting NN2_*: absent or empty, the default; else a number of `kind` in
+    [low, high], or a ValueError naming the variable (the bounds of nn2run serve's options)."""
     raw = os.environ.get(name)
-    return default if raw is None or not raw.strip() else int(raw)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:      # NaN fails this too
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'} from {low} to {high}, "
+                         f"got {raw!r}")
+    return value
 
 
 def _load():
@@ -47,14 +58,16 @@ def _load():
             path = os.environ.get("NN2_MODEL")
             if not path:
                 raise RuntimeError("NN2_MODEL is not set: it names the .nnb file to serve")
-            model = load(path, verify=os.environ.get("NN2_VERIFY", "1") != "0")
-            settings = Settings(max_tokens_default=_env_int("NN2_MAX_TOKENS_DEFAULT", 256),
-                                max_tokens_limit=_env_int("NN2_MAX_TOKENS_LIMIT", 4096),
-                                request_timeout=float(os.environ.get("NN2_TIMEOUT") or 120),
+            limit = _env_number("NN2_MAX_TOKENS_LIMIT", 4096, int, 1, 1 << 24)
+            default = _env_number("NN2_MAX_TOKENS_DEFAULT", min(256, limit), int, 0, limit)
+            settings = Settings(max_tokens_default=default, max_tokens_limit=limit,
+                                request_timeout=_env_number("NN2_TIMEOUT", 120.0, float, 0.001, 1e9),
                                 api_key=os.environ.get("NN2_API_KEY") or None,
                                 cors=os.environ.get("NN2_CORS") or None)
+            max_batch = _env_number("NN2_MAX_BATCH", 64, int, 1, 4096)
+            model = load(path, verify=os.environ.get("NN2_VERIFY", "1") != "0")
             runner = TranslationWorker if hasattr(model, "translate") else Scheduler   # as nn2run serve
-            scheduler = runner(model, max_batch=_env_int("NN2_MAX_BATCH", 64)).start()
+            scheduler = runner(model, max_batch=max_batch).start()
             name = os.path.splitext(os.path.basename(path))[0]
             _app = App(model, name, scheduler, settings)
         return _app
