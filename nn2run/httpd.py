@@ -174,6 +174,9 @@ class Handler(BaseHTTPRequestHandler):
         """(status, message, code) when the body is to be refused unread, else None."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return 411, "send the body with a Content-Length", "length_required"
+        given = {v.strip(" \t") for v in self.headers.get_all("Content-Length", [])}
+        if len(given) > 1:      # which one a proxy in front used is unknown: the next request would be too
+            return 400, "Content-Length is given twice, with different values", "invalid_length"
         raw = self.headers.get("Content-Length", "0").strip(" \t")
         # ASCII digits only: str.isdigit also takes '²', which int() refuses
         if not (raw.isascii() and raw.isdigit()):
