@@ -30,9 +30,9 @@ _lock = threading.Lock()
 MARGIN_S = 0.5      # of the invocation's remaining time, kept to return the answer
 
 
-def _env_number(name: str, default, kind: type, low, high):
+def _env_number(name: str, default, kind: type, low, high=None):
     """The setting NN2_*: absent or empty, the default; else a number of `kind` in
-    [low, high], or a ValueError naming the variable (the bounds of nn2run serve's options)."""
+    [low, high] (high None: no bound), or a ValueError naming the variable."""
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
         return default
@@ -40,9 +40,10 @@ def _env_number(name: str, default, kind: type, low, high):
         value = kind(raw)
     except ValueError:
         value = None
-    if value is None or not low <= value <= high:      # NaN fails this too
-        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'} from {low} to {high}, "
-                         f"got {raw!r}")
+    if value is None or not (low <= value and (high is None or value <= high)):      # NaN fails this too
+        what = "an integer" if kind is int else "a number"
+        bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+        raise ValueError(f"{name} must be {what} {bounds}, got {raw!r}")
     return value
 
 
@@ -58,10 +59,10 @@ def _load():
             path = os.environ.get("NN2_MODEL")
             if not path:
                 raise RuntimeError("NN2_MODEL is not set: it names the .nnb file to serve")
-            limit = _env_number("NN2_MAX_TOKENS_LIMIT", 4096, int, 1, 1 << 24)
+            limit = _env_number("NN2_MAX_TOKENS_LIMIT", 4096, int, 1)
             default = _env_number("NN2_MAX_TOKENS_DEFAULT", min(256, limit), int, 0, limit)
             settings = Settings(max_tokens_default=default, max_tokens_limit=limit,
-                                request_timeout=_env_number("NN2_TIMEOUT", 120.0, float, 0.001, 1e9),
+                                request_timeout=_env_number("NN2_TIMEOUT", 120.0, float, 0.001, 1e12),
                                 api_key=os.environ.get("NN2_API_KEY") or None,
                                 cors=os.environ.get("NN2_CORS") or None)
             max_batch = _env_number("NN2_MAX_BATCH", 64, int, 1, 4096)
