@@ -30,9 +30,21 @@ _lock = threading.Lock()
 MARGIN_S = 0.5      # of the invocation's remaining time, kept to return the answer
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default, kind: type, low, high=None):
+    """The setting NN2_*: absent or empty, the default; else a number of `kind` in
+    [low, high] (high None: no bound), or a ValueError naming the variable."""
     raw = os.environ.get(name)
-    return default if raw is None or not raw.strip() else int(raw)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not (low <= value and (high is None or value <= high)):      # NaN fails this too
+        what = "an integer" if kind is int else "a number"
+        bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+        raise ValueError(f"{name} must be {what} {bounds}, got {raw!r}")
+    return value
 
 
 def _load():
@@ -47,14 +59,16 @@ def _load():
             path = os.environ.get("NN2_MODEL")
             if not path:
                 raise RuntimeError("NN2_MODEL is not set: it names the .nnb file to serve")
-            model = load(path, verify=os.environ.get("NN2_VERIFY", "1") != "0")
-            settings = Settings(max_tokens_default=_env_int("NN2_MAX_TOKENS_DEFAULT", 256),
-                                max_tokens_limit=_env_int("NN2_MAX_TOKENS_LIMIT", 4096),
-                                request_timeout=float(os.environ.get("NN2_TIMEOUT") or 120),
+            limit = _env_number("NN2_MAX_TOKENS_LIMIT", 4096, int, 1)
+            default = _env_number("NN2_MAX_TOKENS_DEFAULT", min(256, limit), int, 0, limit)
+            settings = Settings(max_tokens_default=default, max_tokens_limit=limit,
+                                request_timeout=_env_number("NN2_TIMEOUT", 120.0, float, 0.001, 1e12),
                                 api_key=os.environ.get("NN2_API_KEY") or None,
                                 cors=os.environ.get("NN2_CORS") or None)
+            max_batch = _env_number("NN2_MAX_BATCH", 64, int, 1, 4096)
+            model = load(path, verify=os.environ.get("NN2_VERIFY", "1") != "0")
             runner = TranslationWorker if hasattr(model, "translate") else Scheduler   # as nn2run serve
-            scheduler = runner(model, max_batch=_env_int("NN2_MAX_BATCH", 64)).start()
+            scheduler = runner(model, max_batch=max_batch).start()
             name = os.path.splitext(os.path.basename(path))[0]
             _app = App(model, name, scheduler, settings)
         return _app
@@ -70,14 +84,27 @@ def _init() -> None:
             print(f"nn2run: cannot load the model: {e}", file=sys.stderr)
 
 
+class NotHttp(ValueError):
+    """An event that is not an HTTP request (a direct invocation with another payload)."""
+
+
 def _request(event: dict):
     """(method, path, lower-case headers, body bytes) of a payload-2.0 event."""
-    http = (event.get("requestContext") or {}).get("http") or {}
+    if not isinstance(event, dict):
+        raise NotHttp()
+    context = event.get("requestContext") or {}
+    http = (context.get("http") or {}) if isinstance(context, dict) else None
+    if not isinstance(http, dict):
+        raise NotHttp()
     method = http.get("method") or event.get("httpMethod") or "GET"
     path = event.get("rawPath") or http.get("path") or "/"
-    headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}
+    headers = event.get("headers") or {}
     body = event.get("body") or ""
-    raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode("utf-8")
+    if not (isinstance(method, str) and isinstance(path, str) and isinstance(headers, dict)
+            and isinstance(body, str)):
+        raise NotHttp()
+    headers = {str(k).lower(): str(v) for k, v in headers.items()}
+    raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode("utf-8", "surrogatepass")
     return method.upper(), path, headers, raw
 
 
@@ -96,7 +123,12 @@ def handler(event, context):
         resp = error_response(ApiError(500, f"cannot load the model: {e}", "server_error", code="model_unavailable"))
         return _answer(resp.status, resp.headers, resp.body)
     try:
-        method, path, headers, body = _request(event if isinstance(event, dict) else {})
+        method, path, headers, body = _request(event)
+    except NotHttp:
+        resp = error_response(ApiError(400, "the event is not an HTTP request: payload format 2.0 has strings for "
+                                       "the method, rawPath and body, an object for headers",
+                                       code="invalid_event"))
+        return _answer(resp.status, resp.headers, resp.body)
     except (ValueError, TypeError):
         resp = error_response(ApiError(400, "the body is not valid base64", code="invalid_body"))
         return _answer(resp.status, resp.headers, resp.body)

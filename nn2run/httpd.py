@@ -26,10 +26,10 @@ STREAM_BUFFER = 1 << 20     # bytes a client may leave unread before its stream 
 
 
 class _Stream:
-    __slots__ = ("sock", "events", "out", "finished", "ok")
+    __slots__ = ("sock", "events", "chunked", "out", "finished", "ok")
 
-    def __init__(self, sock, events):
-        self.sock, self.events = sock, events
+    def __init__(self, sock, events, chunked: bool):
+        self.sock, self.events, self.chunked = sock, events, chunked
         self.out = b""
         self.finished = threading.Event()
         self.ok = True
@@ -49,9 +49,10 @@ class Streamer:
         self._kick = threading.Event()
         threading.Thread(target=self._run, name="nn2-streamer", daemon=True).start()
 
-    def add(self, sock, events) -> _Stream:
-        """Hand a connection (headers already sent) and its EventStream to the writer."""
-        stream = _Stream(sock, events)
+    def add(self, sock, events, chunked: bool = True) -> _Stream:
+        """Hand a connection (headers already sent) and its EventStream to the writer;
+        not `chunked`: the body is the events as they are, ended by closing."""
+        stream = _Stream(sock, events, chunked)
         sock.settimeout(0)      # non-blocking: a socket with a timeout would wait for room to send
         events.req.wake = self._kick.set       # the first token, and each choice's end, go at once
         with self._lock:
@@ -76,8 +77,8 @@ class Streamer:
         if not ev.done:
             piece = ev.poll()
             if piece:
-                st.out += b"%x\r\n%s\r\n" % (len(piece), piece)
-            if ev.done:
+                st.out += b"%x\r\n%s\r\n" % (len(piece), piece) if st.chunked else piece
+            if ev.done and st.chunked:
                 st.out += b"0\r\n\r\n"
         try:
             if st.out:
@@ -118,6 +119,8 @@ class Server(ThreadingHTTPServer):
     request_queue_size = BACKLOG        # the listen backlog: a burst of clients is queued, not reset
 
     def __init__(self, address, app, log: bool = True):
+        if ":" in address[0]:       # an IPv6 address (--host ::1, or :: for every address)
+            self.address_family = socket.AF_INET6
         self.app, self.log = app, log
         self.in_flight = 0
         self._lock = threading.Lock()
@@ -142,11 +145,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         app = self.server.app
-        self.server.track(1)
         try:
             body = self._read_body(app.settings.max_body)
-            if body is None:
-                return
+        except (TimeoutError, BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            return
+        if body is None:
+            return
+        # in flight (what the drain waits for) from here: a body still coming is not a request yet
+        self.server.track(1)
+        try:
             headers = {k.lower(): v for k, v in self.headers.items()}
             resp = app.handle(self.command, self.path, headers, body, alive=self._alive)
             self._send(resp)
@@ -155,16 +163,36 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.server.track(-1)
 
+    def handle_expect_100(self):
+        # a body that will be refused is refused now, in place of 100 Continue: the client
+        # then does not send it (the whole of it, maybe, for a reset to lose the answer)
+        if self._body_problem(self.server.app.settings.max_body) is not None:
+            return True
+        return super().handle_expect_100()
+
+    def _body_problem(self, limit: int) -> tuple | None:
+        """(status, message, code) when the body is to be refused unread, else None."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return 411, "send the body with a Content-Length", "length_required"
+        given = {v.strip(" \t") for v in self.headers.get_all("Content-Length", [])}
+        if len(given) > 1:      # which one a proxy in front used is unknown: the next request would be too
+            return 400, "Content-Length is given twice, with different values", "invalid_length"
+        raw = self.headers.get("Content-Length", "0").strip(" \t")
+        # ASCII digits only: str.isdigit also takes '²', which int() refuses
+        if not (raw.isascii() and raw.isdigit()):
+            return 400, "Content-Length must be a number of bytes", "invalid_length"
+        digits = raw.lstrip("0") or "0"
+        # compared by length first: int() refuses strings of more than a few thousand digits
+        if len(digits) > len(str(limit)) or int(digits) > limit:
+            return 413, f"the body is over {limit} bytes", "body_too_large"
+        return None
+
     def _read_body(self, limit: int) -> bytes | None:
         """The body, or None once an error has been sent (413 decided from Content-Length)."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._refuse(411, "send the body with a Content-Length", "length_required")
-        raw = self.headers.get("Content-Length", "0")
-        if not raw.isdigit():
-            return self._refuse(400, "Content-Length must be a number of bytes", "invalid_length")
-        if int(raw) > limit:
-            return self._refuse(413, f"the body is over {limit} bytes", "body_too_large")
-        return self.rfile.read(int(raw))
+        problem = self._body_problem(limit)
+        if problem is not None:
+            return self._refuse(*problem)
+        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
 
     def _refuse(self, status: int, message: str, code: str) -> None:
         from .completions import ApiError
@@ -172,6 +200,8 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True        # the body (if any) is not read: the connection cannot go on
         resp = error_response(ApiError(status, message, code=code))
         resp.headers["Connection"] = "close"
+        if self.server.app.settings.cors:       # as App.handle's answers: a browser may read why
+            resp.headers["Access-Control-Allow-Origin"] = self.server.app.settings.cors
         self.server.app.count(status)
         self._send(resp)
         self._linger()
@@ -204,13 +234,19 @@ class Handler(BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.wfile.write(resp.body)
             return
-        self.send_header("Transfer-Encoding", "chunked")
+        # HTTP/1.0 has no chunked encoding: the stream's end is the connection's
+        chunked = self.request_version != "HTTP/1.0"
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+            self.send_header("Connection", "close")
         try:
             self.end_headers()
         except OSError:
             resp.stream.close()
             raise
-        stream = self.server.streamer.add(self.connection, resp.stream)
+        stream = self.server.streamer.add(self.connection, resp.stream, chunked)
         stream.finished.wait()          # this thread sleeps; the streamer writes
         self.connection.settimeout(self.timeout)
         if not stream.ok:

@@ -2,12 +2,12 @@
 in, a `Response` out. The HTTP server (`nn2run.serve`) and the Lambda handler
 (`nn2run.aws`) both answer through `App.handle`.
 
-Routes: GET / (the playground), GET /health, GET /v1/models, GET /metrics,
+Routes: GET / (the playground), GET /health, GET /v1/models (and /v1/models/ID), GET /metrics,
 POST /v1/completions (OpenAI's completions shape, streamed as server-sent events when
-asked), POST /tokenize, POST /detokenize; OPTIONS answers CORS preflights. A seq2seq
-model has POST /v1/translations (`nn2run.translations`) instead of the playground,
-completions and the tokenizer routes; each kind's routes on the other answer 404 naming
-the model's kind.
+asked), POST /tokenize, POST /detokenize; HEAD is GET without the body; OPTIONS
+answers CORS preflights. A seq2seq model has POST /v1/translations
+(`nn2run.translations`) instead of the playground, completions and the tokenizer routes;
+each kind's routes on the other answer 404 naming the model's kind.
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}; an
 unexpected exception is logged and answered 500 without its details.
 
@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from .scheduler import QueueFull, Request, Scheduler
 
 MAX_BODY = 1 << 20
 PUBLIC = {("GET", "/health"), ("GET", "/")}
-ROUTES = {"/": {"GET"}, "/health": {"GET"}, "/v1/models": {"GET"}, "/metrics": {"GET"},
+ROUTES = {"/": {"GET"}, "/health": {"GET"}, "/v1/models": {"GET"}, "/v1/models/{id}": {"GET"}, "/metrics": {"GET"},
           "/v1/completions": {"POST"}, "/tokenize": {"POST"}, "/detokenize": {"POST"},
           "/v1/translations": {"POST"}}
 LANGUAGE_ONLY = {"/", "/v1/completions", "/tokenize", "/detokenize"}
@@ -52,9 +53,14 @@ class Response:
     stream: EventStream | None = None     # server-sent events, written as they come
 
 
+def _json(obj) -> bytes:
+    # a lone surrogate (valid in a JSON string's escapes, so in a request's echoed values)
+    # has no UTF-8: it goes out as the escape it came in as, \udXXX
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
 def json_response(status: int, obj, headers: dict | None = None) -> Response:
-    body = json.dumps(obj, ensure_ascii=False).encode()
-    return Response(status, body, {"Content-Type": "application/json", **(headers or {})})
+    return Response(status, _json(obj), {"Content-Type": "application/json", **(headers or {})})
 
 
 def error_response(e: ApiError) -> Response:
@@ -105,8 +111,13 @@ class App:
             self.by_status[status] = self.by_status.get(status, 0) + 1
 
     def _route(self, method, path, headers, body, alive, deadline) -> Response:
+        model_id = None
+        if path.startswith("/v1/models/"):     # OpenAI's models.retrieve
+            path, model_id = "/v1/models/{id}", urllib.parse.unquote(path[len("/v1/models/"):])
         if method == "OPTIONS":
             return self._preflight(path)
+        if method == "HEAD":        # GET's answer; the transport sends its headers only
+            method = "GET"
         if path not in ROUTES:
             raise ApiError(404, f"no route {path}", "invalid_request_error", code="not_found")
         self._check_kind(path)
@@ -125,8 +136,12 @@ class App:
         if path == "/":
             return Response(200, self.page(), {"Content-Type": "text/html; charset=utf-8"})
         if path == "/v1/models":
-            return json_response(200, {"object": "list", "data": [
-                {"id": self.name, "object": "model", "created": self.created, "owned_by": "nn2"}]})
+            return json_response(200, {"object": "list", "data": [self._model_object()]})
+        if path == "/v1/models/{id}":
+            if model_id != self.name:
+                raise ApiError(404, f"the model '{model_id}' does not exist; this server has '{self.name}'",
+                               param="model", code="model_not_found")
+            return json_response(200, self._model_object())
         if path == "/metrics":
             from .metrics import render
             from .translations import render_metrics
@@ -148,6 +163,9 @@ class App:
             decode = self.model.codec.text_decoder()
             return json_response(200, {"prompt": "".join(decode(t) for t in ids)})
         return self._completions(body, alive, deadline)
+
+    def _model_object(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "nn2"}
 
     def _check_kind(self, path) -> None:
         if self.seq2seq and path in LANGUAGE_ONLY:
@@ -183,6 +201,9 @@ class App:
             return self.model.codec.encode(text)
         except CodecError as e:
             raise ApiError(400, str(e), param=param, code="unknown_characters") from None
+        except UnicodeEncodeError as e:     # a lone surrogate, for a codec that takes UTF-8
+            raise ApiError(400, f"'{param}' is not valid Unicode: a lone surrogate, {text[e.start]!r}, "
+                           f"at {e.start}", param=param, code="invalid_unicode") from None
 
     def page(self) -> bytes:
         """The playground, with the model's description filled in (made once)."""
@@ -219,8 +240,9 @@ class App:
             except QueueFull:
                 raise ApiError(429, "the queue is full; retry later", "server_error", code="queue_full",
                                headers={"Retry-After": "1"}) from None
-        else:
-            req.open_rows = 0
+        else:                   # nothing to generate: each choice ends at once, as a stream says too
+            for i in range(len(rows)):
+                req.events.put((i, "", "length"))
         echo = [c.prompts[i // c.n] if c.echo else "" for i in range(len(rows))]
         if c.stream:
             return Response(200, b"", {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
@@ -348,4 +370,4 @@ def _failure(req: Request, event: tuple) -> ApiError:
 
 
 def _event(obj) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + _json(obj) + b"\n\n"

@@ -135,12 +135,12 @@ class Row:
         self.last = token
         self.generated += 1
         self.held += self.decode(token) if text is None else text
-        stops = self.request.stops
-        for s in stops:
-            at = self.held.find(s)
-            if at >= 0:
-                self.held = self.held[:at]
-                return "stop"
+        # the earliest stop string in the text, whichever of them it is (a token of several
+        # characters can hold more than one)
+        ends = [at for at in (self.held.find(s) for s in self.request.stops) if at >= 0]
+        if ends:
+            self.held = self.held[:min(ends)]
+            return "stop"
         if self.generated >= self.request.max_tokens:
             return "length"
         return None
@@ -256,9 +256,18 @@ class Scheduler(Worker):
     def submit(self, request: Request) -> None:
         with self._cond:
             if len(self._waiting) >= self.max_queue:
+                # requests whose client left while they waited give their places up
+                self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+            if len(self._waiting) >= self.max_queue and not self._room():
                 raise QueueFull()
             self._waiting.append(request)
             self._cond.notify()
+
+    def _room(self) -> bool:
+        """Whether a request submitted now gets a row at the next step (so does not wait:
+        with --max-queue 0 it is the only kind taken). Under the lock."""
+        rows = len(self._rows) + len(self._pending) + sum(len(r.primes) for r in self._waiting if not r.cancelled)
+        return rows < self.max_batch
 
     @property
     def running(self) -> int:
@@ -267,7 +276,7 @@ class Scheduler(Worker):
     @property
     def queued(self) -> int:
         """Rows waiting for a place in the batch (of requests admitted or not)."""
-        return len(self._pending) + sum(len(r.primes) for r in list(self._waiting))
+        return len(self._pending) + sum(len(r.primes) for r in list(self._waiting) if not r.cancelled)
 
     def idle(self) -> bool:
         return not self._rows and not self._waiting and not self._pending

@@ -46,6 +46,8 @@ def run_server(model, name: str, host: str, port: int, max_batch: int, max_queue
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     bound_host, bound_port = server.server_address[:2]
+    if ":" in bound_host:
+        bound_host = f"[{bound_host}]"
     click.echo(f"nn2run: serving {name} on http://{bound_host}:{bound_port} "
                f"(max batch {max_batch}, queue {max_queue})", err=True)
     if rpc is not None:

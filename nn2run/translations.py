@@ -28,6 +28,9 @@ from .scheduler import Histogram, QueueFull, Worker
 MAX_TEXTS = 64
 MAX_BEAM = 64
 MAX_LEN = (1 << 31) - 1
+# the length penalty ranks by log-probability / length ** alpha: past this, length ** alpha
+# could overflow a float (and values past 2 or 3 are of no use)
+MAX_PENALTY = 10
 WAIT_TICK = 0.05      # seconds between checks that the client is still there
 KNOWN = ("model", "texts", "beam", "n_best", "length_penalty", "max_len")
 
@@ -84,9 +87,9 @@ def parse_translation(body: bytes, model, model_name: str) -> tuple[list[str], l
         alpha = 1.0
     elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ApiError(400, "'length_penalty' must be a number", param="length_penalty", code="invalid_type")
-    elif not 0 <= alpha < float("inf"):
-        raise ApiError(400, f"'length_penalty' must be a number >= 0, got {alpha!r}", param="length_penalty",
-                       code="out_of_range")
+    elif not 0 <= alpha <= MAX_PENALTY:
+        raise ApiError(400, f"'length_penalty' must be a number >= 0 and <= {MAX_PENALTY}, got {alpha!r}",
+                       param="length_penalty", code="out_of_range")
     return texts, [_source(model, i, t) for i, t in enumerate(texts)], Options(beam, n_best, float(alpha), max_len)
 
 
@@ -161,7 +164,9 @@ class TranslationWorker(Worker):
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            # a job the idle worker takes at once does not wait (with --max-queue 0 the only kind taken)
+            room = not self._taken and sum(j.rows for j in self._waiting) + job.rows <= self.max_batch
+            if len(self._waiting) >= self.max_queue and not room:
                 raise QueueFull()
             self._waiting.append(job)
             self._cond.notify()

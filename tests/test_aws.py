@@ -272,3 +272,45 @@ def test_a_seq2seq_model_is_served_its_translations_route(tmp_path):
         log.close()
         api.close()
 
+
+
+@pytest.mark.parametrize("change", [{"body": {"prompt": "a"}}, {"headers": ["accept"]}, {"rawPath": 3},
+                                    {"requestContext": {"http": {"method": 5}}}, {"requestContext": "x"}, None])
+def test_an_event_of_the_wrong_shape_is_a_400_not_a_failed_invocation(lam, change):
+    event = {**http_event("POST", "/v1/completions", {"prompt": "a"}), **change} if change else ["a list"]
+    kind, out = lam.invoke(event)
+    assert kind == "response", out
+    assert out["statusCode"] == 400 and json.loads(out["body"])["error"]["code"] == "invalid_event"
+
+
+@pytest.mark.parametrize("env, words", [({"NN2_MAX_BATCH": "0"}, "NN2_MAX_BATCH must be an integer from 1"),
+                                        ({"NN2_TIMEOUT": "-1"}, "NN2_TIMEOUT must be a number"),
+                                        ({"NN2_TIMEOUT": "soon"}, "NN2_TIMEOUT must be a number"),
+                                        ({"NN2_MAX_TOKENS_LIMIT": "9", "NN2_MAX_TOKENS_DEFAULT": "10"},
+                                         "NN2_MAX_TOKENS_DEFAULT must be an integer from 0 to 9")])
+def test_a_setting_out_of_range_is_a_500_naming_it(model, tmp_path, env, words):
+    api = RuntimeAPI()
+    proc, log = start_client(api, {"NN2_MODEL": str(model), **env}, tmp_path)
+    try:
+        kind, out = api.invoke(http_event("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2}), budget_ms=3000)
+        assert kind == "response" and out["statusCode"] == 500, out
+        assert words in json.loads(out["body"])["error"]["message"]
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+        api.close()
+
+
+def test_a_token_limit_under_the_default_lowers_the_default(model, tmp_path):
+    api = RuntimeAPI()
+    proc, log = start_client(api, {"NN2_MODEL": str(model), "NN2_MAX_TOKENS_LIMIT": "9"}, tmp_path)
+    try:
+        kind, out = api.invoke(http_event("POST", "/v1/completions", {"prompt": "a"}))
+        assert kind == "response" and out["statusCode"] == 200, out
+        assert json.loads(out["body"])["usage"]["completion_tokens"] == 9
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+        api.close()

@@ -32,6 +32,14 @@ def test_models_list(client):
     assert [m.id for m in client.models.list()] == ["m"]
 
 
+def test_models_retrieve(client):
+    got = client.models.retrieve("m")
+    assert (got.id, got.object, got.owned_by) == ("m", "model", "nn2")
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found"
+
+
 def test_completion_matches_the_cli_for_the_same_seed(client, model):
     out = client.completions.create(model="m", prompt="abc", max_tokens=30, seed=4)
     assert out.choices[0].text == cli_text(model, "abc", 30, 4)

@@ -61,6 +61,14 @@ def test_stop_text_is_held_back_until_it_cannot_start_a_stop_string():
     assert row.take(3) is None and row.releasable() == "ab "
 
 
+def test_a_token_holding_two_stop_strings_ends_before_the_first_of_them():
+    # a codec's token can be a word: "to.," holds both stops; the text ends at the earlier
+    for stops in ([",", "."], [".", ","]):
+        row = Row(Request([[0]], 10, 1.0, None, None, 0, stops, 1e18, [["go ", "to.,"].__getitem__]), 0)
+        assert row.take(0) is None and row.releasable() == "go "
+        assert row.take(1) == "stop" and row.held == "to"
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     import nn2run

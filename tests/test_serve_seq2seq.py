@@ -244,6 +244,7 @@ def test_a_language_model_server_names_its_kind_on_translations(tmp_path):
     ({"texts": ["ab"], "n_best": 2}, "n_best", "out_of_range", "at most 'beam' (1)"),
     ({"texts": ["ab"], "length_penalty": -1}, "length_penalty", "out_of_range", ">= 0"),
     ({"texts": ["ab"], "length_penalty": "x"}, "length_penalty", "invalid_type", "a number"),
+    ({"texts": ["abc", "a"], "beam": 3, "length_penalty": 1e308}, "length_penalty", "out_of_range", "<= 10"),
     ({"texts": ["ab"], "max_len": 0}, "max_len", "out_of_range", "a positive integer"),
     ({"texts": ["ab"], "temperature": 1}, "temperature", "unknown_parameter", "temperature"),
 ])
@@ -296,6 +297,18 @@ def test_queued_requests_are_translated_together_and_a_full_queue_is_429(serve, 
     assert (s.metric("nn2_search_batches_total"), s.metric("nn2_texts_per_batch_sum")) == (2, 4)
     assert s.metric('nn2_texts_per_batch_bucket{le="2"}') == 1
     assert s.stop() == 0 and "Traceback" not in s.log.read_text()
+
+
+def test_max_queue_0_takes_requests_while_the_worker_is_free(serve, model):
+    s = serve("--max-queue", 0, gated=True)
+    first, first_box = in_thread(s.translate, texts=["abc"])
+    s.wait_metric("nn2_texts_running", 1)                     # the worker is busy with it
+    status, obj = s.translate(texts=["ab"])
+    assert status == 429 and obj["error"]["code"] == "queue_full"
+    s.gate.unlink()
+    first.join(30)
+    assert first_box["out"] == (200, {"model": "dates", "translations": expected(model, ["abc"])})
+    assert s.translate(texts=["ddd"]) == (200, {"model": "dates", "translations": expected(model, ["ddd"])})
 
 
 def test_a_client_that_goes_away_does_not_break_the_worker(serve, model):
