@@ -40,3 +40,11 @@ def test_nn2run_names_a_seq2seq_training_checkpoint(run_cli, seq2seq, args):
     r = run_cli("nn2run", *args, input="abc\n")
     line = one_line(r, "nn2run", 2, "seq2seq training checkpoint", "not a model")
     assert "program" not in line and r.stdout == ""
+
+
+@pytest.mark.parametrize("which, words", [(0, ["seq2seq model"]), (1, ["seq2seq training checkpoint"])])
+def test_nn2c_export_refuses_a_seq2seq_file_in_one_line(run_cli, seq2seq, tmp_path, which, words):
+    pytest.importorskip("onnx")
+    out = tmp_path / "m.onnx"
+    one_line(run_cli("nn2c", "export", seq2seq[which], "--onnx", out), "nn2c", 1, *words)
+    assert not out.exists()
