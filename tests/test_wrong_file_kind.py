@@ -48,3 +48,10 @@ def test_nn2c_export_refuses_a_seq2seq_file_in_one_line(run_cli, seq2seq, tmp_pa
     out = tmp_path / "m.onnx"
     one_line(run_cli("nn2c", "export", seq2seq[which], "--onnx", out), "nn2c", 1, *words)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("which, words", [(0, ["seq2seq model"]), (1, ["seq2seq training checkpoint"])])
+def test_nn2c_quantize_refuses_a_seq2seq_file_naming_it(run_cli, seq2seq, tmp_path, which, words):
+    out = tmp_path / "q.nnb"
+    line = one_line(run_cli("nn2c", "quantize", seq2seq[which], "--dtype", "int8", "-o", out), "nn2c", 1, *words)
+    assert "program" not in line and not out.exists()
