@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from nn2c.cli import main as nn2c_main
+from support.models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +56,16 @@ def test_nn2c_quantize_refuses_a_seq2seq_file_naming_it(run_cli, seq2seq, tmp_pa
     out = tmp_path / "q.nnb"
     line = one_line(run_cli("nn2c", "quantize", seq2seq[which], "--dtype", "int8", "-o", out), "nn2c", 1, *words)
     assert "program" not in line and not out.exists()
+
+
+def test_resuming_a_language_model_from_a_seq2seq_checkpoint_says_which_task(run_cli, seq2seq, tmp_path):
+    r = run_cli("nn2c", "train", "--resume", "--checkpoint", seq2seq[1], "-o", tmp_path / "lm.nnb",
+                "--device", "cpu")
+    line = one_line(r, "nn2c", 1, "seq2seq training checkpoint", "--task seq2seq")
+    assert "damaged" not in line and not (tmp_path / "lm.nnb").exists()
+
+
+def test_resuming_a_seq2seq_run_from_a_language_models_checkpoint_is_refused(run_cli, tmp_path):
+    lm, _, _ = build_model(tmp_path / "lm.nnb", "lstm", 8, 1, 5)
+    r = run_cli("nn2c", "train", "--task", "seq2seq", "--resume", "--checkpoint", lm, "-o", tmp_path / "s.nnb")
+    one_line(r, "nn2c", 1, "not a seq2seq training checkpoint")
