@@ -75,7 +75,18 @@ def _check_paths(corpus: str | None, output: str, ckpt: str, log: str | None = N
             raise Failure(f"{flag} {path} is the corpus; writing there would destroy it")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """nn2c's commands. A Ctrl-C that reaches here (training handles its own: it saves and
+    says where) is one line and status 130, not click's "Aborted!" and status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Failure("interrupted", code=130) from None
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nn2c")
 def main():
     """nn2c — compile recurrent cells written as equations, train them, write .nnb files."""
