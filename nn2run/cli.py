@@ -63,6 +63,14 @@ class DefaultGroup(click.Group):
             self.add_command(getattr(importlib.import_module(module), attr), name)
         return self.commands.get(name)
 
+    def invoke(self, ctx):
+        # a Ctrl-C outside a command's own handling (e.g. while the model is loaded and
+        # verified): one line and status 130, not click's "Aborted!" and status 1
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Failure("interrupted", code=130) from None
+
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in self._lazy \
                 and args[0] not in ("-h", "--help", "--version"):

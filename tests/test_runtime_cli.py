@@ -200,6 +200,20 @@ def test_ctrl_c_during_lines_prints_every_line_so_far_then_exits_130(model, tmp_
     assert all(l.startswith(prime) and len(l) > len(prime) + 10 for l, prime in zip(lines, ["ab", "cab", "b"]))
 
 
+@pytest.mark.parametrize("command", [[], ["score"], ["translate"]])
+def test_ctrl_c_while_the_model_is_loaded_exits_130_in_one_line(model, monkeypatch, command):
+    from click.testing import CliRunner
+
+    import nn2run.cli
+    import nn2run.model
+
+    def interrupted(*args, **kwargs):           # a big file's SHA-256 takes a while
+        raise KeyboardInterrupt
+    monkeypatch.setattr(nn2run.model, "load", interrupted)
+    result = CliRunner().invoke(nn2run.cli.main, [*command, str(model)], input="ab\n")
+    assert result.exit_code == 130 and result.stderr == "nn2run: interrupted\n"
+
+
 # --- JSON lines and the terminal ----------------------------------------------------------
 def test_jsonl_generation_prints_one_object_with_prime_and_text(model):
     plain = run(model, "--prime", "ab", "-n", "20", "--seed", "3").stdout.decode()
