@@ -308,7 +308,13 @@ def _score(model, out: Output, jsonl: bool, batch: int = 256) -> None:
     chunk = []
 
     def flush_chunk():
-        encoded = [_encode(model, line, f"line {number}: ") if line else [] for number, line in chunk]
+        encoded, refused = [], None
+        for number, line in chunk:          # the lines before a refused one are still scored
+            try:
+                encoded.append(_encode(model, line, f"line {number}: ") if line else [])
+            except Failure as e:
+                refused = e
+                break
         for (number, line), (bits, count) in zip(chunk, score(model, encoded)):
             if jsonl:
                 out.write(_json_line({"line": number, "bits_per_token": None if count == 0 else round(bits, 6),
@@ -318,6 +324,8 @@ def _score(model, out: Output, jsonl: bool, batch: int = 256) -> None:
                 out.write(_escape(line))
                 out.write(b"\n")
         chunk.clear()
+        if refused is not None:
+            raise refused
     for item in _stdin_lines(model.codec.binary):
         chunk.append(item)
         if len(chunk) == batch:
