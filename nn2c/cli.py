@@ -7,6 +7,7 @@ Exit status: 0 success, 1 an error the user can fix (kernel, corpus, options, di
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,21 @@ def failure_of(e: Exception) -> Failure:
     if isinstance(e, KernelError):
         return Failure(str(e), raw=e.pos is not None and e.pos.line >= 1)
     return Failure(str(e), code=getattr(e, "exit_status", 1))
+
+
+def _echo(text: str) -> None:
+    """A line on stdout. A stdout that cannot be written (a full disk) is one line, not a
+    traceback; a reader that went away (`| head`) is click's to end quietly."""
+    try:
+        click.echo(text)
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            raise
+        # what is still buffered cannot be written either: keep the exit's flush quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise Failure(f"cannot write to stdout: {e.strerror or e}") from None
 
 
 def _writable(path: str) -> None:
@@ -109,7 +125,7 @@ def check(kernel, hidden, vocab, layers, no_opt):
         if v is not None and v <= 0:
             raise Failure(f"{name} must be > 0")
     try:
-        click.echo(describe_kernel(kernel, hidden, vocab, layers, optimized=not no_opt))
+        _echo(describe_kernel(kernel, hidden, vocab, layers, optimized=not no_opt))
     except KernelError as e:
         raise failure_of(e) from None
 
@@ -217,7 +233,7 @@ def quantize(model, dtype, output):
     """
     from nn2c.compiler.quantize import QuantizeError, quantize_file
     try:
-        click.echo(quantize_file(model, output, dtype))
+        _echo(quantize_file(model, output, dtype))
     except QuantizeError as e:
         raise failure_of(e) from None
 
@@ -349,7 +365,7 @@ def samples():
     width = max(60, shutil.get_terminal_size((88, 24)).columns)
     for name in sample_names():
         text = description((samples_dir() / f"{name}.eq").read_text(encoding="utf-8"))
-        click.echo(textwrap.fill(text, width, initial_indent=f"{name:<10} ", subsequent_indent=" " * 11))
+        _echo(textwrap.fill(text, width, initial_indent=f"{name:<10} ", subsequent_indent=" " * 11))
 
 
 @main.command()
@@ -363,7 +379,7 @@ def export(model, onnx_path):
     from nn2c.compiler.export import ExportError, export_onnx
     _writable(onnx_path)
     try:
-        click.echo(export_onnx(model, onnx_path))
+        _echo(export_onnx(model, onnx_path))
     except ExportError as e:
         raise failure_of(e) from None
 
