@@ -83,6 +83,8 @@ class Output:
     write to a terminal. A write that fails raises OutputError."""
 
     def __init__(self):
+        if sys.stdout is None:              # started with stdout closed (`>&-`)
+            raise Failure("cannot write to stdout: it is closed")
         self.stream = sys.stdout.buffer
         self.tty = sys.stdout.isatty()
         self.last = time.monotonic()
@@ -153,9 +155,16 @@ def _open(path: str, verify: bool, codec_service: str | None = None):
     return model
 
 
+def _stdin():
+    """stdin as bytes; a stdin closed at start (`<&-`) is a Failure."""
+    if sys.stdin is None:
+        raise Failure("cannot read stdin: it is closed")
+    return sys.stdin.buffer
+
+
 def _read_stdin() -> bytes:
     try:
-        return sys.stdin.buffer.read()
+        return _stdin().read()
     except OSError as e:
         raise Failure(f"cannot read stdin: {e.strerror or e}") from None
 
@@ -164,7 +173,7 @@ def _stdin_lines(binary: bool):
     """stdin's lines without their terminators (LF or CRLF), as bytes for a binary codec
     and as text otherwise; yields (line number, line)."""
     try:
-        for number, raw in enumerate(sys.stdin.buffer, 1):
+        for number, raw in enumerate(_stdin(), 1):
             line = raw[:-1] if raw.endswith(b"\n") else raw
             line = line[:-1] if raw.endswith(b"\r\n") else line
             if binary:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import os
 import select
-import sys
 
 import click
 
-from .cli import CONTEXT, EXIT_HELP, Failure, Output, _guarded, _open
+from .cli import CONTEXT, EXIT_HELP, Failure, Output, _guarded, _open, _stdin
 
 CHUNK_BATCHES = 4         # lines waiting together are sorted by length over this many batches
 
@@ -154,7 +153,7 @@ def translate_command(model_path, beam, n_best, with_score, length_penalty, max_
     failed = []
 
     def body():
-        lines = Lines(sys.stdin.fileno())
+        lines = Lines(_stdin().fileno())
         while True:
             items = lines.take(batch * CHUNK_BATCHES)
             if not items:
