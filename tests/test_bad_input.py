@@ -322,6 +322,12 @@ def test_top_p_of_one_is_allowed(model, run_cli):
     assert result.returncode == 0 and len(result.stdout) == 6
 
 
+def test_a_tiny_top_p_keeps_the_most_likely_token(model, run_cli):
+    greedy = run_cli("nn2run", model, "--greedy", "-n", 30, "--prime", "a")
+    result = run_cli("nn2run", model, "--top-p", "1e-300", "-n", 30, "--prime", "a", "--seed", 1)
+    assert result.returncode == 0 and result.stdout == greedy.stdout
+
+
 def test_a_reader_that_goes_away_ends_generation_quietly(model):
     cmd = f"set -o pipefail; '{BIN / 'nn2run'}' '{model}' -n 1000000 | head -c 20"
     result = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
