@@ -302,7 +302,10 @@ def _step_decoder(model, primes):
     if not hasattr(model.codec, "step_decoder"):
         decoders = [model.codec.decoder() for _ in primes]
         return lambda live, ids, first: [decoders[i](int(ids[i])) for i in live]
-    step = model.codec.step_decoder()
+    try:
+        step = model.codec.step_decoder()
+    except CodecError as e:                 # e.g. a codec service's model run without its address
+        raise Failure(str(e)) from None
 
     def decode(live, ids, first):
         for i, new in zip(live, first):
