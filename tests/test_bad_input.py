@@ -136,11 +136,29 @@ def test_a_big_corpus_trains_one_step_in_bounded_memory(tmp_path, corpus):
     ("--lr", 0, ["--lr"]),
     ("--val-frac", 1, ["--val-frac"]),
     ("--sample", -1, ["--sample must be ≥ 0"]),
+    ("--layers", 1025, ["--layers must be ≤ 1024"]),
 ])
 def test_a_bad_training_option_is_one_line(tmp_path, corpus, option, value, words):
     result = train(corpus, "-o", tmp_path / "m.nnb", *SMALL, option, value)
     assert result.exit_code == 1
     assert_one_line(result.stderr, "nn2c", *words)
+
+
+@pytest.mark.parametrize("task", ["lm", "seq2seq"])
+def test_a_model_too_big_for_the_file_format_is_one_line(tmp_path, corpus, monkeypatch, task):
+    import nn2run.header
+    monkeypatch.setattr(nn2run.header, "MAX_CONTAINERS", 40)      # as a very deep model's header exceeds it
+    if task == "lm":
+        result = train(corpus, "-o", tmp_path / "m.nnb", *SMALL, "--steps", 2, "--eval-every", 2)
+    else:
+        pairs = tmp_path / "p.tsv"
+        pairs.write_text("".join(f"{w}\t{w[::-1]}\n" for w in open(corpus).read().split()[:200]), encoding="utf-8")
+        result = train("--task", "seq2seq", pairs, "-o", tmp_path / "m.nnb", "--hidden", 4, "--batch", 8,
+                       "--steps", 2, "--eval-every", 2, "--device", "cpu")
+    assert result.exit_code == 1
+    line, = said(result.stderr)
+    assert line.startswith(f"nn2c: cannot write {tmp_path / 'm.nnb.ckpt'}: refusing to write: header has too many")
+    assert line.endswith("; nothing was written") and not (tmp_path / "m.nnb").exists()
 
 
 def test_device_cuda_without_a_gpu_is_one_line(tmp_path, corpus):
