@@ -74,7 +74,9 @@ def _same_file(a: str, b: str) -> bool:
         os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
-def _check_paths(corpus: str | None, output: str, ckpt: str, log: str | None = None) -> None:
+def _check_paths(corpus: str | None, output: str, ckpt: str, log: str | None = None, kernels=()) -> None:
+    """Refuse outputs that cannot be written, that coincide, or that are an input (the corpus,
+    or a kernel given as a file)."""
     _writable(output)
     _writable(ckpt)
     if _same_file(output, ckpt):
@@ -89,6 +91,9 @@ def _check_paths(corpus: str | None, output: str, ckpt: str, log: str | None = N
             continue
         if corpus is not None and _same_file(corpus, path):
             raise Failure(f"{flag} {path} is the corpus; writing there would destroy it")
+        for kernel in kernels:
+            if os.path.isfile(kernel) and _same_file(kernel, path):
+                raise Failure(f"{flag} {path} is the kernel {kernel}; writing there would destroy it")
 
 
 class Commands(click.Group):
@@ -193,7 +198,7 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
             raise Failure("give --codec or --codec-service, not both")
         codec = "service"
     ckpt = ckpt or output + ".ckpt"
-    _check_paths(corpus, output, ckpt, log)
+    _check_paths(corpus, output, ckpt, log, [kernel])
     if _launching(ctx, nproc, batch, device):
         from nn2c.train.distributed import launch
         code, line = launch(_forwarded(ctx), nproc, ckpt)
@@ -275,7 +280,7 @@ def _train_seq2seq(ctx, pairs, output, ckpt, resume) -> None:
     if pairs is None and not resume:
         raise Failure("--task seq2seq needs the pairs file: nn2c train --task seq2seq PAIRS.tsv")
     ckpt = ckpt or output + ".ckpt"
-    _check_paths(pairs, output, ckpt)
+    _check_paths(pairs, output, ckpt, kernels=[ctx.params["encoder"], ctx.params["decoder"]])
     options = {name: ctx.params[name] for name in SEQ2SEQ_OPTIONS}
     options["layers"] = options["layers"] if "layers" in given else 1       # one layer, 64 pairs: the
     options["batch"] = options["batch"] if "batch" in given else 64          # seq2seq defaults

@@ -208,6 +208,28 @@ def test_writing_over_the_corpus_is_refused(tmp_path, corpus, flag):
     assert open(corpus, "rb").read() == before
 
 
+@pytest.mark.parametrize("kernel_flag, flag", [
+    ("--kernel", "-o"), ("--kernel", "--checkpoint"), ("--kernel", "--log"),
+    ("--encoder", "-o"), ("--encoder", "--checkpoint"), ("--decoder", "-o"), ("--decoder", "--checkpoint")])
+def test_writing_over_a_kernel_file_is_refused(tmp_path, corpus, kernel_flag, flag):
+    from nn2c.lang.kernels import samples_dir
+    sample = "seq2seq/bahdanau.eq" if kernel_flag == "--decoder" else "gru.eq"
+    kernel = tmp_path / "k.eq"
+    kernel.write_bytes((samples_dir() / sample).read_bytes())
+    before = kernel.read_bytes()
+    if kernel_flag == "--kernel":
+        task = [corpus, *SMALL, "--steps", 2]
+    else:
+        pairs = tmp_path / "p.tsv"
+        pairs.write_text("ab\tba\n" * 100, encoding="utf-8")
+        task = ["--task", "seq2seq", pairs, "--steps", 2]
+    other = {"-o": ["--checkpoint", tmp_path / "c.ckpt"]}.get(flag, ["-o", tmp_path / "m.nnb"])
+    result = train(*task, kernel_flag, kernel, flag, kernel, *other)
+    assert result.exit_code == 1
+    assert_one_line(result.stderr, "nn2c", f"is the kernel {kernel}")
+    assert kernel.read_bytes() == before
+
+
 def test_checkpoint_and_output_at_the_same_path_are_refused(tmp_path, corpus):
     out = tmp_path / "m.nnb"
     result = train(corpus, "-o", out, "--checkpoint", out, *SMALL)
