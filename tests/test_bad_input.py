@@ -65,7 +65,8 @@ def corpus(tmp_path):
     (lambda p: p.write_text("hello world " * 2), ["too short", "--batch", "--seq-len"]),
     (lambda p: p.write_bytes("caf\u00e9 ".encode("latin-1") * 100), ["not UTF-8", "--codec byte"]),
     (lambda p: p.write_bytes(bytes(range(256)) * 4), ["binary", "NUL", "--codec byte"]),
-], ids=["missing", "directory", "empty", "shorter-than-a-batch", "not-utf8", "binary"])
+    (lambda p: os.mkfifo(p), ["is a FIFO, not a regular file", "save it to a file"]),   # nobody writes: no wait
+], ids=["missing", "directory", "empty", "shorter-than-a-batch", "not-utf8", "binary", "fifo"])
 def test_a_corpus_that_cannot_be_trained_on_is_one_line(tmp_path, make, words):
     path = tmp_path / "corpus.txt"
     make(path)
@@ -73,6 +74,18 @@ def test_a_corpus_that_cannot_be_trained_on_is_one_line(tmp_path, make, words):
     assert result.exit_code == 1
     assert_one_line(result.stderr, "nn2c", str(path), *words)
     assert not (tmp_path / "m.nnb").exists() and not (tmp_path / "m.nnb.ckpt").exists()
+
+
+def test_a_corpus_piped_to_dev_stdin_is_not_called_empty(tmp_path, corpus):
+    out = tmp_path / "m.nnb"
+    with open(corpus, "rb") as text:
+        cat = subprocess.Popen(["cat"], stdin=text, stdout=subprocess.PIPE)
+        r = subprocess.run([str(BIN / "nn2c"), "train", "/dev/stdin", "-o", str(out), *SMALL, "--steps", "2"],
+                           stdin=cat.stdout, capture_output=True, text=True, timeout=120)
+        cat.stdout.close()
+        cat.wait()
+    assert r.returncode == 1 and not out.exists()
+    assert_one_line(r.stderr, "nn2c", "/dev/stdin is a FIFO, not a regular file", "save it to a file")
 
 
 def test_binary_data_trains_with_the_byte_codec_the_message_suggests(tmp_path):
