@@ -115,7 +115,10 @@ def _chunk(model, items, options) -> tuple[list[str], int]:
     order = sorted(texts, key=lambda i: len(texts[i]))
     for at in range(0, len(order), batch):
         group = order[at:at + batch]
-        found = model.search([texts[i] for i in group], beam, alpha, max_len)
+        try:
+            found = model.search([texts[i] for i in group], beam, alpha, max_len)
+        except ValueError as e:             # the rows (lines × beam) need more memory than a batch may
+            raise Failure(f"--beam {beam} with --batch {batch}: {e}") from None
         for i, hyps in zip(group, found):
             out[i] = _format(model, hyps, n_best, with_score)
     return out, failed
