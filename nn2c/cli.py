@@ -7,6 +7,7 @@ Exit status: 0 success, 1 an error the user can fix (kernel, corpus, options, di
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,21 @@ def failure_of(e: Exception) -> Failure:
     return Failure(str(e), code=getattr(e, "exit_status", 1))
 
 
+def _echo(text: str) -> None:
+    """A line on stdout. A stdout that cannot be written (a full disk) is one line, not a
+    traceback; a reader that went away (`| head`) is click's to end quietly."""
+    try:
+        click.echo(text)
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            raise
+        # what is still buffered cannot be written either: keep the exit's flush quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise Failure(f"cannot write to stdout: {e.strerror or e}") from None
+
+
 def _writable(path: str) -> None:
     """Refuse an output path we could not write, before any work is done. A symlink is
     followed (its target is what gets written); an existing path that is not a regular
@@ -58,7 +74,9 @@ def _same_file(a: str, b: str) -> bool:
         os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
-def _check_paths(corpus: str | None, output: str, ckpt: str, log: str | None = None) -> None:
+def _check_paths(corpus: str | None, output: str, ckpt: str, log: str | None = None, kernels=()) -> None:
+    """Refuse outputs that cannot be written, that coincide, or that are an input (the corpus,
+    or a kernel given as a file)."""
     _writable(output)
     _writable(ckpt)
     if _same_file(output, ckpt):
@@ -73,9 +91,23 @@ def _check_paths(corpus: str | None, output: str, ckpt: str, log: str | None = N
             continue
         if corpus is not None and _same_file(corpus, path):
             raise Failure(f"{flag} {path} is the corpus; writing there would destroy it")
+        for kernel in kernels:
+            if os.path.isfile(kernel) and _same_file(kernel, path):
+                raise Failure(f"{flag} {path} is the kernel {kernel}; writing there would destroy it")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """nn2c's commands. A Ctrl-C that reaches here (training handles its own: it saves and
+    says where) is one line and status 130, not click's "Aborted!" and status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Failure("interrupted", code=130) from None
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nn2c")
 def main():
     """nn2c — compile recurrent cells written as equations, train them, write .nnb files."""
@@ -98,7 +130,7 @@ def check(kernel, hidden, vocab, layers, no_opt):
         if v is not None and v <= 0:
             raise Failure(f"{name} must be > 0")
     try:
-        click.echo(describe_kernel(kernel, hidden, vocab, layers, optimized=not no_opt))
+        _echo(describe_kernel(kernel, hidden, vocab, layers, optimized=not no_opt))
     except KernelError as e:
         raise failure_of(e) from None
 
@@ -166,7 +198,7 @@ def train(corpus, output, kernel, hidden, layers, seq_len, batch, steps, epochs,
             raise Failure("give --codec or --codec-service, not both")
         codec = "service"
     ckpt = ckpt or output + ".ckpt"
-    _check_paths(corpus, output, ckpt, log)
+    _check_paths(corpus, output, ckpt, log, [kernel])
     if _launching(ctx, nproc, batch, device):
         from nn2c.train.distributed import launch
         code, line = launch(_forwarded(ctx), nproc, ckpt)
@@ -206,7 +238,7 @@ def quantize(model, dtype, output):
     """
     from nn2c.compiler.quantize import QuantizeError, quantize_file
     try:
-        click.echo(quantize_file(model, output, dtype))
+        _echo(quantize_file(model, output, dtype))
     except QuantizeError as e:
         raise failure_of(e) from None
 
@@ -248,7 +280,7 @@ def _train_seq2seq(ctx, pairs, output, ckpt, resume) -> None:
     if pairs is None and not resume:
         raise Failure("--task seq2seq needs the pairs file: nn2c train --task seq2seq PAIRS.tsv")
     ckpt = ckpt or output + ".ckpt"
-    _check_paths(pairs, output, ckpt)
+    _check_paths(pairs, output, ckpt, kernels=[ctx.params["encoder"], ctx.params["decoder"]])
     options = {name: ctx.params[name] for name in SEQ2SEQ_OPTIONS}
     options["layers"] = options["layers"] if "layers" in given else 1       # one layer, 64 pairs: the
     options["batch"] = options["batch"] if "batch" in given else 64          # seq2seq defaults
@@ -338,7 +370,7 @@ def samples():
     width = max(60, shutil.get_terminal_size((88, 24)).columns)
     for name in sample_names():
         text = description((samples_dir() / f"{name}.eq").read_text(encoding="utf-8"))
-        click.echo(textwrap.fill(text, width, initial_indent=f"{name:<10} ", subsequent_indent=" " * 11))
+        _echo(textwrap.fill(text, width, initial_indent=f"{name:<10} ", subsequent_indent=" " * 11))
 
 
 @main.command()
@@ -352,7 +384,7 @@ def export(model, onnx_path):
     from nn2c.compiler.export import ExportError, export_onnx
     _writable(onnx_path)
     try:
-        click.echo(export_onnx(model, onnx_path))
+        _echo(export_onnx(model, onnx_path))
     except ExportError as e:
         raise failure_of(e) from None
 

@@ -47,7 +47,11 @@ def main() -> None:
         print(f"nn2c: `nn2c {command}` needs {_names(missing)}, not installed here; "
               f"install with: {INSTALL_HINT}", file=sys.stderr)
         sys.exit(1)
-    from nn2c.cli import main as cli_main
+    try:
+        from nn2c.cli import main as cli_main
+    except KeyboardInterrupt:           # Ctrl-C while the command line is still being imported
+        print("nn2c: interrupted", file=sys.stderr)
+        sys.exit(130)
     cli_main()
 
 

@@ -63,6 +63,14 @@ class DefaultGroup(click.Group):
             self.add_command(getattr(importlib.import_module(module), attr), name)
         return self.commands.get(name)
 
+    def invoke(self, ctx):
+        # a Ctrl-C outside a command's own handling (e.g. while the model is loaded and
+        # verified): one line and status 130, not click's "Aborted!" and status 1
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Failure("interrupted", code=130) from None
+
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in self._lazy \
                 and args[0] not in ("-h", "--help", "--version"):
@@ -75,6 +83,8 @@ class Output:
     write to a terminal. A write that fails raises OutputError."""
 
     def __init__(self):
+        if sys.stdout is None:              # started with stdout closed (`>&-`)
+            raise Failure("cannot write to stdout: it is closed")
         self.stream = sys.stdout.buffer
         self.tty = sys.stdout.isatty()
         self.last = time.monotonic()
@@ -145,9 +155,16 @@ def _open(path: str, verify: bool, codec_service: str | None = None):
     return model
 
 
+def _stdin():
+    """stdin as bytes; a stdin closed at start (`<&-`) is a Failure."""
+    if sys.stdin is None:
+        raise Failure("cannot read stdin: it is closed")
+    return sys.stdin.buffer
+
+
 def _read_stdin() -> bytes:
     try:
-        return sys.stdin.buffer.read()
+        return _stdin().read()
     except OSError as e:
         raise Failure(f"cannot read stdin: {e.strerror or e}") from None
 
@@ -156,7 +173,7 @@ def _stdin_lines(binary: bool):
     """stdin's lines without their terminators (LF or CRLF), as bytes for a binary codec
     and as text otherwise; yields (line number, line)."""
     try:
-        for number, raw in enumerate(sys.stdin.buffer, 1):
+        for number, raw in enumerate(_stdin(), 1):
             line = raw[:-1] if raw.endswith(b"\n") else raw
             line = line[:-1] if raw.endswith(b"\r\n") else line
             if binary:
@@ -285,7 +302,10 @@ def _step_decoder(model, primes):
     if not hasattr(model.codec, "step_decoder"):
         decoders = [model.codec.decoder() for _ in primes]
         return lambda live, ids, first: [decoders[i](int(ids[i])) for i in live]
-    step = model.codec.step_decoder()
+    try:
+        step = model.codec.step_decoder()
+    except CodecError as e:                 # e.g. a codec service's model run without its address
+        raise Failure(str(e)) from None
 
     def decode(live, ids, first):
         for i, new in zip(live, first):
@@ -300,7 +320,13 @@ def _score(model, out: Output, jsonl: bool, batch: int = 256) -> None:
     chunk = []
 
     def flush_chunk():
-        encoded = [_encode(model, line, f"line {number}: ") if line else [] for number, line in chunk]
+        encoded, refused = [], None
+        for number, line in chunk:          # the lines before a refused one are still scored
+            try:
+                encoded.append(_encode(model, line, f"line {number}: ") if line else [])
+            except Failure as e:
+                refused = e
+                break
         for (number, line), (bits, count) in zip(chunk, score(model, encoded)):
             if jsonl:
                 out.write(_json_line({"line": number, "bits_per_token": None if count == 0 else round(bits, 6),
@@ -310,6 +336,8 @@ def _score(model, out: Output, jsonl: bool, batch: int = 256) -> None:
                 out.write(_escape(line))
                 out.write(b"\n")
         chunk.clear()
+        if refused is not None:
+            raise refused
     for item in _stdin_lines(model.codec.binary):
         chunk.append(item)
         if len(chunk) == batch:

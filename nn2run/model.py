@@ -345,4 +345,6 @@ def _model(nnb: fmt.NNBFile):
     from . import seq2seq
     if seq2seq.is_seq2seq(nnb.header):
         return seq2seq.Seq2SeqModel(nnb)
+    if seq2seq.is_seq2seq(nnb.header, "seq2seq-checkpoint"):     # it holds no program to run
+        raise NNBFormatError("a seq2seq training checkpoint (for nn2c train --resume), not a model")
     return Model(nnb)

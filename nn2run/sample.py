@@ -124,6 +124,7 @@ def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
     order = np.argsort(-p, axis=1)
     sorted_p = np.take_along_axis(p, order, axis=1)
     keep_sorted = np.cumsum(sorted_p, axis=1) - sorted_p < top_p
+    keep_sorted[:, 0] = True        # the most likely always: a top_p below float32's least is 0 here
     keep = np.zeros_like(keep_sorted)
     np.put_along_axis(keep, order, keep_sorted, axis=1)
     return np.where(keep, p, 0.0)

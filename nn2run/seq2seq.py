@@ -41,9 +41,9 @@ _CACHED = 8                       # decoder machines kept, by (batch, source len
 BUCKET = 8                        # machines are made for source lengths rounded up to this
 
 
-def is_seq2seq(header: dict) -> bool:
+def is_seq2seq(header: dict, kind: str = "seq2seq") -> bool:
     nn2 = header.get("nn2")
-    return isinstance(nn2, dict) and nn2.get("kind") == "seq2seq"
+    return isinstance(nn2, dict) and nn2.get("kind") == kind
 
 
 class Seq2SeqModel(Opened):

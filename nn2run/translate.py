@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import os
 import select
-import sys
 
 import click
 
-from .cli import CONTEXT, EXIT_HELP, Failure, Output, _guarded, _open
+from .cli import CONTEXT, EXIT_HELP, Failure, Output, _guarded, _open, _stdin
 
 CHUNK_BATCHES = 4         # lines waiting together are sorted by length over this many batches
 
@@ -116,7 +115,10 @@ def _chunk(model, items, options) -> tuple[list[str], int]:
     order = sorted(texts, key=lambda i: len(texts[i]))
     for at in range(0, len(order), batch):
         group = order[at:at + batch]
-        found = model.search([texts[i] for i in group], beam, alpha, max_len)
+        try:
+            found = model.search([texts[i] for i in group], beam, alpha, max_len)
+        except ValueError as e:             # the rows (lines × beam) need more memory than a batch may
+            raise Failure(f"--beam {beam} with --batch {batch}: {e}") from None
         for i, hyps in zip(group, found):
             out[i] = _format(model, hyps, n_best, with_score)
     return out, failed
@@ -154,7 +156,7 @@ def translate_command(model_path, beam, n_best, with_score, length_penalty, max_
     failed = []
 
     def body():
-        lines = Lines(sys.stdin.fileno())
+        lines = Lines(_stdin().fileno())
         while True:
             items = lines.take(batch * CHUNK_BATCHES)
             if not items:

@@ -65,7 +65,8 @@ def corpus(tmp_path):
     (lambda p: p.write_text("hello world " * 2), ["too short", "--batch", "--seq-len"]),
     (lambda p: p.write_bytes("caf\u00e9 ".encode("latin-1") * 100), ["not UTF-8", "--codec byte"]),
     (lambda p: p.write_bytes(bytes(range(256)) * 4), ["binary", "NUL", "--codec byte"]),
-], ids=["missing", "directory", "empty", "shorter-than-a-batch", "not-utf8", "binary"])
+    (lambda p: os.mkfifo(p), ["is a FIFO, not a regular file", "save it to a file"]),   # nobody writes: no wait
+], ids=["missing", "directory", "empty", "shorter-than-a-batch", "not-utf8", "binary", "fifo"])
 def test_a_corpus_that_cannot_be_trained_on_is_one_line(tmp_path, make, words):
     path = tmp_path / "corpus.txt"
     make(path)
@@ -73,6 +74,18 @@ def test_a_corpus_that_cannot_be_trained_on_is_one_line(tmp_path, make, words):
     assert result.exit_code == 1
     assert_one_line(result.stderr, "nn2c", str(path), *words)
     assert not (tmp_path / "m.nnb").exists() and not (tmp_path / "m.nnb.ckpt").exists()
+
+
+def test_a_corpus_piped_to_dev_stdin_is_not_called_empty(tmp_path, corpus):
+    out = tmp_path / "m.nnb"
+    with open(corpus, "rb") as text:
+        cat = subprocess.Popen(["cat"], stdin=text, stdout=subprocess.PIPE)
+        r = subprocess.run([str(BIN / "nn2c"), "train", "/dev/stdin", "-o", str(out), *SMALL, "--steps", "2"],
+                           stdin=cat.stdout, capture_output=True, text=True, timeout=120)
+        cat.stdout.close()
+        cat.wait()
+    assert r.returncode == 1 and not out.exists()
+    assert_one_line(r.stderr, "nn2c", "/dev/stdin is a FIFO, not a regular file", "save it to a file")
 
 
 def test_binary_data_trains_with_the_byte_codec_the_message_suggests(tmp_path):
@@ -136,11 +149,29 @@ def test_a_big_corpus_trains_one_step_in_bounded_memory(tmp_path, corpus):
     ("--lr", 0, ["--lr"]),
     ("--val-frac", 1, ["--val-frac"]),
     ("--sample", -1, ["--sample must be ≥ 0"]),
+    ("--layers", 1025, ["--layers must be ≤ 1024"]),
 ])
 def test_a_bad_training_option_is_one_line(tmp_path, corpus, option, value, words):
     result = train(corpus, "-o", tmp_path / "m.nnb", *SMALL, option, value)
     assert result.exit_code == 1
     assert_one_line(result.stderr, "nn2c", *words)
+
+
+@pytest.mark.parametrize("task", ["lm", "seq2seq"])
+def test_a_model_too_big_for_the_file_format_is_one_line(tmp_path, corpus, monkeypatch, task):
+    import nn2run.header
+    monkeypatch.setattr(nn2run.header, "MAX_CONTAINERS", 40)      # as a very deep model's header exceeds it
+    if task == "lm":
+        result = train(corpus, "-o", tmp_path / "m.nnb", *SMALL, "--steps", 2, "--eval-every", 2)
+    else:
+        pairs = tmp_path / "p.tsv"
+        pairs.write_text("".join(f"{w}\t{w[::-1]}\n" for w in open(corpus).read().split()[:200]), encoding="utf-8")
+        result = train("--task", "seq2seq", pairs, "-o", tmp_path / "m.nnb", "--hidden", 4, "--batch", 8,
+                       "--steps", 2, "--eval-every", 2, "--device", "cpu")
+    assert result.exit_code == 1
+    line, = said(result.stderr)
+    assert line.startswith(f"nn2c: cannot write {tmp_path / 'm.nnb.ckpt'}: refusing to write: header has too many")
+    assert line.endswith("; nothing was written") and not (tmp_path / "m.nnb").exists()
 
 
 def test_device_cuda_without_a_gpu_is_one_line(tmp_path, corpus):
@@ -188,6 +219,28 @@ def test_writing_over_the_corpus_is_refused(tmp_path, corpus, flag):
     assert result.exit_code == 1
     assert_one_line(result.stderr, "nn2c", "is the corpus")
     assert open(corpus, "rb").read() == before
+
+
+@pytest.mark.parametrize("kernel_flag, flag", [
+    ("--kernel", "-o"), ("--kernel", "--checkpoint"), ("--kernel", "--log"),
+    ("--encoder", "-o"), ("--encoder", "--checkpoint"), ("--decoder", "-o"), ("--decoder", "--checkpoint")])
+def test_writing_over_a_kernel_file_is_refused(tmp_path, corpus, kernel_flag, flag):
+    from nn2c.lang.kernels import samples_dir
+    sample = "seq2seq/bahdanau.eq" if kernel_flag == "--decoder" else "gru.eq"
+    kernel = tmp_path / "k.eq"
+    kernel.write_bytes((samples_dir() / sample).read_bytes())
+    before = kernel.read_bytes()
+    if kernel_flag == "--kernel":
+        task = [corpus, *SMALL, "--steps", 2]
+    else:
+        pairs = tmp_path / "p.tsv"
+        pairs.write_text("ab\tba\n" * 100, encoding="utf-8")
+        task = ["--task", "seq2seq", pairs, "--steps", 2]
+    other = {"-o": ["--checkpoint", tmp_path / "c.ckpt"]}.get(flag, ["-o", tmp_path / "m.nnb"])
+    result = train(*task, kernel_flag, kernel, flag, kernel, *other)
+    assert result.exit_code == 1
+    assert_one_line(result.stderr, "nn2c", f"is the kernel {kernel}")
+    assert kernel.read_bytes() == before
 
 
 def test_checkpoint_and_output_at_the_same_path_are_refused(tmp_path, corpus):
@@ -320,6 +373,12 @@ def test_a_bad_sampling_option_is_one_line(model, run_cli, args, words):
 def test_top_p_of_one_is_allowed(model, run_cli):
     result = run_cli("nn2run", model, "--top-p", "1", "-n", 5, "--prime", "a")
     assert result.returncode == 0 and len(result.stdout) == 6
+
+
+def test_a_tiny_top_p_keeps_the_most_likely_token(model, run_cli):
+    greedy = run_cli("nn2run", model, "--greedy", "-n", 30, "--prime", "a")
+    result = run_cli("nn2run", model, "--top-p", "1e-300", "-n", 30, "--prime", "a", "--seed", 1)
+    assert result.returncode == 0 and result.stdout == greedy.stdout
 
 
 def test_a_reader_that_goes_away_ends_generation_quietly(model):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from support.models import build_model
@@ -129,3 +131,26 @@ def test_nn2run_prime_from_stdin_that_is_not_utf8_is_one_line(run_cli, model):
     r = subprocess.run([str(BIN / "nn2run"), str(model), "--prime", "-", "-n", "3"], input=b"\xff\xfeab",
                        capture_output=True, timeout=60)
     assert r.returncode == 1 and r.stderr.decode() == "nn2run: the prime is not UTF-8 text\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+@pytest.mark.parametrize("command", [
+    ["check", "lstm"], ["samples"], ["quantize", "MODEL", "--dtype", "f16", "-o", "OUT"],
+    ["export", "MODEL", "--onnx", "OUT"],
+    ["train", "CORPUS", "-o", "OUT", "--hidden", "8", "--layers", "1", "--seq-len", "8", "--batch", "4",
+     "--steps", "2", "--eval-every", "2", "--sample", "20"]])
+def test_nn2c_into_a_full_stdout_is_one_line_and_exit_1(model, tmp_path, command):
+    import subprocess
+
+    from support.models import BIN
+    if command[0] == "export":
+        pytest.importorskip("onnx")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcabd " * 100, encoding="utf-8")
+    paths = {"MODEL": model, "OUT": tmp_path / "out", "CORPUS": corpus}
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([str(BIN / "nn2c"), *(str(paths.get(a, a)) for a in command)], stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    said = [line for line in r.stderr.splitlines() if line.startswith("nn2c: ")]
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+    assert len(said) == 1 and "cannot write" in said[0] and "No space left on device" in said[0], r.stderr

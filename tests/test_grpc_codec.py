@@ -116,6 +116,10 @@ def _header_vocab(path):
 def test_without_the_service_or_with_another_one_is_one_line(trained, codec, tmp_path):
     r = _nn2run(trained, "--prime", "The", "-n", "5")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--codec-service" in r.stderr, r.stderr
+    for args in (["-n", "5"], ["-n", "5", "--jsonl"]):          # no prime: nothing to encode, still one line
+        r = _nn2run(trained, *args)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--codec-service" in r.stderr, r.stderr
+        assert r.stdout == "" and "Traceback" not in r.stderr
     r = _nn2run(trained, "--codec-service", codec.address, "--prime", "The zebra", "-n", "5")
     assert r.returncode == 1 and "'zebra'" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     other_corpus = tmp_path / "other.txt"

@@ -188,6 +188,16 @@ def test_top_p_keeps_only_the_nucleus():
     assert {int(s(logits)[0]) for _ in range(400)} == {0, 1}
 
 
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_top_p_below_float32s_least_takes_the_most_likely_token(rows):
+    # 1e-300 is 0 once compared with float32 probabilities: the nucleus must still hold one
+    logits = np.random.default_rng(4).normal(0, 2, (rows, 9)).astype(np.float32)
+    for top_p in (1e-300, 1e-46, 1e-30):
+        s = Sampler(SamplerConfig(top_p=top_p), seed=0)
+        assert [list(s(logits)) for _ in range(20)] == [list(logits.argmax(axis=1))] * 20, top_p
+
+
 def test_temperature_sampling_matches_the_softmax_distribution():
     p = np.array([0.5, 0.3, 0.2])
     s = Sampler(SamplerConfig(temperature=1.0), seed=0)

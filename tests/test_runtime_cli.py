@@ -177,6 +177,22 @@ def test_a_closed_pipe_stays_quiet(model, args):
     assert len(r.stdout) == 3 and r.stderr == b""
 
 
+@pytest.mark.parametrize("args, closed, words", [
+    (["MODEL", "-n", "5"], ">&-", "cannot write to stdout: it is closed"),
+    (["MODEL", "--info"], ">&-", "cannot write to stdout: it is closed"),
+    (["MODEL", "--prime", "-"], "<&-", "cannot read stdin: it is closed"),
+    (["MODEL", "--lines"], "<&-", "cannot read stdin: it is closed"),
+    (["score", "MODEL"], "<&-", "cannot read stdin: it is closed"),
+    (["translate", "SEQ2SEQ"], "<&-", "cannot read stdin: it is closed"),
+    (["translate", "SEQ2SEQ"], ">&-", "cannot write to stdout: it is closed")])
+def test_a_stdin_or_stdout_closed_at_start_is_one_line(model, tmp_path, args, closed, words):
+    from support import seq2seq as s2s
+    paths = {"MODEL": model, "SEQ2SEQ": s2s.build(tmp_path / "s.nnb", seed=1)[0] if "SEQ2SEQ" in args else None}
+    command = " ".join(str(paths.get(a) or a) for a in args)
+    r = subprocess.run(["bash", "-c", f"{BIN}/nn2run {command} {closed}"], capture_output=True, timeout=120)
+    assert r.returncode == 1 and one_line(r.stderr) == f"nn2run: {words}\n"
+
+
 # --- Ctrl-C -------------------------------------------------------------------------------
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -198,6 +214,20 @@ def test_ctrl_c_during_lines_prints_every_line_so_far_then_exits_130(model, tmp_
     lines = out.decode().split("\n")
     assert lines[-1] == "" and len(lines) == 4
     assert all(l.startswith(prime) and len(l) > len(prime) + 10 for l, prime in zip(lines, ["ab", "cab", "b"]))
+
+
+@pytest.mark.parametrize("command", [[], ["score"], ["translate"]])
+def test_ctrl_c_while_the_model_is_loaded_exits_130_in_one_line(model, monkeypatch, command):
+    from click.testing import CliRunner
+
+    import nn2run.cli
+    import nn2run.model
+
+    def interrupted(*args, **kwargs):           # a big file's SHA-256 takes a while
+        raise KeyboardInterrupt
+    monkeypatch.setattr(nn2run.model, "load", interrupted)
+    result = CliRunner().invoke(nn2run.cli.main, [*command, str(model)], input="ab\n")
+    assert result.exit_code == 130 and result.stderr == "nn2run: interrupted\n"
 
 
 # --- JSON lines and the terminal ----------------------------------------------------------

@@ -104,6 +104,22 @@ def test_score_names_the_line_with_an_unknown_character(rnn):
     assert r.stderr.decode().startswith("nn2run: line 2: ") and "'Z'" in r.stderr.decode()
 
 
+@pytest.mark.parametrize("args", [[], ["--jsonl"]])
+def test_the_lines_before_an_unknown_character_are_scored_and_printed(rnn, args):
+    m = nn2run.load(rnn)
+    r = _score_cli(rnn, "abc\n\nba\nabZ\nb\n", *args)
+    assert r.returncode == 1 and r.stderr.decode().splitlines() == [r.stderr.decode().strip()]
+    assert r.stderr.decode().startswith("nn2run: line 4: ")
+    rows = r.stdout.decode().splitlines()
+    if args:
+        rows = [(str(o["bits_per_token"]), o["text"]) for o in map(json.loads, rows)]
+    else:
+        rows = [row.split("\t") for row in rows]
+    assert [line for _, line in rows] == ["abc", "", "ba"]
+    for (bits, line) in (rows[0], rows[2]):
+        assert float(bits) == pytest.approx(reference_bits(m, [VOCAB.index(c) for c in line]), abs=1e-4)
+
+
 # --- the checksum of the tensor data ------------------------------------------------------
 @pytest.fixture
 def corrupt(tmp_path):

@@ -23,6 +23,7 @@ import numpy as np
 
 from nn2run import format as fmt
 from nn2run.model import Model
+from nn2run.seq2seq import is_seq2seq
 
 DTYPES = ("f16", "int8")
 F16_MAX = float(np.finfo(np.float16).max)
@@ -95,6 +96,9 @@ def _open(source: str) -> fmt.NNBFile:
             raise QuantizeError(f"{source} is not an nn2 model: {e}") from None
         raise QuantizeError(f"cannot read {source}: {e}") from None
     try:
+        for kind, what in (("seq2seq", "model"), ("seq2seq-checkpoint", "training checkpoint")):
+            if is_seq2seq(nnb.header, kind):
+                raise QuantizeError(f"{source} is a seq2seq {what}; nn2c quantize takes a language model")
         Model(nnb)      # the whole model is checked: program, parameters, codec
         if "checkpoint" in nnb.header:
             raise QuantizeError(f"{source} is a training checkpoint; quantize the model file instead")

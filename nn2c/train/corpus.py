@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nn2run.atomic import not_regular
 from nn2run.codec import ByteCodec, CharCodec
 
 CHUNK = 1 << 18
@@ -66,6 +67,10 @@ def _open_map(path: str):
     p = Path(path)
     if p.is_dir():
         raise CorpusError(f"{path} is a directory, not a text file")
+    kind = not_regular(path)            # before opening: a FIFO's open waits for a writer
+    if kind is not None:
+        raise CorpusError(f"{path} is {kind}, not a regular file: the corpus is memory-mapped and read "
+                          "twice; save it to a file first")
     try:
         f = open(p, "rb")
     except FileNotFoundError:

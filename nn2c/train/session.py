@@ -4,6 +4,7 @@ tests can call it too."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from dataclasses import dataclass
@@ -167,4 +168,12 @@ def _sample(path: str, n: int, codec_service: str | None = None) -> None:
     dec = m.codec.decoder()
     pieces = [dec(int(ids[0])) for _, ids in generate(m, [[start_token(m)]], n, Sampler(SamplerConfig(), 0))]
     # a byte model's sample is bytes: shown as text here, since it is a message on the console
-    print(b"".join(pieces).decode("utf-8", "replace") if m.codec.binary else "".join(pieces))
+    try:
+        print(b"".join(pieces).decode("utf-8", "replace") if m.codec.binary else "".join(pieces), flush=True)
+    except OSError as e:
+        if e.errno == errno.EPIPE:          # the reader went away (| head): click ends quietly
+            raise
+        devnull = os.open(os.devnull, os.O_WRONLY)      # what is still buffered cannot be written
+        os.dup2(devnull, sys.stdout.fileno())            # either: keep the exit's flush quiet
+        os.close(devnull)
+        raise TrainError(f"cannot write the sample to stdout: {e.strerror or e} ({path} is written)") from None

@@ -29,6 +29,7 @@ from nn2c.train.corpus import Batches, Corpus
 from nn2c.train.distributed import Collective, World, split_error
 from nn2c.train.memory import BYTES_PER_PARAMETER, fmt_bytes, free_memory
 from nn2c.train.progress import Progress, TrainLog
+from nn2run.model import MAX_LAYERS
 
 
 class TrainError(Exception):
@@ -52,6 +53,8 @@ def check_ranges(cfg, positive, fractions) -> None:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise TrainError(f"{_flag(name)} must be > 0, got {value}")
+    if cfg.layers > MAX_LAYERS:
+        raise TrainError(f"--layers must be ≤ {MAX_LAYERS} (the most nn2run loads), got {cfg.layers}")
     if not 0 <= cfg.seed < 2 ** 63:
         raise TrainError(f"--seed must be an integer from 0 to 2^63-1, got {cfg.seed}")
     for name in ("lr", "clip", "epochs", "max_minutes"):
@@ -475,7 +478,8 @@ class Trainer:
         """Run an (atomic) writer; a failure is one line naming the file and what is kept."""
         try:
             writer(*args)
-        except OSError as e:
+        except (OSError, ValueError) as e:      # ValueError: a file nn2run would refuse (a header too big)
             kept = (f"the last good checkpoint is {self.ckpt_path} (step {self.ts.saved_step})"
                     if self.ts.saved_step else "nothing was written")
-            raise TrainError(f"cannot write {path}: {e.strerror or e}; {kept}") from None
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise TrainError(f"cannot write {path}: {reason}; {kept}") from None

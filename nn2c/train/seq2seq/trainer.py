@@ -266,8 +266,9 @@ class Seq2SeqTrainer:
     def _write(self, path: str, writer, *args) -> None:
         try:
             writer(*args)
-        except OSError as e:
+        except (OSError, ValueError) as e:      # ValueError: a file nn2run would refuse (a header too big)
             kept = (f"the last good checkpoint is {self.ckpt_path} (step {self.st.saved_step})"
                     if self.st.saved_step else "nothing was written")
-            raise TrainError(f"cannot write {path}: {e.strerror or e}; {kept}") from None
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise TrainError(f"cannot write {path}: {reason}; {kept}") from None
 
