@@ -40,6 +40,10 @@ MAX_BATCH_FLOATS = 1 << 28        # a batch's decoder registers: 1 GiB of float3
 _CACHED = 8                       # decoder machines kept, by (batch, source length)
 BUCKET = 8                        # machines are made for source lengths rounded up to this
 
+# hypotheses are ranked by log-probability / length ** alpha: past this, length ** alpha
+# can overflow a float (and values past 2 or 3 are of no use)
+MAX_PENALTY = 10
+
 
 def is_seq2seq(header: dict, kind: str = "seq2seq") -> bool:
     nn2 = header.get("nn2")
@@ -240,8 +244,8 @@ class Seq2SeqModel(Opened):
         limit = self.limits["target"] if max_len is None else min(max_len, self.limits["target"])
         if type(limit) is not int or limit < 1:
             raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
-        if not isinstance(length_penalty, (int, float)) or not 0 <= length_penalty < float("inf"):
-            raise ValueError(f"length_penalty must be a number >= 0, got {length_penalty!r}")
+        if not isinstance(length_penalty, (int, float)) or not 0 <= length_penalty <= MAX_PENALTY:
+            raise ValueError(f"length_penalty must be a number from 0 to {MAX_PENALTY}, got {length_penalty!r}")
         dec = self.machine(sources, beam)
         if beam == 1:
             return [[h] for h in beams.greedy(dec, len(sources), self.begin, self.end, limit)]

@@ -21,6 +21,7 @@ import select
 import click
 
 from .cli import CONTEXT, EXIT_HELP, Failure, Output, _guarded, _open, _stdin
+from .seq2seq import MAX_PENALTY
 
 CHUNK_BATCHES = 4         # lines waiting together are sorted by length over this many batches
 
@@ -146,8 +147,8 @@ def translate_command(model_path, beam, n_best, with_score, length_penalty, max_
             raise Failure(f"{name} must be ≥ 1")
     if n_best > beam:
         raise Failure(f"--n-best {n_best} needs --beam {n_best} or more")
-    if not 0 <= length_penalty < float("inf"):
-        raise Failure("--length-penalty must be a number ≥ 0")
+    if not 0 <= length_penalty <= MAX_PENALTY:
+        raise Failure(f"--length-penalty must be a number from 0 to {MAX_PENALTY}")
     model = _open(model_path, verify)
     if not hasattr(model, "translate"):
         raise Failure(f"{model_path} is a language model, not a seq2seq model: use nn2run generate", code=2)

@@ -24,13 +24,11 @@ from dataclasses import dataclass
 
 from .completions import ApiError, parse_json
 from .scheduler import Histogram, QueueFull, Worker
+from .seq2seq import MAX_PENALTY
 
 MAX_TEXTS = 64
 MAX_BEAM = 64
 MAX_LEN = (1 << 31) - 1
-# the length penalty ranks by log-probability / length ** alpha: past this, length ** alpha
-# could overflow a float (and values past 2 or 3 are of no use)
-MAX_PENALTY = 10
 WAIT_TICK = 0.05      # seconds between checks that the client is still there
 KNOWN = ("model", "texts", "beam", "n_best", "length_penalty", "max_len")
 

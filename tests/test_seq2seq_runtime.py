@@ -196,6 +196,9 @@ def test_empty_text_gives_empty_translation_and_bad_input_raises_value_error(bui
         model.translate(["ab"], beam=2, n_best=3)
     with pytest.raises(ValueError, match="list of texts"):
         model.translate("abc")
+    # length ** 1e308 overflows a float: refused, not an OverflowError in the search
+    with pytest.raises(ValueError, match="length_penalty must be a number from 0 to 10"):
+        model.translate(["abc", "a"], beam=3, length_penalty=1e308)
 
 
 def test_a_decoder_step_allocates_no_array_and_keeps_nothing(built):

@@ -97,7 +97,7 @@ def test_each_line_is_answered_before_the_next_is_written(model_path, model):
 
 def test_option_errors_are_one_line(model_path):
     for args in (["--n-best", 3, "--beam", 2], ["--beam", 0], ["--batch", 0], ["--max-len", 0],
-                 ["--length-penalty", -1], ["--beam", 10 ** 8]):
+                 ["--length-penalty", -1], ["--length-penalty", 1e308], ["--beam", 10 ** 8]):
         r = run("translate", model_path, *args, stdin="abc\n")
         assert r.returncode == 1 and r.stdout == b""
         assert len(r.stderr.decode().splitlines()) == 1 and r.stderr.startswith(b"nn2run: ")
