@@ -26,7 +26,9 @@ from . import __version__
 from .codec import CodecError
 from .format import NNBFormatError
 
-EXIT_HELP = "Exit status: 0 ok, 1 bad input or unwritable output, 2 a model that cannot be loaded, 130 interrupted."
+EXIT_HELP = ("Exit status: 0 ok, 1 bad input or unwritable output, 2 a usage error or a model that cannot be loaded, "
+             "130 interrupted.")
+USAGE = 2              # the status click gives a bad option, for the checks it cannot make
 
 
 class Failure(click.ClickException):
@@ -217,12 +219,13 @@ def _encode(model, data, where: str = "") -> list[int]:
 def _sampler(model, temperature, top_k, top_p, greedy, seed):
     from .sample import Sampler, SamplerConfig
     if greedy and (temperature, top_k, top_p) != (None, None, None):
-        raise Failure("--greedy always takes the most likely token: give it without -t, --top-k and --top-p")
+        raise Failure("--greedy always takes the most likely token: give it without -t, --top-k and --top-p",
+                      code=USAGE)
     t = temperature if temperature is not None else model.sampling["temperature"]
     try:
         return Sampler(SamplerConfig(temperature=t, top_k=top_k, top_p=top_p, greedy=greedy), seed)
     except ValueError as e:
-        raise Failure(str(e)) from None
+        raise Failure(str(e), code=USAGE) from None
 
 
 # --- output -----------------------------------------------------------------------------
@@ -388,13 +391,13 @@ def generate(model_path, verify, codec_service, prime, length, temperature, top_
              info, dis):
     """Generate text with an nn2 model: nn2run MODEL.nnb --prime "The" -n 500"""
     if length < 0:
-        raise Failure("-n must be ≥ 0")
+        raise Failure("-n must be ≥ 0", code=USAGE)
     if lines and prime:
-        raise Failure("--prime cannot be used with --lines: each stdin line is a prime of its own")
+        raise Failure("--prime cannot be used with --lines: each stdin line is a prime of its own", code=USAGE)
     model = _open(model_path, verify, None if info or dis else codec_service)
     seq2seq = hasattr(model, "translate")
     if seq2seq and not (info or dis):
-        raise Failure(f"{model_path} is a seq2seq model: use nn2run translate {model_path}")
+        raise Failure(f"{model_path} is a seq2seq model: use nn2run translate {model_path}", code=USAGE)
     out = Output()
 
     def body():
@@ -426,7 +429,7 @@ def score(model_path, verify, codec_service, jsonl):
     `nn2run score m.nnb < log.txt | sort -rn | head` shows the most surprising lines."""
     model = _open(model_path, verify, codec_service)
     if hasattr(model, "translate"):
-        raise Failure(f"{model_path} is a seq2seq model: use nn2run translate {model_path}")
+        raise Failure(f"{model_path} is a seq2seq model: use nn2run translate {model_path}", code=USAGE)
     out = Output()
     _guarded(lambda: _score(model, out, jsonl))
 

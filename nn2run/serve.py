@@ -103,11 +103,11 @@ def serve_command(model_path, host, port, max_batch, max_queue, max_tokens_limit
     A seq2seq model gets POST /v1/translations instead, {"texts": [...], "beam": 1,
     "n_best": null, "length_penalty": 1.0, "max_len": null} -> {"translations": [...]},
     queued requests translated together (gRPC: nn2.v1.Translator/Translate)."""
-    from .cli import Failure, _open
+    from .cli import USAGE, Failure, _open
     from .grpc import needs_extra
     from .routes import Settings
     if max_tokens_default > max_tokens_limit:
-        raise Failure("--max-tokens-default is over --max-tokens-limit")
+        raise Failure("--max-tokens-default is over --max-tokens-limit", code=USAGE)
     if grpc_port is not None and needs_extra("--grpc-port"):
         raise Failure(needs_extra("--grpc-port"))
     model = _open(model_path, verify, codec_service)

@@ -20,7 +20,7 @@ import select
 
 import click
 
-from .cli import CONTEXT, EXIT_HELP, Failure, Output, _guarded, _open, _stdin
+from .cli import CONTEXT, EXIT_HELP, USAGE, Failure, Output, _guarded, _open, _stdin
 from .seq2seq import MAX_PENALTY
 
 CHUNK_BATCHES = 4         # lines waiting together are sorted by length over this many batches
@@ -119,7 +119,7 @@ def _chunk(model, items, options) -> tuple[list[str], int]:
         try:
             found = model.search([texts[i] for i in group], beam, alpha, max_len)
         except ValueError as e:             # the rows (lines × beam) need more memory than a batch may
-            raise Failure(f"--beam {beam} with --batch {batch}: {e}") from None
+            raise Failure(f"--beam {beam} with --batch {batch}: {e}", code=USAGE) from None
         for i, hyps in zip(group, found):
             out[i] = _format(model, hyps, n_best, with_score)
     return out, failed
@@ -144,14 +144,14 @@ def translate_command(model_path, beam, n_best, with_score, length_penalty, max_
     for name, value in (("--beam", beam), ("--n-best", n_best), ("--batch", batch)) + \
             ((("--max-len", max_len),) if max_len is not None else ()):
         if value < 1:
-            raise Failure(f"{name} must be ≥ 1")
+            raise Failure(f"{name} must be ≥ 1", code=USAGE)
     if n_best > beam:
-        raise Failure(f"--n-best {n_best} needs --beam {n_best} or more")
+        raise Failure(f"--n-best {n_best} needs --beam {n_best} or more", code=USAGE)
     if not 0 <= length_penalty <= MAX_PENALTY:
-        raise Failure(f"--length-penalty must be a number from 0 to {MAX_PENALTY}")
+        raise Failure(f"--length-penalty must be a number from 0 to {MAX_PENALTY}", code=USAGE)
     model = _open(model_path, verify)
     if not hasattr(model, "translate"):
-        raise Failure(f"{model_path} is a language model, not a seq2seq model: use nn2run generate", code=2)
+        raise Failure(f"{model_path} is a language model, not a seq2seq model: use nn2run generate", code=USAGE)
     out = Output()
     options = (beam, n_best, with_score, length_penalty, max_len, batch)
     failed = []

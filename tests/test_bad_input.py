@@ -366,7 +366,7 @@ def test_prime_dash_reads_the_prime_from_stdin(model, run_cli):
 ])
 def test_a_bad_sampling_option_is_one_line(model, run_cli, args, words):
     result = run_cli("nn2run", model, *args)
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
     assert_one_line(result.stderr, "nn2run", *words)
 
 

@@ -138,7 +138,7 @@ def test_an_unknown_character_in_lines_names_the_line_and_the_characters(model):
 
 def test_lines_with_prime_is_refused_and_help_says_so(model):
     r = run(model, "--lines", "--prime", "ab", "-n", "3", input=b"ab\n")
-    assert r.returncode == 1 and r.stdout == b""
+    assert r.returncode == 2 and r.stdout == b""
     assert "--prime" in one_line(r.stderr)
     assert "--prime is refused with --lines" in " ".join(run(model, "--help").stdout.decode().split())
 
@@ -147,14 +147,14 @@ def test_lines_with_prime_is_refused_and_help_says_so(model):
 @pytest.mark.parametrize("args", [["-t", "0.5"], ["--top-k", "3"], ["--top-p", "0.9"]])
 def test_greedy_with_an_explicit_sampling_option_is_one_line(model, args):
     r = run(model, "--greedy", *args, "-n", "3")
-    assert r.returncode == 1 and r.stdout == b"" and "--greedy" in one_line(r.stderr)
+    assert r.returncode == 2 and r.stdout == b"" and "--greedy" in one_line(r.stderr)
 
 
 @pytest.mark.parametrize("args", [["-t", "inf"], ["-t", "nan"], ["-t", "-1"], ["-t", "0"], ["--top-p", "nan"],
                                   ["--top-k", "-2"], ["--top-p", "-0.5"]])
 def test_non_finite_or_negative_sampling_values_are_one_line(model, args):
     r = run(model, *args, "-n", "3")
-    assert r.returncode == 1 and r.stdout == b""
+    assert r.returncode == 2 and r.stdout == b""
     one_line(r.stderr)
 
 
@@ -304,5 +304,5 @@ def test_a_lazily_registered_command_is_imported_only_when_named(tmp_path, monke
 def test_a_negative_seed_is_refused_in_one_line(model):
     """Python's random takes abs() of a negative seed: --seed -1 would give --seed 1's text."""
     r = run(model, "-n", "5", "--seed", "-1")
-    assert r.returncode == 1 and r.stdout == b""
+    assert r.returncode == 2 and r.stdout == b""
     assert one_line(r.stderr) == "nn2run: seed must be a non-negative integer, got -1\n"

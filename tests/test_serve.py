@@ -473,3 +473,11 @@ def test_a_port_in_use_is_one_line_and_exit_1(server, model):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert r.stderr.startswith(f"nn2run: cannot listen on 127.0.0.1:{server.port}")
+
+
+def test_a_default_over_the_limit_is_a_usage_error(model):
+    r = subprocess.run([sys.executable, "-m", "nn2run.serve", str(model), "--port", "0",
+                        "--max-tokens-default", "60", "--max-tokens-limit", "50"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr == "nn2run: --max-tokens-default is over --max-tokens-limit\n"

@@ -99,7 +99,7 @@ def test_option_errors_are_one_line(model_path):
     for args in (["--n-best", 3, "--beam", 2], ["--beam", 0], ["--batch", 0], ["--max-len", 0],
                  ["--length-penalty", -1], ["--length-penalty", 1e308], ["--beam", 10 ** 8]):
         r = run("translate", model_path, *args, stdin="abc\n")
-        assert r.returncode == 1 and r.stdout == b""
+        assert r.returncode == 2 and r.stdout == b""
         assert len(r.stderr.decode().splitlines()) == 1 and r.stderr.startswith(b"nn2run: ")
 
 
@@ -108,7 +108,7 @@ def test_translate_refuses_a_language_model_and_generate_a_seq2seq_model(tmp_pat
     r = run("translate", lm, stdin="abc\n")
     assert r.returncode == 2 and b"not a seq2seq model" in r.stderr
     r = run(model_path, "--prime", "abc")
-    assert r.returncode == 1 and b"use nn2run translate" in r.stderr
+    assert r.returncode == 2 and b"use nn2run translate" in r.stderr
     assert len(r.stderr.splitlines()) == 1
 
 
