@@ -1,15 +1,18 @@
 """Ctrl-C in an `nn2c` command outside training's own handling (which saves and says where,
 tests/test_train_safety.py) is one line, `nn2c: interrupted`, and status 130 — never click's
-"Aborted!" with status 1, nor a traceback."""
+"Aborted!" with status 1, nor a traceback. So is Ctrl-C while `nn2run` starts."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
+import tomllib
 from click.testing import CliRunner
 
 from support.models import BIN
@@ -62,3 +65,26 @@ def test_ctrl_c_while_the_command_line_is_imported_exits_130(monkeypatch, capsys
         assert stop.code == 130 and capsys.readouterr().err == "nn2c: interrupted\n"
     else:
         pytest.fail("nn2c ran on")
+
+
+def test_ctrl_c_while_nn2run_imports_numpy_exits_130_in_one_line():
+    # the console script's first ~0.2 s are NumPy's and click's imports, before any nn2run code
+    code = textwrap.dedent("""
+        import sys
+        class Interrupt:
+            def find_spec(self, name, path=None, target=None):
+                if name == "numpy":
+                    raise KeyboardInterrupt
+        sys.meta_path.insert(0, Interrupt())
+        sys.argv = ["nn2run", "m.nnb", "-n", "5"]
+        from nn2run.launch import main
+        main()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and r.stderr == "nn2run: interrupted\n" and r.stdout == ""
+
+
+def test_the_nn2run_console_script_is_the_launcher():
+    with open(Path(__file__).parents[1] / "pyproject.toml", "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts["nn2run"] == "nn2run.launch:main"
