@@ -341,10 +341,17 @@ def loads_model(data: bytes) -> Model:
     return _model(fmt.loads(data))
 
 
+def file_kind(header: dict) -> str | None:
+    """The kind a header names ("seq2seq", "seq2seq-checkpoint"), None for a language model."""
+    nn2 = header.get("nn2")
+    return nn2.get("kind") if isinstance(nn2, dict) else None
+
+
 def _model(nnb: fmt.NNBFile):
-    from . import seq2seq
-    if seq2seq.is_seq2seq(nnb.header):
-        return seq2seq.Seq2SeqModel(nnb)
-    if seq2seq.is_seq2seq(nnb.header, "seq2seq-checkpoint"):     # it holds no program to run
+    kind = file_kind(nnb.header)
+    if kind == "seq2seq":
+        from .seq2seq import Seq2SeqModel  # imported only for such a file: a start costs less
+        return Seq2SeqModel(nnb)
+    if kind == "seq2seq-checkpoint":            # it holds no program to run
         raise NNBFormatError("a seq2seq training checkpoint (for nn2c train --resume), not a model")
     return Model(nnb)

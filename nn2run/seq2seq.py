@@ -32,7 +32,7 @@ from . import params, rewrite
 from .decoder import DecoderVM
 from .format import NNBFormatError
 from .isa import ProgramError, validate, validate_decoder
-from .model import Opened, _check_batch, check_ids, check_sizes
+from .model import Opened, _check_batch, check_ids, check_sizes, file_kind
 from .vm import VM
 
 MAX_LIMIT = 65536
@@ -46,8 +46,7 @@ MAX_PENALTY = 10
 
 
 def is_seq2seq(header: dict, kind: str = "seq2seq") -> bool:
-    nn2 = header.get("nn2")
-    return isinstance(nn2, dict) and nn2.get("kind") == kind
+    return file_kind(header) == kind
 
 
 class Seq2SeqModel(Opened):
