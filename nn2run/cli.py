@@ -272,14 +272,25 @@ def _stream(model, data, n: int, sampler, out: Output, jsonl: bool) -> None:
         out.flush()
 
 
+LINES_BATCH = 256      # --lines streams run together: memory stays bounded, output comes as it is made
+
+
 def _lines(model, n: int, sampler, out: Output, jsonl: bool) -> None:
-    """One stream per stdin line, all continued at once; one output line per input line."""
+    """One stream per stdin line, LINES_BATCH lines at once; one output line per input line."""
+    chunk = []
+    for item in _stdin_lines(model.codec.binary):
+        chunk.append(item)
+        if len(chunk) == LINES_BATCH:
+            _lines_batch(model, chunk, n, sampler, out, jsonl)
+            chunk = []
+    if chunk:
+        _lines_batch(model, chunk, n, sampler, out, jsonl)
+
+
+def _lines_batch(model, chunk, n: int, sampler, out: Output, jsonl: bool) -> None:
     from .generate import generate
-    primes = [line for _, line in _stdin_lines(model.codec.binary)]
-    if not primes:
-        return
-    encoded = [_encode(model, p, f"line {i}: ") for i, p in enumerate(primes, 1)]
-    texts = [[] for _ in primes]
+    encoded = [_encode(model, p, f"line {number}: ") for number, p in chunk]
+    texts = [[] for _ in chunk]
     starts = [len(e) - 1 for e in encoded]
     decode = _step_decoder(model, encoded)
     try:
@@ -287,8 +298,8 @@ def _lines(model, n: int, sampler, out: Output, jsonl: bool) -> None:
             live = [i for i, s in enumerate(starts) if s <= t < s + n]
             for i, piece in zip(live, decode(live, nxt, [t == starts[i] for i in live])):
                 texts[i].append(piece)
-    finally:                                     # Ctrl-C: every line as far as it got
-        for number, (prime, text) in enumerate(zip(primes, texts), 1):
+    finally:                                     # Ctrl-C: every line of the batch as far as it got
+        for (number, prime), text in zip(chunk, texts):
             if jsonl:
                 out.write(_json_line({"line": number, "prime": prime, "text": _join(model, text)},
                                      model.codec.binary))

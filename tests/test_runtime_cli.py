@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -214,6 +215,33 @@ def test_ctrl_c_during_lines_prints_every_line_so_far_then_exits_130(model, tmp_
     lines = out.decode().split("\n")
     assert lines[-1] == "" and len(lines) == 4
     assert all(l.startswith(prime) and len(l) > len(prime) + 10 for l, prime in zip(lines, ["ab", "cab", "b"]))
+
+
+def test_lines_run_in_batches_whose_output_comes_before_stdin_ends(model):
+    # each batch of LINES_BATCH lines is generated and written as soon as it is read: memory
+    # stays bounded whatever the input's length, and a pipeline sees output as it is made
+    from nn2run.cli import LINES_BATCH
+    p = subprocess.Popen([str(BIN / "nn2run"), str(model), "--lines", "-n", "5", "--greedy"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        p.stdin.write(b"ab\n" * LINES_BATCH)
+        p.stdin.flush()                             # stdin stays open
+        first = []
+        reader = threading.Thread(target=lambda: first.extend(p.stdout.readline() for _ in range(LINES_BATCH)),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout=60)
+        assert len(first) == LINES_BATCH, "no output until stdin ended"
+        p.stdin.write(b"cab\n")
+        p.stdin.close()
+        rest = p.stdout.read()
+        assert p.wait(timeout=60) == 0
+    finally:
+        p.kill()
+        p.wait()
+    single = run(model, "--prime", "ab", "-n", "5", "--greedy").stdout
+    assert first == [single + b"\n"] * LINES_BATCH
+    assert rest == run(model, "--prime", "cab", "-n", "5", "--greedy").stdout + b"\n"
 
 
 @pytest.mark.parametrize("command", [[], ["score"], ["translate"]])
