@@ -126,9 +126,12 @@ def check(kernel, hidden, vocab, layers, no_opt):
     """
     from nn2c.compiler.report import describe_kernel
     from nn2c.lang.errors import KernelError
+    from nn2run.model import MAX_LAYERS
     for name, v in (("--hidden", hidden), ("--vocab", vocab), ("--layers", layers)):
         if v is not None and v <= 0:
             raise Failure(f"{name} must be > 0")
+    if layers > MAX_LAYERS:         # the program of 100,000 layers takes minutes to build
+        raise Failure(f"--layers must be ≤ {MAX_LAYERS} (the most nn2run loads), got {layers}")
     try:
         _echo(describe_kernel(kernel, hidden, vocab, layers, optimized=not no_opt))
     except KernelError as e:

@@ -91,6 +91,12 @@ def test_nn2c_check_lstm_prints_states_parameters_order_and_program(run_cli):
     assert out.index("fₜ = ") < out.index("cₜ = ") < out.index("hₜ = ")
 
 
+def test_nn2c_check_refuses_more_layers_than_nn2run_loads_at_once(run_cli):
+    r = run_cli("nn2c", "check", "lstm", "--layers", "100000", timeout=30)     # was minutes of work
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == "nn2c: --layers must be ≤ 1024 (the most nn2run loads), got 100000\n"
+
+
 def test_nn2c_check_reports_a_typo_with_file_line_column_and_caret(run_cli, tmp_path):
     k = tmp_path / "bad.eq"
     k.write_text("hₜ = tanh(W xₜ + U hₜ₋₁ + b\n", encoding="utf-8")
