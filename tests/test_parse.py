@@ -319,3 +319,44 @@ def test_an_invisible_character_is_named_by_its_code_point(char, named):
     text = syntax_error(f"hₜ = tanh(W xₜ +{char} U hₜ₋₁)\n")
     assert f"unexpected character {named};" in text
     assert_points_at(text, 1, 17, char, width=1)
+
+
+# --- how deep an expression may nest -------------------------------------------------
+
+def _sum(terms: int) -> str:
+    """A kernel whose right-hand side is a sum of `terms` terms: terms − 1 levels deep."""
+    return "hₜ = hₜ₋₁" + " + b" * (terms - 2) + " + W xₜ\n"
+
+
+def test_a_sum_at_the_nesting_limit_compiles_and_one_term_more_is_refused():
+    from nn2c.compiler.pipeline import compile_kernel
+    from nn2c.lang.parse import MAX_NESTING
+    compiled = compile_kernel(parse(_sum(MAX_NESTING + 1), "k.eq"), 4, 2, 3)
+    assert compiled.program["code"]
+    text = syntax_error(_sum(MAX_NESTING + 2))
+    assert f"expression nested more than {MAX_NESTING} levels deep" in text
+    assert "split it into several equations" in text
+    assert_points_at(text, 1, 6, "hₜ₋₁")
+
+
+@pytest.mark.parametrize("source, col", [
+    ("hₜ = tanh(" + "(" * 1000 + "W xₜ" + ")" * 1000 + " + hₜ₋₁)\n", 109),
+    ("hₜ = " + "tanh(" * 1000 + "W xₜ + hₜ₋₁" + ")" * 1000 + "\n", 506),
+    ("hₜ = " + "−" * 1000 + "tanh(W xₜ + hₜ₋₁)\n", 106),
+    ("hₜ = tanh(W xₜ + hₜ₋₁ + " + "[" * 1000 + "b" + "]" * 1000 + ")\n", 123),
+    (_sum(20000), 6)], ids=["brackets", "calls", "minus signs", "concatenations", "sum"])
+def test_an_expression_nested_too_deep_is_one_error_where_it_gets_too_deep(source, col):
+    text = syntax_error(source)
+    assert text.startswith(f"k.eq:1:{col}: expression nested more than 100 levels deep"), text[:120]
+
+
+def test_nn2c_check_of_a_huge_sum_is_one_error_without_a_traceback(tmp_path):
+    import subprocess
+
+    from support.models import BIN
+    (tmp_path / "k.eq").write_text(_sum(20000), encoding="utf-8")
+    r = subprocess.run([str(BIN / "nn2c"), "check", "k.eq"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("k.eq:1:6: expression nested"), r.stderr[-500:]

@@ -16,7 +16,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
 from nn2c.lang.ast import BUILTIN_ALIASES, BinOp, Call, Concat, Equation, Kernel, Neg, Num, Pos, Var
@@ -33,6 +33,9 @@ _POSITION = re.compile(r"(ₜ?ⱼ)$")
 _ASCII_POSITION = re.compile(r"(_\{?\s*t?\s*j\s*\}?)$")
 _INITIAL = re.compile(r"(₀|_0|_\{\s*0\s*\})$")
 _OPENERS, _CLOSERS = {"(": ")", "[": "]"}, {")": "(", "]": "["}
+# How deep one expression may nest (a sum of n terms is n − 1 deep): every pass after the parser
+# recurses once per level, and Python's stack holds a few hundred levels at most.
+MAX_NESTING = 100
 
 # How the parser's expectations read to a person, in the order they are listed.
 _WORDS = {"NAME": "a name", "NUMBER": "a number", "LPAR": "'('", "LSQB": "'['",
@@ -81,6 +84,7 @@ def parse(source: str, filename: str = "<kernel>") -> Kernel:
             tree = _parser().parse(source if source.endswith("\n") else source + "\n")
         except UnexpectedInput as e:
             raise _syntax_error(e, source) from None
+        _check_nesting(tree)
         aliases = _aliases(tree)
         try:
             statements = _ToAst(aliases, _memory_name(tree)).transform(tree)
@@ -134,6 +138,19 @@ def split_name(text: str, pos: Pos, memory: str | None = None,
             return name, None, "0"
     name, time = split_time(text, pos)
     return name, time, None
+
+
+def _check_nesting(tree) -> None:
+    """Refuse an expression nested deeper than MAX_NESTING, without recursion."""
+    stack = [(eq.children[2], 1) for eq in tree.find_data("equation")]
+    while stack:
+        node, depth = stack.pop()
+        inner = [c for c in node.children if isinstance(c, Tree)]
+        if depth > MAX_NESTING and inner:      # a name or a number nests nothing
+            raise KernelError(f"expression nested more than {MAX_NESTING} levels deep (a sum "
+                              "nests one level a term); split it into several equations",
+                              pos=Pos(node.meta.line, node.meta.column))
+        stack.extend((c, depth + 1) for c in inner)
 
 
 def _memory_name(tree) -> str | None:
