@@ -280,3 +280,23 @@ def test_a_constant_divided_by_zero_is_reported_where_it_is():
         compile_kernel(parse("hₜ = tanh(W xₜ + U hₜ₋₁ ⊘ (2 / 0))\n", "k.eq"), 4, 1, 3)
     assert "2 ⊘ 0 divides by zero" in str(info.value)
     assert_points_at(str(info.value), 1, 30, "/")
+
+
+@pytest.mark.parametrize("number", ["1e999", "4e38", "1E39"])
+def test_a_number_beyond_float32_is_reported_where_it_is_written(number):
+    text = _error(f"hₜ = tanh(W xₜ + U hₜ₋₁ + {number})\n")
+    assert f"the number {number} is too large" in text and "3.4e38" in text
+    assert_points_at(text, 1, 27, number, width=len(number))
+
+
+def test_constants_that_fold_beyond_float32_are_reported_at_the_operator():
+    with pytest.raises(KernelError) as info:
+        compile_kernel(parse("hₜ = tanh(W xₜ + U hₜ₋₁) ⊙ (3e38 + 3e38)\n", "k.eq"), 4, 1, 3)
+    assert "3e+38 + 3e+38 is 6e+38, too large" in str(info.value)
+    assert_points_at(str(info.value), 1, 34, "+ 3e38")
+
+
+def test_the_largest_float32_constants_still_compile():
+    compiled = compile_kernel(parse("hₜ = tanh(W xₜ + U hₜ₋₁) ⊙ 3.4e38 ⊘ (1.7e38 + 1.7e38)\n", "k.eq"), 4, 1, 3)
+    consts = [a[1] for ins in compiled.program["code"] for a in ins[2:] if isinstance(a, list) and a[0] == "k"]
+    assert consts == [3.4e38, 3.4e38]

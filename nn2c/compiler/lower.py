@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from nn2c.compiler.ir import Cell, Network, Node, Part, TensorSpec
 from nn2c.lang import ast
-from nn2c.lang.ast import show
+from nn2c.lang.ast import FLOAT32_MAX, show
 from nn2c.lang.check import CheckedKernel
 from nn2c.lang.errors import KernelError
 from nn2run import params
@@ -64,8 +64,11 @@ class _Lowerer:
             return Node("matmul", (b, a), a.width)
         if a.op == "const" and b.op == "const":
             x, y = a.attrs["value"], b.attrs["value"]
-            return Node("const", (), 0, {"value": {"add": x + y, "sub": x - y, "mul": x * y,
-                                                  "div": x / y if y else _zero(e)}[e.op]})
+            value = {"add": x + y, "sub": x - y, "mul": x * y, "div": x / y if y else _zero(e)}[e.op]
+            if not abs(value) <= FLOAT32_MAX:
+                raise KernelError(f"{show(e)} is {value:g}, too large: the model computes in "
+                                  "float32, whose largest number is 3.4e38", pos=e.pos)
+            return Node("const", (), 0, {"value": value})
         return Node(e.op, (a, b), max(a.width, b.width))
 
     def cell(self, input_node: Node, equations, output: str, states) -> Cell:

@@ -19,7 +19,7 @@ from pathlib import Path
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
-from nn2c.lang.ast import BUILTIN_ALIASES, BinOp, Call, Concat, Equation, Kernel, Neg, Num, Pos, Var
+from nn2c.lang.ast import BUILTIN_ALIASES, FLOAT32_MAX, BinOp, Call, Concat, Equation, Kernel, Neg, Num, Pos, Var
 from nn2c.lang.errors import KernelError, describe_char, time_index_hint
 
 _PARSER: Lark | None = None
@@ -200,7 +200,11 @@ class _ToAst(Transformer):
         return Var(name, time, pos, index)
 
     def num(self, tok: Token) -> Num:
-        return Num(float(str(tok).replace("−", "-")), _pos(tok))
+        value = float(str(tok).replace("−", "-"))
+        if value > FLOAT32_MAX:
+            raise KernelError(f"the number {tok} is too large: the model computes in float32, "
+                              "whose largest number is 3.4e38", pos=_pos(tok))
+        return Num(value, _pos(tok))
 
     def group(self, _lpar, expr, _rpar):
         return expr
