@@ -282,6 +282,13 @@ def test_a_constant_divided_by_zero_is_reported_where_it_is():
     assert_points_at(str(info.value), 1, 30, "/")
 
 
+def test_a_vector_divided_by_the_number_zero_is_reported_where_it_is():
+    with pytest.raises(KernelError) as info:
+        compile_kernel(parse("hₜ = tanh(W xₜ + U hₜ₋₁) / 0\n", "k.eq"), 4, 1, 3)
+    assert "tanh(W·xₜ + U·hₜ₋₁) ⊘ 0 divides by zero" in str(info.value)
+    assert_points_at(str(info.value), 1, 26, "/")
+
+
 @pytest.mark.parametrize("number", ["1e999", "4e38", "1E39"])
 def test_a_number_beyond_float32_is_reported_where_it_is_written(number):
     text = _error(f"hₜ = tanh(W xₜ + U hₜ₋₁ + {number})\n")

@@ -62,9 +62,11 @@ class _Lowerer:
         a, b = self.expr(e.left), self.expr(e.right)
         if e.op == "matmul":
             return Node("matmul", (b, a), a.width)
+        if e.op == "div" and b.op == "const" and b.attrs["value"] == 0:
+            _zero(e)
         if a.op == "const" and b.op == "const":
             x, y = a.attrs["value"], b.attrs["value"]
-            value = {"add": x + y, "sub": x - y, "mul": x * y, "div": x / y if y else _zero(e)}[e.op]
+            value = {"add": x + y, "sub": x - y, "mul": x * y, "div": x / y if y else 0.0}[e.op]
             if not abs(value) <= FLOAT32_MAX:
                 raise KernelError(f"{show(e)} is {value:g}, too large: the model computes in "
                                   "float32, whose largest number is 3.4e38", pos=e.pos)
