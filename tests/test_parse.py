@@ -360,3 +360,25 @@ def test_nn2c_check_of_a_huge_sum_is_one_error_without_a_traceback(tmp_path):
     assert r.returncode == 1 and r.stdout == ""
     lines = r.stderr.splitlines()
     assert len(lines) == 3 and lines[0].startswith("k.eq:1:6: expression nested"), r.stderr[-500:]
+
+
+def test_an_alias_may_not_rebind_a_built_in_function():
+    text = syntax_error("hₜ = tanh(W xₜ + U hₜ₋₁)\nwhere tanh = σ\n")
+    assert "tanh is a built-in function (tanh); an alias names a new one" in text
+    assert_points_at(text, 2, 7, "tanh", width=4)
+    # binding a built-in spelling to the function it already names changes nothing
+    assert parse("hₜ = σ(W xₜ)\nwhere σ = sigmoid\n").equations == parse("hₜ = σ(W xₜ)\n").equations
+
+
+@pytest.mark.parametrize("source, line, col", [
+    ("hₜ = f(W xₜ)\nwhere f = tanh, f = σ\n", 2, 17),
+    ("where f = tanh\nhₜ = f(W xₜ)\nwhere f = σ\n", 3, 7)])
+def test_an_alias_bound_to_two_functions_is_reported_at_the_second(source, line, col):
+    text = syntax_error(source)
+    assert "f is bound twice: to tanh at " in text and "to σ here" in text
+    assert text.startswith(f"k.eq:{line}:{col}: ")
+
+
+def test_an_alias_bound_twice_to_one_function_is_that_function():
+    kernel = parse("hₜ = f(W xₜ)\nwhere f = tanh, f = tanh\n")
+    assert kernel.equations[0].expr.func == "tanh"

@@ -170,8 +170,17 @@ def _pos(tok_or_meta) -> Pos:
 
 def _aliases(tree) -> dict[str, str]:
     """The kernel's `where` bindings, spelled → canonical; a target may be an earlier alias."""
-    pending = [(normalise_name(a.children[0]), normalise_name(a.children[2]), a.children[2])
-               for a in tree.find_data("alias")]
+    pending, bound = [], {}
+    for a in sorted(tree.find_data("alias"), key=lambda a: (a.meta.line, a.meta.column)):
+        name, target = normalise_name(a.children[0]), normalise_name(a.children[2])
+        if name in bound:
+            first, was = bound[name]
+            if was != target:
+                raise KernelError(f"{name} is bound twice: to {was} at {first}, to {target} here",
+                                  pos=_pos(a.children[0]))
+            continue
+        bound[name] = _pos(a.children[0]), target
+        pending.append((name, target, a.children[2]))
     known, out = dict(BUILTIN_ALIASES), {}
     while pending:
         progress = [p for p in pending if p[1] in known]
@@ -180,6 +189,10 @@ def _aliases(tree) -> dict[str, str]:
             raise KernelError(f"unknown function '{target}' in where clause; known: "
                               f"{', '.join(BUILTIN_ALIASES)}", pos=_pos(tok))
         for name, target, _tok in progress:
+            if BUILTIN_ALIASES.get(name, known[target]) != known[target]:
+                raise KernelError(f"{name} is a built-in function ({BUILTIN_ALIASES[name]}); an "
+                                  f"alias names a new one, as in `where σ_g = {target}`",
+                                  pos=bound[name][0])
             known[name] = out[name] = known[target]
         pending = [p for p in pending if p[1] not in known or p[0] not in out]
     return out
