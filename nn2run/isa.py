@@ -64,6 +64,7 @@ MAX_CODE = 65536
 MAX_WIDTH = 1 << 20
 MAX_STATES = 1024
 MAX_TOTAL_WIDTH = 1 << 24      # bounds the VM's allocation: 64 MiB of registers per stream
+FLOAT32_MAX = 3.4028234663852886e38   # a constant beyond it would be inf in the VM's float32
 
 
 class ProgramError(ValueError):
@@ -90,8 +91,8 @@ def _operand(op, nregs: int, written: set, tensors: dict, what: str):
         if not isinstance(val, str) or val not in tensors:
             raise ProgramError(f"{what}: unknown tensor {val!r:.60}")
         return tag, tuple(tensors[val])
-    if type(val) not in (int, float) or not math.isfinite(val):
-        raise ProgramError(f"{what}: constant must be a finite number")
+    if type(val) not in (int, float) or not math.isfinite(val) or abs(val) > FLOAT32_MAX:
+        raise ProgramError(f"{what}: constant must be a finite float32 number (|x| ≤ 3.4e38)")
     return tag, float(val)
 
 

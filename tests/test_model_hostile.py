@@ -1,0 +1,52 @@
+"""Language-model files whose container is sound but whose model is not: one handcrafted
+file per failure mode (the container's own cases are in tests/test_format.py). Each is
+refused by nn2run.load with one NNBFormatError line, and by the command line with one
+line and exit status 2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nn2run
+from support.hostile import edit_header
+from support.models import build_model
+
+
+@pytest.fixture(scope="module")
+def blob(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hostile") / "lstm.nnb"
+    build_model(path, "lstm", 8, 2, 5, seed=1)
+    return path.read_bytes()
+
+
+def _constant(value):
+    def change(h):
+        h["program"]["code"][3][2] = ["k", value]     # add r5 ← r2, (a constant)
+    return change
+
+
+CASES = {
+    "a constant past float32": (_constant(1e39), "constant must be a finite float32 number"),
+    "a huge integer constant": (_constant(10 ** 90), "constant must be a finite float32 number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_hostile_model_is_refused_with_its_reason(tmp_path, blob, case, run_cli):
+    change, fragment = CASES[case]
+    path = tmp_path / "bad.nnb"
+    path.write_bytes(edit_header(blob, change))
+    with pytest.raises(nn2run.NNBFormatError, match=fragment):
+        nn2run.load(path)
+    r = run_cli("nn2run", path, "-n", "5", "--seed", "1")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and fragment in r.stderr, r.stderr
+
+
+def test_the_largest_float32_constant_loads_and_runs(tmp_path, blob):
+    path = tmp_path / "big.nnb"
+    path.write_bytes(edit_header(blob, _constant(3.4e38)))
+    with nn2run.load(path) as m:
+        logits, _ = m.step(np.array([1]), m.initial_state(1))
+    assert logits.shape == (1, 5)
