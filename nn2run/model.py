@@ -81,10 +81,11 @@ class State:
     to overwrite the buffers (another step, `generate` or the server on the same VM).
     """
 
-    def __init__(self, names: list[tuple[str, int]], arrays: list[np.ndarray]):
+    def __init__(self, names: list[tuple[str, int]], arrays: list[np.ndarray], batch: int = 0):
         self.names = list(names)
         self._arrays = list(arrays)
         self._vm = None             # the VM whose buffers `_arrays` are, while attached
+        self._batch = batch         # the batch of a model without states (no arrays to tell)
 
     @property
     def arrays(self) -> list[np.ndarray]:
@@ -109,7 +110,7 @@ class State:
 
     @property
     def batch(self) -> int:
-        return self._arrays[0].shape[0] if self._arrays else 0
+        return self._arrays[0].shape[0] if self._arrays else self._batch
 
     def __getitem__(self, key: tuple[str, int]) -> np.ndarray:
         """state["h", 0]: the value of state h of layer 0."""
@@ -250,7 +251,8 @@ class Model(Opened):
         _check_batch(batch)
         widths = self.program["registers"]
         return State(self.state_names,
-                     [np.zeros((batch, widths[s["prev"]]), np.float32) for s in self.program["states"]])
+                     [np.zeros((batch, widths[s["prev"]]), np.float32) for s in self.program["states"]],
+                     int(batch))
 
     def _check_state(self, state) -> None:
         if type(state) is State and state.names == self._names_list:
@@ -296,7 +298,7 @@ class Model(Opened):
                 buf[...] = a
         logits = vm.advance(self._step_ids(ids, vm.batch))
         state = State.__new__(State)        # its arrays are the VM's buffers: no __init__ copies
-        state.names = list(self._names_list)
+        state.names, state._batch = list(self._names_list), vm.batch
         return logits.copy(), vm.hand_out(state)
 
     def _step_ids(self, ids, batch: int) -> np.ndarray:
