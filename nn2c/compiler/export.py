@@ -285,6 +285,10 @@ def export_onnx(model_path: str, out_path: str) -> str:
         m = nn2run.load(model_path)
     except nn2run.NNBFormatError as e:
         raise ExportError(f"cannot load {model_path}: {e}") from None
+    if not isinstance(m, nn2run.Model):
+        m.close()
+        raise ExportError(f"{model_path} is a seq2seq model; --onnx exports the step of a "
+                          "language model (nn2c train without --task seq2seq)")
     with m:
         external = None
         if _program_bytes(m.program, m.tensors) > INLINE_LIMIT:
