@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .ops import OPS, VARIADIC
 
 OPCODES = tuple(OPS)
@@ -90,10 +92,19 @@ def _operand(op, nregs: int, written: set, tensors: dict, what: str):
     if tag == "t":
         if not isinstance(val, str) or val not in tensors:
             raise ProgramError(f"{what}: unknown tensor {val!r:.60}")
+        if tensors[val] is None:
+            raise ProgramError(f"{what}: tensor {val!r:.60} holds integers; a program reads "
+                               "float tensors (f32, f16 or i8)")
         return tag, tuple(tensors[val])
     if type(val) not in (int, float) or not math.isfinite(val) or abs(val) > FLOAT32_MAX:
         raise ProgramError(f"{what}: constant must be a finite float32 number (|x| ≤ 3.4e38)")
     return tag, float(val)
+
+
+def program_shapes(tensors: dict) -> dict:
+    """name -> shape of the tensors a program may read (their float32 values), None for the
+    others (integer tensors: a checkpoint's counters and RNG states, never weights)."""
+    return {name: tuple(t.shape) if t.dtype == np.float32 else None for name, t in tensors.items()}
 
 
 def _check_elementwise(tag, val, width: int, regs: list, what: str) -> None:
@@ -115,7 +126,8 @@ def _registers(program) -> list:
 
 
 def validate(program, tensors: dict, vocab_size: int, output: str = "logits", width: int | None = None) -> None:
-    """Check a program read from a file. `tensors` maps tensor name -> shape tuple.
+    """Check a program read from a file. `tensors` maps tensor name -> shape tuple, or None
+    for a tensor no program may read (`program_shapes`: an integer one).
 
     `output` names the key of the register the program's result is in ("logits", of width
     `vocab_size`; a seq2seq encoder's is "output", of width `width`). Raises ProgramError

@@ -26,7 +26,7 @@ from . import codec as codecs
 from . import format as fmt
 from . import params, rewrite
 from .format import NNBFormatError
-from .isa import ProgramError, validate
+from .isa import ProgramError, program_shapes, validate
 from .vm import VM
 
 MAX_LAYERS = 1024
@@ -163,14 +163,14 @@ class Model(Opened):
         self.layers, self.hidden, self.codec = check_sizes(h)
         self.vocab = self.codec.vocab
         self._vocab_size = len(self.vocab)
-        shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
+        shapes = program_shapes(self.tensors)
         validate(h.get("program"), shapes, len(self.vocab))
         self.program = h["program"]
         self._state_names = tuple((st["name"], st["layer"]) for st in self.program["states"])
         self._names_list = list(self._state_names)
         self._shapes: dict[int, list] = {}      # batch -> [(np.ndarray, shape)] of a valid state
         try:
-            self._slots = params.read_map(h.get("params"), shapes)
+            self._slots = params.read_map(h.get("params"), {n: s for n, s in shapes.items() if s is not None})
         except params.LayoutError as e:
             raise NNBFormatError(str(e)) from None
         self.sampling = self._check_sampling(h.get("sampling", {}))

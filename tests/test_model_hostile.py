@@ -26,7 +26,15 @@ def _constant(value):
     return change
 
 
+def _retype(name, dtype):
+    def change(h):
+        h["tensors"][name]["dtype"] = dtype       # the same bytes, read as integers
+    return change
+
+
 CASES = {
+    "weights stored as i32": (_retype("readout.W_y", "i32"), "tensor 'readout.W_y' holds integers"),
+    "a gather table stored as i32": (_retype("l0.W_f|W_i|W_o|W_c", "i32"), "holds integers"),
     "a constant past float32": (_constant(1e39), "constant must be a finite float32 number"),
     "a huge integer constant": (_constant(10 ** 90), "constant must be a finite float32 number"),
 }
