@@ -57,6 +57,14 @@ def check_ids(ids, vocab_size: int, shape: tuple | None = None) -> np.ndarray:
     return a.astype(np.intp)
 
 
+def check_finite(tensors: dict) -> None:
+    """Every float32 value finite, or NNBFormatError naming the tensor (max and min: NaN and
+    ±inf reach them, and they allocate nothing)."""
+    for name, t in tensors.items():
+        if t.dtype == np.float32 and t.size and not (np.isfinite(t.max()) and np.isfinite(t.min())):
+            raise NNBFormatError(f"tensor {name!r} holds NaN or infinite values")
+
+
 def check_sizes(header: dict):
     """(layers, hidden, source codec) of a file's header, checked: what every model kind has."""
     meta = header.get("model")
@@ -151,6 +159,8 @@ class Model(Opened):
         self._file = nnb
         self.header = nnb.header
         self.tensors = fmt.logical(nnb)     # float32 values; the f32 ones stay views of the map
+        if nnb.data_sha256_ok:              # the data was read to verify it: its values too
+            check_finite(self.tensors)
         try:
             self._check()
         except (ProgramError, codecs.CodecError) as e:
@@ -332,7 +342,8 @@ def load(path, verify: bool = False) -> Model:
 
     The header is always checked against its SHA-256. verify=False (the default) leaves the
     tensor data's SHA-256 unchecked, so that opening does not read the whole file (the
-    command line verifies by default); verify=True reads and checks it.
+    command line verifies by default); verify=True reads and checks it, and that every
+    weight is finite.
 
     A file of kind "seq2seq" gives an `nn2run.seq2seq.Seq2SeqModel`."""
     return _model(fmt.read(path, verify_data=verify))

@@ -32,7 +32,7 @@ from . import params, rewrite
 from .decoder import DecoderVM
 from .format import NNBFormatError
 from .isa import ProgramError, program_shapes, validate, validate_decoder
-from .model import Opened, _check_batch, check_ids, check_sizes
+from .model import Opened, _check_batch, check_finite, check_ids, check_sizes
 from .vm import VM
 
 MAX_LIMIT = 65536
@@ -53,6 +53,8 @@ class Seq2SeqModel(Opened):
         self._file = nnb
         self.header = nnb.header
         self.tensors = fmt.logical(nnb)
+        if nnb.data_sha256_ok:              # the data was read to verify it: its values too
+            check_finite(self.tensors)
         try:
             self._check()
         except (ProgramError, codecs.CodecError, params.LayoutError) as e:

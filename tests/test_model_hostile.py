@@ -5,11 +5,14 @@ line and exit status 2."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 
 import nn2run
-from support.hostile import edit_header
+from support.hostile import edit_header, reseal, split
 from support.models import build_model
 
 
@@ -58,3 +61,38 @@ def test_the_largest_float32_constant_loads_and_runs(tmp_path, blob):
     with nn2run.load(path) as m:
         logits, _ = m.step(np.array([1]), m.initial_state(1))
     assert logits.shape == (1, 5)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("tensor", ["readout.W_y", "l0.b_f|b_i|b_o|b_c"])
+def test_a_weight_that_is_not_finite_is_refused_when_the_data_is_verified(tmp_path, blob, run_cli,
+                                                                          tensor, value):
+    with nn2run.load(_with_value(tmp_path, blob, tensor, value)) as m:   # not read: not checked
+        assert m.vocab
+    with pytest.raises(nn2run.NNBFormatError, match=f"tensor '{re.escape(tensor)}' holds NaN or infinite"):
+        nn2run.load(tmp_path / "bad.nnb", verify=True)
+    r = run_cli("nn2run", tmp_path / "bad.nnb", "-n", "5")
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert f"tensor '{tensor}' holds NaN or infinite values" in r.stderr
+
+
+def test_a_seq2seq_weight_that_is_not_finite_is_refused(tmp_path, run_cli):
+    from support.seq2seq import build
+    build(tmp_path / "s2s.nnb")
+    path = _with_value(tmp_path, (tmp_path / "s2s.nnb").read_bytes(), None, np.nan)
+    r = run_cli("nn2run", "translate", path, input="abc\n")
+    assert r.returncode == 2 and r.stdout == "" and "holds NaN or infinite values" in r.stderr, r.stderr
+
+
+def _with_value(tmp_path, blob, tensor, value):
+    """The file with the first value of `tensor` (or of its first float tensor) set to `value`,
+    its data digest recomputed."""
+    _, text, data = split(blob)
+    entries = json.loads(text)["tensors"]
+    tensor = tensor or next(n for n, e in entries.items() if e["dtype"] == "f32" and e["nbytes"])
+    data = bytearray(data)
+    at = entries[tensor]["offset"]
+    data[at:at + 4] = np.float32(value).tobytes()
+    path = tmp_path / "bad.nnb"
+    path.write_bytes(reseal(blob, data=bytes(data)))
+    return path
