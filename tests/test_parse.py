@@ -382,3 +382,10 @@ def test_an_alias_bound_to_two_functions_is_reported_at_the_second(source, line,
 def test_an_alias_bound_twice_to_one_function_is_that_function():
     kernel = parse("hₜ = f(W xₜ)\nwhere f = tanh, f = tanh\n")
     assert kernel.equations[0].expr.func == "tanh"
+
+
+def test_the_known_functions_of_a_cell_kernel_leave_out_the_decoders_reductions():
+    cell = syntax_error("hₜ = foo(W xₜ)\n")
+    assert "known functions: sigmoid, σ, tanh" in cell and "Σⱼ" not in cell and "softmax_j" not in cell
+    decoder = syntax_error("memory hⱼ\nsₜ = foo(W xₜ)\n")
+    assert "Σⱼ" in decoder and "softmax_j" in decoder

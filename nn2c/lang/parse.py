@@ -19,7 +19,20 @@ from pathlib import Path
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
-from nn2c.lang.ast import BUILTIN_ALIASES, FLOAT32_MAX, BinOp, Call, Concat, Equation, Kernel, Neg, Num, Pos, Var
+from nn2c.lang.ast import (
+    BUILTIN_ALIASES,
+    FLOAT32_MAX,
+    POSITIONS,
+    BinOp,
+    Call,
+    Concat,
+    Equation,
+    Kernel,
+    Neg,
+    Num,
+    Pos,
+    Var,
+)
 from nn2c.lang.errors import KernelError, describe_char, time_index_hint
 
 _PARSER: Lark | None = None
@@ -260,7 +273,8 @@ class _ToAst(Transformer):
                 raise KernelError(f"{spelled}({_show_time(arg)}) is not a time index; "
                                   f"{time_index_hint(spelled)}",
                                   pos=Pos(pos.line, pos.column, _pos(rpar).end_column))
-            known = ", ".join(self.functions)
+            known = ", ".join(f for f, name in self.functions.items()   # positions: decoders only
+                              if self.memory is not None or name not in POSITIONS)
             close = _close_function(spelled, self.functions)
             if close and spelled.startswith(close + "_"):
                 raise KernelError(f"unknown function '{spelled}'; add `where {spelled} = "
