@@ -18,7 +18,8 @@ float constant. Instructions (dst is always a register index):
     matmul  dst  src  weight  dst = src @ weight             src a register, weight (width(src), width(dst))
     add|sub|mul|div  dst  a  b    element-wise; a, b registers of width(dst), vectors (width(dst),)
                               or constants; a register of width 1 (a scalar) broadcasts
-    neg|sigmoid|tanh|relu|exp|log|sqrt|softmax|logsoftmax|copy  dst  a    (a as above)
+    neg|sigmoid|tanh|relu|exp|log|sqrt|softmax|logsoftmax|copy  dst  a    (a as above;
+                              softmax and logsoftmax: a register of width(dst))
     mean|sum|max  dst  a      dst (width 1) = the mean, sum or maximum of each row of register a
     slice   dst  src  start   dst = src[:, start:start+width(dst)] — a view, costs nothing at run time
     concat  dst  a  b ...     dst = [a; b; ...] along the feature axis
@@ -212,6 +213,8 @@ def _validate_instruction(pc, ins, regs, written, tensors, vocab_size, positiona
         for a in args:
             tag, val = _operand(a, len(regs), written, tensors, what)
             _check_elementwise(tag, val, width, regs, what)
+            if OPS[op].rowwise and (tag != "r" or regs[val] != width):
+                raise ProgramError(f"{what}: {op} takes a register of width {width}")
     if positional:
         _check_positional(what, op, dst, args, positional)
     written.add(dst)

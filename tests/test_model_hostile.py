@@ -35,7 +35,16 @@ def _retype(name, dtype):
     return change
 
 
+def _instruction(pc, ins):
+    def change(h):
+        h["program"]["code"][pc] = ins
+    return change
+
+
 CASES = {
+    "softmax of a constant": (_instruction(5, ["softmax", 7, ["k", 1.0]]), "softmax takes a register of width 24"),
+    "log_softmax of a vector": (_instruction(33, ["logsoftmax", 37, ["t", "readout.b_y"]]),
+                                "logsoftmax takes a register"),
     "weights stored as i32": (_retype("readout.W_y", "i32"), "tensor 'readout.W_y' holds integers"),
     "a gather table stored as i32": (_retype("l0.W_f|W_i|W_o|W_c", "i32"), "holds integers"),
     "a constant past float32": (_constant(1e39), "constant must be a finite float32 number"),
@@ -96,3 +105,14 @@ def _with_value(tmp_path, blob, tensor, value):
     path = tmp_path / "bad.nnb"
     path.write_bytes(reseal(blob, data=bytes(data)))
     return path
+
+
+
+def test_a_sigmoid_of_a_constant_runs(tmp_path, blob):
+    """σ of a register is rewritten when the model is bound; of a number it runs as written
+    (σ of a vector parameter: tests/test_cells.py)."""
+    path = tmp_path / "s.nnb"
+    path.write_bytes(edit_header(blob, _instruction(5, ["sigmoid", 7, ["k", 2.0]])))
+    with nn2run.load(path) as m:
+        logits, _ = m.step(np.array([1, 2]), m.initial_state(2))
+    assert np.isfinite(logits).all()
