@@ -14,7 +14,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nn2c.lang import typos
-from nn2c.lang.ast import FUNCTIONS, POSITIONS, BinOp, Call, Equation, Expr, Kernel, Pos, Var, show, start, variables, walk
+from nn2c.lang.ast import (
+    FUNCTIONS,
+    POSITIONS,
+    BinOp,
+    Call,
+    Equation,
+    Expr,
+    Kernel,
+    Pos,
+    Var,
+    show,
+    start,
+    variables,
+    walk,
+)
 from nn2c.lang.errors import KernelError
 from nn2c.lang.shapes import Dim, Param, Shapes
 
