@@ -353,3 +353,9 @@ def test_a_reduction_over_positions_in_a_cell_without_memory_is_reported_at_it(s
     text = check_error(source)
     assert f"{spelled}(…) runs over the positions j of a decoder's memory" in text
     assert_points_at(text, 1, col, spelled, width=len(spelled))
+
+
+def test_a_declared_input_that_no_equation_reads_is_reported_at_the_declaration():
+    text = check_error("input xₜ\nhₜ = tanh(U hₜ₋₁ + b)\n")
+    assert "the input xₜ is declared, but no equation reads it" in text
+    assert_points_at(text, 1, 7, "xₜ", width=2)

@@ -103,6 +103,10 @@ def _input(kernel: Kernel, undefined: dict[str, Var], defs, params: dict[str, Va
         if extra:
             raise KernelError(f"undefined name: {extra[0]} (the input is {declared})",
                               pos=extra[0].pos)
+        if declared.name not in undefined and declared.name not in params:
+            raise KernelError(f"the input {declared} is declared, but no equation reads it; a "
+                              "cell that ignores its input would predict the same at every token",
+                              pos=declared.pos)
         return declared.name
     if len(undefined) > 1:
         names = list(undefined.values())
