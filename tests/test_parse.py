@@ -389,3 +389,17 @@ def test_the_known_functions_of_a_cell_kernel_leave_out_the_decoders_reductions(
     assert "known functions: sigmoid, σ, tanh" in cell and "Σⱼ" not in cell and "softmax_j" not in cell
     decoder = syntax_error("memory hⱼ\nsₜ = foo(W xₜ)\n")
     assert "Σⱼ" in decoder and "softmax_j" in decoder
+
+
+def test_a_kernel_path_that_is_a_fifo_or_a_directory_is_refused_without_reading(tmp_path):
+    import os
+    import subprocess
+
+    from support.models import BIN
+    os.mkfifo(tmp_path / "pipe.eq")
+    (tmp_path / "dir.eq").mkdir()
+    for name in ("pipe.eq", "dir.eq"):
+        r = subprocess.run([str(BIN / "nn2c"), "check", name], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 1 and r.stdout == ""
+        assert r.stderr == f"nn2c: {name}: not a regular file; a kernel is a UTF-8 text file\n"
