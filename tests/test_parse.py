@@ -403,3 +403,22 @@ def test_a_kernel_path_that_is_a_fifo_or_a_directory_is_refused_without_reading(
                            text=True, timeout=60)
         assert r.returncode == 1 and r.stdout == ""
         assert r.stderr == f"nn2c: {name}: not a regular file; a kernel is a UTF-8 text file\n"
+
+
+def test_a_kernel_of_more_than_max_terms_is_refused_at_the_equation_that_passes_it():
+    from nn2c.lang.parse import MAX_TERMS
+    # 8 terms, then 6 a line (⊙, hₜ₋₁, tanh, U hₜ₋₁, U, hₜ₋₁): the last line passes the limit
+    lines = ["hₜ = tanh(W xₜ + U hₜ₋₁)\n"] + [f"g{i}ₜ = hₜ₋₁ ⊙ tanh(U hₜ₋₁)\n" for i in range(MAX_TERMS // 6)]
+    text = syntax_error("".join(lines))
+    assert f"the kernel is too large: more than {MAX_TERMS} names, numbers and operations" in text
+    assert text.startswith(f"k.eq:{MAX_TERMS // 6 + 1}:1: ")
+    parse("".join(lines[:-2]), "k.eq")        # below the limit it parses
+
+
+def test_a_kernel_file_of_more_than_a_quarter_megabyte_is_refused_before_parsing(tmp_path):
+    from nn2c.lang.parse import MAX_SOURCE_CHARS
+    path = tmp_path / "big.eq"
+    path.write_text("hₜ = tanh(W xₜ + U hₜ₋₁)\n" * (MAX_SOURCE_CHARS // 20), encoding="utf-8")
+    with pytest.raises(KernelError) as info:
+        load_kernel(str(path))
+    assert str(info.value).startswith(f"{path}: the kernel is too large: ")

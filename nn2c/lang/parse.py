@@ -49,6 +49,10 @@ _OPENERS, _CLOSERS = {"(": ")", "[": "]"}, {")": "(", "]": "["}
 # How deep one expression may nest (a sum of n terms is n − 1 deep): every pass after the parser
 # recurses once per level, and Python's stack holds a few hundred levels at most.
 MAX_NESTING = 100
+# How many names, numbers and operations a kernel may hold in all: the checker's shape
+# inference takes time quadratic in them (~2 s at the limit; the largest sample has 379).
+MAX_TERMS = 2000
+MAX_SOURCE_CHARS = 1 << 18
 
 # How the parser's expectations read to a person, in the order they are listed.
 _WORDS = {"NAME": "a name", "NUMBER": "a number", "LPAR": "'('", "LSQB": "'['",
@@ -91,13 +95,16 @@ def _parser() -> Lark:
 def parse(source: str, filename: str = "<kernel>") -> Kernel:
     """Parse kernel text into a `Kernel`; raise `KernelError` pointing at the first mistake."""
     source = source.removeprefix("\ufeff")   # a byte-order mark some editors write
+    if len(source) > MAX_SOURCE_CHARS:           # parsing takes ~10 s a megabyte
+        raise KernelError(f"the kernel is too large: {len(source):,} characters; a kernel is at most "
+                          f"{MAX_SOURCE_CHARS:,} (the equations of one step)", filename)
     try:
         _check_brackets(source)
         try:
             tree = _parser().parse(source if source.endswith("\n") else source + "\n")
         except UnexpectedInput as e:
             raise _syntax_error(e, source) from None
-        _check_nesting(tree)
+        _check_size(tree)
         aliases = _aliases(tree)
         try:
             statements = _ToAst(aliases, _memory_name(tree)).transform(tree)
@@ -153,9 +160,11 @@ def split_name(text: str, pos: Pos, memory: str | None = None,
     return name, time, None
 
 
-def _check_nesting(tree) -> None:
-    """Refuse an expression nested deeper than MAX_NESTING, without recursion."""
-    stack = [(eq.children[2], 1) for eq in tree.find_data("equation")]
+def _check_size(tree) -> None:
+    """Refuse an expression nested deeper than MAX_NESTING, or a kernel of more than
+    MAX_TERMS terms, without recursion."""
+    equations = sorted(tree.find_data("equation"), key=lambda eq: (eq.meta.line, eq.meta.column))
+    stack = [(eq.children[2], 1) for eq in equations]
     while stack:
         node, depth = stack.pop()
         inner = [c for c in node.children if isinstance(c, Tree)]
@@ -164,6 +173,13 @@ def _check_nesting(tree) -> None:
                               "nests one level a term); split it into several equations",
                               pos=Pos(node.meta.line, node.meta.column))
         stack.extend((c, depth + 1) for c in inner)
+    terms = 0
+    for eq in equations:
+        terms += sum(1 for _ in eq.children[2].iter_subtrees())
+        if terms > MAX_TERMS:
+            raise KernelError(f"the kernel is too large: more than {MAX_TERMS} names, numbers and "
+                              "operations by this equation; a kernel is the equations of one step",
+                              pos=Pos(eq.meta.line, eq.meta.column))
 
 
 def _memory_name(tree) -> str | None:
