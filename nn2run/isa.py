@@ -18,7 +18,8 @@ float constant. Instructions (dst is always a register index):
     matmul  dst  src  weight  dst = src @ weight             src a register, weight (width(src), width(dst))
     add|sub|mul|div  dst  a  b    element-wise; a, b registers of width(dst), vectors (width(dst),)
                               or constants; a register of width 1 (a scalar) broadcasts
-    neg|sigmoid|tanh|relu|exp|log|sqrt|softmax|logsoftmax|copy  dst  a    (a as above)
+    neg|sigmoid|tanh|relu|exp|log|sqrt|softmax|logsoftmax|copy  dst  a    (a as above;
+                              softmax and logsoftmax: a register of width(dst))
     mean|sum|max  dst  a      dst (width 1) = the mean, sum or maximum of each row of register a
     slice   dst  src  start   dst = src[:, start:start+width(dst)] — a view, costs nothing at run time
     concat  dst  a  b ...     dst = [a; b; ...] along the feature axis
@@ -55,6 +56,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .ops import OPS, VARIADIC
 
 OPCODES = tuple(OPS)
@@ -64,6 +67,7 @@ MAX_CODE = 65536
 MAX_WIDTH = 1 << 20
 MAX_STATES = 1024
 MAX_TOTAL_WIDTH = 1 << 24      # bounds the VM's allocation: 64 MiB of registers per stream
+FLOAT32_MAX = 3.4028234663852886e38   # a constant beyond it would be inf in the VM's float32
 
 
 class ProgramError(ValueError):
@@ -89,10 +93,19 @@ def _operand(op, nregs: int, written: set, tensors: dict, what: str):
     if tag == "t":
         if not isinstance(val, str) or val not in tensors:
             raise ProgramError(f"{what}: unknown tensor {val!r:.60}")
+        if tensors[val] is None:
+            raise ProgramError(f"{what}: tensor {val!r:.60} holds integers; a program reads "
+                               "float tensors (f32, f16 or i8)")
         return tag, tuple(tensors[val])
-    if type(val) not in (int, float) or not math.isfinite(val):
-        raise ProgramError(f"{what}: constant must be a finite number")
+    if type(val) not in (int, float) or not math.isfinite(val) or abs(val) > FLOAT32_MAX:
+        raise ProgramError(f"{what}: constant must be a finite float32 number (|x| ≤ 3.4e38)")
     return tag, float(val)
+
+
+def program_shapes(tensors: dict) -> dict:
+    """name -> shape of the tensors a program may read (their float32 values), None for the
+    others (integer tensors: a checkpoint's counters and RNG states, never weights)."""
+    return {name: tuple(t.shape) if t.dtype == np.float32 else None for name, t in tensors.items()}
 
 
 def _check_elementwise(tag, val, width: int, regs: list, what: str) -> None:
@@ -114,7 +127,8 @@ def _registers(program) -> list:
 
 
 def validate(program, tensors: dict, vocab_size: int, output: str = "logits", width: int | None = None) -> None:
-    """Check a program read from a file. `tensors` maps tensor name -> shape tuple.
+    """Check a program read from a file. `tensors` maps tensor name -> shape tuple, or None
+    for a tensor no program may read (`program_shapes`: an integer one).
 
     `output` names the key of the register the program's result is in ("logits", of width
     `vocab_size`; a seq2seq encoder's is "output", of width `width`). Raises ProgramError
@@ -199,6 +213,8 @@ def _validate_instruction(pc, ins, regs, written, tensors, vocab_size, positiona
         for a in args:
             tag, val = _operand(a, len(regs), written, tensors, what)
             _check_elementwise(tag, val, width, regs, what)
+            if OPS[op].rowwise and (tag != "r" or regs[val] != width):
+                raise ProgramError(f"{what}: {op} takes a register of width {width}")
     if positional:
         _check_positional(what, op, dst, args, positional)
     written.add(dst)

@@ -26,7 +26,7 @@ from . import codec as codecs
 from . import format as fmt
 from . import params, rewrite
 from .format import NNBFormatError
-from .isa import ProgramError, validate
+from .isa import ProgramError, program_shapes, validate
 from .vm import VM
 
 MAX_LAYERS = 1024
@@ -57,6 +57,14 @@ def check_ids(ids, vocab_size: int, shape: tuple | None = None) -> np.ndarray:
     return a.astype(np.intp)
 
 
+def check_finite(tensors: dict) -> None:
+    """Every float32 value finite, or NNBFormatError naming the tensor (max and min: NaN and
+    ±inf reach them, and they allocate nothing)."""
+    for name, t in tensors.items():
+        if t.dtype == np.float32 and t.size and not (np.isfinite(t.max()) and np.isfinite(t.min())):
+            raise NNBFormatError(f"tensor {name!r} holds NaN or infinite values")
+
+
 def check_sizes(header: dict):
     """(layers, hidden, source codec) of a file's header, checked: what every model kind has."""
     meta = header.get("model")
@@ -81,10 +89,11 @@ class State:
     to overwrite the buffers (another step, `generate` or the server on the same VM).
     """
 
-    def __init__(self, names: list[tuple[str, int]], arrays: list[np.ndarray]):
+    def __init__(self, names: list[tuple[str, int]], arrays: list[np.ndarray], batch: int = 0):
         self.names = list(names)
         self._arrays = list(arrays)
         self._vm = None             # the VM whose buffers `_arrays` are, while attached
+        self._batch = batch         # the batch of a model without states (no arrays to tell)
 
     @property
     def arrays(self) -> list[np.ndarray]:
@@ -109,7 +118,7 @@ class State:
 
     @property
     def batch(self) -> int:
-        return self._arrays[0].shape[0] if self._arrays else 0
+        return self._arrays[0].shape[0] if self._arrays else self._batch
 
     def __getitem__(self, key: tuple[str, int]) -> np.ndarray:
         """state["h", 0]: the value of state h of layer 0."""
@@ -150,6 +159,8 @@ class Model(Opened):
         self._file = nnb
         self.header = nnb.header
         self.tensors = fmt.logical(nnb)     # float32 values; the f32 ones stay views of the map
+        if nnb.data_sha256_ok:              # the data was read to verify it: its values too
+            check_finite(self.tensors)
         try:
             self._check()
         except (ProgramError, codecs.CodecError) as e:
@@ -162,14 +173,14 @@ class Model(Opened):
         self.layers, self.hidden, self.codec = check_sizes(h)
         self.vocab = self.codec.vocab
         self._vocab_size = len(self.vocab)
-        shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
+        shapes = program_shapes(self.tensors)
         validate(h.get("program"), shapes, len(self.vocab))
         self.program = h["program"]
         self._state_names = tuple((st["name"], st["layer"]) for st in self.program["states"])
         self._names_list = list(self._state_names)
         self._shapes: dict[int, list] = {}      # batch -> [(np.ndarray, shape)] of a valid state
         try:
-            self._slots = params.read_map(h.get("params"), shapes)
+            self._slots = params.read_map(h.get("params"), {n: s for n, s in shapes.items() if s is not None})
         except params.LayoutError as e:
             raise NNBFormatError(str(e)) from None
         self.sampling = self._check_sampling(h.get("sampling", {}))
@@ -250,7 +261,8 @@ class Model(Opened):
         _check_batch(batch)
         widths = self.program["registers"]
         return State(self.state_names,
-                     [np.zeros((batch, widths[s["prev"]]), np.float32) for s in self.program["states"]])
+                     [np.zeros((batch, widths[s["prev"]]), np.float32) for s in self.program["states"]],
+                     int(batch))
 
     def _check_state(self, state) -> None:
         if type(state) is State and state.names == self._names_list:
@@ -296,7 +308,7 @@ class Model(Opened):
                 buf[...] = a
         logits = vm.advance(self._step_ids(ids, vm.batch))
         state = State.__new__(State)        # its arrays are the VM's buffers: no __init__ copies
-        state.names = list(self._names_list)
+        state.names, state._batch = list(self._names_list), vm.batch
         return logits.copy(), vm.hand_out(state)
 
     def _step_ids(self, ids, batch: int) -> np.ndarray:
@@ -330,7 +342,8 @@ def load(path, verify: bool = False) -> Model:
 
     The header is always checked against its SHA-256. verify=False (the default) leaves the
     tensor data's SHA-256 unchecked, so that opening does not read the whole file (the
-    command line verifies by default); verify=True reads and checks it.
+    command line verifies by default); verify=True reads and checks it, and that every
+    weight is finite.
 
     A file of kind "seq2seq" gives an `nn2run.seq2seq.Seq2SeqModel`."""
     return _model(fmt.read(path, verify_data=verify))

@@ -233,7 +233,7 @@ def halve_sigmoid_inputs(program: dict, tensors: dict) -> tuple[dict, dict]:
     code = [list(ins) for ins in program["code"]]
     tensors = dict(tensors)
     for pc, ins in enumerate(code):
-        if ins[0] != "sigmoid":
+        if ins[0] != "sigmoid" or ins[2][0] != "r":     # σ of a constant or a vector: as it is
             continue
         plan = _ScalePlan(code, program)
         if plan.trace(ins[2][1], 0, program["registers"][ins[2][1]], pc) and plan.closed():

@@ -31,8 +31,8 @@ from . import format as fmt
 from . import params, rewrite
 from .decoder import DecoderVM
 from .format import NNBFormatError
-from .isa import ProgramError, validate, validate_decoder
-from .model import Opened, _check_batch, check_ids, check_sizes, file_kind
+from .isa import ProgramError, program_shapes, validate, validate_decoder
+from .model import Opened, _check_batch, check_finite, check_ids, check_sizes, file_kind
 from .vm import VM
 
 MAX_LIMIT = 65536
@@ -56,6 +56,8 @@ class Seq2SeqModel(Opened):
         self._file = nnb
         self.header = nnb.header
         self.tensors = fmt.logical(nnb)
+        if nnb.data_sha256_ok:              # the data was read to verify it: its values too
+            check_finite(self.tensors)
         try:
             self._check()
         except (ProgramError, codecs.CodecError, params.LayoutError) as e:
@@ -71,11 +73,11 @@ class Seq2SeqModel(Opened):
         self.vocab = self.codec.vocab
         self._check_target(h.get("target"))
         self.limits = self._check_limits(h.get("limits"))
-        shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
+        shapes = program_shapes(self.tensors)
         validate(h.get("encoder"), shapes, len(self.vocab), "output", self.hidden)
         validate_decoder(h.get("decoder"), shapes, self.target_size, self.hidden, self.limits["source"])
         self.encoder, self.decoder = h["encoder"], h["decoder"]
-        self._slots = params.read_map(h.get("params"), shapes)
+        self._slots = params.read_map(h.get("params"), {n: s for n, s in shapes.items() if s is not None})
         per_position = sum(self.decoder["registers"][r] for r in self.decoder["positional"])
         self._plain_floats = sum(self.decoder["registers"]) - per_position
         self._position_floats = 2 * per_position + self.hidden    # scratch, and the encoder's copy

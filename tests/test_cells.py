@@ -280,3 +280,76 @@ def test_a_constant_divided_by_zero_is_reported_where_it_is():
         compile_kernel(parse("hₜ = tanh(W xₜ + U hₜ₋₁ ⊘ (2 / 0))\n", "k.eq"), 4, 1, 3)
     assert "2 ⊘ 0 divides by zero" in str(info.value)
     assert_points_at(str(info.value), 1, 30, "/")
+
+
+def test_a_vector_divided_by_the_number_zero_is_reported_where_it_is():
+    with pytest.raises(KernelError) as info:
+        compile_kernel(parse("hₜ = tanh(W xₜ + U hₜ₋₁) / 0\n", "k.eq"), 4, 1, 3)
+    assert "tanh(W·xₜ + U·hₜ₋₁) ⊘ 0 divides by zero" in str(info.value)
+    assert_points_at(str(info.value), 1, 26, "/")
+
+
+@pytest.mark.parametrize("number", ["1e999", "4e38", "1E39"])
+def test_a_number_beyond_float32_is_reported_where_it_is_written(number):
+    text = _error(f"hₜ = tanh(W xₜ + U hₜ₋₁ + {number})\n")
+    assert f"the number {number} is too large" in text and "3.4e38" in text
+    assert_points_at(text, 1, 27, number, width=len(number))
+
+
+def test_constants_that_fold_beyond_float32_are_reported_at_the_operator():
+    with pytest.raises(KernelError) as info:
+        compile_kernel(parse("hₜ = tanh(W xₜ + U hₜ₋₁) ⊙ (3e38 + 3e38)\n", "k.eq"), 4, 1, 3)
+    assert "3e+38 + 3e+38 is 6e+38, too large" in str(info.value)
+    assert_points_at(str(info.value), 1, 34, "+ 3e38")
+
+
+def test_the_largest_float32_constants_still_compile():
+    compiled = compile_kernel(parse("hₜ = tanh(W xₜ + U hₜ₋₁) ⊙ 3.4e38 ⊘ (1.7e38 + 1.7e38)\n", "k.eq"), 4, 1, 3)
+    consts = [a[1] for ins in compiled.program["code"] for a in ins[2:] if isinstance(a, list) and a[0] == "k"]
+    assert consts == [3.4e38, 3.4e38]
+
+
+# --- functions of numbers and of parameters ------------------------------------------------
+
+CONSTANT_TERMS = "hₜ = tanh(W xₜ + U hₜ₋₁ + softmax(b) − log_softmax(c) ⊙ σ(d)) ⊙ σ(2) ⊙ exp(−1)\n"
+
+
+def test_functions_of_numbers_fold_and_functions_of_parameters_run_in_the_vm(tmp_path):
+    kernel = tmp_path / "k.eq"
+    kernel.write_text(CONSTANT_TERMS, encoding="utf-8")
+    path, compiled, _ = build_model(tmp_path / "k.nnb", str(kernel), H, 1, V, seed=4)
+    consts = sorted(a[1] for ins in compiled.program["code"] for a in ins[2:] if isinstance(a, list) and a[0] == "k")
+    np.testing.assert_allclose(consts, [np.exp(-1.0), 1 / (1 + np.exp(-2.0))], rtol=1e-15)
+    ids = np.random.default_rng(2).integers(0, V, size=(STEPS, BATCH))
+    got, _ = _run(path, ids)
+    with nn2run.load(path) as m:
+        p = _params(m, ["W", "U", "b", "c", "d"], 1)
+        sm = np.exp(p["b", 0]) / np.exp(p["b", 0]).sum()
+        lsm = p["c", 0] - np.log(np.exp(p["c", 0]).sum())
+        h, want = np.zeros((BATCH, H)), []
+        for t in range(STEPS):
+            z = np.eye(V)[ids[t]] @ p["W", 0].T + h @ p["U", 0].T + sm - lsm / (1 + np.exp(-p["d", 0]))
+            h = np.tanh(z) / (1 + np.exp(-2.0)) * np.exp(-1.0)
+            want.append(h @ m.param("W_y").astype(np.float64).T + m.param("b_y"))
+    np.testing.assert_allclose(got, np.stack(want), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("loop", ["fused", "native"])
+def test_functions_of_parameters_train_in_both_loops_as_autograd_says(loop, monkeypatch):
+    if loop == "native" and (not shutil.which("cc") or not native.enabled()):
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("NN2_NATIVE", "1" if loop == "native" else "0")
+    compiled = compile_kernel(parse(CONSTANT_TERMS, "k.eq"), 6, 2, 5)
+    ids = torch.randint(0, 5, (9, 3), generator=torch.Generator().manual_seed(0))
+    net = assert_matches_plain_program(compiled.network, random_tensors(compiled.network, 2), ids, 3)
+    assert net.loop_kind() == loop
+
+
+@pytest.mark.parametrize("term, col, says", [("log(−1)", 28, "log(−1) is not a number"),
+                                             ("sqrt(−4)", 28, "sqrt(−4) is not a number"),
+                                             ("exp(100)", 28, "exp(100) is 2.68812e+43, too large")])
+def test_a_function_of_a_number_without_a_float32_value_is_reported_at_it(term, col, says):
+    with pytest.raises(KernelError) as info:
+        compile_kernel(parse(f"hₜ = tanh(W xₜ + U hₜ₋₁) ⊙ {term}\n", "k.eq"), 4, 1, 3)
+    assert says in str(info.value)
+    assert_points_at(str(info.value), 1, col, term.split("(")[0])

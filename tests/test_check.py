@@ -341,3 +341,21 @@ def test_an_unsized_parameter_with_a_broken_time_index_is_reported_before_its_ma
 ])
 def test_names_like_typos_that_are_valid_still_check(source):
     assert checked(source).input == "x"
+
+
+@pytest.mark.parametrize("source, col, spelled", [
+    ("hₜ = softmaxⱼ(W xₜ + U hₜ₋₁)\n", 6, "softmaxⱼ"),
+    ("hₜ = tanh(W xₜ + softmax_j(U hₜ₋₁))\n", 18, "softmax_j"),
+    ("hₜ = tanh(Σⱼ(W xₜ) + U hₜ₋₁)\n", 11, "Σⱼ"),
+    ("hₜ = tanh(W xₜ + sum_j(U hₜ₋₁))\n", 18, "sum_j"),
+    ("hₜ = f(W xₜ + U hₜ₋₁)\nwhere f = Σⱼ\n", 6, "f")])
+def test_a_reduction_over_positions_in_a_cell_without_memory_is_reported_at_it(source, col, spelled):
+    text = check_error(source)
+    assert f"{spelled}(…) runs over the positions j of a decoder's memory" in text
+    assert_points_at(text, 1, col, spelled, width=len(spelled))
+
+
+def test_a_declared_input_that_no_equation_reads_is_reported_at_the_declaration():
+    text = check_error("input xₜ\nhₜ = tanh(U hₜ₋₁ + b)\n")
+    assert "the input xₜ is declared, but no equation reads it" in text
+    assert_points_at(text, 1, 7, "xₜ", width=2)

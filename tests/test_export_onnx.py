@@ -240,3 +240,14 @@ def test_nn2c_export_without_onnx_says_what_to_install(exported, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 1 and r.stderr == "nn2c: export needs the onnx package: pip install onnx\n"
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_nn2c_export_of_a_seq2seq_model_is_one_line(run_cli, tmp_path):
+    from support.seq2seq import build
+    model, out = tmp_path / "s2s.nnb", tmp_path / "out.onnx"
+    build(model)
+    r = run_cli("nn2c", "export", model, "--onnx", out)
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr == f"nn2c: {model} is a seq2seq model; --onnx exports the step of a language model " \
+                       "(nn2c train without --task seq2seq)\n"
+    assert not out.exists()

@@ -102,6 +102,30 @@ def test_gru_kernel_matches_float64_numpy_gru(tmp_path):
     np.testing.assert_allclose(_run_nn2(path, ids), _numpy_gru64(logical, ids), atol=TOL, rtol=0)
 
 
+def _numpy_mgu64(logical, ids):
+    """The minimal gated unit (Zhou et al. 2016) in float64, written out by hand: one gate,
+    and each weight matrix split into its hₜ₋₁ and xₜ columns."""
+    sig = lambda x: 1 / (1 + np.exp(-x))     # noqa: E731
+    p = {k: v.astype(np.float64) for k, v in logical.items()}
+    hs = [np.zeros((BATCH, H)) for _ in range(LAYERS)]
+    out = []
+    for t in range(len(ids)):
+        x = np.eye(V)[ids[t]]
+        for l in range(LAYERS):
+            h, wf, wh = hs[l], p[f"W_f@{l}"], p[f"W_h@{l}"]
+            f = sig(h @ wf[:, :H].T + x @ wf[:, H:].T + p[f"b_f@{l}"])
+            hh = np.tanh((f * h) @ wh[:, :H].T + x @ wh[:, H:].T + p[f"b_h@{l}"])
+            hs[l] = x = (1 - f) * h + f * hh
+        out.append(x @ p["W_y"].T + p["b_y"])
+    return np.stack(out)
+
+
+def test_mgu_kernel_matches_float64_numpy_mgu(tmp_path):
+    path, _, logical = build_model(tmp_path / "mgu.nnb", "mgu", H, LAYERS, V, seed=4)
+    ids = _ids(4)
+    np.testing.assert_allclose(_run_nn2(path, ids), _numpy_mgu64(logical, ids), atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("kernel", ["lstm", "gru", "rnn", "torchgru", "mgu"])
 def test_torch_backend_and_vm_agree_on_the_same_file(tmp_path, kernel):
     """Trainer <-> runtime: the torch backend reading the .nnb's tensors gives the VM's logits."""

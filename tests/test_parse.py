@@ -319,3 +319,106 @@ def test_an_invisible_character_is_named_by_its_code_point(char, named):
     text = syntax_error(f"hₜ = tanh(W xₜ +{char} U hₜ₋₁)\n")
     assert f"unexpected character {named};" in text
     assert_points_at(text, 1, 17, char, width=1)
+
+
+# --- how deep an expression may nest -------------------------------------------------
+
+def _sum(terms: int) -> str:
+    """A kernel whose right-hand side is a sum of `terms` terms: terms − 1 levels deep."""
+    return "hₜ = hₜ₋₁" + " + b" * (terms - 2) + " + W xₜ\n"
+
+
+def test_a_sum_at_the_nesting_limit_compiles_and_one_term_more_is_refused():
+    from nn2c.compiler.pipeline import compile_kernel
+    from nn2c.lang.parse import MAX_NESTING
+    compiled = compile_kernel(parse(_sum(MAX_NESTING + 1), "k.eq"), 4, 2, 3)
+    assert compiled.program["code"]
+    text = syntax_error(_sum(MAX_NESTING + 2))
+    assert f"expression nested more than {MAX_NESTING} levels deep" in text
+    assert "split it into several equations" in text
+    assert_points_at(text, 1, 6, "hₜ₋₁")
+
+
+@pytest.mark.parametrize("source, col", [
+    ("hₜ = tanh(" + "(" * 1000 + "W xₜ" + ")" * 1000 + " + hₜ₋₁)\n", 109),
+    ("hₜ = " + "tanh(" * 1000 + "W xₜ + hₜ₋₁" + ")" * 1000 + "\n", 506),
+    ("hₜ = " + "−" * 1000 + "tanh(W xₜ + hₜ₋₁)\n", 106),
+    ("hₜ = tanh(W xₜ + hₜ₋₁ + " + "[" * 1000 + "b" + "]" * 1000 + ")\n", 123),
+    (_sum(20000), 6)], ids=["brackets", "calls", "minus signs", "concatenations", "sum"])
+def test_an_expression_nested_too_deep_is_one_error_where_it_gets_too_deep(source, col):
+    text = syntax_error(source)
+    assert text.startswith(f"k.eq:1:{col}: expression nested more than 100 levels deep"), text[:120]
+
+
+def test_nn2c_check_of_a_huge_sum_is_one_error_without_a_traceback(tmp_path):
+    import subprocess
+
+    from support.models import BIN
+    (tmp_path / "k.eq").write_text(_sum(20000), encoding="utf-8")
+    r = subprocess.run([str(BIN / "nn2c"), "check", "k.eq"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("k.eq:1:6: expression nested"), r.stderr[-500:]
+
+
+def test_an_alias_may_not_rebind_a_built_in_function():
+    text = syntax_error("hₜ = tanh(W xₜ + U hₜ₋₁)\nwhere tanh = σ\n")
+    assert "tanh is a built-in function (tanh); an alias names a new one" in text
+    assert_points_at(text, 2, 7, "tanh", width=4)
+    # binding a built-in spelling to the function it already names changes nothing
+    assert parse("hₜ = σ(W xₜ)\nwhere σ = sigmoid\n").equations == parse("hₜ = σ(W xₜ)\n").equations
+
+
+@pytest.mark.parametrize("source, line, col", [
+    ("hₜ = f(W xₜ)\nwhere f = tanh, f = σ\n", 2, 17),
+    ("where f = tanh\nhₜ = f(W xₜ)\nwhere f = σ\n", 3, 7)])
+def test_an_alias_bound_to_two_functions_is_reported_at_the_second(source, line, col):
+    text = syntax_error(source)
+    assert "f is bound twice: to tanh at " in text and "to σ here" in text
+    assert text.startswith(f"k.eq:{line}:{col}: ")
+
+
+def test_an_alias_bound_twice_to_one_function_is_that_function():
+    kernel = parse("hₜ = f(W xₜ)\nwhere f = tanh, f = tanh\n")
+    assert kernel.equations[0].expr.func == "tanh"
+
+
+def test_the_known_functions_of_a_cell_kernel_leave_out_the_decoders_reductions():
+    cell = syntax_error("hₜ = foo(W xₜ)\n")
+    assert "known functions: sigmoid, σ, tanh" in cell and "Σⱼ" not in cell and "softmax_j" not in cell
+    decoder = syntax_error("memory hⱼ\nsₜ = foo(W xₜ)\n")
+    assert "Σⱼ" in decoder and "softmax_j" in decoder
+
+
+def test_a_kernel_path_that_is_a_fifo_or_a_directory_is_refused_without_reading(tmp_path):
+    import os
+    import subprocess
+
+    from support.models import BIN
+    os.mkfifo(tmp_path / "pipe.eq")
+    (tmp_path / "dir.eq").mkdir()
+    for name in ("pipe.eq", "dir.eq"):
+        r = subprocess.run([str(BIN / "nn2c"), "check", name], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 1 and r.stdout == ""
+        assert r.stderr == f"nn2c: {name}: not a regular file; a kernel is a UTF-8 text file\n"
+
+
+def test_a_kernel_of_more_than_max_terms_is_refused_at_the_equation_that_passes_it():
+    from nn2c.lang.parse import MAX_TERMS
+    # 8 terms, then 6 a line (⊙, hₜ₋₁, tanh, U hₜ₋₁, U, hₜ₋₁): the last line passes the limit
+    lines = ["hₜ = tanh(W xₜ + U hₜ₋₁)\n"] + [f"g{i}ₜ = hₜ₋₁ ⊙ tanh(U hₜ₋₁)\n" for i in range(MAX_TERMS // 6)]
+    text = syntax_error("".join(lines))
+    assert f"the kernel is too large: more than {MAX_TERMS} names, numbers and operations" in text
+    assert text.startswith(f"k.eq:{MAX_TERMS // 6 + 1}:1: ")
+    parse("".join(lines[:-2]), "k.eq")        # below the limit it parses
+
+
+def test_a_kernel_file_of_more_than_a_quarter_megabyte_is_refused_before_parsing(tmp_path):
+    from nn2c.lang.parse import MAX_SOURCE_CHARS
+    path = tmp_path / "big.eq"
+    path.write_text("hₜ = tanh(W xₜ + U hₜ₋₁)\n" * (MAX_SOURCE_CHARS // 20), encoding="utf-8")
+    with pytest.raises(KernelError) as info:
+        load_kernel(str(path))
+    assert str(info.value).startswith(f"{path}: the kernel is too large: ")

@@ -270,3 +270,25 @@ def test_tinyshakespeare_model_meets_the_loss_targets(tmp_path, shakespeare, run
         q = tmp_path / f"{dtype}.nnb"
         assert q.stat().st_size < (tmp_path / "m.nnb").stat().st_size * (0.55 if dtype == "f16" else 0.35)
         assert validation_loss(nn2run.load(q), ids) - loss <= target
+
+
+@pytest.mark.parametrize("dtype", ["f16", "int8"])
+def test_a_seq2seq_model_is_quantized_and_translates(tmp_path, run_cli, dtype):
+    from support.seq2seq import build
+    src, out = tmp_path / "s2s.nnb", tmp_path / f"s2s.{dtype}.nnb"
+    build(src)
+    r = run_cli("nn2c", "quantize", src, "--dtype", dtype, "-o", out)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    with fmt.read(src) as a, fmt.read(out) as b:
+        want, got = fmt.logical(a), fmt.logical(b)
+        assert sorted(got) == sorted(want)
+        for name, w in want.items():
+            w64, q64 = w.astype(np.float64), got[name].astype(np.float64)
+            if dtype == "int8" and w.ndim == 2:
+                bound = b.tensors[name + fmt.SCALE_SUFFIX].astype(np.float64) / 2
+            else:
+                bound = 0.0 if dtype == "int8" else np.abs(w64) * 2.0 ** -11
+            assert (np.abs(q64 - w64) <= bound + 1e-12).all(), name
+    for path in (src, out):
+        t = run_cli("nn2run", "translate", path, input="abc\nba\n")
+        assert t.returncode == 0 and t.stdout.count("\n") == 2, t.stderr

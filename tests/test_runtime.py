@@ -242,3 +242,20 @@ def test_a_sampler_takes_a_numpy_integer_seed_and_refuses_other_seeds():
     for bad in (-1, 5.0, "5"):         # random.Random would take abs(-1), 5.0 and "5" as seeds
         with pytest.raises(ValueError, match="seed must be a non-negative integer"):
             Sampler(SamplerConfig(), bad)
+
+
+def test_a_model_without_states_steps_from_its_initial_state(tmp_path):
+    """A feed-forward kernel (no ₜ₋₁) has an empty state; step still knows its batch."""
+    kernel = tmp_path / "ff.eq"
+    kernel.write_text("hₜ = tanh(W xₜ + b)\n", encoding="utf-8")
+    path, _, p = build_model(tmp_path / "ff.nnb", str(kernel), 6, 1, 5, seed=3)
+    ids = np.array([4, 0, 2])
+    with nn2run.load(path) as m:
+        state = m.initial_state(3)
+        assert state.batch == 3 and state.arrays == []
+        for _ in range(2):
+            logits, state = m.step(ids, state)
+            assert state.batch == 3
+    f64 = {k: v.astype(np.float64) for k, v in p.items()}
+    h = np.tanh(np.eye(5)[ids] @ f64["W@0"].T + f64["b@0"])
+    np.testing.assert_allclose(logits, h @ f64["W_y"].T + f64["b_y"], atol=1e-6)

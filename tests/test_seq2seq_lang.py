@@ -135,3 +135,10 @@ def test_memory_declared_twice():
 def test_bridge_and_step_parameters_are_apart():
     msg = error(UNICODE.replace("W_0 hₙ", "W_a hₙ"))
     assert "W_a is a parameter of the step" in msg and "the bridge needs its own" in msg
+
+
+def test_a_decoder_that_never_reads_the_memory_is_reported_at_its_declaration():
+    text = error("memory hⱼ\nsₜ = tanh(W xₜ + U sₜ₋₁)\n")
+    assert text.startswith("dec.eq:1:8: no equation reads the memory hⱼ or its last value hₙ")
+    # reading only the last position (a bridge) is reading the input
+    check_decoder(parse("memory hⱼ\nsₜ = tanh(W xₜ + U sₜ₋₁)\ns₀ = tanh(W_0 hₙ)\n", "dec.eq"))

@@ -8,6 +8,7 @@ import numpy as np
 
 from nn2c.compiler.ir import Network, Node, TensorSpec
 from nn2run import params
+from nn2run.ops import ROWWISE
 
 
 class _Emitter:
@@ -49,7 +50,12 @@ class _Emitter:
         elif node.op == "slice":
             self.code.append(["slice", r, self.operand(node.args[0]), node.attrs["start"]])
         else:
-            self.code.append([node.op, r] + [self.operand(a) for a in node.args])
+            args = [self.operand(a) for a in node.args]
+            if node.op in ROWWISE and args[0][0] != "r":    # softmax(b): the VM's reads a register
+                src = self.new(node.width)
+                self.code.append(["copy", src, args[0]])
+                args = [["r", src]]
+            self.code.append([node.op, r] + args)
 
 
 def emit(network: Network) -> tuple[dict, dict]:

@@ -279,16 +279,16 @@ def export_onnx(model_path: str, out_path: str) -> str:
     """
     onnx = _import_onnx()
     import nn2run
-    from nn2run.seq2seq import Seq2SeqModel
     if _same_file(model_path, out_path):
         raise ExportError(f"--onnx {out_path} is the model file; writing there would destroy it")
     try:
         m = nn2run.load(model_path)
     except nn2run.NNBFormatError as e:
         raise ExportError(f"cannot load {model_path}: {e}") from None
-    if isinstance(m, Seq2SeqModel):
+    if not isinstance(m, nn2run.Model):
         m.close()
-        raise ExportError(f"{model_path} is a seq2seq model; nn2c export writes the step of a language model")
+        raise ExportError(f"{model_path} is a seq2seq model; --onnx exports the step of a "
+                          "language model (nn2c train without --task seq2seq)")
     with m:
         external = None
         if _program_bytes(m.program, m.tensors) > INLINE_LIMIT:

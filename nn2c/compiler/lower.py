@@ -10,9 +10,12 @@ Lowering is literal: one node per operation of the equations. Speed is the optim
 
 from __future__ import annotations
 
+import math
+import operator
+
 from nn2c.compiler.ir import Cell, Network, Node, Part, TensorSpec
 from nn2c.lang import ast
-from nn2c.lang.ast import show
+from nn2c.lang.ast import FLOAT32_MAX, show
 from nn2c.lang.check import CheckedKernel
 from nn2c.lang.errors import KernelError
 from nn2run import params
@@ -55,6 +58,8 @@ class _Lowerer:
             return Node("const", (), 0, {"value": -a.attrs["value"]}) if a.op == "const" else Node("neg", (a,), a.width)
         if isinstance(e, ast.Call):
             a = self.expr(e.arg)
+            if a.op == "const" and e.func in _FOLD:     # σ(2): a number, as 1 − 2 is
+                return _const(e, _FOLD[e.func], a.attrs["value"])
             return Node(e.func, (a,), 1 if e.func in ast.REDUCTIONS else a.width)
         if isinstance(e, ast.Concat):
             parts = tuple(self.expr(p) for p in e.parts)
@@ -62,10 +67,10 @@ class _Lowerer:
         a, b = self.expr(e.left), self.expr(e.right)
         if e.op == "matmul":
             return Node("matmul", (b, a), a.width)
+        if e.op == "div" and b.op == "const" and b.attrs["value"] == 0:
+            _zero(e)
         if a.op == "const" and b.op == "const":
-            x, y = a.attrs["value"], b.attrs["value"]
-            return Node("const", (), 0, {"value": {"add": x + y, "sub": x - y, "mul": x * y,
-                                                  "div": x / y if y else _zero(e)}[e.op]})
+            return _const(e, _ARITHMETIC[e.op], a.attrs["value"], b.attrs["value"])
         return Node(e.op, (a, b), max(a.width, b.width))
 
     def cell(self, input_node: Node, equations, output: str, states) -> Cell:
@@ -92,6 +97,27 @@ class _Lowerer:
         y = Node("softmax", logits.args, logits.width) if logits.op == "logsoftmax" else logits
         cell.tensors.update(lw.tensors)
         return Cell(cell.layer, cell.input, cell.states + [("y", prev_y, y)], logits, cell.tensors)
+
+
+# Operations on numbers, folded at compile time (as the VM computes them, in float64 here).
+_ARITHMETIC = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}
+_FOLD = {"sigmoid": lambda x: 0.5 * math.tanh(0.5 * x) + 0.5, "tanh": math.tanh,
+         "relu": lambda x: max(x, 0.0), "exp": math.exp, "log": math.log, "sqrt": math.sqrt,
+         "softmax": lambda x: 1.0, "logsoftmax": lambda x: 0.0}   # of one number: 1, log 1
+
+
+def _const(e, fn, *args) -> Node:
+    """The constant fn(*args) for expression `e`, or the KernelError saying why there is none."""
+    try:
+        value = fn(*args)
+    except OverflowError:
+        value = math.inf
+    except ValueError:
+        raise KernelError(f"{show(e)} is not a number", pos=e.pos) from None
+    if not abs(value) <= FLOAT32_MAX:
+        raise KernelError(f"{show(e)} is {value:g}, too large: the model computes in "
+                          "float32, whose largest number is 3.4e38", pos=e.pos)
+    return Node("const", (), 0, {"value": value})
 
 
 def _zero(e) -> float:

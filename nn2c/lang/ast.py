@@ -18,6 +18,7 @@ FUNCTIONS = named("activation", "reduction", "positions")
 POSITIONS = named("positions")          # softmaxⱼ, Σⱼ: over a decoder's memory positions
 REDUCTIONS = named("reduction")
 BUILTIN_ALIASES = {spelled: name for name in FUNCTIONS for spelled in (name, *OPS[name].spellings)}
+FLOAT32_MAX = 3.4028234663852886e38     # the largest number a model computes with (float32)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nn2c.lang import typos
-from nn2c.lang.ast import FUNCTIONS, BinOp, Call, Equation, Expr, Kernel, Pos, Var, show, start, variables, walk
+from nn2c.lang.ast import (
+    FUNCTIONS,
+    POSITIONS,
+    BinOp,
+    Call,
+    Equation,
+    Expr,
+    Kernel,
+    Pos,
+    Var,
+    show,
+    start,
+    variables,
+    walk,
+)
 from nn2c.lang.errors import KernelError
 from nn2c.lang.shapes import Dim, Param, Shapes
 
@@ -89,6 +103,10 @@ def _input(kernel: Kernel, undefined: dict[str, Var], defs, params: dict[str, Va
         if extra:
             raise KernelError(f"undefined name: {extra[0]} (the input is {declared})",
                               pos=extra[0].pos)
+        if declared.name not in undefined and declared.name not in params:
+            raise KernelError(f"the input {declared} is declared, but no equation reads it; a "
+                              "cell that ignores its input would predict the same at every token",
+                              pos=declared.pos)
         return declared.name
     if len(undefined) > 1:
         names = list(undefined.values())
@@ -217,6 +235,11 @@ def _not_a_decoder(kernel: Kernel) -> None:
         raise KernelError(f"this kernel reads a memory ({kernel.memory}): it is a seq2seq "
                           "decoder, compiled with an encoder (nn2c train --task seq2seq)",
                           pos=kernel.memory.pos)
+    for node in (n for eq in kernel.equations for n in walk(eq.expr)):
+        if isinstance(node, Call) and node.func in POSITIONS:
+            raise KernelError(f"{node.spelled or node.func}(…) runs over the positions j of a "
+                              "decoder's memory, but the kernel declares no memory; a decoder "
+                              "starts with `memory hⱼ`", pos=node.pos)
     for v in [eq.target for eq in kernel.equations] + variables(kernel.equations):
         if v.index == "j":
             raise KernelError(f"{v} is a value per position, but the kernel declares no "

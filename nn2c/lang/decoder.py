@@ -120,6 +120,9 @@ def _check(kernel: Kernel) -> CheckedDecoder:
     _check_varying(order, input_name, output, states)
     positional = _positions(order, readout, defs, memory, output, states)
     bridge_vars = _check_bridge(bridge, states, final, params)
+    if not any(v.name in (memory, final) for v in variables(cell + [readout] + list(bridge.values()))):
+        raise KernelError(f"no equation reads the memory {memory} or its last value {final}: the "
+                          "translations would not depend on the input", pos=kernel.memory.pos)
     readout_vars = {v.name: v for v in variables([readout])
                     if v.time is None and v.name not in (memory, final)}
     shapes = _DecoderShapes(matrices, input_name, states, output, memory, final)

@@ -43,6 +43,8 @@ def load_kernel(spec: str) -> Kernel:
             raise KernelError("no kernel file or sample by this name; samples: "
                               f"{', '.join(sample_names() + decoder_names())}", filename=spec)
         path = samples_dir() / f"{spec}.eq"
+    if path.exists() and not path.is_file():     # a FIFO would block the read, a directory fail it
+        raise KernelError("not a regular file; a kernel is a UTF-8 text file", filename=str(path))
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -16,10 +16,23 @@ import re
 import unicodedata
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
-from nn2c.lang.ast import BUILTIN_ALIASES, BinOp, Call, Concat, Equation, Kernel, Neg, Num, Pos, Var
+from nn2c.lang.ast import (
+    BUILTIN_ALIASES,
+    FLOAT32_MAX,
+    POSITIONS,
+    BinOp,
+    Call,
+    Concat,
+    Equation,
+    Kernel,
+    Neg,
+    Num,
+    Pos,
+    Var,
+)
 from nn2c.lang.errors import KernelError, describe_char, time_index_hint
 
 _PARSER: Lark | None = None
@@ -33,6 +46,13 @@ _POSITION = re.compile(r"(ₜ?ⱼ)$")
 _ASCII_POSITION = re.compile(r"(_\{?\s*t?\s*j\s*\}?)$")
 _INITIAL = re.compile(r"(₀|_0|_\{\s*0\s*\})$")
 _OPENERS, _CLOSERS = {"(": ")", "[": "]"}, {")": "(", "]": "["}
+# How deep one expression may nest (a sum of n terms is n − 1 deep): every pass after the parser
+# recurses once per level, and Python's stack holds a few hundred levels at most.
+MAX_NESTING = 100
+# How many names, numbers and operations a kernel may hold in all: the checker's shape
+# inference takes time quadratic in them (~2 s at the limit; the largest sample has 379).
+MAX_TERMS = 2000
+MAX_SOURCE_CHARS = 1 << 18
 
 # How the parser's expectations read to a person, in the order they are listed.
 _WORDS = {"NAME": "a name", "NUMBER": "a number", "LPAR": "'('", "LSQB": "'['",
@@ -75,12 +95,16 @@ def _parser() -> Lark:
 def parse(source: str, filename: str = "<kernel>") -> Kernel:
     """Parse kernel text into a `Kernel`; raise `KernelError` pointing at the first mistake."""
     source = source.removeprefix("\ufeff")   # a byte-order mark some editors write
+    if len(source) > MAX_SOURCE_CHARS:           # parsing takes ~10 s a megabyte
+        raise KernelError(f"the kernel is too large: {len(source):,} characters; a kernel is at most "
+                          f"{MAX_SOURCE_CHARS:,} (the equations of one step)", filename)
     try:
         _check_brackets(source)
         try:
             tree = _parser().parse(source if source.endswith("\n") else source + "\n")
         except UnexpectedInput as e:
             raise _syntax_error(e, source) from None
+        _check_size(tree)
         aliases = _aliases(tree)
         try:
             statements = _ToAst(aliases, _memory_name(tree)).transform(tree)
@@ -136,6 +160,28 @@ def split_name(text: str, pos: Pos, memory: str | None = None,
     return name, time, None
 
 
+def _check_size(tree) -> None:
+    """Refuse an expression nested deeper than MAX_NESTING, or a kernel of more than
+    MAX_TERMS terms, without recursion."""
+    equations = sorted(tree.find_data("equation"), key=lambda eq: (eq.meta.line, eq.meta.column))
+    stack = [(eq.children[2], 1) for eq in equations]
+    while stack:
+        node, depth = stack.pop()
+        inner = [c for c in node.children if isinstance(c, Tree)]
+        if depth > MAX_NESTING and inner:      # a name or a number nests nothing
+            raise KernelError(f"expression nested more than {MAX_NESTING} levels deep (a sum "
+                              "nests one level a term); split it into several equations",
+                              pos=Pos(node.meta.line, node.meta.column))
+        stack.extend((c, depth + 1) for c in inner)
+    terms = 0
+    for eq in equations:
+        terms += sum(1 for _ in eq.children[2].iter_subtrees())
+        if terms > MAX_TERMS:
+            raise KernelError(f"the kernel is too large: more than {MAX_TERMS} names, numbers and "
+                              "operations by this equation; a kernel is the equations of one step",
+                              pos=Pos(eq.meta.line, eq.meta.column))
+
+
 def _memory_name(tree) -> str | None:
     """The base name of the memory declared by `memory hⱼ`, or None."""
     for decl in tree.find_data("memory_decl"):
@@ -153,8 +199,17 @@ def _pos(tok_or_meta) -> Pos:
 
 def _aliases(tree) -> dict[str, str]:
     """The kernel's `where` bindings, spelled → canonical; a target may be an earlier alias."""
-    pending = [(normalise_name(a.children[0]), normalise_name(a.children[2]), a.children[2])
-               for a in tree.find_data("alias")]
+    pending, bound = [], {}
+    for a in sorted(tree.find_data("alias"), key=lambda a: (a.meta.line, a.meta.column)):
+        name, target = normalise_name(a.children[0]), normalise_name(a.children[2])
+        if name in bound:
+            first, was = bound[name]
+            if was != target:
+                raise KernelError(f"{name} is bound twice: to {was} at {first}, to {target} here",
+                                  pos=_pos(a.children[0]))
+            continue
+        bound[name] = _pos(a.children[0]), target
+        pending.append((name, target, a.children[2]))
     known, out = dict(BUILTIN_ALIASES), {}
     while pending:
         progress = [p for p in pending if p[1] in known]
@@ -163,6 +218,10 @@ def _aliases(tree) -> dict[str, str]:
             raise KernelError(f"unknown function '{target}' in where clause; known: "
                               f"{', '.join(BUILTIN_ALIASES)}", pos=_pos(tok))
         for name, target, _tok in progress:
+            if BUILTIN_ALIASES.get(name, known[target]) != known[target]:
+                raise KernelError(f"{name} is a built-in function ({BUILTIN_ALIASES[name]}); an "
+                                  f"alias names a new one, as in `where σ_g = {target}`",
+                                  pos=bound[name][0])
             known[name] = out[name] = known[target]
         pending = [p for p in pending if p[1] not in known or p[0] not in out]
     return out
@@ -183,7 +242,11 @@ class _ToAst(Transformer):
         return Var(name, time, pos, index)
 
     def num(self, tok: Token) -> Num:
-        return Num(float(str(tok).replace("−", "-")), _pos(tok))
+        value = float(str(tok).replace("−", "-"))
+        if value > FLOAT32_MAX:
+            raise KernelError(f"the number {tok} is too large: the model computes in float32, "
+                              "whose largest number is 3.4e38", pos=_pos(tok))
+        return Num(value, _pos(tok))
 
     def group(self, _lpar, expr, _rpar):
         return expr
@@ -226,7 +289,8 @@ class _ToAst(Transformer):
                 raise KernelError(f"{spelled}({_show_time(arg)}) is not a time index; "
                                   f"{time_index_hint(spelled)}",
                                   pos=Pos(pos.line, pos.column, _pos(rpar).end_column))
-            known = ", ".join(self.functions)
+            known = ", ".join(f for f, name in self.functions.items()   # positions: decoders only
+                              if self.memory is not None or name not in POSITIONS)
             close = _close_function(spelled, self.functions)
             if close and spelled.startswith(close + "_"):
                 raise KernelError(f"unknown function '{spelled}'; add `where {spelled} = "
