@@ -78,52 +78,50 @@ def test_torchgru_kernel_matches_torch_gru(tmp_path):
     np.testing.assert_allclose(_run_nn2(path, ids), _torch_logits(rnn, linear, ids), atol=TOL, rtol=0)
 
 
-def _numpy_gru64(logical, ids):
-    """Wikipedia's fully gated unit in float64, written out by hand."""
-    sig = lambda x: 1 / (1 + np.exp(-x))     # noqa: E731
+def _sig(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def _numpy64(logical, ids, cell):
+    """The stacked network in float64 around `cell(p, layer, x, h) -> new h`, written by hand."""
     p = {k: v.astype(np.float64) for k, v in logical.items()}
     hs = [np.zeros((BATCH, H)) for _ in range(LAYERS)]
     out = []
     for t in range(len(ids)):
         x = np.eye(V)[ids[t]]
         for l in range(LAYERS):
-            h = hs[l]
-            z = sig(x @ p[f"W_z@{l}"].T + h @ p[f"U_z@{l}"].T + p[f"b_z@{l}"])
-            r = sig(x @ p[f"W_r@{l}"].T + h @ p[f"U_r@{l}"].T + p[f"b_r@{l}"])
-            hh = np.tanh(x @ p[f"W_h@{l}"].T + (r * h) @ p[f"U_h@{l}"].T + p[f"b_h@{l}"])
-            hs[l] = x = (1 - z) * h + z * hh
+            hs[l] = x = cell(p, l, x, hs[l])
         out.append(x @ p["W_y"].T + p["b_y"])
     return np.stack(out)
+
+
+def _gru_cell(p, l, x, h):
+    """Wikipedia's fully gated unit."""
+    z = _sig(x @ p[f"W_z@{l}"].T + h @ p[f"U_z@{l}"].T + p[f"b_z@{l}"])
+    r = _sig(x @ p[f"W_r@{l}"].T + h @ p[f"U_r@{l}"].T + p[f"b_r@{l}"])
+    hh = np.tanh(x @ p[f"W_h@{l}"].T + (r * h) @ p[f"U_h@{l}"].T + p[f"b_h@{l}"])
+    return (1 - z) * h + z * hh
 
 
 def test_gru_kernel_matches_float64_numpy_gru(tmp_path):
     path, _, logical = build_model(tmp_path / "gru.nnb", "gru", H, LAYERS, V, seed=3)
     ids = _ids(3)
-    np.testing.assert_allclose(_run_nn2(path, ids), _numpy_gru64(logical, ids), atol=TOL, rtol=0)
+    np.testing.assert_allclose(_run_nn2(path, ids), _numpy64(logical, ids, _gru_cell), atol=TOL, rtol=0)
 
 
-def _numpy_mgu64(logical, ids):
-    """The minimal gated unit (Zhou et al. 2016) in float64, written out by hand: one gate,
-    and each weight matrix split into its hₜ₋₁ and xₜ columns."""
-    sig = lambda x: 1 / (1 + np.exp(-x))     # noqa: E731
-    p = {k: v.astype(np.float64) for k, v in logical.items()}
-    hs = [np.zeros((BATCH, H)) for _ in range(LAYERS)]
-    out = []
-    for t in range(len(ids)):
-        x = np.eye(V)[ids[t]]
-        for l in range(LAYERS):
-            h, wf, wh = hs[l], p[f"W_f@{l}"], p[f"W_h@{l}"]
-            f = sig(h @ wf[:, :H].T + x @ wf[:, H:].T + p[f"b_f@{l}"])
-            hh = np.tanh((f * h) @ wh[:, :H].T + x @ wh[:, H:].T + p[f"b_h@{l}"])
-            hs[l] = x = (1 - f) * h + f * hh
-        out.append(x @ p["W_y"].T + p["b_y"])
-    return np.stack(out)
+def _mgu_cell(p, l, x, h):
+    """The minimal gated unit (Zhou et al. 2016): one gate, and each weight matrix split into
+    its hₜ₋₁ and xₜ columns."""
+    wf, wh = p[f"W_f@{l}"], p[f"W_h@{l}"]
+    f = _sig(h @ wf[:, :H].T + x @ wf[:, H:].T + p[f"b_f@{l}"])
+    hh = np.tanh((f * h) @ wh[:, :H].T + x @ wh[:, H:].T + p[f"b_h@{l}"])
+    return (1 - f) * h + f * hh
 
 
 def test_mgu_kernel_matches_float64_numpy_mgu(tmp_path):
     path, _, logical = build_model(tmp_path / "mgu.nnb", "mgu", H, LAYERS, V, seed=4)
     ids = _ids(4)
-    np.testing.assert_allclose(_run_nn2(path, ids), _numpy_mgu64(logical, ids), atol=TOL, rtol=0)
+    np.testing.assert_allclose(_run_nn2(path, ids), _numpy64(logical, ids, _mgu_cell), atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("kernel", ["lstm", "gru", "rnn", "torchgru", "mgu"])
