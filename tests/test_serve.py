@@ -365,6 +365,23 @@ def test_256_clients_connecting_at_once_are_all_answered(serve):
     assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
 
 
+def test_health_is_answered_while_a_small_model_streams(serve):
+    # a 16-unit model's steps never release the interpreter lock on their own; the scheduler
+    # hands it over now and then, so a health check does not wait for the stream to end
+    s = serve("--max-batch", 2, "--max-tokens-limit", 10**5)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(events=s.stream(prompt="a", max_tokens=20000, seed=1)))
+    t.start()
+    wait_for(lambda: s.metric("nn2_rows_running") == 1 or not t.is_alive(), what="the stream to start")
+    answered = 0
+    while t.is_alive() and answered < 20:
+        assert s.request("GET", "/health")[0] == 200
+        answered += t.is_alive()
+    t.join(60)
+    assert answered == 20, f"{answered} health checks answered while the stream ran"
+    assert len(texts_of(result["events"][0])[0]) == 20000
+
+
 def test_sigterm_drains_then_exits_zero(serve):
     s = serve("--max-batch", 2, "--max-tokens-limit", 10**5)
     result = {}
