@@ -188,6 +188,20 @@ def test_bad_input_is_invalid_argument_naming_the_problem(pb, serve):
     assert stub.Detokenize(messages.DetokenizeRequest(ids=[4, 0]), timeout=10).text == "ea"
 
 
+def test_a_request_that_does_not_parse_is_invalid_argument(serve):
+    # field 1 (the prompt, the text) holding bytes that are not UTF-8: a client the generated
+    # stubs would not let through, but another language's client or a proxy can send
+    s = serve()
+    raw = b"\x0a\x02\xff\xfe"
+    calls = [s.channel.unary_stream("/nn2.v1.Generator/Generate", request_serializer=bytes),
+             s.channel.unary_unary("/nn2.v1.Generator/Tokenize", request_serializer=bytes)]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as e:
+            list(call(raw, timeout=10))         # a unary call raises in the call, a stream in the list
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "does not parse" in e.value.details() and "UTF-8" in e.value.details()
+
+
 def test_a_full_queue_is_resource_exhausted(pb, serve):
     s = serve("--max-batch", 1, "--max-queue", 1, "--max-tokens-limit", 1000000)
     messages, services = pb

@@ -21,6 +21,7 @@ import time
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ..codec import CodecError
@@ -242,6 +243,36 @@ def _drain(req: Request) -> list:
         return out
 
 
+class _ParsedHere(grpc.aio.ServerInterceptor):
+    """nn2's own methods get their requests as bytes and parse them here, so one that does not
+    parse (a string field holding bad UTF-8) is INVALID_ARGUMENT saying why, not grpcio's
+    UNKNOWN "Unexpected DecodeError"."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith("/nn2."):
+            return handler
+        parse = handler.request_deserializer
+
+        async def parsed(raw, context):
+            try:
+                return parse(raw)
+            except DecodeError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse: {e}")
+        if handler.response_streaming:
+            streams = handler.unary_stream
+
+            async def stream(raw, context):
+                async for reply in streams(await parsed(raw, context), context):
+                    yield reply
+            return grpc.unary_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
+        answers = handler.unary_unary
+
+        async def unary(raw, context):
+            return await answers(await parsed(raw, context), context)
+        return grpc.unary_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
+
+
 class GrpcServer:
     """The gRPC server on its own thread and event loop: `start()` binds (raising OSError
     when the port cannot be had), `set_draining()` turns health to NOT_SERVING, `stop()`."""
@@ -271,7 +302,7 @@ class GrpcServer:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = grpc.aio.server(maximum_concurrent_rpcs=self.max_rpcs)
+        server = grpc.aio.server(maximum_concurrent_rpcs=self.max_rpcs, interceptors=[_ParsedHere()])
         if self.app.seq2seq:
             nn2_pb2_grpc.add_TranslatorServicer_to_server(Translator(self.app), server)
         else:
