@@ -229,6 +229,20 @@ def _sampler(model, temperature, top_k, top_p, greedy, seed):
 
 
 # --- output -----------------------------------------------------------------------------
+# what a file's strings (its kernel source, provenance, names) may not send to a terminal raw:
+# C0 controls but tab and newline, DEL and C1 (escape sequences), zero-width and bidi controls
+_UNSHOWN = None
+
+
+def _shown(text: str) -> str:
+    """`text` with the characters a terminal would act on written as escapes (\\x1b, \\u202e)."""
+    global _UNSHOWN
+    if _UNSHOWN is None:
+        import re
+        _UNSHOWN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+    return _UNSHOWN.sub(lambda m: (f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}"), text)
+
+
 def _join(model, pieces) -> str | bytes:
     return b"".join(pieces) if model.codec.binary else "".join(pieces)
 
@@ -415,10 +429,10 @@ def generate(model_path, verify, codec_service, prime, length, temperature, top_
         if info or dis:
             from . import dis as views
             if info:
-                out.write((views.describe_seq2seq if seq2seq else views.describe)(model) + "\n")
+                out.write(_shown((views.describe_seq2seq if seq2seq else views.describe)(model)) + "\n")
             if dis:
-                out.write(views.disassemble_seq2seq(model) if seq2seq
-                          else views.disassemble(*model.bound_program(), bound=True))
+                out.write(_shown(views.disassemble_seq2seq(model) if seq2seq
+                                 else views.disassemble(*model.bound_program(), bound=True)))
                 out.write("\n")
             out.flush()
             return

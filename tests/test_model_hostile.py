@@ -116,3 +116,17 @@ def test_a_sigmoid_of_a_constant_runs(tmp_path, blob):
     with nn2run.load(path) as m:
         logits, _ = m.step(np.array([1, 2]), m.initial_state(2))
     assert np.isfinite(logits).all()
+
+
+def test_info_and_dis_escape_what_a_terminal_would_act_on(tmp_path, blob, run_cli):
+    # the kernel source, provenance and state names are the file's words: a hostile file's
+    # escape sequences and bidi controls are shown as escapes, never sent to the terminal
+    def change(h):
+        h["source"]["text"] = "hₜ = tanh(W xₜ)\u202e # reversed\n"
+        h.setdefault("provenance", {})["corpus"] = "\x1b]0;owned\x07\x1b[2J"
+    path = tmp_path / "odd.nnb"
+    path.write_bytes(edit_header(blob, change))
+    r = run_cli("nn2run", path, "--info", "--dis")
+    assert r.returncode == 0, r.stderr
+    assert "\\x1b]0;owned\\x07\\x1b[2J" in r.stdout and "tanh(W xₜ)\\u202e # reversed" in r.stdout
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]", r.stdout)
