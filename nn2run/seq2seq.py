@@ -32,7 +32,7 @@ from . import params, rewrite
 from .decoder import DecoderVM
 from .format import NNBFormatError
 from .isa import ProgramError, program_shapes, validate, validate_decoder
-from .model import Opened, _check_batch, check_finite, check_ids, check_sizes, file_kind
+from .model import Opened, _check_batch, check_finite, check_ids, check_sizes
 from .vm import VM
 
 MAX_LIMIT = 65536
@@ -43,10 +43,6 @@ BUCKET = 8                        # machines are made for source lengths rounded
 # hypotheses are ranked by log-probability / length ** alpha: past this, length ** alpha
 # can overflow a float (and values past 2 or 3 are of no use)
 MAX_PENALTY = 10
-
-
-def is_seq2seq(header: dict, kind: str = "seq2seq") -> bool:
-    return file_kind(header) == kind
 
 
 class Seq2SeqModel(Opened):

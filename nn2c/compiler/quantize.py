@@ -22,8 +22,8 @@ import os
 import numpy as np
 
 from nn2run import format as fmt
-from nn2run.model import Model
-from nn2run.seq2seq import Seq2SeqModel, is_seq2seq
+from nn2run.model import Model, file_kind
+from nn2run.seq2seq import Seq2SeqModel
 
 DTYPES = ("f16", "int8")
 F16_MAX = float(np.finfo(np.float16).max)
@@ -96,10 +96,11 @@ def _open(source: str) -> fmt.NNBFile:
             raise QuantizeError(f"{source} is not an nn2 model: {e}") from None
         raise QuantizeError(f"cannot read {source}: {e}") from None
     try:
-        if is_seq2seq(nnb.header, "seq2seq-checkpoint"):
+        kind = file_kind(nnb.header)
+        if kind == "seq2seq-checkpoint":
             raise QuantizeError(f"{source} is a seq2seq training checkpoint; quantize the model file instead")
         # the whole model is checked: programs, parameters, codecs
-        (Seq2SeqModel if is_seq2seq(nnb.header) else Model)(nnb)
+        (Seq2SeqModel if kind == "seq2seq" else Model)(nnb)
         if "checkpoint" in nnb.header:
             raise QuantizeError(f"{source} is a training checkpoint; quantize the model file instead")
         stored = {e.dtype for name, e in nnb.table.items() if not name.endswith(fmt.SCALE_SUFFIX)}

@@ -19,7 +19,7 @@ import torch
 import nn2run.format as fmt
 from nn2c.compiler.pipeline import write_model
 from nn2run import params
-from nn2run.seq2seq import is_seq2seq
+from nn2run.model import file_kind
 
 
 class CheckpointError(Exception):
@@ -156,7 +156,7 @@ def load_checkpoint(path) -> tuple[dict, TrainState]:
         raise CheckpointError(f"cannot resume from {path}: {e}") from None
     try:
         meta = nnb.header.get("checkpoint")
-        if is_seq2seq(nnb.header, "seq2seq-checkpoint"):
+        if file_kind(nnb.header) == "seq2seq-checkpoint":
             raise CheckpointError(f"{path} is a seq2seq training checkpoint; resume it with --task seq2seq")
         if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
             raise CheckpointError(f"{path} is a model, not a training checkpoint")
